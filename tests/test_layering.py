@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 IO_FRAMEWORKS = {"flask", "celery", "paho", "sqlalchemy", "redis", "alembic", "gunicorn", "click"}
 
 pytestmark = pytest.mark.unit
