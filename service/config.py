@@ -1,0 +1,56 @@
+"""Service settings: defaults, then `TINYFLEET_*` environment variables, then explicit values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# Every setting the service reads, with its default. Paths are relative to the working
+# directory, which is the repository root for `tinyfleet up` and `make demo`.
+DEFAULTS: dict[str, Any] = {
+    "VAR_DIR": "var",
+    "DATABASE_URL": None,  # None: sqlite file VAR_DIR/tinyfleet.db
+    "BROKER_DIR": None,  # None: VAR_DIR/broker
+    "MOSQUITTO_PID_FILE": None,  # set by the stack: SIGHUP goes to this pid after a change
+    "REDIS_URL": None,
+    "MQTT_HOST": "127.0.0.1",
+    "MQTT_PORT": 18830,
+    "AUTO_MIGRATE": True,  # run Alembic migrations when the app starts
+    "SYNC_BROKER_FILES": True,  # regenerate Mosquitto's password file and ACL on change
+    "MAX_CONTENT_LENGTH": 32 * 1024 * 1024,  # 10,000 bulk rows are about 2 MB of JSON
+}
+
+_INT_KEYS = {"MQTT_PORT", "MAX_CONTENT_LENGTH"}
+_BOOL_KEYS = {"AUTO_MIGRATE", "SYNC_BROKER_FILES"}
+ENV_PREFIX = "TINYFLEET_"
+
+
+def _from_env(key: str, raw: str) -> Any:
+    if key in _INT_KEYS:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_PREFIX}{key}={raw!r} is not an integer") from None
+    if key in _BOOL_KEYS:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return raw
+
+
+def load_config(overrides: Mapping[str, Any] | None = None,
+                environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Settings from defaults, then TINYFLEET_* variables, then `overrides`; paths resolved."""
+    env = os.environ if environ is None else environ
+    config = dict(DEFAULTS)
+    for key in DEFAULTS:
+        if ENV_PREFIX + key in env:
+            config[key] = _from_env(key, env[ENV_PREFIX + key])
+    config.update(overrides or {})
+    var_dir = Path(config["VAR_DIR"])
+    config["VAR_DIR"] = str(var_dir)
+    if not config["DATABASE_URL"]:
+        config["DATABASE_URL"] = f"sqlite:///{(var_dir / 'tinyfleet.db').resolve()}"
+    if not config["BROKER_DIR"]:
+        config["BROKER_DIR"] = str(var_dir / "broker")
+    return config

@@ -1,0 +1,139 @@
+"""The registry's tables: fleets, devices (with tags) and API tokens."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from service.db import Base
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class Role(enum.Enum):
+    """API token roles, each including the rights of the ones before it."""
+
+    VIEWER = "viewer"  # read
+    OPERATOR = "operator"  # register devices, start campaigns
+    ADMIN = "admin"  # tokens, decommissioning
+
+    @property
+    def rank(self) -> int:
+        """Position in viewer < operator < admin."""
+        return _ROLE_RANK[self]
+
+    def allows(self, needed: Role) -> bool:
+        """True when this role has at least the rights of `needed`."""
+        return self.rank >= needed.rank
+
+
+_ROLE_RANK = {Role.VIEWER: 0, Role.OPERATOR: 1, Role.ADMIN: 2}
+
+
+class DeviceState(enum.Enum):
+    """Registry state of a device (connectivity is reported separately, over MQTT)."""
+
+    ACTIVE = "active"
+    DECOMMISSIONED = "decommissioned"
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # Store the lowercase values (what the API shows), as VARCHAR with a CHECK constraint.
+    return Enum(cls, name=name, native_enum=False, create_constraint=True, length=20,
+                values_callable=lambda e: [m.value for m in e])
+
+
+class Fleet(Base):
+    """A group of devices sharing one Ed25519 firmware-signing key."""
+
+    __tablename__ = "fleets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    signing_public_key: Mapped[str] = mapped_column(Text)  # PEM, SubjectPublicKeyInfo
+    signing_key_path: Mapped[str] = mapped_column(Text)  # PEM PKCS#8 file, mode 0600
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    devices: Mapped[list[Device]] = relationship(back_populates="fleet")
+
+
+class Device(Base):
+    """One MCU in the field. `id` is also its MQTT username."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    fleet_id: Mapped[int] = mapped_column(ForeignKey("fleets.id"))
+    mcu: Mapped[str] = mapped_column(String(32))  # catalog name, or "custom"
+    cpu: Mapped[str] = mapped_column(String(20))  # firmware.targets.Cpu value
+    sram_bytes: Mapped[int] = mapped_column(Integer)
+    flash_bytes: Mapped[int] = mapped_column(Integer)
+    slot_bytes: Mapped[int] = mapped_column(Integer)  # Flash one firmware image may use
+    ota_layout: Mapped[str] = mapped_column(String(10))  # firmware.targets.OtaLayout value
+    state: Mapped[DeviceState] = mapped_column(_enum(DeviceState, "device_state"),
+                                               default=DeviceState.ACTIVE)
+    # Mosquitto's own PBKDF2-SHA512 format ($7$...); None once decommissioned.
+    mqtt_password_hash: Mapped[str | None] = mapped_column(String(160))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    decommissioned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    fleet: Mapped[Fleet] = relationship(back_populates="devices", lazy="joined")
+    tag_rows: Mapped[list[DeviceTag]] = relationship(
+        cascade="all, delete-orphan", lazy="selectin", order_by="DeviceTag.tag")
+
+    __table_args__ = (
+        Index("ix_devices_fleet_state", "fleet_id", "state"),
+        Index("ix_devices_mcu", "mcu"),
+        Index("ix_devices_state", "state"),
+    )
+
+    @property
+    def tags(self) -> list[str]:
+        """The device's tags, sorted."""
+        return [row.tag for row in self.tag_rows]
+
+    @property
+    def mqtt_username(self) -> str:
+        """The MQTT username: the device id."""
+        return self.id
+
+
+class DeviceTag(Base):
+    """One tag of one device (a table, not a JSON column, so filters use an index)."""
+
+    __tablename__ = "device_tags"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class ApiToken(Base):
+    """An API bearer token; only the SHA-256 of the secret is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[Role] = mapped_column(_enum(Role, "token_role"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters, to recognise a token
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
