@@ -1,0 +1,169 @@
+"""What the local stack starts, on which ports, and the settings its processes receive."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from urllib.parse import urlsplit
+
+# Next to, never on, the standard ports of a system Redis (6379) and Mosquitto (1883).
+DEFAULT_REDIS_PORT = 16379
+DEFAULT_MQTT_PORT = 18883
+DEFAULT_HTTP_PORT = 8080
+LOOPBACK = "127.0.0.1"
+
+
+class StackError(Exception):
+    """The local stack cannot start or stop; the message names the component and the value."""
+
+
+class Component(StrEnum):
+    """A part of the stack, as named in the state file and in /healthz."""
+
+    REDIS = "redis"
+    MQTT = "mqtt"
+    DATABASE = "database"
+    WEB = "web"
+    WORKER = "worker"
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """The resolved stack: own servers to start (port set) or external ones to use (URL set)."""
+
+    var_dir: Path
+    http_port: int
+    redis_url: str
+    own_redis_port: int | None
+    mqtt_host: str
+    mqtt_port: int
+    own_mqtt: bool
+    database_url: str
+    worker_concurrency: int = 1
+    web_workers: int = 2
+    host: str = LOOPBACK
+
+    @property
+    def broker_dir(self) -> Path:
+        """Where the registry writes Mosquitto's password file and ACL."""
+        return self.var_dir / "broker"
+
+    @property
+    def mosquitto_pid_file(self) -> Path:
+        """The pid file of our own Mosquitto; the registry sends SIGHUP there after a sync."""
+        return self.broker_dir / "mosquitto.pid"
+
+    @property
+    def log_dir(self) -> Path:
+        """One log file per component lives here."""
+        return self.var_dir / "log"
+
+    @property
+    def state_file(self) -> Path:
+        """The pids of a running stack, read by `tinyfleet down`."""
+        return self.var_dir / "stack.json"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the service behind the WSGI server."""
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def mqtt_url(self) -> str:
+        """The broker as an mqtt:// URL."""
+        return f"mqtt://{self.mqtt_host}:{self.mqtt_port}"
+
+    def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The environment of the service and worker processes: `base` plus the stack's URLs."""
+        env = dict(base)
+        env.update(
+            TINYFLEET_VAR_DIR=str(self.var_dir),
+            TINYFLEET_DATABASE_URL=self.database_url,
+            TINYFLEET_REDIS_URL=self.redis_url,
+            TINYFLEET_MQTT_URL=self.mqtt_url,
+            TINYFLEET_MQTT_HOST=self.mqtt_host,
+            TINYFLEET_MQTT_PORT=str(self.mqtt_port),
+            TINYFLEET_BROKER_DIR=str(self.broker_dir),
+        )
+        if self.own_mqtt:
+            env["TINYFLEET_MOSQUITTO_PID_FILE"] = str(self.mosquitto_pid_file)
+        else:
+            env.pop("TINYFLEET_MOSQUITTO_PID_FILE", None)
+        return env
+
+
+def plan_stack(
+    var_dir: Path,
+    *,
+    redis_port: int = DEFAULT_REDIS_PORT,
+    mqtt_port: int = DEFAULT_MQTT_PORT,
+    http_port: int = DEFAULT_HTTP_PORT,
+    environ: Mapping[str, str] | None = None,
+    worker_concurrency: int = 1,
+) -> StackPlan:
+    """Resolve the stack from options and `TINYFLEET_*` settings (which win over own servers)."""
+    env = os.environ if environ is None else environ
+    var_dir = var_dir.resolve()
+    for name, port in (("--redis-port", redis_port), ("--mqtt-port", mqtt_port),
+                       ("--http-port", http_port)):
+        if not 1 <= port <= 65535:
+            raise StackError(f"{name} {port} is not a TCP port (1..65535)")
+    redis_url = env.get("TINYFLEET_REDIS_URL") or None
+    mqtt_host, mqtt_port_ext = _external_mqtt(env)
+    database_url = env.get("TINYFLEET_DATABASE_URL") or f"sqlite:///{var_dir / 'tinyfleet.db'}"
+    return StackPlan(
+        var_dir=var_dir,
+        http_port=http_port,
+        redis_url=redis_url or f"redis://{LOOPBACK}:{redis_port}/0",
+        own_redis_port=None if redis_url else redis_port,
+        mqtt_host=mqtt_host or LOOPBACK,
+        mqtt_port=mqtt_port_ext or mqtt_port,
+        own_mqtt=mqtt_host is None,
+        database_url=database_url,
+        worker_concurrency=worker_concurrency,
+    )
+
+
+def _external_mqtt(env: Mapping[str, str]) -> tuple[str | None, int | None]:
+    """(host, port) of a broker given by TINYFLEET_MQTT_URL or _HOST/_PORT; (None, None) if none."""
+    url = env.get("TINYFLEET_MQTT_URL")
+    if url:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise StackError(f"TINYFLEET_MQTT_URL {url!r} is not mqtt://HOST[:PORT]")
+        return parts.hostname, parts.port or 1883
+    host = env.get("TINYFLEET_MQTT_HOST")
+    if not host:
+        return None, None
+    port_text = env.get("TINYFLEET_MQTT_PORT", "1883")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise StackError(f"TINYFLEET_MQTT_PORT {port_text!r} is not a TCP port (1..65535)")
+    return host, int(port_text)
+
+
+def ensure_port_free(port: int, what: str, option: str, host: str = LOOPBACK) -> None:
+    """Raise StackError naming `what`, the port and the option to change it if the port is taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # Servers set SO_REUSEADDR too, so a port in TIME_WAIT counts as free, as it is for them.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise StackError(
+                f"{what} port {port} on {host} is already in use; choose another with {option}"
+            ) from exc
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that nothing listens on right now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,65 @@
+"""Session-wide fixtures: real Redis, Mosquitto and Celery worker processes (tests/servers.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.servers import (
+    CeleryWorker,
+    MosquittoServer,
+    RedisServer,
+    start_celery_worker,
+    start_mosquitto,
+    start_redis,
+)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of our own on a free port, for the whole session."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_factory(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[[], MosquittoServer]]:
+    """Starts Mosquitto brokers (each with its own broker dir); all stop at session end."""
+    started: list[MosquittoServer] = []
+
+    def make() -> MosquittoServer:
+        server = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def mosquitto_server(mosquitto_factory: Callable[[], MosquittoServer]) -> MosquittoServer:
+    """A Mosquitto broker for one test module, with the stack's generated config."""
+    return mosquitto_factory()
+
+
+@pytest.fixture(scope="session")
+def celery_worker(tmp_path_factory: pytest.TempPathFactory,
+                  redis_server: RedisServer) -> Iterator[CeleryWorker]:
+    """A `celery -A workers.celery_app worker` process on `redis_server`, for the session."""
+    worker = start_celery_worker(tmp_path_factory.mktemp("worker"), redis_server)
+    yield worker
+    worker.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use a real server are integration tests, whatever their module says."""
+    servers = {"redis_server", "mosquitto_server", "mosquitto_factory", "celery_worker"}
+    for item in items:
+        if servers & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+

@@ -1,0 +1,36 @@
+"""The Celery app of the worker: `celery -A workers.celery_app worker`.
+
+As in Flask's examples/celery: tasks are `@shared_task`s and each runs inside the Flask app's
+context, so they use the service's database sessions and settings (TINYFLEET_* environment).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, Task
+from flask import Flask
+
+from service.app import create_app
+from service.queue import celery_settings
+
+
+def celery_init_app(app: Flask) -> Celery:
+    """A Celery app configured from `app`'s REDIS_URL whose tasks run in `app`'s context."""
+
+    class FlaskTask(Task):  # type: ignore[misc]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery = Celery(app.name, task_cls=FlaskTask)
+    celery.conf.update(celery_settings(app.config.get("REDIS_URL")))
+    celery.conf.include = ["workers.tasks"]
+    celery.set_default()
+    app.extensions["celery"] = celery
+    return celery
+
+
+flask_app = create_app()
+celery_app = celery_init_app(flask_app)
+app = celery_app  # `celery -A workers.celery_app` looks for `app` or `celery_app`
