@@ -92,6 +92,11 @@ def register_error_handlers(app: Flask) -> None:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             detail = f"request body larger than the limit of {limit} bytes"
             return problem_response(413, detail, [FieldError("body", detail)])
+        if status in (404, 405):
+            from flask import request
+
+            detail = (f"no route {request.method} {request.path}" if status == 404 else
+                      f"{request.method} is not allowed on {request.path}")
         response = problem_response(status, detail)
         if status == 405 and err.response is None:
             allow = getattr(err, "valid_methods", None)
