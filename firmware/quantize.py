@@ -25,8 +25,9 @@ from types import MappingProxyType
 import numpy as np
 import numpy.typing as npt
 
-from firmware.errors import InvalidModelError
-from firmware.ir import Graph, Layer
+from firmware.errors import InvalidModelError, UnsupportedOpError
+from firmware.float_exec import run_graph
+from firmware.ir import Activation, Graph, Layer, OpKind
 
 INT8_MIN = -128
 INT8_MAX = 127
@@ -163,11 +164,6 @@ class QuantizedGraph:
         return tuple(self.layers[layer.name] for layer in self.graph.layers)
 
 
-def frozen_mapping(items: Mapping[str, object]) -> Mapping[str, object]:
-    """A read-only view of a dict (the QuantizedGraph mappings are never mutated)."""
-    return MappingProxyType(dict(items))
-
-
 def quantize_multiplier(real: float) -> tuple[int, int]:
     """(multiplier, shift) with real = multiplier * 2^(shift - 31), multiplier in [2^30, 2^31).
 
@@ -226,3 +222,192 @@ def requantize(acc: npt.ArrayLike, multiplier: npt.ArrayLike, shift: npt.ArrayLi
     shifted = np.clip(shifted, -(1 << 31), (1 << 31) - 1)
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(shifted, multiplier),
                                   right)
+
+
+# --- calibration -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    """Observed real range of one tensor over the calibration data."""
+
+    low: float
+    high: float
+
+
+def calibrate(graph: Graph, samples: npt.ArrayLike, batch_size: int = 32) -> dict[str, TensorRange]:
+    """Run the float graph on calibration samples (N, C, H, W); min/max of every tensor."""
+    data = np.asarray(samples, dtype=np.float32)
+    if data.ndim != 4 or data.shape[0] == 0:
+        raise InvalidModelError(
+            f"calibration data must be a non-empty (N, C, H, W) batch, got shape {data.shape}"
+        )
+    lows: dict[str, float] = {}
+    highs: dict[str, float] = {}
+
+    def observe(name: str, value: npt.NDArray[np.float32]) -> None:
+        lo, hi = float(value.min()), float(value.max())
+        lows[name] = min(lo, lows.get(name, lo))
+        highs[name] = max(hi, highs.get(name, hi))
+
+    for start in range(0, data.shape[0], batch_size):
+        run_graph(graph, data[start:start + batch_size], hook=observe)
+    return {name: TensorRange(lows[name], highs[name]) for name in lows}
+
+
+def generated_calibration(graph: Graph, count: int = 16, seed: int = 0) -> FloatArray:
+    """Synthetic calibration inputs (standard normal, clipped to +-3) when no data is given."""
+    shape = graph.tensor(graph.input).shape
+    rng = np.random.default_rng(seed)
+    out: FloatArray = np.clip(rng.standard_normal((count, *shape)), -3, 3).astype(np.float32)
+    return out
+
+
+def params_for_range(low: float, high: float) -> QuantParams:
+    """Asymmetric int8 params covering [min(low, 0), max(high, 0)] (zero exactly representable)."""
+    lo = min(float(low), 0.0)
+    hi = max(float(high), 0.0)
+    if hi - lo < 1e-8:
+        hi = lo + 1e-8
+    scale = (hi - lo) / (INT8_MAX - INT8_MIN)
+    zero_point = int(np.clip(round(INT8_MIN - lo / scale), INT8_MIN, INT8_MAX))
+    return QuantParams(scale=scale, zero_point=zero_point)
+
+
+# --- per-layer parameters ----------------------------------------------------------------
+
+
+def activation_clamp(activation: Activation, out: QuantParams) -> tuple[int, int]:
+    """(act_min, act_max) of a fused activation: ReLU -> [zp, 127]; ReLU6 -> [zp, zp+6/s]."""
+    if activation is Activation.NONE:
+        return INT8_MIN, INT8_MAX
+    act_min = max(INT8_MIN, out.zero_point)
+    if activation is Activation.RELU:
+        return act_min, INT8_MAX
+    return act_min, min(INT8_MAX, out.zero_point + round(6.0 / out.scale))
+
+
+def quantize_weights(weight: npt.ArrayLike) -> tuple[Int8Array, npt.NDArray[np.float64]]:
+    """Per-output-channel (axis 0) symmetric int8: s_w[c] = max|w_c| / 127, q = round(w / s_w).
+
+    An all-zero channel gets scale 0 here; the caller picks a scale for it (see _layer_scales).
+    """
+    w = np.asarray(weight, dtype=np.float64)
+    flat = w.reshape(w.shape[0], -1)
+    scale = np.abs(flat).max(axis=1) / WEIGHT_QMAX
+    safe = np.where(scale > 0, scale, 1.0)
+    q = np.clip(np.rint(flat / safe[:, None]), -WEIGHT_QMAX, WEIGHT_QMAX)
+    return q.astype(np.int8).reshape(w.shape), scale
+
+
+def _weighted_layer(layer: Layer, graph: Graph, inp: QuantParams, out: QuantParams) -> QuantLayer:
+    """Conv or fully connected: int8 weights, int32 bias, per-channel (multiplier, shift)."""
+    assert layer.weight is not None
+    weight_q, w_scale = quantize_weights(graph.params[layer.weight])
+    # A channel whose weights are all zero outputs its bias alone; give it the scale that
+    # makes its requantization exactly 1 so the bias keeps full output precision.
+    w_scale = np.where(w_scale > 0, w_scale, out.scale / inp.scale)
+    channels = weight_q.shape[0]
+    bias = (np.zeros(channels) if layer.bias is None
+            else np.asarray(graph.params[layer.bias], dtype=np.float64))
+    bias_scale = inp.scale * w_scale
+    bias_real = np.rint(bias / bias_scale)
+    if np.abs(bias_real).max(initial=0) > np.iinfo(np.int32).max:
+        worst = int(np.argmax(np.abs(bias_real)))
+        raise InvalidModelError(
+            f"layer {layer.name}: bias of channel {worst} is {bias[worst]:g}, "
+            f"{bias_real[worst]:.3g} steps of {bias_scale[worst]:.3g}: exceeds int32"
+        )
+    pairs = [quantize_multiplier(float(r)) for r in bias_scale / out.scale]
+    act_min, act_max = activation_clamp(layer.activation, out)
+    return QuantLayer(
+        layer=layer, inputs=(inp,), output=out, act_min=act_min, act_max=act_max,
+        input_offset=-inp.zero_point, output_offset=out.zero_point,
+        weight_q=weight_q, weight_scale=w_scale, bias_q=bias_real.astype(np.int32),
+        multiplier=np.array([m for m, _ in pairs], dtype=np.int32),
+        shift=np.array([s for _, s in pairs], dtype=np.int32),
+    )
+
+
+def add_params(in1: QuantParams, in2: QuantParams, out: QuantParams) -> AddParams:
+    """TFLite's int8 add parameters: common scale 2 * max(s1, s2), left shift 20."""
+    twice_max = 2.0 * max(in1.scale, in2.scale)
+    m1, s1 = quantize_multiplier(in1.scale / twice_max)
+    m2, s2 = quantize_multiplier(in2.scale / twice_max)
+    mo, so = quantize_multiplier(twice_max / ((1 << ADD_LEFT_SHIFT) * out.scale))
+    return AddParams(
+        left_shift=ADD_LEFT_SHIFT,
+        input1_offset=-in1.zero_point, input1_multiplier=m1, input1_shift=s1,
+        input2_offset=-in2.zero_point, input2_multiplier=m2, input2_shift=s2,
+        output_offset=out.zero_point, output_multiplier=mo, output_shift=so,
+    )
+
+
+def quantize_layer(layer: Layer, graph: Graph, tensors: Mapping[str, QuantParams]) -> QuantLayer:
+    """The QuantLayer of one layer, given the QuantParams of its input and output tensors."""
+    ins = tuple(tensors[name] for name in layer.inputs)
+    out = tensors[layer.output]
+    if layer.op in (OpKind.CONV, OpKind.FULLY_CONNECTED):
+        return _weighted_layer(layer, graph, ins[0], out)
+    if layer.op is not OpKind.ADD and layer.op not in SAME_SCALE_OPS:
+        raise UnsupportedOpError(
+            f"layer {layer.name}: op {layer.op.value} has no int8 kernel "
+            f"(supported: conv2d, fc, add, avgpool, maxpool, gap, reshape)"
+        )
+    act_min, act_max = activation_clamp(layer.activation, out)
+    return QuantLayer(
+        layer=layer, inputs=ins, output=out, act_min=act_min, act_max=act_max,
+        input_offset=-ins[0].zero_point, output_offset=out.zero_point,
+        add=add_params(ins[0], ins[1], out) if layer.op is OpKind.ADD else None,
+    )
+
+
+# Ops whose int8 output keeps the input's (scale, zero point): no requantization needed.
+SAME_SCALE_OPS = frozenset({OpKind.AVG_POOL, OpKind.MAX_POOL, OpKind.GLOBAL_AVG_POOL,
+                            OpKind.RESHAPE})
+
+
+def tensor_params(graph: Graph, ranges: Mapping[str, TensorRange]) -> dict[str, QuantParams]:
+    """QuantParams of every tensor: from its range, or its input's where the op keeps scale."""
+    tensors = {graph.input: _from_range(graph.input, ranges)}
+    for layer in graph.layers:
+        if layer.op in SAME_SCALE_OPS:
+            tensors[layer.output] = tensors[layer.inputs[0]]
+        else:
+            tensors[layer.output] = _from_range(layer.output, ranges)
+    return tensors
+
+
+def _from_range(name: str, ranges: Mapping[str, TensorRange]) -> QuantParams:
+    if name not in ranges:
+        raise InvalidModelError(f"tensor {name!r} was not observed during calibration")
+    r = ranges[name]
+    return params_for_range(r.low, r.high)
+
+
+def quantize_graph(graph: Graph, calibration: npt.ArrayLike | None = None, *,
+                   generated_count: int = 16, seed: int = 0) -> QuantizedGraph:
+    """Post-training int8 quantization of a (BN-folded) float graph.
+
+    With `calibration` (N, C, H, W float32 samples) activation ranges come from running the
+    float graph on them; without, from `generated_count` synthetic inputs (recorded in
+    `QuantizedGraph.calibration` = "generated" and a note).
+    """
+    if not graph.params:
+        raise InvalidModelError(f"graph {graph.name} has no parameters to quantize")
+    for layer in graph.layers:
+        if layer.op is OpKind.CONCAT:
+            raise UnsupportedOpError(f"layer {layer.name}: concat has no int8 kernel")
+    notes: tuple[str, ...] = ()
+    if calibration is None:
+        samples = generated_calibration(graph, generated_count, seed)
+        source = "generated"
+        notes = (f"calibrated on {generated_count} generated inputs (standard normal): "
+                 "pass real samples for representative activation ranges",)
+    else:
+        samples = np.asarray(calibration, dtype=np.float32)
+        source = "data"
+    tensors = tensor_params(graph, calibrate(graph, samples))
+    layers = {layer.name: quantize_layer(layer, graph, tensors) for layer in graph.layers}
+    return QuantizedGraph(graph=graph, tensors=MappingProxyType(tensors),
+                          layers=MappingProxyType(layers), calibration=source, notes=notes)
