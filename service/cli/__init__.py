@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "mcus": "service.cli.mcus:mcus",
     "tokens": "service.cli.tokens:tokens",
     "devices": "service.cli.devices:devices",
+    "db": "service.cli.db:db",
     "plan": "service.cli.plan:plan",
     "compile": "service.cli.compile:compile_cmd",
     "verify": "service.cli.compile:verify",
