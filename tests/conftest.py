@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,15 +33,23 @@ def mosquitto_factory(
 ) -> Iterator[Callable[[], MosquittoServer]]:
     """Starts Mosquitto brokers (each with its own broker dir); all stop at session end."""
     started: list[MosquittoServer] = []
+    roots: list[Path] = []
 
     def make() -> MosquittoServer:
-        server = start_mosquitto(tmp_path_factory.mktemp("mosquitto"))
+        # Not under pytest's 0700 basetemp: Mosquitto started as root drops to user
+        # `mosquitto`, which must reach its directory, exactly as under the stack's var/.
+        root = Path(tempfile.mkdtemp(prefix="tinyfleet-mqtt-"))
+        root.chmod(0o755)
+        roots.append(root)
+        server = start_mosquitto(root)
         started.append(server)
         return server
 
     yield make
     for server in started:
         server.stop()
+    for root in roots:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
