@@ -16,7 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "MOSQUITTO_PID_FILE": None,  # set by the stack: SIGHUP goes to this pid after a change
     "REDIS_URL": None,
     "MQTT_HOST": "127.0.0.1",
-    "MQTT_PORT": 18830,
+    "MQTT_PORT": 18883,  # the port `tinyfleet up` gives its Mosquitto
     "AUTO_MIGRATE": True,  # run Alembic migrations when the app starts
     "SYNC_BROKER_FILES": True,  # regenerate Mosquitto's password file and ACL on change
     "MAX_CONTENT_LENGTH": 32 * 1024 * 1024,  # 10,000 bulk rows are about 2 MB of JSON

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +22,7 @@ from service.models import Device, DeviceState, DeviceTag, Fleet, utcnow
 from service.mqtt_passwords import hash_password, new_password
 from service.problems import ApiError, FieldError
 from service.schemas import DeviceCreate, DeviceQuery
+from service.validation import parse_into
 
 # A firmware slot smaller than this cannot hold the runtime, the network stack and the
 # smallest useful int8 model (MCUNet's smallest ImageNet models need ~100-200 kB of Flash).
@@ -36,6 +39,15 @@ class RegistryContext:
     broker_dir: Path
     pid_file: Path | None = None
     sync_broker: bool = True
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> RegistryContext:
+        """The context described by the service settings (service.config)."""
+        pid = config.get("MOSQUITTO_PID_FILE")
+        return cls(key_dir=Path(config["VAR_DIR"]) / "keys",
+                   broker_dir=Path(config["BROKER_DIR"]),
+                   pid_file=Path(pid) if pid else None,
+                   sync_broker=bool(config["SYNC_BROKER_FILES"]))
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,32 @@ def check_slot(row: DeviceCreate, target: TargetSpec, index: int | None,
         f"{target.bootloader_bytes}, {how}) is below the minimum {MIN_SLOT_BYTES} bytes"
         f"{hint}"), index))
     return None
+
+
+def parse_rows(raw_rows: list[Any], *, from_text: bool = False) -> list[DeviceCreate]:
+    """Rows of a bulk request (or CSV) as DeviceCreate; 422 naming every row's bad fields.
+
+    Rows whose fields parse are also checked for their hardware (MCU, sizes, slot), so that
+    one answer lists every problem of a 10,000-row file, not just the first kind.
+    """
+    errors: list[FieldError] = []
+    rows: list[DeviceCreate] = []
+    parsed_ok: list[tuple[int, DeviceCreate]] = []
+    for i, raw in enumerate(raw_rows):
+        row = parse_into(DeviceCreate, raw, errors, index=i, from_text=from_text)
+        if isinstance(row, DeviceCreate):
+            rows.append(row)
+            parsed_ok.append((i, row))
+    if errors:
+        for i, row in parsed_ok:
+            target = resolve_target(row, i, errors)
+            if target is not None:
+                check_slot(row, target, i, errors)
+        errors.sort(key=lambda e: e.index or 0)
+        first = errors[0]
+        raise ApiError(422, f"row {first.index}: {first.field}: {first.message}; "
+                            f"{len(errors)} error(s), nothing was registered", errors)
+    return rows
 
 
 def _existing(session: Session, column: object, values: list[str]) -> set[str]:

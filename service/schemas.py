@@ -71,6 +71,14 @@ class DeviceBulkCreate:
 
 
 @dataclass(frozen=True)
+class DeviceBulkEnvelope:
+    """DeviceBulkCreate before its rows are parsed one by one (not in the OpenAPI document)."""
+
+    devices: list[dict[str, object]] = field(metadata=meta("the rows", max_items=MAX_BULK_DEVICES))
+    create_fleets: bool = field(default=False, metadata=meta("create missing fleets"))
+
+
+@dataclass(frozen=True)
 class DeviceUpdate:
     """New tags of a device (they replace the old ones)."""
 

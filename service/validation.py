@@ -51,7 +51,8 @@ MISSING = _Missing()
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of every field of a schema dataclass."""
     return typing.get_type_hints(cls)
 
 
@@ -134,7 +135,7 @@ def parse_into(cls: type[T], data: Any, errors: list[FieldError], *, index: int 
                                  f"must be a JSON object, got {type(data).__name__}", index))
         return MISSING
     before = len(errors)
-    hints = _hints(cls)
+    hints = field_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
         if key not in fields:
@@ -222,7 +223,7 @@ def json_schema(tp: Any, m: Meta | None = None) -> dict[str, Any]:
 
 def object_schema(cls: type) -> dict[str, Any]:
     """The JSON Schema object of a schema dataclass (its components entry)."""
-    hints = _hints(cls)
+    hints = field_types(cls)
     props: dict[str, Any] = {}
     required: list[str] = []
     for f in dataclasses.fields(cls):
@@ -251,7 +252,7 @@ def nested_schemas(cls: type) -> list[type]:
             visit(typing.get_args(tp)[0])
         elif dataclasses.is_dataclass(tp) and tp not in found:
             found.append(tp)  # type: ignore[arg-type]
-            for hint in _hints(tp).values():  # type: ignore[arg-type]
+            for hint in field_types(tp).values():  # type: ignore[arg-type]
                 visit(hint)
 
     visit(cls)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
 from flask import current_app, request
@@ -54,12 +53,7 @@ def parse_query(cls: type[T], multi: tuple[str, ...] = ()) -> T:
 
 def registry_context() -> RegistryContext:
     """Key, broker and pid-file locations from the app's settings."""
-    cfg = current_app.config
-    pid = cfg.get("MOSQUITTO_PID_FILE")
-    return RegistryContext(key_dir=Path(cfg["VAR_DIR"]) / "keys",
-                           broker_dir=Path(cfg["BROKER_DIR"]),
-                           pid_file=Path(pid) if pid else None,
-                           sync_broker=bool(cfg["SYNC_BROKER_FILES"]))
+    return RegistryContext.from_config(current_app.config)
 
 
 def iso(moment: datetime | None) -> str | None:

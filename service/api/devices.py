@@ -20,11 +20,19 @@ from service.auth import require
 from service.db import request_session
 from service.models import Role
 from service.problems import ApiError, FieldError
-from service.registry import decommission, find_device, list_devices, register_devices, set_tags
+from service.registry import (
+    decommission,
+    find_device,
+    list_devices,
+    parse_rows,
+    register_devices,
+    set_tags,
+)
 from service.schemas import (
     MAX_BULK_DEVICES,
     BulkRegistered,
     DeviceBulkCreate,
+    DeviceBulkEnvelope,
     DeviceCreate,
     DeviceList,
     DeviceOut,
@@ -65,10 +73,13 @@ def bulk_view() -> tuple[dict[str, Any], int]:
     if isinstance(rows, list) and len(rows) > MAX_BULK_DEVICES:
         message = f"{len(rows)} devices in one request; the limit is {MAX_BULK_DEVICES}"
         raise ApiError(413, message, [FieldError("devices", message)])
-    spec = parse(DeviceBulkCreate, data)
+    # The envelope first (a list of objects), then each row on its own, so that errors
+    # carry the row index and every row's problems are reported together.
+    spec = parse(DeviceBulkEnvelope, data)
     if not spec.devices:
         raise ApiError(422, "devices: the list is empty", [FieldError("devices", "is empty")])
-    result = register_devices(request_session(), spec.devices, registry_context(),
+    rows = parse_rows(spec.devices)
+    result = register_devices(request_session(), rows, registry_context(),
                               create_fleets=spec.create_fleets)
     host, port = mqtt_endpoint()
     return {

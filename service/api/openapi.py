@@ -11,7 +11,7 @@ from flask import Blueprint, Flask, current_app
 
 from service.auth import require
 from service.models import Role
-from service.validation import _hints, json_schema, nested_schemas, object_schema
+from service.validation import field_types, json_schema, nested_schemas, object_schema
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,7 +71,7 @@ def _operation(rule_path: str, method: str, view: Any, schemas: dict[str, Any]) 
         params.append({"name": name, "in": "path", "required": True,
                        "schema": {"type": "string"}})
     if info.query is not None:
-        hints = _hints(info.query)
+        hints = field_types(info.query)
         for f in dataclasses.fields(info.query):
             meta = f.metadata["meta"]
             params.append({"name": f.name, "in": "query", "required": False,
