@@ -1,0 +1,37 @@
+"""`tinyfleet demo` (what `make demo` runs) end to end, with real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from service.demo.steps import SAMPLE_DEVICES
+from tests.servers import run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_registers_the_fleet_brings_a_device_online_and_stops_cleanly() -> None:
+    root = Path(tempfile.mkdtemp(prefix="tinyfleet-demo-"))
+    root.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TINYFLEET_")}
+    try:
+        result = run_cli(["demo", "--var", str(root / "demo")], env=env, timeout_s=120)
+        out = result.stdout
+        assert result.returncode == 0, out + result.stderr
+        assert f"{len(SAMPLE_DEVICES)} devices registered" in out
+        for device in SAMPLE_DEVICES:  # every device is in the printed table
+            assert re.search(rf"^\s+{device['name']}\s+dev-[0-9a-f]+\s+{device['fleet']}\s", out,
+                             re.M), device["name"]
+        assert f"{root / 'demo' / 'broker' / 'passwords'}" in out
+        assert re.search(r"connected to mqtt://127\.0\.0\.1:\d+: Success", out)
+        assert "nothing delivered" in out and "wrong password: Not authorized" in out
+        assert out.count(" stopped\n") == 4
+        assert not (root / "demo" / "stack.json").exists()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
