@@ -135,10 +135,15 @@ def parse_rows(raw_rows: list[Any], *, from_text: bool = False) -> list[DeviceCr
             rows.append(row)
             parsed_ok.append((i, row))
     if errors:
+        first_row: dict[str, int] = {}
         for i, row in parsed_ok:
             target = resolve_target(row, i, errors)
             if target is not None:
                 check_slot(row, target, i, errors)
+            if row.name in first_row:
+                errors.append(FieldError("name", f"duplicate name {row.name!r}, also in row "
+                                                 f"{first_row[row.name]}", i))
+            first_row.setdefault(row.name, i)
         errors.sort(key=lambda e: e.index or 0)
         first = errors[0]
         raise ApiError(422, f"row {first.index}: {first.field}: {first.message}; "
