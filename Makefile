@@ -11,7 +11,7 @@ SYSSTAMP := var/.system-deps
 setup: $(SYSSTAMP) $(STAMP)
 
 $(SYSSTAMP): deploy/install-system-deps.sh
-	bash deploy/install-system-deps.sh
+	PYTHON=$(PYTHON) bash deploy/install-system-deps.sh
 	@mkdir -p var && touch $@
 
 # torch first and pinned, so that nothing pulls an unpinned (multi-GB CUDA) build.
