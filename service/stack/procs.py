@@ -7,8 +7,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,21 @@ def spawn(spec: ProcessSpec) -> Started:
         except FileNotFoundError as exc:
             raise StackError(f"{spec.name}: cannot run {spec.argv[0]!r}: not installed") from exc
     return Started(spec.name, popen.pid, spec.log_file, popen)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM for the duration: a second Ctrl-C must not cut a shutdown
+    short and leave orphans. No-op outside the main thread (signals go to the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def group_alive(pgid: int) -> bool:

@@ -18,6 +18,7 @@ from service.stack.procs import (
     ProcessSpec,
     Started,
     log_tail,
+    signals_held,
     spawn,
     stop_group,
     tcp_open,
@@ -55,7 +56,8 @@ class RunningStack:
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> list[tuple[str, bool]]:
         """Stop every process, last started first; (name, stopped by SIGTERM) for each."""
-        results = [(p.name, stop_group(p, timeout_s)) for p in reversed(self.processes)]
+        with signals_held():
+            results = [(p.name, stop_group(p, timeout_s)) for p in reversed(self.processes)]
         self.processes.clear()
         self.records.clear()
         self.plan.state_file.unlink(missing_ok=True)
@@ -197,13 +199,14 @@ def stop_stack(var_dir: Path, timeout_s: float = STOP_TIMEOUT_S) -> list[tuple[s
     state_file = var_dir.resolve() / "stack.json"
     records = read_state(state_file)
     results: list[tuple[str, bool]] = []
-    for record in reversed(records):
-        if not record.is_ours():
-            results.append((record.name, True))  # already gone; its pid may be someone else's
-            continue
-        results.append((record.name, stop_group(Started(record.name, record.pid,
-                                                        Path(record.log_file)), timeout_s)))
-    state_file.unlink(missing_ok=True)
+    with signals_held():
+        for record in reversed(records):
+            if not record.is_ours():
+                results.append((record.name, True))  # gone; its pid may be someone else's now
+                continue
+            started = Started(record.name, record.pid, Path(record.log_file))
+            results.append((record.name, stop_group(started, timeout_s)))
+        state_file.unlink(missing_ok=True)
     return results
 
 
