@@ -199,19 +199,28 @@ def json_schema(tp: Any, m: Meta | None = None) -> dict[str, Any]:
     elif isinstance(tp, type) and issubclass(tp, enum.Enum):
         out = {"type": "string", "enum": [e.value for e in tp]}
     elif typing.get_origin(tp) is list:
-        out = {"type": "array", "items": json_schema(typing.get_args(tp)[0])}
+        # Item limits (pattern, length) go to the items, the count to the array.
+        item_meta = dataclasses.replace(m, max_items=None, description="") if m else None
+        items = json_schema(typing.get_args(tp)[0], item_meta)
+        items.pop("description", None)
+        out = {"type": "array", "items": items}
+        if m is not None:
+            m = Meta(m.description, max_items=m.max_items)
     elif tp is dict or typing.get_origin(tp) is dict:
         out = {"type": "object"}
     else:
         raise TypeError(f"unsupported schema type {tp!r}")
     if m is not None:
         out["description"] = m.description
+        # A size's limits belong to its integer form (the string form is parsed to one).
+        target = out["oneOf"][0] if "oneOf" in out else out
         for attr, key in (("minimum", "minimum"), ("maximum", "maximum"),
                           ("pattern", "pattern"), ("max_length", "maxLength"),
                           ("max_items", "maxItems"), ("example", "examples")):
             value = getattr(m, attr)
-            if value is not None and "$ref" not in out and "oneOf" not in out:
-                out[key] = [value] if key == "examples" else value
+            if value is not None and "$ref" not in out:
+                target[key] = ([value] if key == "examples" else
+                               f"^(?:{value})$" if key == "pattern" else value)
         if m.enum_values:
             out["enum"] = list(m.enum_values)
     if optional:
