@@ -111,8 +111,10 @@ def test_a_taken_port_is_named_and_nothing_is_left_running(var_dir: Path) -> Non
     assert stack_pids(var_dir) == {}
 
 
-def test_foreground_up_stops_everything_on_ctrl_c_and_uses_a_given_redis(
-        var_dir: Path, redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM],
+                         ids=["ctrl-c", "sigterm"])
+def test_foreground_up_stops_everything_on_a_signal_and_uses_a_given_redis(
+        var_dir: Path, redis_server: RedisServer, stop_signal: signal.Signals) -> None:
     env = clean_env() | {"TINYFLEET_REDIS_URL": redis_server.url}
     args = ports()
     script = Path(sys.executable).with_name("tinyfleet")
@@ -122,7 +124,7 @@ def test_foreground_up_stops_everything_on_ctrl_c_and_uses_a_given_redis(
         assert wait_for(lambda: get_status(args[5]) == 200, 60, 0.2), proc.stdout
         pids = stack_pids(var_dir)
         assert set(pids) == {"mqtt", "web", "worker"}  # Redis is the given one, not ours
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)  # Ctrl-C, or systemd's stop
         output, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
