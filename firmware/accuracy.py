@@ -1,0 +1,129 @@
+"""Subnet accuracy: measured (extract, recalibrate BN, evaluate) or predicted (ridge regression).
+
+The predictor follows OFA/MCUNet's accuracy predictor in spirit, kept linear so that it fits
+in milliseconds with numpy: features are one-hot genes of the active blocks (inactive slots
+all-zero), one-hot resolution, width and depths; ridge regression on measured subnets.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from firmware.data import Dataset, Split, batches
+from firmware.space import Arch, SearchSpace
+from firmware.supernet import Supernet, extract, recalibrate_bn
+
+F64Array = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a subnet is measured: BN statistics from `recal_images` training images."""
+
+    recal_images: int = 256
+    batch_size: int = 128
+
+
+@torch.no_grad()
+def measure(supernet: Supernet, dataset: Dataset, arch: Arch, split: str = "val",
+            settings: EvalSettings = EvalSettings()) -> float:
+    """Top-1 accuracy in [0, 1] of subnet `arch` on a split, after BN re-calibration."""
+    module = extract(supernet, arch)
+    recalibrate_bn(module, (x for x, _ in batches(dataset.train, arch.resolution,
+                                                  settings.batch_size, shuffle_seed=0,
+                                                  limit=settings.recal_images)))
+    data: Split = getattr(dataset, split)
+    correct = 0
+    for x, y in batches(data, arch.resolution, settings.batch_size):
+        correct += int((module(x).argmax(dim=1) == y).sum())
+    return correct / len(data)
+
+
+def encode(space: SearchSpace, arch: Arch) -> F64Array:
+    """Feature vector of `arch`: one-hot genes, inactive block slots all zero."""
+    feats: list[float] = []
+    feats += [float(arch.resolution == r) for r in space.resolutions]
+    feats += [float(arch.width == w) for w in space.widths]
+    for depth in arch.depths:
+        feats += [float(depth == d) for d in space.depths]
+    active = set(space.active_slots(arch))
+    for slot in range(space.num_slots):
+        on = slot in active
+        feats += [float(on and arch.kernels[slot] == k) for k in space.kernels]
+        feats += [float(on and arch.expands[slot] == e) for e in space.expand_ratios]
+    return np.asarray(feats, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class AccuracyPredictor:
+    """Ridge regression from `encode(space, arch)` to accuracy in [0, 1]."""
+
+    coefficients: tuple[float, ...]
+    intercept: float
+    alpha: float
+    samples: int
+    holdout_rank_corr: float  # Spearman on subnets left out of the fit
+
+    def predict(self, space: SearchSpace, arch: Arch) -> float:
+        """Predicted accuracy of `arch`, clipped to [0, 1]."""
+        value = float(encode(space, arch) @ np.asarray(self.coefficients)) + self.intercept
+        return min(1.0, max(0.0, value))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"coefficients": list(self.coefficients), "intercept": self.intercept,
+                "alpha": self.alpha, "samples": self.samples,
+                "holdout_rank_corr": self.holdout_rank_corr}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AccuracyPredictor:
+        """The predictor a `to_dict` produced."""
+        return cls(tuple(float(c) for c in data["coefficients"]), float(data["intercept"]),
+                   float(data["alpha"]), int(data["samples"]), float(data["holdout_rank_corr"]))
+
+
+def _ridge(x: F64Array, y: F64Array, alpha: float) -> tuple[F64Array, float]:
+    x_mean, y_mean = x.mean(axis=0), float(y.mean())
+    xc = x - x_mean
+    gram = xc.T @ xc + alpha * np.eye(x.shape[1])
+    coef = np.linalg.solve(gram, xc.T @ (y - y_mean))
+    return coef, y_mean - float(x_mean @ coef)
+
+
+def _spearman(a: F64Array, b: F64Array) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def fit_predictor(space: SearchSpace, archs: list[Arch], accuracies: list[float],
+                  alpha: float = 1.0, holdout_fraction: float = 0.2) -> AccuracyPredictor:
+    """Fit ridge regression on measured subnets; the rank correlation is on a held-out part."""
+    if len(archs) != len(accuracies) or len(archs) < 5:
+        raise ValueError(f"need at least 5 (arch, accuracy) pairs, got {len(archs)}")
+    x = np.stack([encode(space, a) for a in archs])
+    y = np.asarray(accuracies, dtype=np.float64)
+    n_hold = max(2, int(len(archs) * holdout_fraction))
+    coef, icpt = _ridge(x[n_hold:], y[n_hold:], alpha)
+    corr = _spearman(x[:n_hold] @ coef + icpt, y[:n_hold])
+    coef, icpt = _ridge(x, y, alpha)  # the shipped predictor uses every sample
+    return AccuracyPredictor(tuple(float(c) for c in coef), icpt, alpha, len(archs), corr)
+
+
+def sample_and_fit(supernet: Supernet, dataset: Dataset, samples: int, seed: int = 0,
+                   settings: EvalSettings = EvalSettings()
+                   ) -> tuple[AccuracyPredictor, list[tuple[Arch, float]]]:
+    """Measure `samples` random subnets (plus the largest and smallest) and fit a predictor."""
+    rng = random.Random(seed)
+    space = supernet.space
+    archs = [space.sample(rng) for _ in range(samples)] + [space.largest(), space.smallest()]
+    measured = [(a, measure(supernet, dataset, a, "val", settings)) for a in archs]
+    predictor = fit_predictor(space, [a for a, _ in measured], [acc for _, acc in measured])
+    return predictor, measured

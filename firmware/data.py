@@ -1,0 +1,280 @@
+"""Data sets for supernet training and search: built-in (digits, shapes) and user data.
+
+Images are stored once, at their native size, as uint8 N x C x H x W; `batches` resizes them
+to the resolution a subnet runs at (bilinear, antialiased when shrinking) and normalizes to
+[-1, 1] ((x / 255 - 0.5) / 0.5, recorded in the model family so the device does the same).
+Splits are fixed: a stratified 60/20/20 train/val/test split from a seed.
+Nothing is downloaded: digits ship inside scikit-learn, shapes are generated.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from firmware.errors import FirmwareError
+
+INPUT_MEAN = 0.5
+INPUT_STD = 0.5
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff")
+SHAPE_CLASSES = ("circle", "square", "triangle", "cross", "ring")
+
+U8Array = npt.NDArray[np.uint8]
+I64Array = npt.NDArray[np.int64]
+
+
+class DataError(FirmwareError):
+    """A data set cannot be loaded: missing files, bad layout, too few samples per class."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (uint8 N x C x H x W) and integer labels of one split."""
+
+    images: U8Array
+    labels: I64Array
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A classification data set with fixed train/val/test splits.
+
+    `source` is a JSON-ready description from which `load_dataset` rebuilds the same data.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split
+    source: dict[str, Any]
+
+    @property
+    def channels(self) -> int:
+        """Image channels (1 grayscale, 3 RGB)."""
+        return int(self.train.images.shape[1])
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        """(height, width) the images are stored at."""
+        return (int(self.train.images.shape[2]), int(self.train.images.shape[3]))
+
+
+def split_indices(labels: I64Array, seed: int,
+                  fractions: tuple[float, float] = (0.6, 0.2)) -> tuple[I64Array, ...]:
+    """Stratified (train, val, test) indices: each class split by `fractions`, rest test."""
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[], [], []]
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n_train = round(len(idx) * fractions[0])
+        n_val = round(len(idx) * fractions[1])
+        if n_train < 1 or n_val < 1 or len(idx) - n_train - n_val < 1:
+            raise DataError(f"class {int(cls)} has {len(idx)} samples; need at least 3 "
+                            "(one each for train, val and test)")
+        parts[0] += idx[:n_train].tolist()
+        parts[1] += idx[n_train:n_train + n_val].tolist()
+        parts[2] += idx[n_train + n_val:].tolist()
+    return tuple(np.sort(np.asarray(p, dtype=np.int64)) for p in parts)
+
+
+def from_arrays(name: str, images: U8Array, labels: I64Array, classes: tuple[str, ...],
+                source: dict[str, Any], seed: int = 0) -> Dataset:
+    """A Dataset from all images and labels, split by `split_indices(labels, seed)`."""
+    train, val, test = split_indices(labels, seed)
+    return Dataset(name, classes, Split(images[train], labels[train]),
+                   Split(images[val], labels[val]), Split(images[test], labels[test]), source)
+
+
+def digits(seed: int = 0) -> Dataset:
+    """scikit-learn's 1,797 handwritten digits, 8x8 grayscale, 10 classes."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are 0..16: scale to 0..255 so every data set shares one uint8 range.
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)[:, None, :, :]
+    labels = bunch.target.astype(np.int64)
+    return from_arrays("digits", images, labels, tuple(str(i) for i in range(10)),
+                       {"kind": "digits", "seed": seed}, seed)
+
+
+def shapes(samples_per_class: int = 200, size: int = 128, seed: int = 0) -> Dataset:
+    """Synthetic RGB shapes (circle, square, triangle, cross, ring) on textured backgrounds."""
+    if not 32 <= size <= 512:
+        raise DataError(f"shapes size {size} outside [32, 512]")
+    rng = np.random.default_rng(seed)
+    n = samples_per_class * len(SHAPE_CLASSES)
+    labels = np.repeat(np.arange(len(SHAPE_CLASSES), dtype=np.int64), samples_per_class)
+    images = np.empty((n, 3, size, size), dtype=np.uint8)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    for i in range(n):
+        images[i] = _shape_image(int(labels[i]), yy, xx, rng)
+    return from_arrays("shapes", images, labels, SHAPE_CLASSES,
+                       {"kind": "shapes", "samples_per_class": samples_per_class,
+                        "size": size, "seed": seed}, seed)
+
+
+def _shape_image(label: int, yy: npt.NDArray[np.float32], xx: npt.NDArray[np.float32],
+                 rng: np.random.Generator) -> U8Array:
+    # Background: two random sinusoidal gratings plus noise, so that texture is not a cue.
+    background = np.zeros((3, *yy.shape), dtype=np.float32)
+    for _ in range(2):
+        freq, angle, phase = rng.uniform(3, 12), rng.uniform(0, np.pi), rng.uniform(0, 6.3)
+        wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+        background += rng.uniform(0.1, 0.3, size=(3, 1, 1)) * wave
+    noise = np.asarray(rng.normal(0, 0.05, size=background.shape), dtype=np.float32)
+    background += 0.45 + noise
+    cy, cx = rng.uniform(0.3, 0.7, size=2)
+    radius = rng.uniform(0.12, 0.25)
+    dy, dx = yy - cy, xx - cx
+    if label == 0:
+        mask = dy**2 + dx**2 <= radius**2
+    elif label == 1:
+        mask = (np.abs(dy) <= radius * 0.85) & (np.abs(dx) <= radius * 0.85)
+    elif label == 2:
+        mask = (dy <= radius * 0.7) & (dy >= -radius + 1.7 * np.abs(dx))
+    elif label == 3:
+        arm = radius * 0.3
+        mask = (((np.abs(dy) <= arm) & (np.abs(dx) <= radius))
+                | ((np.abs(dx) <= arm) & (np.abs(dy) <= radius)))
+    else:
+        dist = dy**2 + dx**2
+        mask = (dist <= radius**2) & (dist >= (radius * 0.6) ** 2)
+    color = rng.uniform(0.0, 1.0, size=3).astype(np.float32)
+    image = np.where(mask[None], color[:, None, None], background)
+    return np.clip(image * 255.0, 0, 255).astype(np.uint8)
+
+
+def load_npz(path: str | Path, seed: int = 0) -> Dataset:
+    """A data set from an .npz with `x` (N,H,W | N,H,W,C | N,C,H,W; uint8 or [0,1] float),
+    `y` (N integer labels) and optionally `classes` (names)."""
+    target = Path(path)
+    try:
+        with np.load(target, allow_pickle=False) as data:
+            if "x" not in data or "y" not in data:
+                raise DataError(f"{target}: needs arrays 'x' and 'y', has {sorted(data.files)}")
+            x, y = data["x"], data["y"]
+            names = tuple(str(c) for c in data["classes"]) if "classes" in data else None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{target}: not a readable .npz: {exc}") from None
+    images = _to_nchw_u8(x, target)
+    if y.ndim != 1 or y.shape[0] != images.shape[0] or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{target}: y must be {images.shape[0]} integer labels, "
+                        f"got {y.dtype} {y.shape}")
+    labels = y.astype(np.int64)
+    n_classes = int(labels.max()) + 1
+    if labels.min() < 0:
+        raise DataError(f"{target}: labels must be >= 0, got {int(labels.min())}")
+    classes = names if names is not None else tuple(str(i) for i in range(n_classes))
+    if len(classes) < n_classes:
+        raise DataError(f"{target}: {len(classes)} class names for labels up to {n_classes - 1}")
+    return from_arrays(target.stem, images, labels, classes,
+                       {"kind": "npz", "path": str(target.resolve()), "seed": seed}, seed)
+
+
+def _to_nchw_u8(x: npt.NDArray[Any], origin: Path) -> U8Array:
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = np.transpose(x, (0, 3, 1, 2))
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise DataError(f"{origin}: x must be N,H,W or N,H,W,C or N,C,H,W with C 1 or 3, "
+                        f"got shape {x.shape}")
+    if np.issubdtype(x.dtype, np.floating):
+        if x.min() < 0 or x.max() > 1:
+            raise DataError(f"{origin}: float images must lie in [0, 1], got "
+                            f"[{float(x.min()):g}, {float(x.max()):g}]")
+        return np.round(x * 255).astype(np.uint8)
+    if x.dtype != np.uint8:
+        raise DataError(f"{origin}: x must be uint8 or float in [0, 1], got {x.dtype}")
+    return np.ascontiguousarray(x)
+
+
+def load_image_folder(path: str | Path, size: int = 64, seed: int = 0) -> Dataset:
+    """A data set from ROOT/<class>/<image>, resized to size x size; RGB unless all gray."""
+    from PIL import Image
+
+    root = Path(path)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if len(class_dirs) < 2:
+        raise DataError(f"{root}: need a folder with at least 2 class subfolders, "
+                        f"found {len(class_dirs)}")
+    pictures: list[Any] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        for file in files:
+            with Image.open(file) as img:
+                pictures.append(img.copy())
+            labels.append(label)
+    gray = all(p.mode in ("L", "1", "I", "I;16") for p in pictures)
+    mode = "L" if gray else "RGB"
+    arrays = [np.asarray(p.convert(mode).resize((size, size), Image.Resampling.BILINEAR))
+              for p in pictures]
+    images = np.stack(arrays).astype(np.uint8)
+    images = images[:, None] if gray else np.transpose(images, (0, 3, 1, 2))
+    return from_arrays(root.name, np.ascontiguousarray(images), np.asarray(labels, np.int64),
+                       tuple(d.name for d in class_dirs),
+                       {"kind": "folder", "path": str(root.resolve()), "size": size,
+                        "seed": seed}, seed)
+
+
+def load_dataset(source: str | dict[str, Any]) -> Dataset:
+    """A data set by name ("digits", "shapes"), by path (.npz or folder), or by `source`."""
+    if isinstance(source, dict):
+        kind = source.get("kind")
+        seed = int(source.get("seed", 0))
+        if kind == "digits":
+            return digits(seed)
+        if kind == "shapes":
+            return shapes(int(source["samples_per_class"]), int(source["size"]), seed)
+        if kind == "npz":
+            return load_npz(source["path"], seed)
+        if kind == "folder":
+            return load_image_folder(source["path"], int(source["size"]), seed)
+        raise DataError(f"unknown data source kind {kind!r}")
+    if source == "digits":
+        return digits()
+    if source == "shapes":
+        return shapes()
+    target = Path(source)
+    if target.suffix == ".npz" and target.is_file():
+        return load_npz(target)
+    if target.is_dir():
+        return load_image_folder(target)
+    raise DataError(f"data {source!r}: not 'digits', 'shapes', an .npz file or a folder")
+
+
+def to_tensor(images: U8Array, resolution: int) -> torch.Tensor:
+    """uint8 N x C x H x W -> float N x C x r x r, normalized as INPUT_MEAN / INPUT_STD."""
+    x = torch.from_numpy(images).float().div_(255.0).sub_(INPUT_MEAN).div_(INPUT_STD)
+    if x.shape[-2:] != (resolution, resolution):
+        shrink = x.shape[-1] > resolution
+        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear",
+                          align_corners=False, antialias=shrink)
+    return x
+
+
+def batches(split: Split, resolution: int, batch_size: int, shuffle_seed: int | None = None,
+            limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches of `split` at `resolution`; shuffled when a seed is given."""
+    order = list(range(len(split)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    if limit is not None:
+        order = order[:limit]
+    for start in range(0, len(order), batch_size):
+        idx = np.asarray(order[start:start + batch_size], dtype=np.int64)
+        yield to_tensor(split.images[idx], resolution), torch.from_numpy(split.labels[idx])
