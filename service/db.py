@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -61,12 +62,45 @@ def alembic_config(url: str) -> AlembicConfig:
     return cfg
 
 
+# Any fixed number: the PostgreSQL advisory lock every migrating process takes.
+_MIGRATION_LOCK_ID = 7_412_001
+
+
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at `url` to `revision` (the latest by default)."""
+    """Bring the database at `url` to `revision` (the latest by default).
+
+    Safe to call from several processes at once (gunicorn workers each build the app):
+    they take turns, under a file lock for SQLite and an advisory lock for PostgreSQL.
+    """
     url = normalize_url(url)
+    cfg = alembic_config(url)
     if url.startswith("sqlite"):
         make_engine(url).dispose()  # creates the parent directory
-    command.upgrade(alembic_config(url), revision)
+        path = url.split("///", 1)[-1]
+        if not path or path == ":memory:":
+            command.upgrade(cfg, revision)
+            return
+        with open(f"{path}.migrate.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            command.upgrade(cfg, revision)
+        return
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+                conn.commit()
+            try:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+            finally:
+                if conn.dialect.name == "postgresql":
+                    conn.rollback()
+                    conn.execute(text("SELECT pg_advisory_unlock(:id)"),
+                                 {"id": _MIGRATION_LOCK_ID})
+                    conn.commit()
+    finally:
+        engine.dispose()
 
 
 def current_revision(url: str) -> str | None:

@@ -20,7 +20,15 @@ def run_offline() -> None:
 
 
 def run_online() -> None:
-    """Migrate the database at the configured URL."""
+    """Migrate the database at the configured URL (or on the connection handed over)."""
+    given = context.config.attributes.get("connection")
+    if given is not None:  # service.db.upgrade holds a lock on this connection
+        context.configure(connection=given, target_metadata=target_metadata,
+                          render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        given.commit()
+        return
     engine = make_engine(context.config.get_main_option("sqlalchemy.url") or "")
     try:
         with engine.connect() as connection:

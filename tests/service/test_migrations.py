@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -35,4 +36,18 @@ def test_downgrade_and_upgrade_again(tmp_path: Path) -> None:
     command.downgrade(db.alembic_config(url), "base")
     assert db.current_revision(url) is None
     db.upgrade(url)
+    assert db.current_revision(url) == "0001"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_concurrent_upgrades_take_turns(backend: str, tmp_path: Path,
+                                        request: pytest.FixtureRequest) -> None:
+    # gunicorn workers each build the app, and so each migrate, at the same moment.
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'c.db'}"
+    else:
+        url = request.getfixturevalue("postgres_server").create_database("concurrent")
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(db.upgrade, url) for _ in range(4)]:
+            future.result()
     assert db.current_revision(url) == "0001"
