@@ -218,7 +218,7 @@ def describe(stack: RunningStack) -> str:
         ("database", plan.database_url, "external" if "sqlite" not in plan.database_url
          else "file"),
         ("redis", plan.redis_url, _origin(own, "redis")),
-        ("mqtt", plan.mqtt_url, _origin(own, "mqtt")),
+        ("mqtt", plan.mqtt_url, _origin(own, "mqtt", plan.broker_dir / "mosquitto.log")),
         ("web", plan.http_url, _origin(own, "web")),
         ("worker", f"celery, {plan.worker_concurrency} process(es)", _origin(own, "worker")),
         ("broker files", str(plan.broker_dir), "password file + ACL from the registry"),
@@ -226,11 +226,11 @@ def describe(stack: RunningStack) -> str:
     return "\n".join(f"  {name:<13}{where:<46}{how}" for name, where, how in rows)
 
 
-def _origin(own: dict[str, ProcessRecord], name: str) -> str:
+def _origin(own: dict[str, ProcessRecord], name: str, log_file: Path | None = None) -> str:
     record = own.get(name)
     if record is None:
         return "external (TINYFLEET_* setting)"
-    return f"pid {record.pid}, log {record.log_file}"
+    return f"pid {record.pid}, log {log_file or record.log_file}"
 
 
 def wait_foreground(stack: RunningStack, poll_s: float = 0.5) -> Started | None:
