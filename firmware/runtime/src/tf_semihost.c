@@ -9,12 +9,13 @@ enum {
     SYS_WRITE = 0x05,
     SYS_READ = 0x06,
     SYS_SEEK = 0x0A,
+    SYS_FLEN = 0x0C,
     SYS_EXIT = 0x18,
     SYS_EXIT_EXTENDED = 0x20,
     ADP_STOPPED_APPLICATION_EXIT = 0x20026,
     MODE_RB = 1,
-    MODE_WB = 5,
-    MODE_AB = 9
+    MODE_RPB = 3,
+    MODE_WB = 5
 };
 
 #define TF_PAINT 0xA5A5A5A5u
@@ -67,6 +68,16 @@ static int32_t tf_put(const char *path, int32_t mode, const void *buf, uint32_t 
     if (fd < 0) {
         return -1;
     }
+    if (mode == MODE_RPB) {
+        /* QEMU 7.2 writes "ab" files at offset 0: open for update and seek to the end. */
+        const uint32_t len_args[1] = {(uint32_t)fd};
+        const int32_t len = tf_semihost(SYS_FLEN, len_args);
+        const uint32_t seek_args[2] = {(uint32_t)fd, (uint32_t)len};
+        if (len < 0 || tf_semihost(SYS_SEEK, seek_args) != 0) {
+            tf_close(fd);
+            return -1;
+        }
+    }
     const uint32_t args[3] = {(uint32_t)fd, (uint32_t)buf, nbytes};
     const int32_t left = tf_semihost(SYS_WRITE, args);
     tf_close(fd);
@@ -80,7 +91,7 @@ int32_t tf_io_write(const char *path, const void *buf, uint32_t nbytes)
 
 int32_t tf_io_append(const char *path, const void *buf, uint32_t nbytes)
 {
-    return tf_put(path, MODE_AB, buf, nbytes);
+    return tf_put(path, MODE_RPB, buf, nbytes);
 }
 
 void tf_exit(int32_t code)
