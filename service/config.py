@@ -13,7 +13,7 @@ DEFAULTS: dict[str, Any] = {
     "VAR_DIR": "var",
     "DATABASE_URL": None,  # None: sqlite file VAR_DIR/tinyfleet.db
     "BROKER_DIR": None,  # None: VAR_DIR/broker
-    "MOSQUITTO_PID_FILE": None,  # set by the stack: SIGHUP goes to this pid after a change
+    "MOSQUITTO_PID_FILE": None,  # None: BROKER_DIR/mosquitto.pid; SIGHUP after a change
     "REDIS_URL": None,
     "MQTT_HOST": "127.0.0.1",
     "MQTT_PORT": 18883,  # the port `tinyfleet up` gives its Mosquitto
@@ -53,4 +53,8 @@ def load_config(overrides: Mapping[str, Any] | None = None,
         config["DATABASE_URL"] = f"sqlite:///{(var_dir / 'tinyfleet.db').resolve()}"
     if not config["BROKER_DIR"]:
         config["BROKER_DIR"] = str(var_dir / "broker")
+    if not config["MOSQUITTO_PID_FILE"]:
+        # Where `tinyfleet up` keeps its broker's pid: CLI changes (devices import,
+        # decommission) reload the running broker too. No file there: nothing is signalled.
+        config["MOSQUITTO_PID_FILE"] = str(Path(config["BROKER_DIR"]) / "mosquitto.pid")
     return config

@@ -51,12 +51,12 @@ class StackPlan:
     @property
     def broker_dir(self) -> Path:
         """Where the registry writes Mosquitto's password file and ACL."""
-        return self.var_dir / "broker"
+        return broker_dir_for(self.var_dir)
 
     @property
     def mosquitto_pid_file(self) -> Path:
         """The pid file of our own Mosquitto; the registry sends SIGHUP there after a sync."""
-        return self.broker_dir / "mosquitto.pid"
+        return mosquitto_pid_file_for(self.var_dir)
 
     @property
     def log_dir(self) -> Path:
@@ -95,6 +95,16 @@ class StackPlan:
         else:
             env.pop("TINYFLEET_MOSQUITTO_PID_FILE", None)
         return env
+
+
+def broker_dir_for(var_dir: Path) -> Path:
+    """The broker directory under a var dir (the service's BROKER_DIR default too)."""
+    return var_dir / "broker"
+
+
+def mosquitto_pid_file_for(var_dir: Path) -> Path:
+    """Our Mosquitto's pid file under a var dir (the service's MOSQUITTO_PID_FILE default)."""
+    return broker_dir_for(var_dir) / "mosquitto.pid"
 
 
 def plan_stack(

@@ -12,7 +12,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.stack.config import StackError, StackPlan, ensure_port_free
+from service.stack.config import (
+    StackError,
+    StackPlan,
+    ensure_port_free,
+    mosquitto_pid_file_for,
+)
 from service.stack.mosquitto import MosquittoFiles, write_mosquitto_conf
 from service.stack.procs import (
     ProcessSpec,
@@ -60,6 +65,7 @@ class RunningStack:
             results = [(p.name, stop_group(p, timeout_s)) for p in reversed(self.processes)]
         self.processes.clear()
         self.records.clear()
+        forget_broker_pid(self.plan.mosquitto_pid_file)
         self.plan.state_file.unlink(missing_ok=True)
         return results
 
@@ -206,8 +212,16 @@ def stop_stack(var_dir: Path, timeout_s: float = STOP_TIMEOUT_S) -> list[tuple[s
                 continue
             started = Started(record.name, record.pid, Path(record.log_file))
             results.append((record.name, stop_group(started, timeout_s)))
+        if any(r.name == "mqtt" for r in records):
+            forget_broker_pid(mosquitto_pid_file_for(var_dir.resolve()))
         state_file.unlink(missing_ok=True)
     return results
+
+
+def forget_broker_pid(pid_file: Path) -> None:
+    """Remove our stopped broker's pid file: a pid left by a killed Mosquitto may be reused,
+    and the registry sends SIGHUP (fatal to most programs) to whatever pid it finds there."""
+    pid_file.unlink(missing_ok=True)
 
 
 def describe(stack: RunningStack) -> str:

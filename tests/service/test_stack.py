@@ -18,10 +18,12 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from service.demo.api import ApiClient
 from service.queue import celery_settings
 from service.stack.config import free_port
 from service.stack.procs import group_alive
 from service.stack.state import read_state
+from tests.mqtt_probe import connack
 from tests.servers import RedisServer, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
@@ -85,6 +87,8 @@ def test_up_detach_is_green_runs_a_task_and_down_leaves_nothing(var_dir: Path) -
         finally:
             client.close()
 
+        registry_cli_changes_reload_the_running_broker(var_dir, http_port, args[3])
+
         conf = (var_dir / "broker" / "mosquitto.conf").read_text()
         assert "allow_anonymous false" in conf and f"listener {args[3]} 127.0.0.1" in conf
 
@@ -96,6 +100,29 @@ def test_up_detach_is_green_runs_a_task_and_down_leaves_nothing(var_dir: Path) -
     assert "stopped" in down.stdout
     assert not any(group_alive(pid) for pid in pids.values())
     assert not (var_dir / "stack.json").exists()
+
+
+def registry_cli_changes_reload_the_running_broker(var: Path, http_port: str,
+                                                   mqtt_port: str) -> None:
+    """A device registered over HTTP can log in; `tinyfleet devices decommission`, run from
+    another shell that knows only the var dir, locks it out of the running broker."""
+    cli_env = clean_env() | {"TINYFLEET_VAR_DIR": str(var)}
+    token = run_cli(["tokens", "create", "--role", "admin"], env=cli_env)
+    assert token.returncode == 0, token.stderr
+    api = ApiClient(f"http://127.0.0.1:{http_port}", token.stdout.strip())
+    api.post("/api/v1/fleets", {"name": "stack"})
+    device = api.post("/api/v1/devices", {"name": "s-1", "fleet": "stack", "mcu": "rp2040"})
+    login = ("127.0.0.1", int(mqtt_port), device["mqtt"]["username"], device["mqtt"]["password"])
+    assert wait_for(lambda: _accepted(*login), 5, 0.1), "a registered device cannot log in"
+
+    gone = run_cli(["devices", "decommission", device["device"]["id"]], env=cli_env)
+    assert gone.returncode == 0, gone.stderr
+    assert wait_for(lambda: not _accepted(*login), 5, 0.1), "decommissioned, still logs in"
+
+
+def _accepted(host: str, port: int, username: str, password: str) -> bool:
+    code = connack(host, port, username, password)
+    return code is not None and not code.is_failure
 
 
 def test_a_taken_port_is_named_and_nothing_is_left_running(var_dir: Path) -> None:
