@@ -11,9 +11,10 @@ Conventions (CMSIS-NN / TFLite Micro, see notes in QUANT_CONTRACT):
   fully connected weights (out, in). Biases int32.
 - Padding is (top, left, bottom, right); a padded element holds the input zero point, so it
   adds nothing once the input offset is applied.
-- Requantization: `requantize(acc, multiplier, shift)` is TFLite's
-  MultiplyByQuantizedMultiplier (= CMSIS-NN arm_nn_requantize without single rounding):
-      x = acc * 2**max(shift, 0), wrapped to int32;
+- Requantization: `requantize(acc, multiplier, shift)` (defined in firmware.quantize, used
+  here) is TFLite's MultiplyByQuantizedMultiplier (= CMSIS-NN arm_nn_requantize without
+  single rounding):
+      x = acc * 2**max(shift, 0), saturated to int32;
       y = SaturatingRoundingDoublingHighMul(x, multiplier): (x*m + nudge) / 2**31 truncated
           toward zero, nudge = 2**30 if x*m >= 0 else 1 - 2**30, i.e. x*m/2**31 rounded half
           up (ties toward +inf: 0.5 -> 1, -0.5 -> 0); saturates only for x = m = -2**31;
@@ -26,13 +27,20 @@ Conventions (CMSIS-NN / TFLite Micro, see notes in QUANT_CONTRACT):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from firmware.errors import InvalidModelError
+from firmware.quantize import (
+    ADD_LEFT_SHIFT,
+    AddParams,
+    quantize_multiplier,
+    requantize,
+    rounding_divide_by_pot,
+    saturating_rounding_doubling_high_mul,
+)
 
 I8 = npt.NDArray[np.int8]
 I32 = npt.NDArray[np.int32]
@@ -41,62 +49,13 @@ IntArray = npt.NDArray[np.integer] | int | np.integer
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
-ADD_LEFT_SHIFT = 20  # TFLite's int8 add: inputs scaled by 2**20 before rescaling
 
-
-def quantize_multiplier(real: float) -> tuple[int, int]:
-    """(multiplier Q31 in [2**30, 2**31), shift in [-31, 30]) with real ~= m * 2**(shift-31).
-
-    Computed with frexp (TFLite's QuantizeMultiplier); a real below 2**-32 gives (0, 0).
-    """
-    if real < 0 or not math.isfinite(real):
-        raise InvalidModelError(f"requantization scale {real!r} must be finite and >= 0")
-    if real == 0.0:
-        return 0, 0
-    mantissa, exponent = math.frexp(real)
-    q = round(mantissa * (1 << 31))
-    if q == 1 << 31:
-        q //= 2
-        exponent += 1
-    if exponent < -31:
-        return 0, 0
-    if exponent > 30:
-        raise InvalidModelError(f"requantization scale {real!r} needs shift {exponent} > 30")
-    return int(q), int(exponent)
-
-
-def _wrap_int32(x: I64) -> I64:
-    return ((x + 2**31) & 0xFFFFFFFF) - 2**31
-
-
-def saturating_rounding_doubling_high_mul(a: IntArray, b: IntArray) -> I64:
-    """High 32 bits of 2*a*b, ties rounded up (gemmlowp nudge); (-2**31, -2**31) saturates."""
-    a64 = np.asarray(a, dtype=np.int64)
-    b64 = np.asarray(b, dtype=np.int64)
-    ab = a64 * b64
-    v = ab + np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
-    # C integer division truncates toward zero; >> floors, so negate around it.
-    q = np.where(v >= 0, v >> 31, -((-v) >> 31))
-    return np.where((a64 == INT32_MIN) & (b64 == INT32_MIN), INT32_MAX, q).astype(np.int64)
-
-
-def rounding_divide_by_pot(x: IntArray, exponent: IntArray) -> I64:
-    """x / 2**exponent rounded half away from zero, exponent in [0, 31]."""
-    x64 = np.asarray(x, dtype=np.int64)
-    e = np.asarray(exponent, dtype=np.int64)
-    mask = (np.int64(1) << e) - 1
-    remainder = x64 & mask
-    threshold = (mask >> 1) + (x64 < 0)
-    return ((x64 >> e) + (remainder > threshold)).astype(np.int64)
-
-
-def requantize(acc: IntArray, multiplier: IntArray, shift: IntArray) -> I64:
-    """TFLite MultiplyByQuantizedMultiplier on int32 accumulators (broadcasting)."""
-    s = np.asarray(shift, dtype=np.int64)
-    left = np.maximum(s, 0)
-    right = np.maximum(-s, 0)
-    x = _wrap_int32(np.asarray(acc, dtype=np.int64) << left)
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, multiplier), right)
+__all__ = [
+    "ADD_LEFT_SHIFT", "AddParams", "ConvQuant", "add_s8", "avg_pool_s8", "conv2d_1x1_add_s8",
+    "conv2d_s8", "depthwise_conv2d_s8", "fully_connected_s8", "global_avg_pool_s8", "max_pool_s8",
+    "quantize_multiplier", "requantize", "rounding_divide_by_pot",
+    "saturating_rounding_doubling_high_mul",
+]
 
 
 @dataclass(frozen=True)
@@ -111,31 +70,13 @@ class ConvQuant:
     act_max: int = 127
 
 
-@dataclass(frozen=True)
-class AddQuant:
-    """TFLite int8 add: out = clamp(rq(rq(a') + rq(b'), out) + zp_out) with a' = (a+off) << 20."""
-
-    input1_offset: int
-    input1_multiplier: int
-    input1_shift: int
-    input2_offset: int
-    input2_multiplier: int
-    input2_shift: int
-    output_offset: int
-    output_multiplier: int
-    output_shift: int
-    act_min: int = -128
-    act_max: int = 127
-    left_shift: int = ADD_LEFT_SHIFT
-
-
 def output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int) -> int:
     """Output extent of a window op along one axis (floor division, as torch)."""
     return (size + pad_before + pad_after - kernel) // stride + 1
 
 
 def _finish(acc: I64, q: ConvQuant) -> I8:
-    out = requantize(acc, q.multiplier, q.shift) + q.output_offset
+    out = requantize(acc, q.multiplier, q.shift).astype(np.int64) + q.output_offset
     return np.clip(out, q.act_min, q.act_max).astype(np.int8)
 
 
@@ -182,58 +123,69 @@ def fully_connected_s8(x: I8, weight: I8, bias: I32, q: ConvQuant) -> I8:
     return _finish(acc, q)
 
 
-def add_s8(a: I8, b: I8, q: AddQuant) -> I8:
-    """Elementwise int8 add with rescaling, exactly TFLite's reference int8 Add."""
+def add_s8(a: I8, b: I8, q: AddParams, act_min: int = -128, act_max: int = 127) -> I8:
+    """Elementwise int8 add with rescaling, exactly TFLite's reference int8 Add (AddParams)."""
     a1 = (np.asarray(a, dtype=np.int64) + q.input1_offset) << q.left_shift
     b1 = (np.asarray(b, dtype=np.int64) + q.input2_offset) << q.left_shift
     sa = requantize(a1, q.input1_multiplier, q.input1_shift)
     sb = requantize(b1, q.input2_multiplier, q.input2_shift)
-    out = requantize(_wrap_int32(sa + sb), q.output_multiplier, q.output_shift) + q.output_offset
-    return np.clip(out, q.act_min, q.act_max).astype(np.int8)
+    total = sa.astype(np.int64) + sb
+    out = requantize(total, q.output_multiplier, q.output_shift).astype(np.int64) + q.output_offset
+    return np.clip(out, act_min, act_max).astype(np.int8)
 
 
 def conv2d_1x1_add_s8(x: I8, weight_ohwi: I8, bias: I32, q: ConvQuant, residual: I8,
-                      add: AddQuant) -> I8:
+                      add: AddParams, act_min: int = -128, act_max: int = 127) -> I8:
     """The fused projection + residual add of the `inplace` memory model.
 
     Defined as conv2d_s8 (the projection's own int8 output, with its own quantization) followed
     by add_s8(projection, residual): the C kernel computes exactly these two steps per element
     and writes the sum over the residual buffer.
     """
-    return add_s8(conv2d_s8(x, weight_ohwi, bias, q), residual, add)
+    return add_s8(conv2d_s8(x, weight_ohwi, bias, q), residual, add, act_min, act_max)
 
 
-def _div_round_away(total: I64, count: I64 | np.int64) -> I64:
-    # TFLite avg pool: (sum + count/2) / count for positive sums, mirrored for negative ones.
-    half = count // 2
+def _div_round_away(total: I64, count: I64 | np.int64 | int) -> I64:
+    # TFLite's rounding of an average: (sum + count/2) / count for positive sums, mirrored
+    # for negative ones (half away from zero).
+    half = np.int64(count) // 2
     pos = (total + half) // count
     neg = -((-total + half) // count)
     return np.where(total >= 0, pos, neg)
 
 
 def avg_pool_s8(x: I8, kernel: tuple[int, int], stride: tuple[int, int],
-                padding: tuple[int, int, int, int] = (0, 0, 0, 0), act_min: int = -128,
-                act_max: int = 127) -> I8:
-    """Average over the in-bounds part of each window (padding not counted), same scale."""
-    h, w, _ = x.shape
-    ho = output_size(h, kernel[0], stride[0], padding[0], padding[2])
-    wo = output_size(w, kernel[1], stride[1], padding[1], padding[3])
-    out = np.empty((ho, wo, x.shape[2]), dtype=np.int64)
-    xs = np.asarray(x, dtype=np.int64)
-    for i in range(ho):
-        r0 = max(i * stride[0] - padding[0], 0)
-        r1 = min(i * stride[0] - padding[0] + kernel[0], h)
-        for j in range(wo):
-            c0 = max(j * stride[1] - padding[1], 0)
-            c1 = min(j * stride[1] - padding[1] + kernel[1], w)
-            region = xs[r0:r1, c0:c1]
-            count = np.int64(max(region.shape[0] * region.shape[1], 1))
-            out[i, j] = _div_round_away(region.sum(axis=(0, 1)), count)
+                padding: tuple[int, int, int, int] = (0, 0, 0, 0), input_offset: int = 0,
+                output_offset: int = 0, act_min: int = -128, act_max: int = 127) -> I8:
+    """Average pool, same scale in and out, torch's count_include_pad semantics.
+
+    out = clamp(output_offset + div(sum over the window of (q + input_offset), kh*kw)):
+    padded elements hold the zero point (contribute 0) and count in the divisor, as torch's
+    default AvgPool2d does; div rounds half away from zero. input_offset = -zp.
+    """
+    win = _windows(x, kernel, stride, padding, input_offset)
+    total = win.sum(axis=(2, 3))
+    out = _div_round_away(total, kernel[0] * kernel[1]) + output_offset
     return np.clip(out, act_min, act_max).astype(np.int8)
 
 
-def global_avg_pool_s8(x: I8) -> I8:
-    """(H, W, C) -> (1, 1, C): sum in int32, divided by H*W rounding half away from zero."""
-    total = np.asarray(x, dtype=np.int64).sum(axis=(0, 1))
-    count = np.int64(x.shape[0] * x.shape[1])
-    return np.clip(_div_round_away(total, count), -128, 127).astype(np.int8).reshape(1, 1, -1)
+def max_pool_s8(x: I8, kernel: tuple[int, int], stride: tuple[int, int],
+                padding: tuple[int, int, int, int] = (0, 0, 0, 0), act_min: int = -128,
+                act_max: int = 127) -> I8:
+    """Max pool over the in-bounds part of each window (padding is -inf, as torch)."""
+    t, left, b, r = padding
+    xp = np.pad(np.asarray(x, dtype=np.int64), ((t, b), (left, r), (0, 0)),
+                constant_values=-(2**40))
+    win = np.lib.stride_tricks.sliding_window_view(xp, kernel, axis=(0, 1))
+    out: I64 = win[:: stride[0], :: stride[1]].max(axis=(3, 4))
+    return np.clip(out, act_min, act_max).astype(np.int8)
+
+
+def global_avg_pool_s8(x: I8, input_offset: int = 0, output_offset: int = 0) -> I8:
+    """(H, W, C) -> (1, 1, C): output_offset + div(sum (q + input_offset), H*W), int8.
+
+    The sum is int32 in C; div rounds half away from zero. Same scale in and out.
+    """
+    total = np.asarray(x, dtype=np.int64).sum(axis=(0, 1)) + input_offset * x.shape[0] * x.shape[1]
+    out = _div_round_away(total, x.shape[0] * x.shape[1]) + output_offset
+    return np.clip(out, -128, 127).astype(np.int8).reshape(1, 1, -1)

@@ -16,7 +16,7 @@ from firmware import reference as ref
 from firmware.quantize import AddParams
 
 OP_CONV, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP = range(1, 9)
-OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT = 9, 10, 11
+OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL = 9, 10, 11, 12
 
 
 @dataclass(frozen=True)
@@ -163,18 +163,25 @@ def add_case(seed: int, n: int) -> Case:
                 y.tobytes())
 
 
-def pool_case(seed: int, h: int, w: int, c: int, k: int, s: int, pad: int) -> Case:
-    """Average pool, or global average pool when k == 0."""
+def pool_case(seed: int, h: int, w: int, c: int, k: int, s: int, pad: int,
+              is_max: bool = False) -> Case:
+    """Average (or max) pool, or global average pool when k == 0."""
     rng = np.random.default_rng(seed)
     x = _i8(rng, h, w, c)
+    zp = int(rng.integers(-128, 128))
     if k == 0:
-        return Case(f"gap {h}x{w}x{c}", _ints(OP_GAP, h, w, c) + _arr(x),
-                    ref.global_avg_pool_s8(x).tobytes())
+        return Case(f"gap {h}x{w}x{c}", _ints(OP_GAP, h, w, c, -zp, zp) + _arr(x),
+                    ref.global_avg_pool_s8(x, -zp, zp).tobytes())
     pads = (pad,) * 4
-    y = ref.avg_pool_s8(x, (k, k), (s, s), pads)
-    payload = (_ints(OP_AVGPOOL, h, w, c, *y.shape) + _window_ints(k, s, pads)
-               + _ints(-128, 127) + _arr(x))
-    return Case(f"avgpool{k}s{s} {h}x{w}x{c}", payload, y.tobytes())
+    lo, hi = (zp, 127) if seed % 2 else (-128, 127)
+    if is_max:
+        y = ref.max_pool_s8(x, (k, k), (s, s), pads, lo, hi)
+    else:
+        y = ref.avg_pool_s8(x, (k, k), (s, s), pads, -zp, zp, lo, hi)
+    payload = (_ints(OP_MAXPOOL if is_max else OP_AVGPOOL, h, w, c, *y.shape)
+               + _window_ints(k, s, pads) + _ints(-zp, zp, lo, hi) + _arr(x))
+    return Case(f"{'max' if is_max else 'avg'}pool{k}s{s}p{pad} {h}x{w}x{c}", payload,
+                y.tobytes())
 
 
 def patch_case(seed: int, h: int, w: int, c: int, ph: int, pw: int, row0: int, col0: int,
@@ -242,7 +249,7 @@ def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
     if kind == "pool":
         k = draw(st.integers(0, 3))
         return pool_case(seed, max(h, k), max(w, k), c, k, draw(st.integers(1, 2)),
-                         draw(st.integers(0, max(k - 1, 0))))
+                         draw(st.integers(0, max(k - 1, 0))), draw(st.booleans()))
     if kind == "patch":
         ph, pw = draw(st.integers(1, h)), draw(st.integers(1, w))
         return patch_case(seed, h, w, c, ph, pw, draw(st.integers(-ph + 1, h - 1)),

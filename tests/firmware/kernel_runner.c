@@ -9,7 +9,7 @@
 #include "tinyfleet_nn.h"
 
 enum { OP_CONV = 1, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP,
-       OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT };
+       OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL };
 
 typedef struct {
     const uint8_t *p;
@@ -94,7 +94,7 @@ static int32_t run_case(tf_reader *r, uint8_t *out, uint32_t cap, uint32_t *out_
     uint32_t n = 0;
     int32_t st = -1;
     *out_bytes = 0;
-    if (op == OP_CONV || op == OP_DW || op == OP_AVGPOOL) {
+    if (op == OP_CONV || op == OP_DW || op == OP_AVGPOOL || op == OP_MAXPOOL) {
         in.h = rd_i32(r);
         in.w = rd_i32(r);
         in.c = rd_i32(r);
@@ -125,13 +125,17 @@ static int32_t run_case(tf_reader *r, uint8_t *out, uint32_t cap, uint32_t *out_
             }
             st = tf_depthwise_conv2d_s8(&in, x, &win, &outd, w, b, &q, dst, scratch8);
         }
-    } else if (op == OP_AVGPOOL) {
+    } else if (op == OP_AVGPOOL || op == OP_MAXPOOL) {
+        const int32_t in_off = rd_i32(r), out_off = rd_i32(r);
         const int32_t amin = rd_i32(r), amax = rd_i32(r);
         const int8_t *x = rd_arr(r, NULL);
         if (!r->ok || *out_bytes > cap) {
             return -1;
         }
-        st = tf_avg_pool_s8(&in, x, &win, &outd, amin, amax, (int8_t *)out);
+        st = op == OP_MAXPOOL
+                 ? tf_max_pool_s8(&in, x, &win, &outd, amin, amax, (int8_t *)out)
+                 : tf_avg_pool_s8(&in, x, &win, &outd, in_off, out_off, amin, amax,
+                                  (int8_t *)out);
     } else if (op == OP_CONV1X1 || op == OP_CONV1X1_ADD || op == OP_FC) {
         in.h = rd_i32(r);
         in.w = rd_i32(r);
@@ -176,12 +180,13 @@ static int32_t run_case(tf_reader *r, uint8_t *out, uint32_t cap, uint32_t *out_
         in.h = rd_i32(r);
         in.w = rd_i32(r);
         in.c = rd_i32(r);
+        const int32_t in_off = rd_i32(r), out_off = rd_i32(r);
         const int8_t *x = rd_arr(r, NULL);
         *out_bytes = (uint32_t)in.c;
         if (!r->ok || *out_bytes > cap) {
             return -1;
         }
-        st = tf_global_avg_pool_s8(&in, x, (int8_t *)out);
+        st = tf_global_avg_pool_s8(&in, x, in_off, out_off, (int8_t *)out);
     } else if (op == OP_PATCH_LOAD || op == OP_PATCH_STORE) {
         in.h = rd_i32(r);
         in.w = rd_i32(r);

@@ -109,7 +109,7 @@ def test_add_within_one_lsb_of_float(n: int, seed: int) -> None:
     m1, sh1 = ref.quantize_multiplier(s1 / twice)
     m2, sh2 = ref.quantize_multiplier(s2 / twice)
     mo, sho = ref.quantize_multiplier(twice / ((1 << ref.ADD_LEFT_SHIFT) * so))
-    q = ref.AddQuant(-z1, m1, sh1, -z2, m2, sh2, zo, mo, sho)
+    q = ref.AddParams(ref.ADD_LEFT_SHIFT, -z1, m1, sh1, -z2, m2, sh2, zo, mo, sho)
     got = ref.add_s8(a, b, q)
     want = np.clip(np.round((s1 * (a - float(z1)) + s2 * (b - float(z2))) / so) + zo,
                    -128, 127)
@@ -123,31 +123,35 @@ def test_fused_projection_add_equals_conv_then_add() -> None:
     w = rng.integers(-127, 128, size=(6, 1, 1, 8)).astype(np.int8)
     b = rng.integers(-500, 500, size=6).astype(np.int32)
     q = _conv_quant(0.05, 3, rng.uniform(0.005, 0.01, 6), 0.2, -4)
-    add = ref.AddQuant(4, 2**30, 0, -2, 2**30 + 12345, -1, 1, 2**30, -19)
+    add = ref.AddParams(20, 4, 2**30, 0, -2, 2**30 + 12345, -1, 1, 2**30, -19)
     fused = ref.conv2d_1x1_add_s8(x, w, b, q, res, add)
     assert np.array_equal(fused, ref.add_s8(ref.conv2d_s8(x, w, b, q), res, add))
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.integers(1, 3),
-       st.integers(1, 3), st.integers(0, 1), st.integers(0, 2**31 - 1))
-def test_avg_pool_is_rounded_mean(h: int, w: int, c: int, k: int, stride: int, pad: int,
-                                  seed: int) -> None:
+       st.integers(1, 3), st.integers(0, 1), st.integers(-128, 127), st.integers(0, 2**31 - 1))
+def test_pools_match_torch_within_rounding(h: int, w: int, c: int, k: int, stride: int,
+                                           pad: int, zp: int, seed: int) -> None:
+    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, size=(h + k, w + k, c)).astype(np.int8)
-    pad = min(pad, k - 1)  # a window entirely in the padding has no mean
-    got = ref.avg_pool_s8(x, (k, k), (stride, stride), (pad, pad, pad, pad))
-    xp = np.pad(x.astype(np.float64), ((pad, pad), (pad, pad), (0, 0)), constant_values=np.nan)
-    for i in range(got.shape[0]):
-        for j in range(got.shape[1]):
-            win = xp[i * stride:i * stride + k, j * stride:j * stride + k]
-            mean = np.nanmean(win, axis=(0, 1))
-            assert np.all(np.abs(got[i, j] - mean) <= 0.5 + 1e-9)
+    pad = min(pad, k // 2)  # torch: padding at most half the kernel
+    real = torch.from_numpy((x.astype(np.float64) - zp).transpose(2, 0, 1)[None])
+    avg = torch.nn.functional.avg_pool2d(real, k, stride, pad)[0].numpy().transpose(1, 2, 0)
+    got = ref.avg_pool_s8(x, (k, k), (stride, stride), (pad,) * 4, -zp, zp)
+    want = np.clip(avg + zp, -128, 127)
+    assert np.all(np.abs(got - want) <= 0.5 + 1e-9)
+    mx = torch.nn.functional.max_pool2d(real, k, stride, pad)[0].numpy().transpose(1, 2, 0)
+    got_max = ref.max_pool_s8(x, (k, k), (stride, stride), (pad,) * 4)
+    assert np.array_equal(got_max, mx + zp)
 
 
 def test_global_avg_pool_rounds_half_away_from_zero() -> None:
     x = np.array([[[1, -1]], [[2, -2]]], dtype=np.int8)  # mean 1.5 and -1.5
     assert ref.global_avg_pool_s8(x).reshape(-1).tolist() == [2, -2]
+    # Around a zero point of 3: mean(q - 3) = -1.5 -> -2, so 1; and -4.5 -> -5, so -2.
+    assert ref.global_avg_pool_s8(x, -3, 3).reshape(-1).tolist() == [1, -2]
 
 
 def test_fully_connected_equals_pointwise_conv_on_one_pixel() -> None:

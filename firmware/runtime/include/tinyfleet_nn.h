@@ -130,16 +130,25 @@ size_t tf_add_get_buffer_size(void);
 tf_status tf_add_s8(int32_t n, const int8_t *input1, const int8_t *input2,
                     const tf_add_quant *q, int8_t *output);
 
-/* Average pool over the in-bounds part of each window (padding not counted); the sum is
- * divided rounding half away from zero. Same scale in and out. */
+/* Average pool, same scale in and out, torch's count_include_pad: out = clamp(output_offset
+ * + div(sum over the window of (q + input_offset), kh * kw)); padded elements add 0 and
+ * count in the divisor; div rounds half away from zero. */
 size_t tf_avg_pool_get_buffer_size(void);
 tf_status tf_avg_pool_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
+                         const tf_dims *out, int32_t input_offset, int32_t output_offset,
+                         int32_t act_min, int32_t act_max, int8_t *output);
+
+/* Max pool over the in-bounds part of each window (padding never wins). */
+size_t tf_max_pool_get_buffer_size(void);
+tf_status tf_max_pool_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
                          const tf_dims *out, int32_t act_min, int32_t act_max,
                          int8_t *output);
 
-/* Global average pool (H, W, C) -> (C); output may equal input. */
+/* Global average pool (H, W, C) -> (C): output_offset + div(sum (q + input_offset), H*W),
+ * rounding half away from zero; output may equal input. */
 size_t tf_global_avg_pool_get_buffer_size(void);
-tf_status tf_global_avg_pool_s8(const tf_dims *in, const int8_t *input, int8_t *output);
+tf_status tf_global_avg_pool_s8(const tf_dims *in, const int8_t *input, int32_t input_offset,
+                                int32_t output_offset, int8_t *output);
 
 /* Copy the region of src starting at (row0, col0) with dst's height and width into dst;
  * elements outside src (the image border) are set to pad_value (the zero point). */
