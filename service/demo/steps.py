@@ -39,7 +39,7 @@ def start_stack_step(ctx: DemoContext) -> None:
     """Start Redis, Mosquitto, gunicorn and a Celery worker on free ports under var/demo."""
     # Own servers only, whatever TINYFLEET_* says: the demo must not write into a real registry.
     plan = plan_stack(ctx.var_dir, redis_port=free_port(), mqtt_port=free_port(),
-                      http_port=free_port(), environ={})
+                      http_port=free_port(), environ={}, inherit_settings=False)
     ctx.stack = start_stack(plan, say=lambda line: ctx.say(f"    {line}"))
     ctx.say("\n".join("  " + line for line in describe(ctx.stack).splitlines()))
     ctx.say(f"    /healthz is green at {plan.http_url}/healthz")

@@ -47,6 +47,7 @@ class StackPlan:
     worker_concurrency: int = 1
     web_workers: int = 2
     host: str = LOOPBACK
+    inherit_settings: bool = True  # pass other TINYFLEET_* variables on to the service
 
     @property
     def broker_dir(self) -> Path:
@@ -80,7 +81,8 @@ class StackPlan:
 
     def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """The environment of the service and worker processes: `base` plus the stack's URLs."""
-        env = dict(base)
+        env = {k: v for k, v in base.items()
+               if self.inherit_settings or not k.startswith("TINYFLEET_")}
         env.update(
             TINYFLEET_VAR_DIR=str(self.var_dir),
             TINYFLEET_DATABASE_URL=self.database_url,
@@ -115,6 +117,7 @@ def plan_stack(
     http_port: int = DEFAULT_HTTP_PORT,
     environ: Mapping[str, str] | None = None,
     worker_concurrency: int = 1,
+    inherit_settings: bool = True,
 ) -> StackPlan:
     """Resolve the stack from options and `TINYFLEET_*` settings (which win over own servers)."""
     env = os.environ if environ is None else environ
@@ -136,6 +139,7 @@ def plan_stack(
         own_mqtt=mqtt_host is None,
         database_url=database_url,
         worker_concurrency=worker_concurrency,
+        inherit_settings=inherit_settings,
     )
 
 

@@ -26,6 +26,10 @@ def test_defaults_start_our_own_servers_off_the_system_ports(tmp_path: Path) -> 
     env = plan.child_env({"TINYFLEET_MOSQUITTO_PID_FILE": "stale"})
     assert env["TINYFLEET_MOSQUITTO_PID_FILE"] == str(plan.broker_dir / "mosquitto.pid")
     assert env["TINYFLEET_MQTT_PORT"] == str(DEFAULT_MQTT_PORT)
+    user = {"TINYFLEET_SYNC_BROKER_FILES": "0", "PATH": "/bin"}
+    assert plan.child_env(user)["TINYFLEET_SYNC_BROKER_FILES"] == "0"
+    isolated = plan_stack(tmp_path, environ={}, inherit_settings=False).child_env(user)
+    assert "TINYFLEET_SYNC_BROKER_FILES" not in isolated and isolated["PATH"] == "/bin"
 
 
 def test_tinyfleet_settings_replace_our_servers(tmp_path: Path) -> None:
