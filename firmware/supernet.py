@@ -14,6 +14,7 @@ shared statistics mix every subnet that ran through the layer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -108,6 +109,10 @@ class DynamicBlock(nn.Module):
         self.project = DynamicPointwise(hidden_max, out_max)
         self.project_bn = DynamicBatchNorm(out_max, eps=BN_EPS)
         self.stride = stride
+        if stride == 1 and in_max == out_max:
+            # BigNAS: a residual block starts as the identity, so that a shallower subnet
+            # (which skips it) computes what the deeper one does at first.
+            nn.init.zeros_(self.project_bn.weight)
 
     def forward(self, x: torch.Tensor, block: BlockConfig) -> torch.Tensor:
         in_c = x.shape[1]
@@ -339,6 +344,9 @@ def export_onnx(module: SubnetModule, path: str | Path, batch_size: int = 1) -> 
     dummy = torch.zeros(batch_size, config.in_channels, *config.input_size)
     target = Path(path)
     module.eval()
-    torch.onnx.export(module, (dummy,), str(target), input_names=["input"],
-                      output_names=["logits"], opset_version=17, dynamo=False)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (dummy,), str(target), input_names=["input"],
+                          output_names=["logits"], opset_version=17, dynamo=False)
     return target
