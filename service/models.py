@@ -99,9 +99,15 @@ class Device(Base):
 
     __table_args__ = (
         Index("ix_devices_fleet_state", "fleet_id", "state"),
+        Index("ix_devices_fleet_mcu", "fleet_id", "mcu"),
         Index("ix_devices_mcu", "mcu"),
         Index("ix_devices_state", "state"),
     )
+
+    @property
+    def fleet_name(self) -> str:
+        """The name of the device's fleet."""
+        return self.fleet.name
 
     @property
     def tags(self) -> list[str]:
@@ -121,7 +127,10 @@ class DeviceTag(Base):
 
     device_id: Mapped[str] = mapped_column(
         ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True)
-    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+    # (tag, device_id) covers "devices with tag X": the filter never touches the table.
+    __table_args__ = (Index("ix_device_tags_tag_device", "tag", "device_id"),)
 
 
 class ApiToken(Base):

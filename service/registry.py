@@ -8,6 +8,7 @@ import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -268,9 +269,37 @@ def after_change(session: Session, ctx: RegistryContext) -> None:
         sync_broker_files(session, ctx.broker_dir, ctx.pid_file)
 
 
-def list_devices(session: Session, query: DeviceQuery) -> tuple[list[Device], str | None]:
+@dataclass(frozen=True)
+class DeviceRow:
+    """A device as listed: plain values read with one query (ORM objects cost ~5x more)."""
+
+    id: str
+    name: str
+    fleet_name: str
+    mcu: str
+    cpu: str
+    sram_bytes: int
+    flash_bytes: int
+    slot_bytes: int
+    ota_layout: str
+    state: DeviceState
+    created_at: datetime
+    tags: list[str]
+
+    @property
+    def mqtt_username(self) -> str:
+        """The MQTT username: the device id."""
+        return self.id
+
+
+_ROW_COLUMNS = (Device.id, Device.name, Fleet.name, Device.mcu, Device.cpu, Device.sram_bytes,
+                Device.flash_bytes, Device.slot_bytes, Device.ota_layout, Device.state,
+                Device.created_at)
+
+
+def list_devices(session: Session, query: DeviceQuery) -> tuple[list[DeviceRow], str | None]:
     """One page of devices matching the filters, by id, and the cursor of the next page."""
-    stmt = select(Device)
+    stmt = select(*_ROW_COLUMNS).join(Fleet, Fleet.id == Device.fleet_id)
     if query.fleet is not None:
         fleet_id = session.scalar(select(Fleet.id).where(Fleet.name == query.fleet))
         if fleet_id is None:
@@ -294,9 +323,17 @@ def list_devices(session: Session, query: DeviceQuery) -> tuple[list[Device], st
                            [FieldError("cursor", f"{query.cursor!r} is not a cursor from "
                                                  "a previous page")])
         stmt = stmt.where(Device.id > query.cursor)
-    page = list(session.scalars(stmt.order_by(Device.id).limit(query.limit + 1)).unique())
-    next_cursor = page[query.limit - 1].id if len(page) > query.limit else None
-    return page[:query.limit], next_cursor
+    page = session.execute(stmt.order_by(Device.id).limit(query.limit + 1)).all()
+    next_cursor = page[query.limit - 1][0] if len(page) > query.limit else None
+    page = page[:query.limit]
+    tags: dict[str, list[str]] = {}
+    if page:
+        ids = [row[0] for row in page]
+        for device_id, tag in session.execute(
+                select(DeviceTag.device_id, DeviceTag.tag)
+                .where(DeviceTag.device_id.in_(ids)).order_by(DeviceTag.tag)):
+            tags.setdefault(device_id, []).append(tag)
+    return [DeviceRow(*row, tags=tags.get(row[0], [])) for row in page], next_cursor
 
 
 def find_device(session: Session, key: str) -> Device:

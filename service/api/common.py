@@ -12,7 +12,7 @@ from flask import current_app, request
 from firmware.targets import OtaLayout, TargetSpec
 from service.models import ApiToken, Device, Fleet
 from service.problems import ApiError, FieldError
-from service.registry import RegistryContext
+from service.registry import DeviceRow, RegistryContext
 from service.validation import parse
 
 API_PREFIX = "/api/v1"
@@ -65,10 +65,10 @@ def iso(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def device_json(device: Device) -> dict[str, Any]:
+def device_json(device: Device | DeviceRow) -> dict[str, Any]:
     """A device as the API shows it (schema DeviceOut)."""
     return {
-        "id": device.id, "name": device.name, "fleet": device.fleet.name, "mcu": device.mcu,
+        "id": device.id, "name": device.name, "fleet": device.fleet_name, "mcu": device.mcu,
         "cpu": device.cpu, "sram_bytes": device.sram_bytes, "flash_bytes": device.flash_bytes,
         "slot_bytes": device.slot_bytes, "ota_layout": device.ota_layout, "tags": device.tags,
         "state": device.state.value, "mqtt_username": device.mqtt_username,

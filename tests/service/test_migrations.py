@@ -27,7 +27,7 @@ def test_migrated_schema_matches_the_models(db_url: str) -> None:
         engine.dispose()
     assert diff == []
     assert {"fleets", "devices", "device_tags", "api_tokens", "alembic_version"} <= tables
-    assert db.current_revision(db_url) == "0001"
+    assert db.current_revision(db_url) == db.head_revision()
 
 
 def test_downgrade_and_upgrade_again(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_downgrade_and_upgrade_again(tmp_path: Path) -> None:
     command.downgrade(db.alembic_config(url), "base")
     assert db.current_revision(url) is None
     db.upgrade(url)
-    assert db.current_revision(url) == "0001"
+    assert db.current_revision(url) == db.head_revision()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -50,4 +50,4 @@ def test_concurrent_upgrades_take_turns(backend: str, tmp_path: Path,
     with ThreadPoolExecutor(4) as pool:
         for future in [pool.submit(db.upgrade, url) for _ in range(4)]:
             future.result()
-    assert db.current_revision(url) == "0001"
+    assert db.current_revision(url) == db.head_revision()
