@@ -1,5 +1,8 @@
 """The int8 reference: numpy kernels that are the executable specification of the C runtime.
 
+`run_quantized(qgraph, x)` runs a QuantizedGraph (firmware.quantize) on an int8 NCHW batch;
+`run_image` returns every tensor of one image. Layers run in HWC, as the C runtime does.
+
 Every kernel works on ONE image in HWC layout (as the C runtime stores it) and uses integer
 arithmetic only (int64 intermediates, never float). The C kernels in `firmware/runtime` are
 tested bit-exact against these functions.
@@ -32,10 +35,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from firmware.errors import InvalidModelError
+from firmware.errors import InvalidModelError, UnsupportedOpError
+from firmware.ir import Graph, Layer, OpKind
 from firmware.quantize import (
     ADD_LEFT_SHIFT,
     AddParams,
+    QuantizedGraph,
+    QuantLayer,
     quantize_multiplier,
     requantize,
     rounding_divide_by_pot,
@@ -53,8 +59,8 @@ INT32_MAX = 2**31 - 1
 __all__ = [
     "ADD_LEFT_SHIFT", "AddParams", "ConvQuant", "add_s8", "avg_pool_s8", "conv2d_1x1_add_s8",
     "conv2d_s8", "depthwise_conv2d_s8", "fully_connected_s8", "global_avg_pool_s8", "max_pool_s8",
-    "quantize_multiplier", "requantize", "rounding_divide_by_pot",
-    "saturating_rounding_doubling_high_mul",
+    "quantize_multiplier", "requantize", "rounding_divide_by_pot", "run_image",
+    "run_layer", "run_quantized", "saturating_rounding_doubling_high_mul",
 ]
 
 
@@ -189,3 +195,124 @@ def global_avg_pool_s8(x: I8, input_offset: int = 0, output_offset: int = 0) -> 
     total = np.asarray(x, dtype=np.int64).sum(axis=(0, 1)) + input_offset * x.shape[0] * x.shape[1]
     out = _div_round_away(total, x.shape[0] * x.shape[1]) + output_offset
     return np.clip(out, -128, 127).astype(np.int8).reshape(1, 1, -1)
+
+
+# --- the graph executor -------------------------------------------------------------------
+
+
+def conv_weights_ohwi(ql: QuantLayer) -> I8:
+    """A dense conv's int8 weights in the runtime's OHWI layout (the IR holds OIHW)."""
+    if ql.weight_q is None:
+        raise InvalidModelError(f"layer {ql.name}: no quantized weights")
+    return np.ascontiguousarray(np.asarray(ql.weight_q, dtype=np.int8).transpose(0, 2, 3, 1))
+
+
+def depthwise_weights_hwc(ql: QuantLayer) -> I8:
+    """A depthwise conv's int8 weights in the runtime's HWC layout (the IR holds (C,1,kh,kw))."""
+    if ql.weight_q is None:
+        raise InvalidModelError(f"layer {ql.name}: no quantized weights")
+    return np.ascontiguousarray(np.asarray(ql.weight_q, dtype=np.int8)[:, 0].transpose(1, 2, 0))
+
+
+def fc_weights_hwc(graph: Graph, ql: QuantLayer) -> I8:
+    """Fully connected weights (out, in) with `in` in HWC order of the flattened tensor.
+
+    torch flattens (C, H, W) in CHW order while the runtime keeps activations HWC and a flatten
+    moves no bytes, so where the flattened tensor is spatial the weights are permuted instead.
+    """
+    if ql.weight_q is None:
+        raise InvalidModelError(f"layer {ql.name}: no quantized weights")
+    w = np.asarray(ql.weight_q, dtype=np.int8)
+    source = graph.tensor(ql.layer.inputs[0])
+    producer = graph.producer(source.name)
+    while producer is not None and producer.op is OpKind.RESHAPE:
+        source = graph.tensor(producer.inputs[0])
+        producer = graph.producer(source.name)
+    c, h, wd = source.shape
+    if h * wd == 1:
+        return np.ascontiguousarray(w)
+    return np.ascontiguousarray(w.reshape(w.shape[0], c, h, wd).transpose(0, 2, 3, 1)
+                                .reshape(w.shape[0], -1))
+
+
+def conv_quant(ql: QuantLayer) -> ConvQuant:
+    """The ConvQuant of a conv / fully connected QuantLayer."""
+    if ql.multiplier is None or ql.shift is None:
+        raise InvalidModelError(f"layer {ql.name}: no requantization parameters")
+    return ConvQuant(input_offset=ql.input_offset, output_offset=ql.output_offset,
+                     multiplier=np.asarray(ql.multiplier, dtype=np.int32),
+                     shift=np.asarray(ql.shift, dtype=np.int32), act_min=ql.act_min,
+                     act_max=ql.act_max)
+
+
+def is_depthwise(graph: Graph, layer: Layer) -> bool:
+    """A conv with one group per channel and as many outputs as inputs."""
+    cin = graph.tensor(layer.inputs[0]).channels
+    return (layer.op is OpKind.CONV and layer.groups > 1
+            and layer.groups == cin == graph.tensor(layer.output).channels)
+
+
+def _bias(ql: QuantLayer) -> I32:
+    if ql.bias_q is None:
+        raise InvalidModelError(f"layer {ql.name}: no quantized bias")
+    return np.asarray(ql.bias_q, dtype=np.int32)
+
+
+def run_layer(qgraph: QuantizedGraph, ql: QuantLayer, inputs: list[I8]) -> I8:
+    """One int8 layer on HWC inputs (integer arithmetic only); HWC output."""
+    graph, layer, x = qgraph.graph, ql.layer, inputs[0]
+    if layer.op is OpKind.CONV:
+        if is_depthwise(graph, layer):
+            return depthwise_conv2d_s8(x, depthwise_weights_hwc(ql), _bias(ql), conv_quant(ql),
+                                       layer.stride, layer.padding)
+        if layer.groups != 1:
+            raise UnsupportedOpError(f"layer {layer.name}: grouped conv (groups "
+                                     f"{layer.groups}) has no int8 kernel")
+        return conv2d_s8(x, conv_weights_ohwi(ql), _bias(ql), conv_quant(ql), layer.stride,
+                         layer.padding)
+    if layer.op is OpKind.FULLY_CONNECTED:
+        y = fully_connected_s8(x, fc_weights_hwc(graph, ql), _bias(ql), conv_quant(ql))
+        return y.reshape(1, 1, -1)
+    if layer.op is OpKind.ADD:
+        if ql.add is None:
+            raise InvalidModelError(f"layer {layer.name}: add without AddParams")
+        return add_s8(x, inputs[1], ql.add, ql.act_min, ql.act_max)
+    if layer.op is OpKind.AVG_POOL:
+        return avg_pool_s8(x, layer.kernel, layer.stride, layer.padding, ql.input_offset,
+                           ql.output_offset, ql.act_min, ql.act_max)
+    if layer.op is OpKind.MAX_POOL:
+        return max_pool_s8(x, layer.kernel, layer.stride, layer.padding, ql.act_min,
+                           ql.act_max)
+    if layer.op is OpKind.GLOBAL_AVG_POOL:
+        return global_avg_pool_s8(x, ql.input_offset, ql.output_offset)
+    if layer.op is OpKind.RESHAPE:
+        return x.reshape(1, 1, -1)  # no bytes move: HWC order is kept (see fc_weights_hwc)
+    raise UnsupportedOpError(f"layer {layer.name}: op {layer.op.value} has no int8 kernel")
+
+
+def run_image(qgraph: QuantizedGraph, x_hwc: I8) -> dict[str, I8]:
+    """Every tensor (HWC int8) of one image run through the quantized graph."""
+    graph = qgraph.graph
+    c, h, w = graph.tensor(graph.input).shape
+    if x_hwc.shape != (h, w, c) or x_hwc.dtype != np.int8:
+        raise InvalidModelError(f"input of {graph.name}: expected int8 HWC {(h, w, c)}, got "
+                                f"{x_hwc.dtype} {x_hwc.shape}")
+    env: dict[str, I8] = {graph.input: x_hwc}
+    for ql in qgraph.ordered_layers():
+        env[ql.layer.output] = run_layer(qgraph, ql, [env[t] for t in ql.layer.inputs])
+    return env
+
+
+def run_quantized(qgraph: QuantizedGraph, x_q: npt.ArrayLike) -> I8:
+    """The int8 outputs (N, C, H, W) of an int8 NCHW batch, as the C runtime computes them."""
+    batch = np.asarray(x_q)
+    if batch.dtype != np.int8 or batch.ndim != 4:
+        raise InvalidModelError(f"expected an int8 (N, C, H, W) batch, got {batch.dtype} "
+                                f"{batch.shape}")
+    graph = qgraph.graph
+    c, h, w = graph.tensor(graph.output).shape
+    out = np.empty((batch.shape[0], c, h, w), dtype=np.int8)
+    for i, image in enumerate(batch):
+        y = run_image(qgraph, np.ascontiguousarray(image.transpose(1, 2, 0)))[graph.output]
+        out[i] = y.reshape(h, w, c).transpose(2, 0, 1)
+    return out

@@ -163,3 +163,31 @@ def test_fully_connected_equals_pointwise_conv_on_one_pixel() -> None:
     fc = ref.fully_connected_s8(x, w, b, q)
     conv = ref.conv2d_s8(x, w.reshape(5, 1, 1, 12), b, q)
     assert np.array_equal(fc, conv.reshape(-1))
+
+
+def test_quantized_graph_tracks_the_float_graph() -> None:
+    from firmware.float_exec import run_graph
+    from tests.firmware.small_models import tiny_inputs, tiny_quantized
+
+    qgraph = tiny_quantized()
+    x_q = tiny_inputs(qgraph, 16)
+    got = ref.run_quantized(qgraph, x_q)
+    assert got.shape == (16, 10, 1, 1) and got.dtype == np.int8
+    x = qgraph.input.dequantize(x_q)
+    want = run_graph(qgraph.graph, x)
+    real = qgraph.output.dequantize(got)
+    # Quantization error grows through the layers; a few output steps is expected.
+    assert np.mean(np.abs(real - want)) < 4 * qgraph.output.scale
+    assert np.mean(real.reshape(16, -1).argmax(1) == want.reshape(16, -1).argmax(1)) >= 0.75
+
+
+def test_reference_executor_is_integer_only_and_deterministic() -> None:
+    from tests.firmware.small_models import tiny_inputs, tiny_quantized
+
+    qgraph = tiny_quantized()
+    x_q = tiny_inputs(qgraph, 2)
+    env = ref.run_image(qgraph, np.ascontiguousarray(x_q[0].transpose(1, 2, 0)))
+    assert all(v.dtype == np.int8 for v in env.values())
+    assert np.array_equal(ref.run_quantized(qgraph, x_q), ref.run_quantized(qgraph, x_q))
+    with pytest.raises(ref.InvalidModelError, match="int8"):
+        ref.run_quantized(qgraph, x_q.astype(np.float32))
