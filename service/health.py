@@ -65,7 +65,7 @@ def check_database() -> str:
     engine = current_app.extensions["tinyfleet.engine"]
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
-    return engine.dialect.name
+    return str(engine.dialect.name)
 
 
 def check_redis() -> str:
@@ -80,7 +80,7 @@ def check_redis() -> str:
             raise RuntimeError(f"Redis at {url} did not answer PING")
     finally:
         client.close()
-    return url
+    return str(url)
 
 
 def mqtt_connack(host: str, port: int, timeout_s: float = CHECK_TIMEOUT_S) -> int:

@@ -54,7 +54,7 @@ class MqttProbe:
         self._connected.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self.messages.put(Message(msg.topic, msg.payload))
+        self.messages.put(Message(msg.topic, bytes(msg.payload)))
 
     def _on_subscribe(self, _c: Any, _u: Any, _mid: int, _codes: Any, _p: Any) -> None:
         self._subscribed.set()

@@ -32,8 +32,9 @@ def require_program(name: str) -> None:
         pytest.skip(f"{name} is not installed (bash deploy/install-system-deps.sh)")
 
 
-def _plan(root: Path, **ports: int) -> StackPlan:
-    return plan_stack(root, environ={}, **ports)
+def _plan(root: Path, redis_port: int = 16379, mqtt_port: int = 18883) -> StackPlan:
+    return plan_stack(root, environ={}, redis_port=redis_port, mqtt_port=mqtt_port,
+                      http_port=free_port())
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from celery import shared_task
 from flask import current_app
 
 
-@shared_task(name="tinyfleet.ping", ignore_result=False)
+@shared_task(name="tinyfleet.ping", ignore_result=False)  # type: ignore[untyped-decorator]
 def ping(payload: str = "ping") -> dict[str, object]:
     """Echo `payload` with the worker's host, pid and app name: proves a task round-trips."""
     return {

@@ -7,6 +7,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from service.demo.api import ApiClient
@@ -149,7 +150,7 @@ class _Client:
         self._message = threading.Event()
         self._lock = threading.Lock()
         self.messages: list[tuple[str, bytes]] = []
-        self.connack = ReasonCode(mqtt.PacketTypes.CONNACK, "Unspecified error")
+        self.connack = ReasonCode(PacketTypes.CONNACK, "Unspecified error")
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-{username}",
                                   protocol=mqtt.MQTTv311)
         self.client.username_pw_set(username, password)
@@ -172,7 +173,7 @@ class _Client:
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            self.messages.append((msg.topic, msg.payload))
+            self.messages.append((msg.topic, bytes(msg.payload)))
             self._message.set()
 
     def subscribe(self, topic: str) -> None:
