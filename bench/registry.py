@@ -220,9 +220,20 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--database-url", default=None)
+    parser.add_argument("--postgres", action="store_true",
+                        help="start a throwaway PostgreSQL (as the tests do) and use it")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    result = run(args.devices, args.requests, args.database_url)
+    if args.postgres:
+        from tests.service.postgres import start_postgres
+
+        server = start_postgres()
+        try:
+            result = run(args.devices, args.requests, server.create_database("bench"))
+        finally:
+            server.stop()
+    else:
+        result = run(args.devices, args.requests, args.database_url)
     print(json.dumps(result, indent=2) if args.json else report(result))
 
 
