@@ -20,11 +20,12 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import db
 from service.auth import create_token
@@ -32,7 +33,7 @@ from service.broker_files import sync_broker_files
 from service.models import Role
 from service.registry import RegistryContext, register_devices
 from service.schemas import DeviceCreate
-from service.stack.config import LOOPBACK, free_port, plan_stack
+from service.stack.config import LOOPBACK, StackPlan, free_port, plan_stack
 from service.stack.mosquitto import MosquittoFiles
 from service.stack.procs import Started, spawn, stop_group, tcp_open, wait_until
 from service.stack.runner import mosquitto_spec, web_spec
@@ -83,8 +84,9 @@ def bulk_rows(n: int, prefix: str) -> list[dict[str, Any]]:
 def mqtt_connects(port: int, username: str, password: str) -> bool:
     """Whether Mosquitto accepts this login (CONNACK 0)."""
     import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{username}")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{username}")
     client.username_pw_set(username, password)
     try:
         return client.connect(LOOPBACK, port, keepalive=5) == 0 and _connack(client)
@@ -115,6 +117,67 @@ def peer_mosquitto_passwd(n: int, root: Path) -> float | None:
     return time.perf_counter() - start
 
 
+def start_servers(plan: StackPlan, env: dict[str, str],
+                  started: list[Started]) -> tuple[sessionmaker[Session], str, MosquittoFiles]:
+    """Migrate, write the broker files, start Mosquitto and gunicorn; an admin token."""
+    db.upgrade(plan.database_url)
+    maker = db.make_sessionmaker(db.make_engine(plan.database_url))
+    with maker() as session:
+        sync_broker_files(session, plan.broker_dir)
+        token = create_token(session, Role.ADMIN, "bench")[1]
+        session.commit()
+    files = MosquittoFiles.in_dir(plan.broker_dir)
+    started.append(spawn(mosquitto_spec(plan, files)))
+    wait_until(lambda: tcp_open(LOOPBACK, plan.mqtt_port) and files.pid_file.exists(),
+               "mosquitto", 30, started)
+    started.append(spawn(web_spec(plan, plan.child_env(env))))
+    wait_until(lambda: tcp_open(LOOPBACK, plan.http_port), "gunicorn", 60, started)
+    return maker, token, files
+
+
+def measure_http(port: int, token: str, devices: int, requests: int) -> dict[str, Any]:
+    """Bulk vs single registration, then filtered and unfiltered lists vs GET /mcus."""
+    out: dict[str, Any] = {}
+    for f in range(FLEETS):
+        status, body = request(port, "POST", "/api/v1/fleets", token, {"name": f"fleet-{f}"})
+        assert status == 201, body
+    start = time.perf_counter()
+    status, body = request(port, "POST", "/api/v1/devices/bulk", token,
+                           {"devices": bulk_rows(devices, "bulk")})
+    out["bulk_s"] = time.perf_counter() - start
+    assert status == 201, body[:500]
+    out["bulk_ms_per_device"] = out["bulk_s"] * 1000 / devices
+    singles = 100
+    start = time.perf_counter()
+    for row in bulk_rows(singles, "single"):
+        status, body = request(port, "POST", "/api/v1/devices", token, row)
+        assert status == 201, body
+    out["single_post_ms_per_device"] = (time.perf_counter() - start) * 1000 / singles
+    out["list_items"] = len(json.loads(request(port, "GET", LIST_QUERY, token)[1])["items"])
+    out["list"] = latencies_ms(port, LIST_QUERY, token, requests)
+    out["list_unfiltered"] = latencies_ms(port, "/api/v1/devices?limit=100", token, requests)
+    out["peer_mcus"] = latencies_ms(port, "/api/v1/mcus", token, requests)
+    return out
+
+
+def measure_broker(session: Session, plan: StackPlan, files: MosquittoFiles) -> dict[str, Any]:
+    """Regeneration + SIGHUP time, and registration -> accepted MQTT connect."""
+    regen = [sync_broker_files(session, plan.broker_dir, files.pid_file) for _ in range(5)]
+    out: dict[str, Any] = {"broker_regen_s": statistics.median(r.seconds for r in regen),
+                           "broker_password_lines": regen[0].devices + 1}
+    ctx = RegistryContext(key_dir=plan.var_dir / "keys", broker_dir=plan.broker_dir,
+                          pid_file=files.pid_file)
+    start = time.perf_counter()
+    new = register_devices(session, [DeviceCreate(name="late", fleet="fleet-0",
+                                                  mcu="stm32f412")], ctx).devices[0]
+    while not mqtt_connects(plan.mqtt_port, new.device_id, new.mqtt_password):
+        if time.perf_counter() - start > 30:
+            raise RuntimeError("the new device never got in")
+        time.sleep(0.01)
+    out["register_to_connect_s"] = time.perf_counter() - start
+    return out
+
+
 def run(devices: int, requests: int, database_url: str | None) -> dict[str, Any]:
     """The whole benchmark; returns its numbers."""
     root = Path(tempfile.mkdtemp(prefix="tinyfleet-bench-"))
@@ -125,63 +188,12 @@ def run(devices: int, requests: int, database_url: str | None) -> dict[str, Any]
     plan = plan_stack(root / "var", mqtt_port=free_port(), http_port=free_port(), environ=env)
     started: list[Started] = []
     try:
-        db.upgrade(plan.database_url)
-        maker = db.make_sessionmaker(db.make_engine(plan.database_url))
-        with maker() as session:
-            sync_broker_files(session, plan.broker_dir)
-            token = create_token(session, Role.ADMIN, "bench")[1]
-            session.commit()
-        files = MosquittoFiles.in_dir(plan.broker_dir)
-        started.append(spawn(mosquitto_spec(plan, files)))
-        wait_until(lambda: tcp_open(LOOPBACK, plan.mqtt_port) and files.pid_file.exists(),
-                   "mosquitto", 30, started)
-        started.append(spawn(web_spec(plan, plan.child_env(env))))
-        wait_until(lambda: tcp_open(LOOPBACK, plan.http_port), "gunicorn", 60, started)
-        for f in range(FLEETS):
-            status, body = request(plan.http_port, "POST", "/api/v1/fleets", token,
-                                   {"name": f"fleet-{f}"})
-            assert status == 201, body
+        maker, token, files = start_servers(plan, env, started)
         out: dict[str, Any] = {"devices": devices, "requests": requests,
                                "database": plan.database_url.split(":")[0]}
-
-        start = time.perf_counter()
-        status, body = request(plan.http_port, "POST", "/api/v1/devices/bulk", token,
-                               {"devices": bulk_rows(devices, "bulk")})
-        out["bulk_s"] = time.perf_counter() - start
-        assert status == 201, body[:500]
-        out["bulk_response_bytes"] = len(body)
-
-        singles = 100
-        start = time.perf_counter()
-        for row in bulk_rows(singles, "single"):
-            status, body = request(plan.http_port, "POST", "/api/v1/devices", token, row)
-            assert status == 201, body
-        out["single_post_ms_per_device"] = (time.perf_counter() - start) * 1000 / singles
-        out["bulk_ms_per_device"] = out["bulk_s"] * 1000 / devices
-
-        status, body = request(plan.http_port, "GET", LIST_QUERY, token)
-        out["list_items"] = len(json.loads(body)["items"])
-        out["list"] = latencies_ms(plan.http_port, LIST_QUERY, token, requests)
-        out["list_unfiltered"] = latencies_ms(plan.http_port, "/api/v1/devices?limit=100",
-                                              token, requests)
-        out["peer_mcus"] = latencies_ms(plan.http_port, "/api/v1/mcus", token, requests)
-
+        out.update(measure_http(plan.http_port, token, devices, requests))
         with maker() as session:
-            regen = [sync_broker_files(session, plan.broker_dir, files.pid_file)
-                     for _ in range(5)]
-            out["broker_regen_s"] = statistics.median(r.seconds for r in regen)
-            out["broker_password_lines"] = regen[0].devices + 1
-            # Register one more device and time until Mosquitto lets it in.
-            ctx = RegistryContext(key_dir=plan.var_dir / "keys", broker_dir=plan.broker_dir,
-                                  pid_file=files.pid_file)
-            start = time.perf_counter()
-            new = register_devices(session, [DeviceCreate(name="late", fleet="fleet-0",
-                                                          mcu="stm32f412")], ctx).devices[0]
-            while not mqtt_connects(plan.mqtt_port, new.device_id, new.mqtt_password):
-                if time.perf_counter() - start > 30:
-                    raise RuntimeError("the new device never got in")
-                time.sleep(0.01)
-            out["register_to_connect_s"] = time.perf_counter() - start
+            out.update(measure_broker(session, plan, files))
         out["peer_mosquitto_passwd_s"] = peer_mosquitto_passwd(devices, root)
         return out
     finally:
@@ -238,4 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -152,11 +152,11 @@ def parse_rows(raw_rows: list[Any], *, from_text: bool = False) -> list[DeviceCr
     return rows
 
 
-def _existing(session: Session, column: object, values: list[str]) -> set[str]:
+def _taken_names(session: Session, names: list[str]) -> set[str]:
     found: set[str] = set()
-    for i in range(0, len(values), _CHUNK):
-        chunk = values[i:i + _CHUNK]
-        found.update(session.scalars(select(column).where(column.in_(chunk))))  # type: ignore[attr-defined]
+    for i in range(0, len(names), _CHUNK):
+        chunk = names[i:i + _CHUNK]
+        found.update(session.scalars(select(Device.name).where(Device.name.in_(chunk))))
     return found
 
 
@@ -169,7 +169,7 @@ def _check_names(session: Session, rows: list[DeviceCreate], indexed: bool,
                                                 f"{first_row[row.name]}", i))
         else:
             first_row[row.name] = i
-    taken = _existing(session, Device.name, list(first_row))
+    taken = _taken_names(session, list(first_row))
     for name in sorted(taken, key=first_row.__getitem__):
         conflicts.append(FieldError("name", f"a device named {name!r} already exists",
                                     first_row[name] if indexed else None))
@@ -182,7 +182,7 @@ def _resolve_fleets(session: Session, rows: list[DeviceCreate], create: bool, ct
     fleets = {f.name: f for f in session.scalars(select(Fleet).where(Fleet.name.in_(wanted)))}
     missing = [name for name in wanted if name not in fleets]
     if missing and not create:
-        first = {}
+        first: dict[str, int] = {}
         for i, row in enumerate(rows):
             first.setdefault(row.fleet, i)
         for name in missing:

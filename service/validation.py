@@ -68,63 +68,85 @@ def _field_meta(f: dataclasses.Field[Any]) -> Meta:
     return f.metadata.get("meta") or Meta(f.name)
 
 
-def _convert(tp: Any, value: Any, m: Meta, path: str, errors: list[FieldError],
-             index: int | None, from_text: bool) -> Any:
-    """`value` as type `tp`, or MISSING after appending an error naming `path`."""
-    def bad(message: str) -> _Missing:
-        errors.append(FieldError(path, message, index))
-        return MISSING
+def _int(value: Any, m: Meta, from_text: bool) -> tuple[Any, str | None]:
+    if isinstance(value, str) and (m.size or from_text):
+        try:
+            value = parse_size(value) if m.size else int(value)
+        except ValueError:
+            what = "a size such as 262144, 256KiB or 1MiB" if m.size else "an integer"
+            return None, f"must be {what}, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None, f"must be an integer, got {type(value).__name__}"
+    if m.minimum is not None and value < m.minimum:
+        return None, f"{value} is below the minimum {m.minimum}"
+    if m.maximum is not None and value > m.maximum:
+        return None, f"{value} is above the maximum {m.maximum}"
+    return value, None
 
+
+def _str(value: Any, m: Meta) -> tuple[Any, str | None]:
+    if not isinstance(value, str):
+        return None, f"must be a string, got {type(value).__name__}"
+    if m.max_length is not None and len(value) > m.max_length:
+        return None, f"is {len(value)} characters long, the limit is {m.max_length}"
+    if m.pattern is not None and not re.fullmatch(m.pattern, value):
+        return None, f"{value!r} does not match {m.pattern}"
+    return value, None
+
+
+def _bool(value: Any, from_text: bool) -> tuple[Any, str | None]:
+    if from_text and isinstance(value, str) and value.lower() in _TEXT_BOOLS:
+        return _TEXT_BOOLS[value.lower()], None
+    return (value, None) if isinstance(value, bool) else (None, "must be true or false")
+
+
+_TEXT_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _scalar(tp: Any, value: Any, m: Meta, from_text: bool) -> tuple[Any, str | None]:
+    """(converted value, None) or (None, what is wrong) for bool, int, str and enums."""
     if tp is bool:
-        if from_text and isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-        return value if isinstance(value, bool) else bad("must be true or false")
+        return _bool(value, from_text)
     if tp is int:
-        if isinstance(value, str) and (m.size or from_text):
-            try:
-                value = parse_size(value) if m.size else int(value)
-            except ValueError:
-                what = "a size such as 262144, 256KiB or 1MiB" if m.size else "an integer"
-                return bad(f"must be {what}, got {value!r}")
-        if isinstance(value, bool) or not isinstance(value, int):
-            return bad(f"must be an integer, got {type(value).__name__}")
-        if m.minimum is not None and value < m.minimum:
-            return bad(f"{value} is below the minimum {m.minimum}")
-        if m.maximum is not None and value > m.maximum:
-            return bad(f"{value} is above the maximum {m.maximum}")
-        return value
+        return _int(value, m, from_text)
     if tp is str:
-        if not isinstance(value, str):
-            return bad(f"must be a string, got {type(value).__name__}")
-        if m.max_length is not None and len(value) > m.max_length:
-            return bad(f"is {len(value)} characters long, the limit is {m.max_length}")
-        if m.pattern is not None and not re.fullmatch(m.pattern, value):
-            return bad(f"{value!r} does not match {m.pattern}")
-        return value
+        return _str(value, m)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         allowed = [e.value for e in tp]
         if value not in allowed:
-            return bad(f"{value!r} is not one of {', '.join(map(str, allowed))}")
-        return tp(value)
+            return None, f"{value!r} is not one of {', '.join(map(str, allowed))}"
+        return tp(value), None
+    raise TypeError(f"unsupported schema type {tp!r}")
+
+
+def _convert(tp: Any, value: Any, m: Meta, path: str, errors: list[FieldError],
+             index: int | None, from_text: bool) -> Any:
+    """`value` as type `tp`, or MISSING after appending an error naming `path`."""
+    problem: str | None
     if typing.get_origin(tp) is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            return bad(f"must be a list, got {type(value).__name__}")
-        if m.max_items is not None and len(value) > m.max_items:
-            return bad(f"has {len(value)} items, the limit is {m.max_items}")
-        before = len(errors)
-        item_meta = dataclasses.replace(m, max_items=None)
-        items = [_convert(item_tp, v, item_meta, f"{path}[{i}]", errors, index, from_text)
-                 for i, v in enumerate(value)]
-        return MISSING if len(errors) > before else items
-    if dataclasses.is_dataclass(tp):
+            problem = f"must be a list, got {type(value).__name__}"
+        elif m.max_items is not None and len(value) > m.max_items:
+            problem = f"has {len(value)} items, the limit is {m.max_items}"
+        else:
+            before = len(errors)
+            item_meta = dataclasses.replace(m, max_items=None)
+            items = [_convert(item_tp, v, item_meta, f"{path}[{i}]", errors, index, from_text)
+                     for i, v in enumerate(value)]
+            return MISSING if len(errors) > before else items
+    elif dataclasses.is_dataclass(tp):
         return parse_into(tp, value, errors, index=index, prefix=path + ".")  # type: ignore[arg-type]
-    if tp is dict or typing.get_origin(tp) is dict:
-        return value if isinstance(value, dict) else bad("must be an object")
-    raise TypeError(f"unsupported schema type {tp!r} at {path}")
+    elif tp is dict or typing.get_origin(tp) is dict:
+        if isinstance(value, dict):
+            return value
+        problem = "must be an object"
+    else:
+        converted, problem = _scalar(tp, value, m, from_text)
+        if problem is None:
+            return converted
+    errors.append(FieldError(path, problem or "is invalid", index))
+    return MISSING
 
 
 def parse_into(cls: type[T], data: Any, errors: list[FieldError], *, index: int | None = None,
@@ -135,7 +157,7 @@ def parse_into(cls: type[T], data: Any, errors: list[FieldError], *, index: int 
                                  f"must be a JSON object, got {type(data).__name__}", index))
         return MISSING
     before = len(errors)
-    hints = field_types(cls)
+    hints = field_types(cls)  # type: ignore[arg-type]  # dataclasses are hashable
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
         if key not in fields:

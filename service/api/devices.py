@@ -103,7 +103,7 @@ def list_view() -> Response:
     if next_cursor is not None:
         args = request.args.to_dict(flat=False)
         args["cursor"] = [next_cursor]
-        link = url_for("devices.list_view", _external=False, **args)
+        link = url_for("devices.list_view", _external=False, **args)  # type: ignore[arg-type]
         response.headers["Link"] = f'<{link}>; rel="next"'
     return response
 

@@ -122,7 +122,7 @@ def start_postgres() -> PostgresServer:
             return server
         except psycopg.OperationalError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                log = (root / "postgres.log").read_text(errors="replace")[-2000:]
+                tail = (root / "postgres.log").read_text(errors="replace")[-2000:]
                 server.stop()
-                raise RuntimeError(f"postgres did not start on port {port}:\n{log}") from None
+                raise RuntimeError(f"postgres did not start on port {port}:\n{tail}") from None
             time.sleep(0.1)
