@@ -16,10 +16,11 @@ The model I/O protocol (little-endian, shared with firmware.codegen's main.c):
   input.bin:  "TFIN", u32 n, u32 input_bytes, then n images of input_bytes (HWC int8).
   output.bin: "TFOU", u32 n, u32 output_bytes, then n outputs, then the trailer
               "TFST", u32 status, u64 ticks, u32 arena_high_water, u32 scratch_high_water,
-              u32 stack_high_water, u32 arena_bytes, u32 scratch_bytes.
-Measured peak RAM = static .data + .bss (from the ELF) + arena and scratch high-water marks
-(the reset handler paints them; the first byte from the top that differs bounds what a run
-touched) + the deepest stack use (painted likewise).
+              u32 stack_high_water, u32 arena_bytes, u32 scratch_bytes, u32 static_bytes.
+  Exit code 0, or 20 + tf_status when a kernel failed (the trailer is written either way).
+Measured peak RAM = .data + .bss (static_bytes, from the linker's symbols) + the arena and
+scratch high-water marks (the reset handler paints them; the highest byte that differs from
+the paint bounds what a run touched) + the deepest stack use (painted likewise).
 
 Instructions: with `-icount shift=0` each guest instruction advances virtual time by 1 ns,
 and SysTick counts the board's core clock, so instructions = ticks * 1e9 / clock (40 per
@@ -50,8 +51,9 @@ DEFAULT_TIMEOUT_S = 60.0
 INPUT_MAGIC = b"TFIN"
 OUTPUT_MAGIC = b"TFOU"
 TRAILER_MAGIC = b"TFST"
-TRAILER = struct.Struct("<4sIQIIIII")
+TRAILER = struct.Struct("<4sIQIIIIII")
 EXIT_HARD_FAULT = 127
+EXIT_KERNEL_BASE = 20
 
 # The SysTick clock of each board (QEMU hw/arm/mps2.c, mps2-tz.c): the divisor from ticks to
 # instructions under -icount shift=0.
@@ -80,7 +82,8 @@ class EmulationResult:
     outputs: npt.NDArray[np.int8]  # (N, output bytes per image)
     exit_code: int
     peak_ram_bytes: int  # static + arena high water + scratch high water + stack
-    static_ram_bytes: int  # .data + .bss
+    static_ram_bytes: int  # .data + .bss + the arena and scratch (all static RAM)
+    static_other_bytes: int  # .data + .bss, the arena and scratch not included
     arena_used_bytes: int
     arena_bytes: int
     scratch_used_bytes: int
@@ -162,12 +165,12 @@ def decode_outputs(data: bytes, n: int) -> tuple[npt.NDArray[np.int8], tuple[int
 
 
 def run_firmware(elf: Path, target: TargetSpec, inputs: npt.NDArray[np.int8],
-                 static_ram_bytes: int = 0,
+                 static_ram_bytes: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> EmulationResult:
     """Run a generated model on a batch of int8 HWC inputs in QEMU; checked exit code 0.
 
-    `static_ram_bytes` is .data + .bss of the image (BuildResult.sections), added to the
-    measured high-water marks to give the peak RAM.
+    The firmware reports its own static RAM; `static_ram_bytes` (BuildResult.ram_bytes) is
+    accepted for callers that pass it and only checked against that report.
     """
     if inputs.ndim != 4 or inputs.dtype != np.int8:
         raise EmulationError(f"inputs must be int8 (N, H, W, C), got {inputs.dtype} "
@@ -176,18 +179,26 @@ def run_firmware(elf: Path, target: TargetSpec, inputs: npt.NDArray[np.int8],
                    timeout_s)
     if run.exit_code != 0:
         why = " (hard fault)" if run.exit_code == EXIT_HARD_FAULT else ""
+        if run.exit_code > EXIT_KERNEL_BASE and run.exit_code < EXIT_HARD_FAULT - 1:
+            why = f" (a kernel returned tf_status {run.exit_code - EXIT_KERNEL_BASE})"
         raise EmulationError(f"{Path(elf).name} on {target.name} exited with code "
                              f"{run.exit_code}{why}, expected 0; console: {run.console[-500:]}")
     if "output.bin" not in run.files:
         raise EmulationError(f"{Path(elf).name} exited 0 but wrote no output.bin")
     outputs, trailer = decode_outputs(run.files["output.bin"], inputs.shape[0])
-    status, ticks, arena_hw, scratch_hw, stack_hw, arena_bytes, scratch_bytes = trailer
+    (status, ticks, arena_hw, scratch_hw, stack_hw, arena_bytes, scratch_bytes,
+     static_other) = trailer
     if status != 0:
         raise EmulationError(f"model returned kernel status {status} (tf_status)")
+    total_static = static_other + arena_bytes + scratch_bytes
+    if static_ram_bytes is not None and static_ram_bytes < total_static:
+        raise EmulationError(f"firmware reports {total_static} bytes of static RAM, the "
+                             f"build {static_ram_bytes}: is this the ELF that was built?")
     return EmulationResult(
         outputs=outputs, exit_code=run.exit_code,
-        peak_ram_bytes=static_ram_bytes + arena_hw + scratch_hw + stack_hw,
-        static_ram_bytes=static_ram_bytes, arena_used_bytes=arena_hw, arena_bytes=arena_bytes,
+        peak_ram_bytes=static_other + arena_hw + scratch_hw + stack_hw,
+        static_ram_bytes=total_static, static_other_bytes=static_other,
+        arena_used_bytes=arena_hw, arena_bytes=arena_bytes,
         scratch_used_bytes=scratch_hw, scratch_bytes=scratch_bytes, stack_bytes=stack_hw,
         instructions=ticks_to_instructions(ticks, target), wall_s=run.wall_s,
     )

@@ -34,7 +34,8 @@ typedef enum {
     TF_ERR_NULL = 1,   /* a required pointer is NULL */
     TF_ERR_ARG = 2,    /* a scalar argument is out of its range */
     TF_ERR_SHAPE = 3,  /* shapes disagree (e.g. output dims not what the window gives) */
-    TF_ERR_ALIAS = 4   /* the in-place request cannot be honoured for these shapes */
+    TF_ERR_ALIAS = 4,  /* the in-place request cannot be honoured for these shapes */
+    TF_ERR_IO = 5      /* reading an input failed (generated models) */
 } tf_status;
 
 /* One activation tensor of one image, HWC. */

@@ -1,0 +1,171 @@
+"""model.c / model.h of a QuantizedGraph: Flash parameters, one static arena, the layer calls.
+
+Layer-based execution places every tensor at the planner's offset (`plan_arena`, both memory
+models). Under `inplace` a depthwise conv whose output shares its input's offset runs in
+place, and a 1x1 projection that shares its residual's offset runs as the fused
+`tf_conv2d_1x1_add_s8` (the add layer then emits nothing). Patch-based execution is in
+`firmware.codegen.patched`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from firmware.codegen.cformat import c_comment, c_struct
+from firmware.codegen.emitters import (
+    Call,
+    Kind,
+    Operand,
+    add_fields,
+    emit_call,
+    kind_of,
+    scratch_bytes,
+)
+from firmware.errors import UnsupportedOpError
+from firmware.ir import Graph, Layer
+from firmware.memory import MemoryModel, plan_arena
+from firmware.quantize import QuantizedGraph
+
+INPUT_IDENT = "model_in"
+
+
+@dataclass(frozen=True)
+class Body:
+    """The generated parts of model.c between the parameters and the run function."""
+
+    decls: tuple[str, ...]  # static pointers, dims, windows, tile tables
+    statements: tuple[str, ...]  # inside tf_model_run, after the input is read
+    read_input: tuple[str, ...]  # statements reading the input (layer-based: all of it)
+    arena_bytes: int
+    scratch_bytes: int
+    buffers: Mapping[str, tuple[int, int]]  # named buffer -> (arena offset, bytes)
+    param_free: frozenset[str] = frozenset()  # layers whose parameters nothing reads
+
+
+def used_decls(decls: list[tuple[str, str]], statements: list[str]) -> tuple[str, ...]:
+    """The declarations (identifier, text) whose identifier the statements mention."""
+    text = "\n".join(statements)
+    words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+    return tuple(decl for ident, decl in decls if ident in words)
+
+
+def layer_prefix(index: int) -> str:
+    """Identifier prefix of the index-th layer: l3."""
+    return f"l{index}"
+
+
+def tensor_idents(qgraph: QuantizedGraph) -> dict[str, str]:
+    """C identifier of every activation tensor: model_in, l3_dw_out, ..."""
+    graph = qgraph.graph
+    names = {graph.input: INPUT_IDENT}
+    for i, layer in enumerate(graph.layers):
+        names[layer.output] = f"{layer_prefix(i)}_{kind_of(graph, layer).value}_out"
+    return names
+
+
+def hwc(graph: Graph, tensor: str) -> tuple[int, int, int]:
+    """(h, w, c) of a tensor."""
+    t = graph.tensor(tensor)
+    return (t.height, t.width, t.channels)
+
+
+def window_fields(layer: Layer, pads: tuple[int, int, int, int] | None = None) -> list[int]:
+    """tf_window initialiser: kernel, stride, padding (top, left, bottom, right)."""
+    top, left, bottom, right = layer.padding if pads is None else pads
+    return [layer.kernel[0], layer.kernel[1], layer.stride[0], layer.stride[1], top, left,
+            bottom, right]
+
+
+def fused_projections(qgraph: QuantizedGraph, offsets: Mapping[str, int]) -> dict[str, str]:
+    """{projection layer: its add layer} for residual adds planned in place (shared offsets)."""
+    graph = qgraph.graph
+    fused: dict[str, str] = {}
+    for layer in graph.layers:
+        if kind_of(graph, layer) is not Kind.ADD or len(set(layer.inputs)) != 2:
+            continue
+        a, b = layer.inputs
+        if not offsets[a] == offsets[b] == offsets[layer.output]:
+            continue
+        for proj in (a, b):
+            producer = graph.producer(proj)
+            if (producer is None or graph.consumers(proj) != (layer,)
+                    or kind_of(graph, producer) not in (Kind.POINTWISE, Kind.CONV)):
+                continue
+            if kind_of(graph, producer) is not Kind.POINTWISE:
+                raise UnsupportedOpError(
+                    f"layer {producer.name}: the inplace memory model accumulates it into the "
+                    f"residual of {layer.name}, which needs a 1x1 stride-1 conv; use the "
+                    f"separate memory model")
+            fused[producer.name] = layer.name
+            break
+        else:
+            raise UnsupportedOpError(f"layer {layer.name}: residual add planned in place but "
+                                     "no projection can accumulate into it")
+    return fused
+
+
+def layer_based(qgraph: QuantizedGraph, memory_model: MemoryModel) -> Body:
+    """Every layer over the whole tensor, tensors at the planner's arena offsets."""
+    graph = qgraph.graph
+    plan = plan_arena(graph, memory_model)
+    idents = tensor_idents(qgraph)
+    fused = fused_projections(qgraph, plan.offsets)
+    fused_adds = set(fused.values())
+    decls: list[tuple[str, str]] = []
+    for tensor, ident in idents.items():
+        h, w, c = hwc(graph, tensor)
+        decls.append((ident, f"static int8_t *const {ident} = tf_arena + "
+                      f"{plan.offsets[tensor]};  /* {c_comment(tensor)}: {h}x{w}x{c} */\n"))
+        decls.append((f"{ident}_dims", c_struct("tf_dims", f"{ident}_dims", [h, w, c])))
+    statements: list[str] = []
+    scratch = 0
+    for i, ql in enumerate(qgraph.ordered_layers()):
+        layer, prefix = ql.layer, layer_prefix(i)
+        kind = kind_of(graph, layer)
+        statements.append(f"/* {prefix}: {c_comment(layer.name)} ({kind.value}) */")
+        if layer.name in fused_adds:
+            statements.append("/* fused into its projection (inplace residual) */")
+            continue
+        window = ""
+        if kind in (Kind.CONV, Kind.DEPTHWISE, Kind.AVG_POOL, Kind.MAX_POOL):
+            decls.append((f"{prefix}_win",
+                          c_struct("tf_window", f"{prefix}_win", window_fields(layer))))
+            window = f"&{prefix}_win"
+        operands = tuple(_operand(graph, idents, t) for t in layer.inputs)
+        output = _operand(graph, idents, layer.output)
+        fused_add = ""
+        if layer.name in fused:
+            add = graph.layer(fused[layer.name])
+            skip = next(t for t in add.inputs if t != layer.output)
+            swap = add.inputs[0] != layer.output
+            add_ql = qgraph.layer(add.name)
+            assert add_ql.add is not None
+            add_prefix = layer_prefix(graph.index(add.name))
+            decls.append((f"{prefix}_fused_add",
+                          c_struct("tf_add_quant", f"{prefix}_fused_add",
+                                   add_fields(add_ql.add, add_ql.act_min, add_ql.act_max,
+                                              swap))))
+            fused_add = f"{prefix}_fused_add"
+            output = _operand(graph, idents, skip)
+            statements.append(f"/* accumulates into {idents[skip]}, = {add_prefix}'s output */")
+        call = Call(prefix=prefix, ql=ql, kind=kind, inputs=operands, output=output,
+                    window=window, out_channels=graph.tensor(layer.output).channels,
+                    fused_add=fused_add)
+        statements.extend(emit_call(call))
+        scratch = max(scratch, scratch_bytes(graph, layer, kind))
+    sizes = {t: graph.tensor(t).numel for t in idents}
+    read = f"TF_READ(read_input, ctx, 0, {INPUT_IDENT}, {sizes[graph.input]});"
+    out_ident = idents[graph.output]
+    return Body(decls=used_decls(decls, [*statements, read, out_ident]),
+                statements=tuple(statements),
+                read_input=(read,),
+                arena_bytes=plan.size_bytes, scratch_bytes=scratch,
+                buffers={idents[t]: (plan.offsets[t], sizes[t]) for t in idents},
+                param_free=frozenset(fused_adds))
+
+
+def _operand(graph: Graph, idents: Mapping[str, str], tensor: str) -> Operand:
+    ident = idents[tensor]
+    return Operand(ptr=ident, dims=f"&{ident}_dims", numel=str(graph.tensor(tensor).numel))
