@@ -6,6 +6,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # Every setting the service reads, with its default. Paths are relative to the working
 # directory, which is the repository root for `tinyfleet up` and `make demo`.
@@ -15,6 +16,7 @@ DEFAULTS: dict[str, Any] = {
     "BROKER_DIR": None,  # None: VAR_DIR/broker
     "MOSQUITTO_PID_FILE": None,  # None: BROKER_DIR/mosquitto.pid; SIGHUP after a change
     "REDIS_URL": None,
+    "MQTT_URL": None,  # mqtt://host:port; sets MQTT_HOST/MQTT_PORT unless they are given
     "MQTT_HOST": "127.0.0.1",
     "MQTT_PORT": 18883,  # the port `tinyfleet up` gives its Mosquitto
     "AUTO_MIGRATE": True,  # run Alembic migrations when the app starts
@@ -46,7 +48,16 @@ def load_config(overrides: Mapping[str, Any] | None = None,
     for key in DEFAULTS:
         if ENV_PREFIX + key in env:
             config[key] = _from_env(key, env[ENV_PREFIX + key])
+    explicit = {k for k in DEFAULTS if ENV_PREFIX + k in env} | set(overrides or {})
     config.update(overrides or {})
+    if config["MQTT_URL"]:
+        url = urlsplit(str(config["MQTT_URL"]))
+        if url.scheme not in ("mqtt", "tcp") or not url.hostname:
+            raise ValueError(f"MQTT_URL {config['MQTT_URL']!r} is not mqtt://host[:port]")
+        if "MQTT_HOST" not in explicit:
+            config["MQTT_HOST"] = url.hostname
+        if "MQTT_PORT" not in explicit:
+            config["MQTT_PORT"] = url.port or 1883
     var_dir = Path(config["VAR_DIR"])
     config["VAR_DIR"] = str(var_dir)
     if not config["DATABASE_URL"]:

@@ -47,3 +47,19 @@ def test_json_schema_carries_the_limits() -> None:
     assert "stm32f746" in schema["properties"]["mcu"]["anyOf"][0]["enum"]
     assert sram["anyOf"][0]["oneOf"][0] == {"type": "integer", "minimum": MIN_SRAM_BYTES,
                                             "maximum": MAX_SRAM_BYTES}
+
+
+def test_config_layers_defaults_environment_and_overrides() -> None:
+    from service.config import load_config
+
+    env = {"TINYFLEET_VAR_DIR": "/srv/tf", "TINYFLEET_MQTT_URL": "mqtt://broker.lan:1884",
+           "TINYFLEET_SYNC_BROKER_FILES": "false"}
+    cfg = load_config(environ=env)
+    assert cfg["DATABASE_URL"] == "sqlite:////srv/tf/tinyfleet.db"
+    assert cfg["BROKER_DIR"] == "/srv/tf/broker"
+    assert (cfg["MQTT_HOST"], cfg["MQTT_PORT"]) == ("broker.lan", 1884)
+    assert cfg["SYNC_BROKER_FILES"] is False
+    cfg = load_config({"MQTT_PORT": 9000, "VAR_DIR": "/x"}, environ=env)
+    assert (cfg["MQTT_HOST"], cfg["MQTT_PORT"], cfg["VAR_DIR"]) == ("broker.lan", 9000, "/x")
+    with pytest.raises(ValueError, match="TINYFLEET_MQTT_PORT"):
+        load_config(environ={"TINYFLEET_MQTT_PORT": "many"})
