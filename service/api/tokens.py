@@ -8,8 +8,7 @@ from flask import Blueprint
 
 from service.api.common import API_PREFIX, parse_body, token_json
 from service.api.openapi import doc
-from service.auth import create_token, list_tokens, revoke_token
-from service.auth import require as require_role
+from service.auth import create_token, list_tokens, require, revoke_token
 from service.db import request_session
 from service.models import Role
 from service.schemas import TokenCreate, TokenCreated, TokenList, TokenOut
@@ -19,7 +18,7 @@ bp = Blueprint("tokens", __name__, url_prefix=f"{API_PREFIX}/tokens")
 
 @bp.get("")
 @doc("List API tokens (without secrets)", response=TokenList, tag="tokens")
-@require_role(Role.ADMIN)
+@require(Role.ADMIN)
 def list_view() -> dict[str, Any]:
     """Every token."""
     return {"items": [token_json(t) for t in list_tokens(request_session())]}
@@ -28,7 +27,7 @@ def list_view() -> dict[str, Any]:
 @bp.post("")
 @doc("Create an API token; the secret is returned once", body=TokenCreate,
      response=TokenCreated, status=201, tag="tokens")
-@require_role(Role.ADMIN)
+@require(Role.ADMIN)
 def create_view() -> tuple[dict[str, Any], int]:
     """Create a token."""
     spec = parse_body(TokenCreate)
@@ -40,7 +39,7 @@ def create_view() -> tuple[dict[str, Any], int]:
 
 @bp.delete("/<int:token_id>")
 @doc("Revoke an API token", response=TokenOut, tag="tokens")
-@require_role(Role.ADMIN)
+@require(Role.ADMIN)
 def revoke_view(token_id: int) -> dict[str, Any]:
     """Revoke a token (idempotent)."""
     session = request_session()
