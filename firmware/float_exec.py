@@ -2,7 +2,7 @@
 
 Batched NCHW (the IR's per-image (C, H, W) with a batch axis in front). Semantics follow
 torch/ONNX: convs cross-correlate with the layer's zero padding; average pooling divides by
-the number of elements inside the image (padding excluded, as TFLite does); a reshape flattens
+kh * kw, padding included (torch's AvgPool2d default, as the importer requires); a reshape flattens
 in (C, H, W) order; a fully connected layer returns (N, out, 1, 1).
 """
 
@@ -69,11 +69,8 @@ def conv2d(x: FloatArray, weight: FloatArray, bias: FloatArray | None, layer: La
 
 
 def avg_pool(x: FloatArray, layer: Layer) -> FloatArray:
-    """Average over each window, dividing by the count of elements inside the image."""
-    ones = np.ones((1, 1, *x.shape[2:]), dtype=np.float32)
-    total = _windows(x, layer).sum(axis=(4, 5))
-    count = _windows(ones, layer).sum(axis=(4, 5))
-    out: FloatArray = (total / count).astype(np.float32)
+    """Average over each window; zero padding counts in the divisor (torch's default)."""
+    out: FloatArray = _windows(x, layer).mean(axis=(4, 5)).astype(np.float32)
     return out
 
 

@@ -98,7 +98,9 @@ def _layer(b: _Builder, ql: QuantLayer) -> str:
                      group=layer.groups)
     elif op is OpKind.FULLY_CONNECTED:
         w, bias = _weights(b, ql)
-        out = b.node("Gemm", [ins[0], w, bias], raw, name, transB=1)
+        # Gemm takes rank 2; the IR lets a fully connected layer read (C, 1, 1) directly.
+        flat = b.node("Flatten", [ins[0]], f"{name}.flat", f"{name}/flatten", axis=1)
+        out = b.node("Gemm", [flat, w, bias], raw, name, transB=1)
     elif op is OpKind.ADD:
         out = b.node("Add", ins, raw, name)
     elif op is OpKind.GLOBAL_AVG_POOL:
@@ -109,7 +111,7 @@ def _layer(b: _Builder, ql: QuantLayer) -> str:
                                     "strides": list(layer.stride),
                                     "pads": [top, left, bottom, right]}
         if op is OpKind.AVG_POOL:
-            attrs["count_include_pad"] = 0
+            attrs["count_include_pad"] = 1  # the IR's convention (torch's default)
         out = b.node("AveragePool" if op is OpKind.AVG_POOL else "MaxPool", ins, raw, name,
                      **attrs)
     elif op is OpKind.RESHAPE:

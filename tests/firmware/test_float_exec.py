@@ -37,7 +37,9 @@ def test_conv_matches_torch(groups: int, stride: int, pad: tuple[int, int, int, 
     assert np.allclose(conv2d(x, w, b, layer), want, atol=1e-4)
 
 
-def test_avg_pool_excludes_padding() -> None:
-    x = np.ones((1, 1, 3, 3), np.float32)
-    layer = Layer("p", OpKind.AVG_POOL, ("x",), "y", kernel=(3, 3), padding=(1, 1, 1, 1))
-    assert np.allclose(avg_pool(x, layer), 1.0)
+def test_avg_pool_counts_padding_like_torch() -> None:
+    x = np.random.default_rng(0).normal(size=(2, 3, 5, 5)).astype(np.float32)
+    layer = Layer("p", OpKind.AVG_POOL, ("x",), "y", kernel=(3, 3), stride=(2, 2),
+                  padding=(1, 1, 1, 1))
+    want = torch.nn.functional.avg_pool2d(torch.from_numpy(x), 3, 2, 1).numpy()
+    assert np.allclose(avg_pool(x, layer), want, atol=1e-6)

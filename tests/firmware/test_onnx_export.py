@@ -8,7 +8,6 @@ import numpy as np
 import onnx
 import pytest
 
-from firmware.fake_quant import run_fake_quant
 from firmware.ir import Activation, Graph, Layer, OpKind, Tensor
 from firmware.onnx_export import (
     INPUT_NAME,
@@ -18,14 +17,15 @@ from firmware.onnx_export import (
     run_onnxruntime,
 )
 from firmware.quantize import QuantizedGraph, quantize_graph
+from firmware.reference import run_quantized
 from tests.firmware.digits_model import digits
 
 pytestmark = pytest.mark.unit
 
 
 def int8_reference(qgraph: QuantizedGraph, x_q: np.ndarray) -> np.ndarray:
-    """The int8 model's outputs (N, -1) computed by this repository."""
-    return run_fake_quant(qgraph, x_q).reshape(len(x_q), -1)
+    """The integer reference's outputs (N, -1): the golden spec of the C kernels."""
+    return run_quantized(qgraph, x_q).reshape(len(x_q), -1)
 
 
 @pytest.mark.parametrize("optimize", [True, False], ids=["ort-fused", "ort-plain"])
@@ -39,7 +39,7 @@ def test_digits_agree_with_onnxruntime(optimize: bool) -> None:
     agreement = compare_outputs(theirs, ours)
     assert agreement.samples == 500
     assert agreement.passes(min_agreement=0.99, max_mean_lsb=1.0), agreement
-    assert agreement.mean_abs_lsb < 0.2 and agreement.max_abs_lsb <= 3
+    assert agreement.mean_abs_lsb < 0.5 and agreement.max_abs_lsb <= 4
 
 
 def _pool_graph() -> Graph:

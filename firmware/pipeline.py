@@ -1,0 +1,394 @@
+"""The compiler pipeline: float graph -> int8 -> schedule -> C -> ELF -> QEMU -> signed image.
+
+`compile_model(graph, target, key, work_dir, ...)` runs the stages in order, each a call into
+the module that owns it:
+
+    quantize   firmware.quantize.quantize_graph (calibration data or generated inputs)
+    plan       firmware.patch.best_schedule under the target's model SRAM (layer- or patch-based)
+    codegen    firmware.codegen: model.c / model.h / main.c for the plan's schedule
+    build      firmware.build.build_firmware (arm-none-eabi-gcc, linker script of the device)
+    emulate    firmware.emulator.run_firmware (QEMU, semihosting, measured RAM, instructions)
+    check      outputs bit-exact against firmware.reference on every test input
+    onnx       onnxruntime agreement of the QDQ export (firmware.onnx_export)
+    sign       firmware.image: manifest + ELF payload + Ed25519 signature
+
+Nothing is signed unless the QEMU outputs equal the reference's exactly. Predicted figures
+come from the planner before any code exists; measured ones from the linker and QEMU. The
+report is a JSON-ready dict (see `CompileResult.report`).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from firmware.build import BuildResult, build_firmware
+from firmware.emulator import EmulationResult, run_firmware
+from firmware.errors import DoesNotFitError, EmulationError
+from firmware.float_exec import run_graph
+from firmware.image import (
+    FirmwareImage,
+    ImageSchedule,
+    ImageTarget,
+    MemoryFigures,
+    PayloadFormat,
+    TensorQuant,
+    TestVector,
+    key_id,
+    make_manifest,
+    sign_image,
+)
+from firmware.ir import Graph
+from firmware.memory import MemoryModel, MemoryReport, analyze
+from firmware.patch import PatchPlan, best_schedule
+from firmware.quantize import QuantizedGraph, quantize_graph
+from firmware.targets import OtaLayout, TargetSpec, UnknownMcuError, custom_target, get_target
+
+FloatArray = npt.NDArray[np.float32]
+Int8Array = npt.NDArray[np.int8]
+
+
+class Stage(enum.Enum):
+    """The pipeline's stages, in order (progress callbacks receive them)."""
+
+    QUANTIZE = "quantize"
+    PLAN = "plan"
+    CODEGEN = "codegen"
+    BUILD = "build"
+    EMULATE = "emulate"
+    CHECK = "check"
+    ONNX = "onnx"
+    SIGN = "sign"
+
+
+Progress = Callable[[Stage, str], None]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Float samples (N, C, H, W) and, optionally, their integer labels (N,)."""
+
+    x: FloatArray
+    y: npt.NDArray[np.int64] | None = None
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """Knobs of one compilation. `patches` None lets the planner choose (1 = layer-based)."""
+
+    patches: int | None = None
+    split_after: str | None = None
+    memory_model: MemoryModel = MemoryModel.INPLACE
+    layout: OtaLayout = OtaLayout.AB
+    dsp: bool = True
+    test_vectors: int = 4
+    generated_calibration: int = 16
+    model_id: str | None = None
+    model_version: str = "1"
+    onnx_check: bool = True
+    onnx_samples: int = 64  # inputs onnxruntime and the reference both run
+    emulator_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True, eq=False)
+class CompileResult:
+    """A signed image and everything measured on the way to it."""
+
+    image: bytes
+    report: Mapping[str, Any]
+    qgraph: QuantizedGraph
+    plan: PatchPlan
+    build: BuildResult
+    emulation: EmulationResult
+    test_inputs: Int8Array  # (N, H, W, C) int8, what QEMU ran
+    expected: Int8Array  # (N, outputs) int8, the reference's outputs
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _quiet(stage: Stage, message: str) -> None:
+    """Progress sink that drops everything."""
+
+
+def reference_outputs(qgraph: QuantizedGraph, x_q: Int8Array) -> Int8Array:
+    """The int8 reference's outputs (N, -1) for an int8 NCHW batch (integer arithmetic only)."""
+    from firmware.reference import run_quantized
+
+    return np.asarray(run_quantized(qgraph, x_q), dtype=np.int8).reshape(len(x_q), -1)
+
+
+def plan_schedule(graph: Graph, target: TargetSpec, options: CompileOptions) -> PatchPlan:
+    """The schedule for the target's model SRAM; DoesNotFitError names both budgets' numbers."""
+    budget = target.model_sram_bytes()
+    plan = best_schedule(graph, sram_budget_bytes=budget, memory_model=options.memory_model,
+                         patches=options.patches, split_after=options.split_after)
+    weights = analyze(graph, options.memory_model).weights_bytes
+    slot = target.slot_bytes(options.layout)
+    if weights > slot:
+        raise DoesNotFitError(
+            f"{graph.name}: weights need {weights / 1024:.1f} kB of Flash, one "
+            f"{options.layout.value} OTA slot of {target.name} holds {slot / 1024:.1f} kB"
+        )
+    return plan
+
+
+def _test_batch(graph: Graph, qgraph: QuantizedGraph, calib: Dataset | None,
+                test: Dataset | None, count: int) -> Int8Array:
+    """int8 NCHW test inputs: the first `count` test (else calibration) samples, or generated."""
+    source = test if test is not None else calib
+    if source is not None:
+        x = source.x[:count]
+    else:
+        shape = graph.tensor(graph.input).shape
+        x = np.random.default_rng(1).standard_normal((count, *shape)).astype(np.float32)
+    return qgraph.input.quantize(x)
+
+
+def _accuracy(graph: Graph, qgraph: QuantizedGraph, data: Dataset,
+              source: str) -> dict[str, Any] | None:
+    """Top-1 of the float graph and of the int8 reference on labelled samples."""
+    if data.y is None:
+        return None
+    float_pred = run_graph(graph, data.x).reshape(len(data.x), -1).argmax(1)
+    int8_pred = reference_outputs(qgraph, qgraph.input.quantize(data.x)).argmax(1)
+    float_top1 = float(np.mean(float_pred == data.y))
+    int8_top1 = float(np.mean(int8_pred == data.y))
+    return {"samples": len(data.x), "source": source, "float_top1": float_top1,
+            "int8_top1": int8_top1, "top1_drop": float_top1 - int8_top1,
+            "argmax_agreement": float(np.mean(float_pred == int8_pred))}
+
+
+def _onnx_check(qgraph: QuantizedGraph, x_q: Int8Array,
+                expected: Int8Array) -> dict[str, Any]:
+    """onnxruntime on the QDQ export vs the reference: agreement and LSB differences."""
+    from firmware.onnx_export import compare_outputs, export_onnx, run_onnxruntime
+
+    agreement = compare_outputs(run_onnxruntime(export_onnx(qgraph), x_q), expected)
+    return {"samples": agreement.samples, "argmax_agreement": agreement.argmax_agreement,
+            "mean_abs_lsb": agreement.mean_abs_lsb, "max_abs_lsb": agreement.max_abs_lsb,
+            "exact_fraction": agreement.exact_fraction, "passes": agreement.passes()}
+
+
+def _schedule_dict(plan: PatchPlan) -> dict[str, Any]:
+    s = plan.schedule
+    return {"patches": s.patches, "split_after": s.split_after,
+            "input_patch": list(s.input_patch) if s.patches > 1 else None,
+            "memory_model": plan.memory_model.value, "peak_layer": plan.peak_layer,
+            "mac_overhead": plan.mac_overhead}
+
+
+def _generate(qgraph: QuantizedGraph, plan: PatchPlan, options: CompileOptions,
+              out_dir: Path) -> Path:
+    """Write model.c / model.h / main.c for the plan's schedule into `out_dir`; return it."""
+    from firmware.codegen import write_model
+
+    write_model(qgraph, plan, out_dir, memory_model=options.memory_model)
+    return out_dir
+
+
+def _measured(build: BuildResult, emulation: EmulationResult) -> dict[str, Any]:
+    """Measured SRAM and Flash with the named buffers that make them up."""
+    return {
+        "sram_bytes": emulation.peak_ram_bytes,
+        "flash_bytes": build.flash_bytes,
+        "sram_breakdown": {
+            "arena_used_bytes": emulation.arena_used_bytes,
+            "arena_bytes": emulation.arena_bytes,
+            "scratch_used_bytes": emulation.scratch_used_bytes,
+            "stack_bytes": emulation.stack_bytes,
+            "static_other_bytes": emulation.static_other_bytes,
+        },
+        "sections": dict(build.sections),
+        "slot_bytes": build.slot_bytes,
+    }
+
+
+def _predicted(plan: PatchPlan, memory: MemoryReport) -> dict[str, int]:
+    """The planner's figures: activation peak (SRAM) and parameters (Flash, code excluded)."""
+    return {"sram_bytes": plan.peak_bytes, "flash_bytes": memory.weights_bytes,
+            "layer_based_sram_bytes": plan.layer_peak_bytes}
+
+
+def _check_bit_exact(got: Int8Array, expected: Int8Array) -> None:
+    """EmulationError naming the first differing input and output unless equal."""
+    if got.shape != expected.shape:
+        raise EmulationError(f"QEMU returned outputs of shape {got.shape}, the reference "
+                             f"{expected.shape}")
+    bad = np.argwhere(got != expected)
+    if len(bad):
+        n, j = (int(v) for v in bad[0])
+        inputs = len(np.unique(bad[:, 0]))
+        raise EmulationError(
+            f"QEMU outputs differ from the int8 reference on {inputs} of {len(got)} inputs "
+            f"({len(bad)} values); first: input {n}, output {j}: {int(got[n, j])} vs "
+            f"{int(expected[n, j])}"
+        )
+
+
+def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work_dir: Path,
+                  calib: Dataset | None = None, test: Dataset | None = None,
+                  options: CompileOptions | None = None,
+                  progress: Progress | None = None) -> CompileResult:
+    """Quantize, plan, generate, build, emulate, check bit-exactness and sign (module doc)."""
+    opts = options or CompileOptions()
+    say = progress or _quiet
+    warnings: list[str] = []
+
+    say(Stage.QUANTIZE, "post-training int8 quantization")
+    qgraph = quantize_graph(graph, None if calib is None else calib.x,
+                            generated_count=opts.generated_calibration)
+    warnings.extend(qgraph.notes)
+
+    say(Stage.PLAN, f"schedule under {target.model_sram_bytes() // 1024} kB model SRAM")
+    plan = plan_schedule(graph, target, opts)
+    memory = analyze(graph, opts.memory_model)
+
+    say(Stage.CODEGEN, f"C for {plan.schedule.patches}x{plan.schedule.patches} patches"
+        if plan.schedule.patches > 1 else "C for layer-based inference")
+    model_dir = _generate(qgraph, plan, opts, work_dir / "model")
+
+    say(Stage.BUILD, f"arm-none-eabi-gcc for {target.name} ({target.cpu.value})")
+    build = build_firmware(model_dir, target, opts.layout, out_dir=work_dir / "build",
+                           dsp=opts.dsp)
+
+    x_q = _test_batch(graph, qgraph, calib, test, opts.test_vectors)
+    say(Stage.EMULATE, f"QEMU {target.qemu_board} on {len(x_q)} inputs")
+    inputs_hwc = np.ascontiguousarray(x_q.transpose(0, 2, 3, 1))
+    emulation = run_firmware(build.elf_path, target, inputs_hwc,
+                             static_ram_bytes=build.ram_bytes,
+                             timeout_s=opts.emulator_timeout_s)
+
+    say(Stage.CHECK, "outputs against the int8 reference")
+    expected = reference_outputs(qgraph, x_q)
+    _check_bit_exact(emulation.outputs, expected)
+
+    onnx_report = None
+    if opts.onnx_check:
+        check_q = _test_batch(graph, qgraph, calib, test, opts.onnx_samples)
+        say(Stage.ONNX, f"onnxruntime on the QDQ export, {len(check_q)} inputs")
+        onnx_report = _onnx_check(qgraph, check_q, reference_outputs(qgraph, check_q))
+
+    accuracy = None
+    if test is not None:
+        accuracy = _accuracy(graph, qgraph, test, "test")
+    elif calib is not None:
+        accuracy = _accuracy(graph, qgraph, calib, "calibration")
+
+    say(Stage.SIGN, f"Ed25519 key {key_id(key.public_key())}")
+    payload = build.elf_path.read_bytes()
+    manifest = make_manifest(
+        model_id=opts.model_id or graph.name, model_version=opts.model_version,
+        target=ImageTarget(target.name, target.cpu.value, target.sram_bytes,
+                           target.flash_bytes, target.slot_bytes(opts.layout)),
+        schedule=ImageSchedule(plan.schedule.patches, plan.schedule.split_after,
+                               plan.schedule.input_patch if plan.schedule.patches > 1 else None,
+                               opts.memory_model.value),
+        predicted=MemoryFigures(plan.peak_bytes, memory.weights_bytes),
+        measured=MemoryFigures(emulation.peak_ram_bytes, build.flash_bytes),
+        input=TensorQuant(qgraph.input.scale, qgraph.input.zero_point,
+                          graph.tensor(graph.input).shape),
+        output=TensorQuant(qgraph.output.scale, qgraph.output.zero_point,
+                           graph.tensor(graph.output).shape),
+        test_vectors=tuple(TestVector(inputs_hwc[i].tobytes(),
+                                      tuple(int(v) for v in expected[i]))
+                           for i in range(len(x_q))),
+        payload=payload, payload_format=PayloadFormat.ELF,
+    )
+    image = sign_image(manifest, payload, key)
+    report: dict[str, Any] = {
+        "model": {"id": manifest.model_id, "version": opts.model_version, "graph": graph.name,
+                  "input_shape": list(graph.tensor(graph.input).shape)},
+        "target": {"name": target.name, "cpu": target.cpu.value,
+                   "sram_bytes": target.sram_bytes, "flash_bytes": target.flash_bytes,
+                   "model_sram_bytes": target.model_sram_bytes(),
+                   "slot_bytes": target.slot_bytes(opts.layout), "ota_layout": opts.layout.value},
+        "calibration": {"source": qgraph.calibration,
+                        "samples": opts.generated_calibration if calib is None else len(calib.x)},
+        "schedule": _schedule_dict(plan),
+        "predicted": _predicted(plan, memory),
+        "measured": _measured(build, emulation),
+        "bit_exact": True,
+        "test_vectors": len(x_q),
+        "macs": plan.macs,
+        "instructions": emulation.instructions_per_image,
+        "instructions_per_mac": emulation.instructions_per_image / max(plan.macs, 1),
+        "dsp": build.dsp,
+        "quantization": {"input": {"scale": qgraph.input.scale,
+                                   "zero_point": qgraph.input.zero_point},
+                         "output": {"scale": qgraph.output.scale,
+                                    "zero_point": qgraph.output.zero_point}},
+        "onnxruntime": onnx_report,
+        "accuracy": accuracy,
+        "image": {"bytes": len(image), "sha256": hashlib.sha256(image).hexdigest(),
+                  "payload_bytes": len(payload), "key_id": key_id(key.public_key())},
+        "warnings": list(warnings),
+    }
+    return CompileResult(image=image, report=MappingProxyType(report), qgraph=qgraph, plan=plan,
+                         build=build, emulation=emulation, test_inputs=inputs_hwc,
+                         expected=expected, warnings=tuple(warnings))
+
+
+@dataclass(frozen=True, eq=False)
+class RerunResult:
+    """An image's firmware re-run in QEMU on its own test vectors (and optional inputs)."""
+
+    vectors: int
+    mismatched_vectors: int  # test vectors whose outputs differ from the manifest's
+    outputs: Int8Array  # outputs for the vectors, then for the extra inputs
+    emulation: EmulationResult
+
+    @property
+    def matches(self) -> bool:
+        """True when every test vector reproduced its expected output exactly."""
+        return self.mismatched_vectors == 0
+
+
+def image_target(image: FirmwareImage) -> TargetSpec:
+    """The TargetSpec an image was built for: the catalog entry, or one from its sizes."""
+    t = image.manifest.target
+    try:
+        spec = get_target(t.name)
+    except UnknownMcuError:
+        return custom_target(t.sram_bytes, t.flash_bytes, t.cpu, name=t.name)
+    if (spec.cpu.value, spec.sram_bytes, spec.flash_bytes) != (t.cpu, t.sram_bytes,
+                                                               t.flash_bytes):
+        return custom_target(t.sram_bytes, t.flash_bytes, t.cpu, name=t.name)
+    return spec
+
+
+def rerun_image(image: FirmwareImage, elf_path: Path, inputs: Int8Array | None = None,
+                timeout_s: float = 120.0) -> RerunResult:
+    """Run the image's ELF (already written to `elf_path`) on its vectors plus `inputs`.
+
+    `inputs` are int8 (N, H, W, C); the vectors' outputs are compared with the manifest.
+    """
+    m = image.manifest
+    c, h, w = m.input.shape
+    vectors = [np.frombuffer(v.input_q, dtype=np.int8).reshape(h, w, c) for v in m.test_vectors]
+    batch = np.stack(vectors) if vectors else np.zeros((0, h, w, c), np.int8)
+    if inputs is not None:
+        extra = np.asarray(inputs)
+        if extra.dtype != np.int8 or extra.shape[1:] != (h, w, c):
+            raise EmulationError(f"inputs must be int8 (N, {h}, {w}, {c}) as the manifest says, "
+                                 f"got {extra.dtype} {extra.shape}")
+        batch = np.concatenate([batch, extra])
+    if len(batch) == 0:
+        raise EmulationError("the image has no test vectors and no inputs were given")
+    target = image_target(image)
+    emulation = run_firmware(elf_path, target, np.ascontiguousarray(batch),
+                             timeout_s=timeout_s)
+    n = len(vectors)
+    expected = np.array([v.expected for v in m.test_vectors], dtype=np.int64).reshape(n, -1)
+    got = emulation.outputs[:n].astype(np.int64)
+    mismatched = (int(np.sum(np.any(got != expected, axis=1))) if got.shape == expected.shape
+                  else n)
+    return RerunResult(vectors=n, mismatched_vectors=mismatched, outputs=emulation.outputs,
+                       emulation=emulation)
