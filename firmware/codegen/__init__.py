@@ -148,6 +148,8 @@ def _source(qgraph: QuantizedGraph, body: Body, patches: int,
         "            return TF_ERR_IO;                                                 \\\n"
         "        }                                                                     \\\n"
         "    } while (0)\n\n",
+        "static inline int32_t tf_numel(const tf_dims *d)\n{\n"
+        "    return d->h * d->w * d->c;\n}\n\n",
         "/* One static arena (offsets from firmware.memory.plan_arena) and the kernels' scratch;\n"
         " * both painted at reset, not zeroed, so that a run's high-water mark can be\n"
         " * measured. */\n",

@@ -78,9 +78,9 @@ def window_fields(layer: Layer, pads: tuple[int, int, int, int] | None = None) -
             bottom, right]
 
 
-def fused_projections(qgraph: QuantizedGraph, offsets: Mapping[str, int]) -> dict[str, str]:
+def fused_projections(qgraph: QuantizedGraph, graph: Graph,
+                      offsets: Mapping[str, int]) -> dict[str, str]:
     """{projection layer: its add layer} for residual adds planned in place (shared offsets)."""
-    graph = qgraph.graph
     fused: dict[str, str] = {}
     for layer in graph.layers:
         if kind_of(graph, layer) is not Kind.ADD or len(set(layer.inputs)) != 2:
@@ -106,23 +106,35 @@ def fused_projections(qgraph: QuantizedGraph, offsets: Mapping[str, int]) -> dic
     return fused
 
 
-def layer_based(qgraph: QuantizedGraph, memory_model: MemoryModel) -> Body:
-    """Every layer over the whole tensor, tensors at the planner's arena offsets."""
-    graph = qgraph.graph
-    plan = plan_arena(graph, memory_model)
-    idents = tensor_idents(qgraph)
-    fused = fused_projections(qgraph, plan.offsets)
+@dataclass(frozen=True)
+class Emitted:
+    """Declarations and statements of a run of layers over whole tensors."""
+
+    decls: list[tuple[str, str]]
+    statements: list[str]
+    scratch_bytes: int
+    fused_adds: frozenset[str]
+
+
+def emit_layers(qgraph: QuantizedGraph, graph: Graph, offsets: Mapping[str, int],
+                idents: Mapping[str, str]) -> Emitted:
+    """Whole-tensor calls of `graph`'s layers (all of qgraph's, or the part after a patch
+    stage), every tensor at its arena offset."""
+    full = qgraph.graph
+    fused = fused_projections(qgraph, graph, offsets)
     fused_adds = set(fused.values())
     decls: list[tuple[str, str]] = []
-    for tensor, ident in idents.items():
+    for tensor in graph.tensors:
+        ident = idents[tensor]
         h, w, c = hwc(graph, tensor)
         decls.append((ident, f"static int8_t *const {ident} = tf_arena + "
-                      f"{plan.offsets[tensor]};  /* {c_comment(tensor)}: {h}x{w}x{c} */\n"))
+                      f"{offsets[tensor]};  /* {c_comment(tensor)}: {h}x{w}x{c} */\n"))
         decls.append((f"{ident}_dims", c_struct("tf_dims", f"{ident}_dims", [h, w, c])))
     statements: list[str] = []
     scratch = 0
-    for i, ql in enumerate(qgraph.ordered_layers()):
-        layer, prefix = ql.layer, layer_prefix(i)
+    for layer in graph.layers:
+        ql = qgraph.layer(layer.name)
+        prefix = layer_prefix(full.index(layer.name))
         kind = kind_of(graph, layer)
         statements.append(f"/* {prefix}: {c_comment(layer.name)} ({kind.value}) */")
         if layer.name in fused_adds:
@@ -139,31 +151,38 @@ def layer_based(qgraph: QuantizedGraph, memory_model: MemoryModel) -> Body:
         if layer.name in fused:
             add = graph.layer(fused[layer.name])
             skip = next(t for t in add.inputs if t != layer.output)
-            swap = add.inputs[0] != layer.output
             add_ql = qgraph.layer(add.name)
             assert add_ql.add is not None
-            add_prefix = layer_prefix(graph.index(add.name))
-            decls.append((f"{prefix}_fused_add",
-                          c_struct("tf_add_quant", f"{prefix}_fused_add",
-                                   add_fields(add_ql.add, add_ql.act_min, add_ql.act_max,
-                                              swap))))
             fused_add = f"{prefix}_fused_add"
+            decls.append((fused_add, c_struct(
+                "tf_add_quant", fused_add,
+                add_fields(add_ql.add, add_ql.act_min, add_ql.act_max,
+                           swap=add.inputs[0] != layer.output))))
             output = _operand(graph, idents, skip)
-            statements.append(f"/* accumulates into {idents[skip]}, = {add_prefix}'s output */")
+            statements.append(f"/* accumulates into {idents[skip]}, = "
+                              f"{layer_prefix(full.index(add.name))}'s output */")
         call = Call(prefix=prefix, ql=ql, kind=kind, inputs=operands, output=output,
                     window=window, out_channels=graph.tensor(layer.output).channels,
                     fused_add=fused_add)
         statements.extend(emit_call(call))
         scratch = max(scratch, scratch_bytes(graph, layer, kind))
+    return Emitted(decls, statements, scratch, frozenset(fused_adds))
+
+
+def layer_based(qgraph: QuantizedGraph, memory_model: MemoryModel) -> Body:
+    """Every layer over the whole tensor, tensors at the planner's arena offsets."""
+    graph = qgraph.graph
+    plan = plan_arena(graph, memory_model)
+    idents = tensor_idents(qgraph)
+    emitted = emit_layers(qgraph, graph, plan.offsets, idents)
     sizes = {t: graph.tensor(t).numel for t in idents}
     read = f"TF_READ(read_input, ctx, 0, {INPUT_IDENT}, {sizes[graph.input]});"
-    out_ident = idents[graph.output]
-    return Body(decls=used_decls(decls, [*statements, read, out_ident]),
-                statements=tuple(statements),
-                read_input=(read,),
-                arena_bytes=plan.size_bytes, scratch_bytes=scratch,
+    return Body(decls=used_decls(emitted.decls, [*emitted.statements, read,
+                                                 idents[graph.output]]),
+                statements=tuple(emitted.statements), read_input=(read,),
+                arena_bytes=plan.size_bytes, scratch_bytes=emitted.scratch_bytes,
                 buffers={idents[t]: (plan.offsets[t], sizes[t]) for t in idents},
-                param_free=frozenset(fused_adds))
+                param_free=emitted.fused_adds)
 
 
 def _operand(graph: Graph, idents: Mapping[str, str], tensor: str) -> Operand:
