@@ -174,7 +174,8 @@ def compile_cmd(model: str | None, builtin: str | None, width: float, resolution
         options = CompileOptions(
             patches=patches, split_after=split_after, memory_model=MemoryModel(memory_model),
             layout=OtaLayout(ota_layout), dsp=not no_dsp, test_vectors=test_vectors,
-            model_id=model_id, model_version=model_version)
+            model_id=model_id or (Path(model).stem if model else graph.name),
+            model_version=model_version)
         with tempfile.TemporaryDirectory(prefix="tf-compile-") as tmp:
             result = compile_model(graph, target, key, Path(tmp), calib_set, test_set, options,
                                    progress=_stage_printer(len(Stage)))
