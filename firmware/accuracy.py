@@ -8,6 +8,8 @@ all-zero), one-hot resolution, width and depths; ridge regression on measured su
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +30,30 @@ class EvalSettings:
 
     recal_images: int = 256
     batch_size: int = 128
+    threads: int = 1  # torch intra-op threads; see TrainConfig.threads
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block with `count` torch intra-op threads, restoring the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
 def measure(supernet: Supernet, dataset: Dataset, arch: Arch, split: str = "val",
             settings: EvalSettings = EvalSettings()) -> float:
     """Top-1 accuracy in [0, 1] of subnet `arch` on a split, after BN re-calibration."""
+    with torch_threads(settings.threads):
+        return _measure(supernet, dataset, arch, split, settings)
+
+
+def _measure(supernet: Supernet, dataset: Dataset, arch: Arch, split: str,
+             settings: EvalSettings) -> float:
     module = extract(supernet, arch)
     recalibrate_bn(module, (x for x, _ in batches(dataset.train, arch.resolution,
                                                   settings.batch_size, shuffle_seed=0,
