@@ -19,6 +19,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
 from service.queue import celery_client
+from service.stack.config import redact_url
 
 bp = Blueprint("health", __name__)
 
@@ -80,7 +81,7 @@ def check_redis() -> str:
             raise RuntimeError(f"Redis at {url} did not answer PING")
     finally:
         client.close()
-    return str(url)
+    return redact_url(str(url))
 
 
 def mqtt_connack(host: str, port: int, timeout_s: float = CHECK_TIMEOUT_S) -> int:

@@ -160,6 +160,17 @@ def _external_mqtt(env: Mapping[str, str]) -> tuple[str | None, int | None]:
     return host, int(port_text)
 
 
+def redact_url(url: str) -> str:
+    """`url` without its password (for logs, state files and /healthz)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    host = parts.hostname or ""
+    netloc = f"{user}{host}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
 def ensure_port_free(port: int, what: str, option: str, host: str = LOOPBACK) -> None:
     """Raise StackError naming `what`, the port and the option to change it if the port is taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -17,6 +17,7 @@ from service.stack.config import (
     StackPlan,
     ensure_port_free,
     mosquitto_pid_file_for,
+    redact_url,
 )
 from service.stack.mosquitto import MosquittoFiles, write_mosquitto_conf
 from service.stack.procs import (
@@ -177,11 +178,11 @@ def start_stack(plan: StackPlan, say: Say = print) -> RunningStack:
 
 def _start_all(stack: RunningStack, say: Say) -> None:
     plan = stack.plan
-    say(f"database  {plan.database_url}: migrating")
+    say(f"database  {redact_url(plan.database_url)}: migrating")
     files = migrate_and_sync(plan)
     if plan.own_redis_port is not None:
         proc = spawn(redis_spec(plan, plan.own_redis_port))
-        stack.add(proc, plan.redis_url)
+        stack.add(proc, redact_url(plan.redis_url))
         wait_until(lambda: tcp_open(plan.host, plan.own_redis_port or 0), "Redis to listen",
                    START_TIMEOUT_S, [proc])
     if plan.own_mqtt:
@@ -195,7 +196,7 @@ def _start_all(stack: RunningStack, say: Say) -> None:
     web = spawn(web_spec(plan, env))
     stack.add(web, plan.http_url)
     worker = spawn(worker_spec(plan, env))
-    stack.add(worker, f"celery on {plan.redis_url}")
+    stack.add(worker, f"celery on {redact_url(plan.redis_url)}")
     wait_until(lambda: healthz(plan)[0] == 200, f"{plan.http_url}/healthz to be green",
                START_TIMEOUT_S, stack.processes)
 
@@ -229,9 +230,9 @@ def describe(stack: RunningStack) -> str:
     plan = stack.plan
     own = {r.name: r for r in stack.records}
     rows = [
-        ("database", plan.database_url, "external" if "sqlite" not in plan.database_url
-         else "file"),
-        ("redis", plan.redis_url, _origin(own, "redis")),
+        ("database", redact_url(plan.database_url),
+         "file" if plan.database_url.startswith("sqlite") else "external"),
+        ("redis", redact_url(plan.redis_url), _origin(own, "redis")),
         ("mqtt", plan.mqtt_url, _origin(own, "mqtt", plan.broker_dir / "mosquitto.log")),
         ("web", plan.http_url, _origin(own, "web")),
         ("worker", f"celery, {plan.worker_concurrency} process(es)", _origin(own, "worker")),

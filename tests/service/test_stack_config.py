@@ -12,6 +12,7 @@ from service.stack.config import (
     StackError,
     ensure_port_free,
     plan_stack,
+    redact_url,
 )
 from service.stack.mosquitto import MosquittoFiles, render_mosquitto_conf
 
@@ -56,6 +57,16 @@ def test_bad_settings_name_the_setting(tmp_path: Path, environ: dict[str, str],
                                        options: dict[str, int], named: str) -> None:
     with pytest.raises(StackError, match=named):
         plan_stack(tmp_path, environ=environ, **options)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:s3cret@q.example:6380/0", "redis://:***@q.example:6380/0"),
+    ("postgresql://fleet:s3cret@db/fleet", "postgresql://fleet:***@db/fleet"),
+    ("redis://127.0.0.1:16379/0", "redis://127.0.0.1:16379/0"),
+    ("sqlite:////var/lib/tinyfleet/tinyfleet.db", "sqlite:////var/lib/tinyfleet/tinyfleet.db"),
+])
+def test_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
 
 
 def test_a_taken_port_is_refused_with_its_number() -> None:
