@@ -238,7 +238,8 @@ def describe(stack: RunningStack) -> str:
         ("worker", f"celery, {plan.worker_concurrency} process(es)", _origin(own, "worker")),
         ("broker files", str(plan.broker_dir), "password file + ACL from the registry"),
     ]
-    return "\n".join(f"  {name:<13}{where:<46}{how}" for name, where, how in rows)
+    width = max(len(where) for _, where, _ in rows) + 2
+    return "\n".join(f"  {name:<13}{where:<{width}}{how}" for name, where, how in rows)
 
 
 def _origin(own: dict[str, ProcessRecord], name: str, log_file: Path | None = None) -> str:
