@@ -142,9 +142,9 @@ def rest_graph(graph: Graph, split_after: str) -> Graph:
     split = graph.index(split_after)
     layers = graph.layers[split + 1:]
     stage_out = graph.layers[split].output
-    names = {stage_out, *(layer.output for layer in layers)}
+    names = [stage_out, *(layer.output for layer in layers)]  # ordered: output is stable
     for layer in layers:
-        if not set(layer.inputs) <= names:
+        if not set(layer.inputs) <= set(names):
             raise UnsupportedOpError(f"layer {layer.name} reads a tensor of the patch stage "
                                      f"other than its output {stage_out}")
     return Graph(name=f"{graph.name}.rest", input=stage_out,

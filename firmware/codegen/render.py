@@ -147,6 +147,8 @@ def emit_layers(qgraph: QuantizedGraph, graph: Graph, offsets: Mapping[str, int]
             window = f"&{prefix}_win"
         operands = tuple(_operand(graph, idents, t) for t in layer.inputs)
         output = _operand(graph, idents, layer.output)
+        if kind is Kind.RESHAPE and offsets[layer.inputs[0]] == offsets[layer.output]:
+            output = operands[0]  # a view: same bytes, nothing to move
         fused_add = ""
         if layer.name in fused:
             add = graph.layer(fused[layer.name])
