@@ -46,6 +46,9 @@ def up(redis_port: int, mqtt_port: int, http_port: int, worker_concurrency: int,
         stack = start_stack(plan, say=click.echo)
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
+    except KeyboardInterrupt:
+        raise click.ClickException("interrupted while starting; what had started is stopped") \
+            from None
     click.echo("tinyfleet stack is up:")
     click.echo(describe(stack))
     click.echo(f"  health       {plan.http_url}/healthz")

@@ -25,6 +25,7 @@ from service.stack.procs import group_alive
 from service.stack.state import read_state
 from tests.mqtt_probe import connack
 from tests.servers import RedisServer, run_cli, wait_for
+from tests.service.postgres import PostgresServer
 
 pytestmark = pytest.mark.integration
 
@@ -140,19 +141,31 @@ def test_a_taken_port_is_named_and_nothing_is_left_running(var_dir: Path) -> Non
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM],
                          ids=["ctrl-c", "sigterm"])
-def test_foreground_up_stops_everything_on_a_signal_and_uses_a_given_redis(
-        var_dir: Path, redis_server: RedisServer, stop_signal: signal.Signals) -> None:
-    env = clean_env() | {"TINYFLEET_REDIS_URL": redis_server.url}
+def test_foreground_up_uses_given_servers_and_stops_everything_on_a_signal(
+        var_dir: Path, redis_server: RedisServer, postgres_server: PostgresServer,
+        stop_signal: signal.Signals) -> None:
+    database_url = postgres_server.create_database(f"stack_{stop_signal.name.lower()}")
+    env = clean_env() | {"TINYFLEET_REDIS_URL": redis_server.url,
+                         "TINYFLEET_DATABASE_URL": database_url}
     args = ports()
     script = Path(sys.executable).with_name("tinyfleet")
     proc = subprocess.Popen([str(script), "up", "--var", str(var_dir), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_for(lambda: get_status(args[5]) == 200, 60, 0.2), proc.stdout
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:  # what a user waits for before pressing Ctrl-C
+            lines.append(line)
+            if line.startswith("Ctrl-C stops everything"):
+                break
+        assert get_status(args[5]) == 200, "".join(lines)
         pids = stack_pids(var_dir)
         assert set(pids) == {"mqtt", "web", "worker"}  # Redis is the given one, not ours
+        database = get_json(f"http://127.0.0.1:{args[5]}/healthz")[1]["components"]["database"]
+        assert database["detail"] == "postgresql"  # migrated at start, then used
+        assert not (var_dir / "tinyfleet.db").exists()
         proc.send_signal(stop_signal)  # Ctrl-C, or systemd's stop
-        output, _ = proc.communicate(timeout=30)
+        output = "".join(lines) + proc.communicate(timeout=30)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
