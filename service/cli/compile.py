@@ -256,9 +256,11 @@ def verify(image_path: Path, inputs: Path | None, pubkey: Path | None, timeout_s
     key_file = pubkey or image_path.parent / PUBKEY_FILE
     if not key_file.exists():
         raise click.UsageError(f"no public key: pass --pubkey (looked for {key_file})")
+    signature_ok = False
     try:
         public = load_public_key(key_file.read_bytes())
         image = verify_image(image_path.read_bytes(), public)
+        signature_ok = True
         extra = _load_inputs(inputs, image)
         with tempfile.TemporaryDirectory(prefix="tf-verify-") as tmp:
             elf = Path(tmp) / "firmware.elf"
@@ -266,7 +268,7 @@ def verify(image_path: Path, inputs: Path | None, pubkey: Path | None, timeout_s
             rerun = rerun_image(image, elf, extra, timeout_s)
     except FirmwareError as exc:
         if as_json:
-            click.echo(json.dumps({"signature_ok": False, "ok": False, "error": str(exc)}))
+            click.echo(json.dumps({"ok": False, "signature_ok": signature_ok, "error": str(exc)}))
             sys.exit(1)
         raise click.ClickException(str(exc)) from exc
     m = image.manifest

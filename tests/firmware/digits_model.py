@@ -51,7 +51,8 @@ class TinyNet(nn.Module):
         x = self.pw2(x)
         x = torch.relu(self.head(x))
         x = x.mean(dim=(2, 3))
-        return self.classifier(x)
+        logits: torch.Tensor = self.classifier(x)
+        return logits
 
 
 def fold(block: nn.Sequential) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -139,7 +140,8 @@ def train(x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], epochs: int = 10
                 for i in range(0, len(xt), 32):
                     idx = perm[i:i + 32]
                     opt.zero_grad()
-                    nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+                    loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+                    loss.backward()  # type: ignore[no-untyped-call]
                     opt.step()
         # Running statistics from the whole training set, not the last batches' average.
         with torch.no_grad():
