@@ -6,18 +6,21 @@ latency and, on failure, the error.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 import redis
 from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
+from service.broker_files import SERVICE_SECRET_FILE, SERVICE_USERNAME
 from service.queue import celery_client
 from service.stack.config import redact_url
 
@@ -84,13 +87,32 @@ def check_redis() -> str:
     return redact_url(str(url))
 
 
-def mqtt_connack(host: str, port: int, timeout_s: float = CHECK_TIMEOUT_S) -> int:
-    """Send an MQTT 3.1.1 CONNECT without credentials; return the broker's CONNACK code."""
-    client_id = b"tinyfleet-healthz"
-    variable = b"\x00\x04MQTT" + bytes([4, 0x02]) + struct.pack("!H", 10)
-    payload = struct.pack("!H", len(client_id)) + client_id
-    body = variable + payload
-    packet = bytes([0x10, len(body)]) + body  # remaining length < 128: one byte
+def _mqtt_string(text: bytes) -> bytes:
+    return struct.pack("!H", len(text)) + text
+
+
+def _remaining_length(n: int) -> bytes:
+    """MQTT's variable-length integer (spec 2.2.3): 7 bits a byte, high bit = more follows."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def mqtt_connack(host: str, port: int, credentials: tuple[str, str] | None = None,
+                 timeout_s: float = CHECK_TIMEOUT_S) -> int:
+    """Send one MQTT 3.1.1 CONNECT (with `credentials` if given); the broker's CONNACK code."""
+    # A fresh client id: two probes with one id would make the broker drop the older one.
+    client_id = f"tinyfleet-healthz-{os.urandom(4).hex()}".encode()
+    flags = 0x02  # clean session
+    payload = _mqtt_string(client_id)
+    if credentials is not None:
+        flags |= 0xC0  # user name and password present
+        payload += _mqtt_string(credentials[0].encode()) + _mqtt_string(credentials[1].encode())
+    body = b"\x00\x04MQTT" + bytes([4, flags]) + struct.pack("!H", 10) + payload
+    packet = b"\x10" + _remaining_length(len(body)) + body
     with socket.create_connection((host, port), timeout=timeout_s) as sock:
         sock.sendall(packet)
         reply = b""
@@ -107,15 +129,26 @@ def mqtt_connack(host: str, port: int, timeout_s: float = CHECK_TIMEOUT_S) -> in
 
 
 def check_mqtt() -> str:
-    """The broker answers CONNECT; anonymous access must be refused (as our broker config says)."""
+    """The service account logs in (when the registry has made one) and anonymous is refused."""
     host = current_app.config["MQTT_HOST"]
     port = int(current_app.config["MQTT_PORT"])
+    parts = [f"{host}:{port}"]
+    secret_file = Path(current_app.config["BROKER_DIR"]) / SERVICE_SECRET_FILE
+    if secret_file.exists():
+        code = mqtt_connack(host, port, (SERVICE_USERNAME, secret_file.read_text().strip()))
+        if code != _CONNACK_ACCEPTED:
+            raise PermissionError(
+                f"MQTT broker {host}:{port} refused the service account {SERVICE_USERNAME!r} "
+                f"(CONNACK {code}): it does not use the password file in {secret_file.parent}")
+        parts.append("service account accepted")
     code = mqtt_connack(host, port)
     if code in (_CONNACK_NOT_AUTHORIZED, _CONNACK_BAD_CREDENTIALS):
-        return f"{host}:{port}, anonymous refused"
-    if code == _CONNACK_ACCEPTED:
-        return f"{host}:{port}, WARNING anonymous access accepted"
-    raise ConnectionError(f"MQTT broker {host}:{port} refused CONNECT with code {code}")
+        parts.append("anonymous refused")
+    elif code == _CONNACK_ACCEPTED:
+        parts.append("WARNING anonymous access accepted")
+    else:
+        raise ConnectionError(f"MQTT broker {host}:{port} refused CONNECT with code {code}")
+    return ", ".join(parts)
 
 
 def check_worker() -> str:

@@ -9,10 +9,10 @@ import pytest
 from flask import Flask
 
 from service.app import create_app
+from service.broker_files import SERVICE_SECRET_FILE, sync_broker_files
+from service.health import _remaining_length
 from service.stack.config import free_port
-from tests.servers import CeleryWorker, MosquittoServer
-
-pytestmark = pytest.mark.integration
+from tests.servers import CeleryWorker, MosquittoServer, wait_for
 
 
 def make_app(tmp_path: Path, redis_url: str, mqtt_port: int) -> Flask:
@@ -28,6 +28,7 @@ def healthz(app: Flask) -> tuple[int, dict[str, Any]]:
     return response.status_code, body
 
 
+@pytest.mark.integration
 def test_all_components_green(tmp_path: Path, celery_worker: CeleryWorker,
                               mosquitto_server: MosquittoServer) -> None:
     status, body = healthz(make_app(tmp_path, celery_worker.redis_url, mosquitto_server.port))
@@ -40,6 +41,7 @@ def test_all_components_green(tmp_path: Path, celery_worker: CeleryWorker,
     assert "anonymous refused" in body["components"]["mqtt"]["detail"]
 
 
+@pytest.mark.integration
 def test_unreachable_redis_and_broker_are_reported_with_503(
         tmp_path: Path, mosquitto_server: MosquittoServer) -> None:
     closed = free_port()  # nothing listens there
@@ -51,3 +53,39 @@ def test_unreachable_redis_and_broker_are_reported_with_503(
         assert components[name]["status"] == "error", (name, components[name])
     assert "Connection" in components["redis"]["detail"]
     assert components["worker"]["detail"] == "Redis is unreachable"
+
+
+@pytest.mark.integration
+def test_mqtt_check_logs_in_as_the_service_account(
+        tmp_path: Path, mosquitto_server: MosquittoServer) -> None:
+    files = mosquitto_server.files
+    app = create_app({"VAR_DIR": str(tmp_path), "BROKER_DIR": str(files.broker_dir),
+                      "MOSQUITTO_PID_FILE": str(files.pid_file), "MQTT_HOST": "127.0.0.1",
+                      "MQTT_PORT": mosquitto_server.port})
+    with app.app_context():
+        session = app.extensions["tinyfleet.sessionmaker"]()
+        sync_broker_files(session, files.broker_dir, files.pid_file)
+        session.close()
+
+    def mqtt() -> dict[str, Any]:
+        component: dict[str, Any] = healthz(app)[1]["components"]["mqtt"]
+        return component
+
+    assert wait_for(lambda: mqtt()["status"] == "ok", 5, 0.1), mqtt()
+    assert mqtt()["detail"].endswith("service account accepted, anonymous refused")
+
+    # A broker that does not read our password file fails the check, naming the account.
+    other = tmp_path / "other-broker"
+    other.mkdir()
+    (other / SERVICE_SECRET_FILE).write_text("not-the-password\n")
+    app.config["BROKER_DIR"] = str(other)
+    failed = mqtt()
+    assert failed["status"] == "error"
+    assert "refused the service account 'tinyfleet-service'" in failed["detail"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("n", "encoded"), [(0, b"\x00"), (127, b"\x7f"), (128, b"\x80\x01"),
+                                            (16_383, b"\xff\x7f"), (16_384, b"\x80\x80\x01")])
+def test_mqtt_remaining_length_encoding(n: int, encoded: bytes) -> None:
+    assert _remaining_length(n) == encoded  # the examples of MQTT 3.1.1, table 2.4
