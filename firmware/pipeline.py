@@ -39,6 +39,7 @@ from firmware.image import (
     FirmwareImage,
     ImageSchedule,
     ImageTarget,
+    Manifest,
     MemoryFigures,
     PayloadFormat,
     TensorQuant,
@@ -233,26 +234,34 @@ def _check_bit_exact(got: Int8Array, expected: Int8Array) -> None:
         )
 
 
-def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work_dir: Path,
-                  calib: Dataset | None = None, test: Dataset | None = None,
-                  options: CompileOptions | None = None,
-                  progress: Progress | None = None) -> CompileResult:
-    """Quantize, plan, generate, build, emulate, check bit-exactness and sign (module doc)."""
-    opts = options or CompileOptions()
-    say = progress or _quiet
-    warnings: list[str] = []
+@dataclass(frozen=True, eq=False)
+class _Built:
+    """What the stages up to the bit-exact check produced."""
 
+    graph: Graph
+    target: TargetSpec
+    options: CompileOptions
+    qgraph: QuantizedGraph
+    plan: PatchPlan
+    memory: MemoryReport
+    build: BuildResult
+    emulation: EmulationResult
+    inputs_hwc: Int8Array
+    expected: Int8Array
+
+
+def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, work_dir: Path,
+                     calib: Dataset | None, test: Dataset | None, say: Progress) -> _Built:
+    """Quantize, plan, generate, build, run in QEMU; EmulationError unless bit-exact."""
     say(Stage.QUANTIZE, "post-training int8 quantization")
     qgraph = quantize_graph(graph, None if calib is None else calib.x,
                             generated_count=opts.generated_calibration)
-    warnings.extend(qgraph.notes)
 
     say(Stage.PLAN, f"schedule under {target.model_sram_bytes() // 1024} kB model SRAM")
     plan = plan_schedule(graph, target, opts)
-    memory = analyze(graph, opts.memory_model)
 
-    say(Stage.CODEGEN, f"C for {plan.schedule.patches}x{plan.schedule.patches} patches"
-        if plan.schedule.patches > 1 else "C for layer-based inference")
+    p = plan.schedule.patches
+    say(Stage.CODEGEN, f"C for {p}x{p} patches" if p > 1 else "C for layer-based inference")
     model_dir = _generate(qgraph, plan, opts, work_dir / "model")
 
     say(Stage.BUILD, f"arm-none-eabi-gcc for {target.name} ({target.cpu.value})")
@@ -269,13 +278,82 @@ def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work
     say(Stage.CHECK, "outputs against the int8 reference")
     expected = reference_outputs(qgraph, x_q)
     _check_bit_exact(emulation.outputs, expected)
+    return _Built(graph=graph, target=target, options=opts, qgraph=qgraph, plan=plan,
+                  memory=analyze(graph, opts.memory_model), build=build, emulation=emulation,
+                  inputs_hwc=inputs_hwc, expected=expected)
+
+
+def _manifest(b: _Built, payload: bytes) -> Manifest:
+    """The image manifest of a checked build."""
+    graph, target, opts, qgraph, s = b.graph, b.target, b.options, b.qgraph, b.plan.schedule
+    return make_manifest(
+        model_id=opts.model_id or graph.name, model_version=opts.model_version,
+        target=ImageTarget(target.name, target.cpu.value, target.sram_bytes,
+                           target.flash_bytes, target.slot_bytes(opts.layout)),
+        schedule=ImageSchedule(s.patches, s.split_after,
+                               s.input_patch if s.patches > 1 else None,
+                               opts.memory_model.value),
+        predicted=MemoryFigures(b.plan.peak_bytes, b.memory.weights_bytes),
+        measured=MemoryFigures(b.emulation.peak_ram_bytes, b.build.flash_bytes),
+        input=TensorQuant(qgraph.input.scale, qgraph.input.zero_point,
+                          graph.tensor(graph.input).shape),
+        output=TensorQuant(qgraph.output.scale, qgraph.output.zero_point,
+                           graph.tensor(graph.output).shape),
+        test_vectors=tuple(TestVector(b.inputs_hwc[i].tobytes(),
+                                      tuple(int(v) for v in b.expected[i]))
+                           for i in range(len(b.inputs_hwc))),
+        payload=payload, payload_format=PayloadFormat.ELF,
+    )
+
+
+def _report(b: _Built, image: bytes, payload: bytes, key: Ed25519PrivateKey,
+            calib: Dataset | None, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-ready report of a signed build (`extra`: onnxruntime, accuracy, warnings)."""
+    graph, target, opts, qgraph = b.graph, b.target, b.options, b.qgraph
+    per_image = b.emulation.instructions_per_image
+    return {
+        "model": {"id": opts.model_id or graph.name, "version": opts.model_version,
+                  "graph": graph.name, "input_shape": list(graph.tensor(graph.input).shape)},
+        "target": {"name": target.name, "cpu": target.cpu.value,
+                   "sram_bytes": target.sram_bytes, "flash_bytes": target.flash_bytes,
+                   "model_sram_bytes": target.model_sram_bytes(),
+                   "slot_bytes": target.slot_bytes(opts.layout), "ota_layout": opts.layout.value},
+        "calibration": {"source": qgraph.calibration,
+                        "samples": opts.generated_calibration if calib is None else len(calib.x)},
+        "schedule": _schedule_dict(b.plan),
+        "predicted": _predicted(b.plan, b.memory),
+        "measured": _measured(b.build, b.emulation),
+        "bit_exact": True,
+        "test_vectors": len(b.inputs_hwc),
+        "macs": b.plan.macs,
+        "instructions": per_image,
+        "instructions_per_mac": per_image / max(b.plan.macs, 1),
+        "dsp": b.build.dsp,
+        "quantization": {"input": {"scale": qgraph.input.scale,
+                                   "zero_point": qgraph.input.zero_point},
+                         "output": {"scale": qgraph.output.scale,
+                                    "zero_point": qgraph.output.zero_point}},
+        "image": {"bytes": len(image), "sha256": hashlib.sha256(image).hexdigest(),
+                  "payload_bytes": len(payload), "key_id": key_id(key.public_key())},
+        **extra,
+    }
+
+
+def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work_dir: Path,
+                  calib: Dataset | None = None, test: Dataset | None = None,
+                  options: CompileOptions | None = None,
+                  progress: Progress | None = None) -> CompileResult:
+    """Quantize, plan, generate, build, emulate, check bit-exactness and sign (module doc)."""
+    opts = options or CompileOptions()
+    say = progress or _quiet
+    built = _build_and_check(graph, target, opts, work_dir, calib, test, say)
+    qgraph = built.qgraph
 
     onnx_report = None
     if opts.onnx_check:
         check_q = _test_batch(graph, qgraph, calib, test, opts.onnx_samples)
         say(Stage.ONNX, f"onnxruntime on the QDQ export, {len(check_q)} inputs")
         onnx_report = _onnx_check(qgraph, check_q, reference_outputs(qgraph, check_q))
-
     accuracy = None
     if test is not None:
         accuracy = _accuracy(graph, qgraph, test, "test")
@@ -283,57 +361,15 @@ def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work
         accuracy = _accuracy(graph, qgraph, calib, "calibration")
 
     say(Stage.SIGN, f"Ed25519 key {key_id(key.public_key())}")
-    payload = build.elf_path.read_bytes()
-    manifest = make_manifest(
-        model_id=opts.model_id or graph.name, model_version=opts.model_version,
-        target=ImageTarget(target.name, target.cpu.value, target.sram_bytes,
-                           target.flash_bytes, target.slot_bytes(opts.layout)),
-        schedule=ImageSchedule(plan.schedule.patches, plan.schedule.split_after,
-                               plan.schedule.input_patch if plan.schedule.patches > 1 else None,
-                               opts.memory_model.value),
-        predicted=MemoryFigures(plan.peak_bytes, memory.weights_bytes),
-        measured=MemoryFigures(emulation.peak_ram_bytes, build.flash_bytes),
-        input=TensorQuant(qgraph.input.scale, qgraph.input.zero_point,
-                          graph.tensor(graph.input).shape),
-        output=TensorQuant(qgraph.output.scale, qgraph.output.zero_point,
-                           graph.tensor(graph.output).shape),
-        test_vectors=tuple(TestVector(inputs_hwc[i].tobytes(),
-                                      tuple(int(v) for v in expected[i]))
-                           for i in range(len(x_q))),
-        payload=payload, payload_format=PayloadFormat.ELF,
-    )
-    image = sign_image(manifest, payload, key)
-    report: dict[str, Any] = {
-        "model": {"id": manifest.model_id, "version": opts.model_version, "graph": graph.name,
-                  "input_shape": list(graph.tensor(graph.input).shape)},
-        "target": {"name": target.name, "cpu": target.cpu.value,
-                   "sram_bytes": target.sram_bytes, "flash_bytes": target.flash_bytes,
-                   "model_sram_bytes": target.model_sram_bytes(),
-                   "slot_bytes": target.slot_bytes(opts.layout), "ota_layout": opts.layout.value},
-        "calibration": {"source": qgraph.calibration,
-                        "samples": opts.generated_calibration if calib is None else len(calib.x)},
-        "schedule": _schedule_dict(plan),
-        "predicted": _predicted(plan, memory),
-        "measured": _measured(build, emulation),
-        "bit_exact": True,
-        "test_vectors": len(x_q),
-        "macs": plan.macs,
-        "instructions": emulation.instructions_per_image,
-        "instructions_per_mac": emulation.instructions_per_image / max(plan.macs, 1),
-        "dsp": build.dsp,
-        "quantization": {"input": {"scale": qgraph.input.scale,
-                                   "zero_point": qgraph.input.zero_point},
-                         "output": {"scale": qgraph.output.scale,
-                                    "zero_point": qgraph.output.zero_point}},
-        "onnxruntime": onnx_report,
-        "accuracy": accuracy,
-        "image": {"bytes": len(image), "sha256": hashlib.sha256(image).hexdigest(),
-                  "payload_bytes": len(payload), "key_id": key_id(key.public_key())},
-        "warnings": list(warnings),
-    }
-    return CompileResult(image=image, report=MappingProxyType(report), qgraph=qgraph, plan=plan,
-                         build=build, emulation=emulation, test_inputs=inputs_hwc,
-                         expected=expected, warnings=tuple(warnings))
+    payload = built.build.elf_path.read_bytes()
+    image = sign_image(_manifest(built, payload), payload, key)
+    warnings = tuple(qgraph.notes)
+    report = _report(built, image, payload, key, calib, {
+        "onnxruntime": onnx_report, "accuracy": accuracy, "warnings": list(warnings)})
+    return CompileResult(image=image, report=MappingProxyType(report), qgraph=qgraph,
+                         plan=built.plan, build=built.build, emulation=built.emulation,
+                         test_inputs=built.inputs_hwc, expected=built.expected,
+                         warnings=warnings)
 
 
 @dataclass(frozen=True, eq=False)

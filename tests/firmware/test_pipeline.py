@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from firmware.build import LinkOverflowError
 from firmware.errors import DoesNotFitError, ImageError
-from firmware.image import generate_signing_key, verify_image
+from firmware.image import generate_signing_key, sign_image, verify_image
 from firmware.onnx_import import import_torch
 from firmware.pipeline import (
     CompileOptions,
@@ -85,10 +86,21 @@ def test_model_too_big_for_flash_names_the_numbers(tmp_path: Path) -> None:
         compile_model(graph, small, KEY, tmp_path, calib=Dataset(d.calib))
 
 
-def test_tampered_image_is_rejected(tmp_path: Path) -> None:
+def test_tampered_image_is_rejected_and_wrong_vectors_are_caught(tmp_path: Path) -> None:
     result = _compile(tmp_path, "stm32f746", 1)
     for offset in (3, len(result.image) // 2, len(result.image) - 1):
         tampered = bytearray(result.image)
         tampered[offset] ^= 0x40
         with pytest.raises(ImageError, match="image rejected"):
             verify_image(bytes(tampered), KEY.public_key())
+    # A validly signed image whose manifest claims another output: the QEMU re-run says so.
+    image = verify_image(result.image, KEY.public_key())
+    first = image.manifest.test_vectors[0]
+    wrong = dataclasses.replace(first, expected=(first.expected[0] ^ 1, *first.expected[1:]))
+    manifest = dataclasses.replace(image.manifest,
+                                   test_vectors=(wrong, *image.manifest.test_vectors[1:]))
+    lying = verify_image(sign_image(manifest, image.payload, KEY), KEY.public_key())
+    elf = tmp_path / "lying.elf"
+    elf.write_bytes(lying.payload)
+    rerun = rerun_image(lying, elf)
+    assert not rerun.matches and rerun.mismatched_vectors == 1
