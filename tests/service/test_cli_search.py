@@ -1,0 +1,89 @@
+"""`tinyfleet train-supernet` and `tinyfleet search` end to end on a small .npz data set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from service.cli import main
+from tests.firmware.tiny_family import small_digits
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A family trained by the CLI on 400 digits for 1 epoch at 16 and 24 px."""
+    root = tmp_path_factory.mktemp("family")
+    data = small_digits()
+    images = np.concatenate([data.train.images, data.val.images, data.test.images])
+    labels = np.concatenate([data.train.labels, data.val.labels, data.test.labels])
+    np.savez(root / "digits.npz", x=images, y=labels)
+    out = root / "fam"
+    result = CliRunner().invoke(main, [
+        "train-supernet", "--data", str(root / "digits.npz"), "--epochs", "1",
+        "--batch-size", "64", "--resolutions", "16,24", "--predictor-samples", "5",
+        "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    assert manifest["space"]["resolutions"] == [16, 24]
+    assert manifest["classes"] == [str(i) for i in range(10)]
+    assert (out / "supernet.pt").is_file() and (out / "checkpoint.pt").is_file()
+    return out
+
+
+def _search(args: list[str], var: Path) -> tuple[int, str]:
+    result = CliRunner(env={"TINYFLEET_VAR_DIR": str(var)}).invoke(
+        main, ["search", *args, "--population", "8", "--generations", "2"])
+    return result.exit_code, result.output
+
+
+def test_search_prints_json_caches_and_exports_onnx(family: Path, tmp_path: Path) -> None:
+    onnx_path = tmp_path / "net.onnx"
+    code, out = _search([str(family), "--mcu", "stm32f412", "--json", "--export-onnx",
+                         str(onnx_path)], tmp_path)
+    assert code == 0, out
+    result = json.loads(out)
+    assert result["cached"] is False and result["target"] == "stm32f412"
+    mem = result["memory"]
+    assert mem["sram_needed_bytes"] <= 256 * 1024
+    assert mem["runtime_reserve_bytes"] == 16 * 1024
+    assert mem["flash_bytes"] <= mem["slot_bytes"]
+    assert 0.0 <= result["val_accuracy"] <= 1.0
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    res = result["arch"]["resolution"]
+    (logits,) = session.run(None, {"input": np.zeros((1, 1, res, res), np.float32)})
+    assert logits.shape == (1, 10)
+    cached = list((tmp_path / "cache" / "search").rglob("*.json"))
+    assert len(cached) == 1
+    code, again = _search([str(family), "--mcu", "stm32f412", "--json"], tmp_path)
+    assert code == 0 and json.loads(again)["cached"] is True
+    assert json.loads(again)["arch"] == result["arch"]
+
+
+def test_search_text_layer_based_and_custom_budget(family: Path, tmp_path: Path) -> None:
+    code, out = _search([str(family), "--sram", "64KiB", "--flash", "512KiB", "--cpu",
+                         "cortex-m7", "--no-patches"], tmp_path)
+    assert code == 0, out
+    assert "layer-based only" in out and "schedule: layer-based" in out
+    assert "accuracy: val" in out and "SRAM:" in out and "Flash:" in out
+
+
+def test_search_nothing_fits_names_the_needs(family: Path, tmp_path: Path) -> None:
+    code, out = _search([str(family), "--mcu", "stm32f103"], tmp_path)
+    assert code == 1
+    assert "smallest" in out and "needs" in out and "device has 20.0 kB" in out
+
+
+def test_search_usage_errors(family: Path, tmp_path: Path) -> None:
+    code, out = _search([str(family), "--mcu", "stm32f412", "--sram", "1MiB"], tmp_path)
+    assert code == 2 and "not both" in out
+    code, out = _search([str(family), "--mcu", "nosuchmcu"], tmp_path)
+    assert code == 2 and "unknown MCU" in out
+    code, out = _search([str(tmp_path)], tmp_path)
+    assert code != 0
