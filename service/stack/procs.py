@@ -100,23 +100,30 @@ def group_alive(pgid: int) -> bool:
 
 
 def stop_group(started: Started, timeout_s: float = 10.0) -> bool:
-    """SIGTERM the leader, SIGKILL its group after `timeout_s`; True if it all ended by SIGTERM.
+    """SIGTERM the leader, SIGKILL its group after `timeout_s`; True if it all ended by SIGTERM."""
+    return stop_groups([started], timeout_s)[0]
 
-    Only the leader gets SIGTERM: gunicorn's arbiter and Celery's main process then stop their
-    own children in order. Whatever is left of the group after the timeout is killed.
+
+def stop_groups(started: Sequence[Started], timeout_s: float = 10.0) -> list[bool]:
+    """Stop several process groups at once; for each, True if it ended by SIGTERM.
+
+    Only each leader gets SIGTERM: gunicorn's arbiter and Celery's main process then stop
+    their own children in order. Whatever is left of a group after the timeout is killed.
     """
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(started.pid, signal.SIGTERM)
-    if _wait_gone(started, timeout_s):
-        return True
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(started.pid, signal.SIGKILL)
-    _wait_gone(started, 5.0)
-    return False
-
-
-def _wait_gone(started: Started, timeout_s: float) -> bool:
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
+    graceful = [_wait_gone(proc, deadline) for proc in started]
+    for proc, ended in zip(started, graceful, strict=True):
+        if not ended:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            _wait_gone(proc, time.monotonic() + 5.0)
+    return graceful
+
+
+def _wait_gone(started: Started, deadline: float) -> bool:
     while True:
         if started.popen is not None:
             started.popen.poll()  # reap our child so it does not linger as a zombie

@@ -26,7 +26,7 @@ from service.stack.procs import (
     log_tail,
     signals_held,
     spawn,
-    stop_group,
+    stop_groups,
     tcp_open,
     wait_until,
 )
@@ -63,7 +63,7 @@ class RunningStack:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> list[tuple[str, bool]]:
         """Stop every process, last started first; (name, stopped by SIGTERM) for each."""
         with signals_held():
-            results = [(p.name, stop_group(p, timeout_s)) for p in reversed(self.processes)]
+            results = stop_in_tiers(list(self.processes), timeout_s)
         self.processes.clear()
         self.records.clear()
         forget_broker_pid(self.plan.mosquitto_pid_file)
@@ -207,15 +207,27 @@ def stop_stack(var_dir: Path, timeout_s: float = STOP_TIMEOUT_S) -> list[tuple[s
     records = read_state(state_file)
     results: list[tuple[str, bool]] = []
     with signals_held():
-        for record in reversed(records):
-            if not record.is_ours():
-                results.append((record.name, True))  # gone; its pid may be someone else's now
-                continue
-            started = Started(record.name, record.pid, Path(record.log_file))
-            results.append((record.name, stop_group(started, timeout_s)))
+        # A record whose pid is no longer ours is already gone (its pid may be reused).
+        results.extend((r.name, True) for r in records if not r.is_ours())
+        alive = [Started(r.name, r.pid, Path(r.log_file)) for r in records if r.is_ours()]
+        results.extend(stop_in_tiers(alive, timeout_s))
         if any(r.name == "mqtt" for r in records):
             forget_broker_pid(mosquitto_pid_file_for(var_dir.resolve()))
         state_file.unlink(missing_ok=True)
+    return results
+
+
+# The clients (service, worker) stop first, together; then the servers they use, together.
+CLIENT_COMPONENTS = ("web", "worker")
+
+
+def stop_in_tiers(processes: list[Started], timeout_s: float) -> list[tuple[str, bool]]:
+    """Stop the web server and worker, then Redis and Mosquitto; (name, by SIGTERM) each."""
+    results: list[tuple[str, bool]] = []
+    for tier in ([p for p in processes if p.name in CLIENT_COMPONENTS],
+                 [p for p in processes if p.name not in CLIENT_COMPONENTS]):
+        tier.reverse()  # within a tier, the last started first
+        results.extend(zip([p.name for p in tier], stop_groups(tier, timeout_s), strict=True))
     return results
 
 
