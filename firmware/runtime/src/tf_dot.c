@@ -24,9 +24,13 @@ static inline int16x2_t tf_even(uint32_t w)
     return __sxtb16((int8x4_t)w);
 }
 
+/* SXTB16 with its ROR #8 operand: ACLE has no intrinsic for the rotated form, and without
+ * it gcc spends a separate ROR on every weight word of the inner loop. */
 static inline int16x2_t tf_odd(uint32_t w)
 {
-    return __sxtb16((int8x4_t)((w >> 8) | (w << 24)));
+    int16x2_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(w));
+    return r;
 }
 #endif
 
@@ -62,30 +66,43 @@ void tf_reorder_column(int16_t *col, int32_t n)
 #endif
 }
 
-void tf_dot_2x2(const int16_t *col0, const int16_t *col1, const int8_t *w0, const int8_t *w1,
-                int32_t n, int32_t acc[4])
+/* Inlined into the matrix loop: a call per 2x2 block costs more than the block's tail. */
+static inline __attribute__((always_inline)) void
+tf_dot_2x2_inline(const int16_t *col0, const int16_t *col1, const int8_t *w0,
+                  const int8_t *w1, int32_t n, int32_t acc[4])
 {
     int32_t a00 = acc[0], a01 = acc[1], a10 = acc[2], a11 = acc[3];
     int32_t i = 0;
 #if TF_USE_DSP
-    for (; i + 4 <= n; i += 4) {
-        const uint32_t wa = tf_read_u32(w0 + i);
-        const uint32_t wb = tf_read_u32(w1 + i);
-        const int16x2_t wae = tf_even(wa), wao = tf_odd(wa);
-        const int16x2_t wbe = tf_even(wb), wbo = tf_odd(wb);
-        const int16x2_t c0e = (int16x2_t)tf_read_u32(col0 + i);
-        const int16x2_t c0o = (int16x2_t)tf_read_u32(col0 + i + 2);
-        const int16x2_t c1e = (int16x2_t)tf_read_u32(col1 + i);
-        const int16x2_t c1o = (int16x2_t)tf_read_u32(col1 + i + 2);
-        a00 = __smlad(c0e, wae, a00);
-        a00 = __smlad(c0o, wao, a00);
-        a01 = __smlad(c0e, wbe, a01);
-        a01 = __smlad(c0o, wbo, a01);
-        a10 = __smlad(c1e, wae, a10);
-        a10 = __smlad(c1o, wao, a10);
-        a11 = __smlad(c1e, wbe, a11);
-        a11 = __smlad(c1o, wbo, a11);
+    const int8_t *wa = w0;
+    const int8_t *wb = w1;
+    const int16_t *ca = col0;
+    const int16_t *cb = col1;
+    for (int32_t blocks = n >> 2; blocks > 0; blocks--) {
+        /* 16 MACs: two columns x two output channels x four input channels. */
+        const int16x2_t c0e = (int16x2_t)tf_read_u32(ca);
+        const int16x2_t c0o = (int16x2_t)tf_read_u32(ca + 2);
+        const int16x2_t c1e = (int16x2_t)tf_read_u32(cb);
+        const int16x2_t c1o = (int16x2_t)tf_read_u32(cb + 2);
+        ca += 4;
+        cb += 4;
+        uint32_t w = tf_read_u32(wa);
+        wa += 4;
+        int16x2_t we = tf_even(w), wo = tf_odd(w);
+        a00 = __smlad(c0e, we, a00);
+        a10 = __smlad(c1e, we, a10);
+        a00 = __smlad(c0o, wo, a00);
+        a10 = __smlad(c1o, wo, a10);
+        w = tf_read_u32(wb);
+        wb += 4;
+        we = tf_even(w);
+        wo = tf_odd(w);
+        a01 = __smlad(c0e, we, a01);
+        a11 = __smlad(c1e, we, a11);
+        a01 = __smlad(c0o, wo, a01);
+        a11 = __smlad(c1o, wo, a11);
     }
+    i = n & ~3;
 #endif
     for (; i < n; i++) {
         a00 += col0[i] * w0[i];
@@ -97,6 +114,12 @@ void tf_dot_2x2(const int16_t *col0, const int16_t *col1, const int8_t *w0, cons
     acc[1] = a01;
     acc[2] = a10;
     acc[3] = a11;
+}
+
+void tf_dot_2x2(const int16_t *col0, const int16_t *col1, const int8_t *w0, const int8_t *w1,
+                int32_t n, int32_t acc[4])
+{
+    tf_dot_2x2_inline(col0, col1, w0, w1, n, acc);
 }
 
 void tf_dot_2x1(const int16_t *col0, const int16_t *col1, const int8_t *w, int32_t n,
@@ -164,53 +187,114 @@ int32_t tf_dot_1x1(const int16_t *col, const int8_t *w, int32_t n)
     return a;
 }
 
-static inline void tf_store(int8_t *output, int32_t pixel, int32_t out_c, int32_t ch,
-                            int32_t acc, const tf_conv_quant *q, const tf_add_quant *add)
+/* The requantization of one layer in locals: int8 stores may alias anything, so reading
+ * these through the tf_conv_quant pointer would reload them after every output. */
+typedef struct {
+    const int32_t *multiplier;
+    const int32_t *shift;
+    int32_t output_offset;
+    int32_t act_min;
+    int32_t act_max;
+} tf_rq_locals;
+
+/* One output: requantize, clamp, and (fused residual) add into what dst holds. */
+static inline __attribute__((always_inline)) void
+tf_put(int8_t *dst, int32_t acc, int32_t m, int32_t sh, const tf_rq_locals *r,
+       const tf_add_quant *add)
 {
-    const int8_t y = tf_finish(acc, q, ch);
-    int8_t *dst = output + (size_t)pixel * (size_t)out_c + (size_t)ch;
+    const int8_t y = tf_clamp8(tf_rq(acc, m, sh) + r->output_offset, r->act_min, r->act_max);
     *dst = add != NULL ? tf_add_one(y, *dst, add) : y;
+}
+
+/* tf_rq for shift <= 0 and multiplier != INT32_MIN (checked once per layer): no left shift
+ * to saturate and no saturating case in the high multiply, so no branches. Same result. */
+static inline __attribute__((always_inline)) int32_t tf_rq_right(int32_t acc, int32_t m,
+                                                                 int32_t right)
+{
+    const int64_t ab = (int64_t)acc * (int64_t)m;
+    int64_t v = ab + (ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30)));
+    v += (v < 0) ? ((int64_t)1 << 31) - 1 : 0;
+    return tf_rdbpot((int32_t)(v >> 31), right);
+}
+
+static inline __attribute__((always_inline)) void
+tf_put_fast(int8_t *dst, int32_t acc, int32_t m, int32_t right, const tf_rq_locals *r)
+{
+    *dst = tf_clamp8(tf_rq_right(acc, m, right) + r->output_offset, r->act_min, r->act_max);
+}
+
+/* The common case (no fused add, every shift <= 0): four outputs per 2x2 block. */
+static void tf_matmul_pair_fast(int32_t p, int32_t k, int32_t out_c, const int8_t *weights,
+                                const int32_t *bias, tf_rq_locals r, int8_t *output,
+                                const int16_t *c0, const int16_t *c1)
+{
+    int8_t *out0 = output + (size_t)p * (size_t)out_c;
+    int8_t *out1 = out0 + out_c;
+    const int8_t *w0 = weights;
+    int32_t o = 0;
+    for (; o + 2 <= out_c; o += 2) {
+        int32_t acc[4] = {bias[o], bias[o + 1], bias[o], bias[o + 1]};
+        tf_dot_2x2_inline(c0, c1, w0, w0 + k, k, acc);
+        w0 += 2 * k;
+        const int32_t m0 = r.multiplier[o], s0 = -r.shift[o];
+        const int32_t m1 = r.multiplier[o + 1], s1 = -r.shift[o + 1];
+        tf_put_fast(out0 + o, acc[0], m0, s0, &r);
+        tf_put_fast(out0 + o + 1, acc[1], m1, s1, &r);
+        tf_put_fast(out1 + o, acc[2], m0, s0, &r);
+        tf_put_fast(out1 + o + 1, acc[3], m1, s1, &r);
+    }
+    if (o < out_c) {
+        int32_t acc[2] = {bias[o], bias[o]};
+        tf_dot_2x1(c0, c1, w0, k, acc);
+        tf_put_fast(out0 + o, acc[0], r.multiplier[o], -r.shift[o], &r);
+        tf_put_fast(out1 + o, acc[1], r.multiplier[o], -r.shift[o], &r);
+    }
 }
 
 /* Two pixels at a time, two output channels at a time: 16 MACs per 4-deep step. */
 static void tf_matmul_pair(int32_t p, int32_t k, int32_t out_c, const int8_t *weights,
-                           const int32_t *bias, const tf_conv_quant *q,
-                           const tf_add_quant *add, int8_t *output, const int16_t *c0,
-                           const int16_t *c1)
+                           const int32_t *bias, tf_rq_locals r, const tf_add_quant *add,
+                           int8_t *output, const int16_t *c0, const int16_t *c1)
 {
+    int8_t *out0 = output + (size_t)p * (size_t)out_c;
+    int8_t *out1 = out0 + out_c;
+    const int8_t *w0 = weights;
     int32_t o = 0;
     for (; o + 2 <= out_c; o += 2) {
-        const int8_t *w0 = weights + (size_t)o * (size_t)k;
         int32_t acc[4] = {bias[o], bias[o + 1], bias[o], bias[o + 1]};
-        tf_dot_2x2(c0, c1, w0, w0 + k, k, acc);
-        tf_store(output, p, out_c, o, acc[0], q, add);
-        tf_store(output, p, out_c, o + 1, acc[1], q, add);
-        tf_store(output, p + 1, out_c, o, acc[2], q, add);
-        tf_store(output, p + 1, out_c, o + 1, acc[3], q, add);
+        tf_dot_2x2_inline(c0, c1, w0, w0 + k, k, acc);
+        w0 += 2 * k;
+        const int32_t m0 = r.multiplier[o], s0 = r.shift[o];
+        const int32_t m1 = r.multiplier[o + 1], s1 = r.shift[o + 1];
+        tf_put(out0 + o, acc[0], m0, s0, &r, add);
+        tf_put(out0 + o + 1, acc[1], m1, s1, &r, add);
+        tf_put(out1 + o, acc[2], m0, s0, &r, add);
+        tf_put(out1 + o + 1, acc[3], m1, s1, &r, add);
     }
     if (o < out_c) {
         int32_t acc[2] = {bias[o], bias[o]};
-        tf_dot_2x1(c0, c1, weights + (size_t)o * (size_t)k, k, acc);
-        tf_store(output, p, out_c, o, acc[0], q, add);
-        tf_store(output, p + 1, out_c, o, acc[1], q, add);
+        tf_dot_2x1(c0, c1, w0, k, acc);
+        tf_put(out0 + o, acc[0], r.multiplier[o], r.shift[o], &r, add);
+        tf_put(out1 + o, acc[1], r.multiplier[o], r.shift[o], &r, add);
     }
 }
 
 static void tf_matmul_single(int32_t p, int32_t k, int32_t out_c, const int8_t *weights,
-                             const int32_t *bias, const tf_conv_quant *q,
-                             const tf_add_quant *add, int8_t *output, const int16_t *c0)
+                             const int32_t *bias, tf_rq_locals r, const tf_add_quant *add,
+                             int8_t *output, const int16_t *c0)
 {
+    int8_t *out0 = output + (size_t)p * (size_t)out_c;
     int32_t o = 0;
     for (; o + 2 <= out_c; o += 2) {
         const int8_t *w0 = weights + (size_t)o * (size_t)k;
         int32_t acc[2] = {bias[o], bias[o + 1]};
         tf_dot_1x2(c0, w0, w0 + k, k, acc);
-        tf_store(output, p, out_c, o, acc[0], q, add);
-        tf_store(output, p, out_c, o + 1, acc[1], q, add);
+        tf_put(out0 + o, acc[0], r.multiplier[o], r.shift[o], &r, add);
+        tf_put(out0 + o + 1, acc[1], r.multiplier[o + 1], r.shift[o + 1], &r, add);
     }
     if (o < out_c) {
         const int32_t acc = bias[o] + tf_dot_1x1(c0, weights + (size_t)o * (size_t)k, k);
-        tf_store(output, p, out_c, o, acc, q, add);
+        tf_put(out0 + o, acc, r.multiplier[o], r.shift[o], &r, add);
     }
 }
 
@@ -220,15 +304,29 @@ void tf_matmul_columns(int32_t pixels, int32_t k, int32_t out_c, const int8_t *w
 {
     int16_t *c0 = buffer;
     int16_t *c1 = buffer + k;
+    const tf_rq_locals r = {q->multiplier, q->shift, q->output_offset, q->act_min, q->act_max};
+    tf_add_quant add_copy;
+    if (add != NULL) {
+        add_copy = *add; /* a local copy, for the same aliasing reason as tf_rq_locals */
+        add = &add_copy;
+    }
+    int fast = add == NULL;
+    for (int32_t o = 0; o < out_c && fast; o++) {
+        fast = r.shift[o] <= 0 && r.multiplier[o] != INT32_MIN;
+    }
     int32_t p = 0;
     for (; p + 2 <= pixels; p += 2) {
         fill(ctx, p, c0);
         fill(ctx, p + 1, c1);
-        tf_matmul_pair(p, k, out_c, weights, bias, q, add, output, c0, c1);
+        if (fast) {
+            tf_matmul_pair_fast(p, k, out_c, weights, bias, r, output, c0, c1);
+        } else {
+            tf_matmul_pair(p, k, out_c, weights, bias, r, add, output, c0, c1);
+        }
     }
     if (p < pixels) {
         fill(ctx, p, c0);
-        tf_matmul_single(p, k, out_c, weights, bias, q, add, output, c0);
+        tf_matmul_single(p, k, out_c, weights, bias, r, add, output, c0);
     }
 }
 

@@ -40,15 +40,16 @@ static inline int32_t tf_rdbpot(int32_t x, int32_t e)
 
 static inline int32_t tf_rq(int32_t acc, int32_t multiplier, int32_t shift)
 {
-    const int32_t left = shift > 0 ? shift : 0;
-    const int32_t right = shift > 0 ? 0 : -shift;
-    int64_t x = (int64_t)acc * ((int64_t)1 << left);
+    if (shift <= 0) { /* the usual case: scale < 1, no left shift to saturate */
+        return tf_rdbpot(tf_srdhm(acc, multiplier), -shift);
+    }
+    int64_t x = (int64_t)acc * ((int64_t)1 << shift);
     if (x > INT32_MAX) {
         x = INT32_MAX;
     } else if (x < INT32_MIN) {
         x = INT32_MIN;
     }
-    return tf_rdbpot(tf_srdhm((int32_t)x, multiplier), right);
+    return tf_srdhm((int32_t)x, multiplier);
 }
 
 static inline int8_t tf_clamp8(int32_t v, int32_t lo, int32_t hi)
