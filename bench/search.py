@@ -1,0 +1,208 @@
+"""Architecture search benchmarks: supernet training time, accuracy vs SRAM budget on digits
+(layer-based vs joint patch search), MACs found in the MCUNetV2 ImageNet space beside the
+paper's models, search time per hardware class, and compiling searched subnets.
+
+    .venv/bin/python -m bench.search train      # train the digits family (var/bench/digits)
+    .venv/bin/python -m bench.search budgets    # accuracy vs SRAM budget on that family
+    .venv/bin/python -m bench.search imagenet   # MACs under 256 kB/1 MB and 512 kB/2 MB
+    .venv/bin/python -m bench.search mcus       # search time per catalog MCU
+    .venv/bin/python -m bench.search compile    # compile two searched subnets, QEMU-checked
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from firmware.accuracy import sample_and_fit
+from firmware.data import Dataset, digits, load_dataset
+from firmware.errors import DoesNotFitError
+from firmware.family import ModelFamily, load_family, save_family
+from firmware.search import Constraints, EvolutionSettings, evolve, macs_objective
+from firmware.space import compact_space, mcunet_space
+from firmware.specialize import ObjectiveKind, export_subnet, specialize
+from firmware.supernet import Supernet
+from firmware.targets import CATALOG, KIB, MIB, TargetSpec
+from firmware.train import TrainConfig, train_supernet
+
+FAMILY_DIR = Path("var/bench/digits")
+RESOLUTIONS = (24, 32, 40, 48)
+BUDGETS_KIB = (16, 24, 32, 48, 64, 96, 128, 256, 512)
+
+
+def train(epochs: int, out: Path, seed: int = 0) -> dict[str, Any]:
+    """Train the digits family as `tinyfleet train-supernet` does; time each phase."""
+    data = digits()
+    space = compact_space(10, 1, RESOLUTIONS, name="digits-compact")
+    torch.manual_seed(seed)
+    supernet = Supernet(space)
+    config = TrainConfig(epochs=epochs, batch_size=32, lr=0.05, seed=seed)
+    started = time.monotonic()
+    summary = train_supernet(supernet, data, config)
+    train_s = time.monotonic() - started
+    started = time.monotonic()
+    predictor, measured = sample_and_fit(supernet, data, 40, seed)
+    fit_s = time.monotonic() - started
+    accs = [a for _, a in measured]
+    rng = random.Random(seed + 1)
+    metrics = {"largest_val_accuracy": accs[-2], "smallest_val_accuracy": accs[-1],
+               "sampled_val_accuracy_mean": sum(accs[:-2]) / (len(accs) - 2),
+               "sampled_val_accuracy_min": min(accs[:-2]),
+               "predictor_holdout_rank_corr": predictor.holdout_rank_corr}
+    del rng
+    save_family(out, supernet, "digits", data, {"epochs": epochs, "elapsed_s": train_s},
+                metrics, predictor)
+    return {"epochs": epochs, "train_s": train_s, "predictor_s": fit_s,
+            "last_epoch_loss": summary.last_epoch_loss, **metrics}
+
+
+def _budget_row(family: ModelFamily, supernet: Supernet, data: Dataset, budget: int,
+                patches: bool, settings: EvolutionSettings) -> dict[str, Any]:
+    constraints = Constraints(sram_bytes=budget, slot_bytes=1 * MIB, patches=patches)
+    try:
+        found = specialize(family, supernet, data, constraints, settings,
+                           ObjectiveKind.PREDICTED)
+    except DoesNotFitError as exc:  # a budget nothing fits is a row, not a crash
+        return {"budget_kib": budget // KIB, "patches": patches, "error": str(exc)[:80]}
+    mem = found.memory
+    return {"budget_kib": budget // KIB, "patches": patches,
+            "resolution": found.arch.resolution, "width": found.arch.width,
+            "schedule": (f"{mem['patches']}x{mem['patches']}@{mem['split_after']}"
+                         if mem["patches"] > 1 else "layer"),
+            "peak_kib": mem["peak_bytes"] / KIB, "layer_peak_kib": mem["layer_peak_bytes"] / KIB,
+            "macs_m": mem["macs"] / 1e6, "val_acc": found.val_accuracy,
+            "test_acc": found.test_accuracy, "predicted": found.score,
+            "search_s": found.search_s}
+
+
+def budgets(family_dir: Path) -> list[dict[str, Any]]:
+    """Accuracy vs SRAM budget (activation budget, reserve 0) for both search modes."""
+    family, supernet = load_family(family_dir)
+    data = load_dataset(family.data_source)
+    settings = EvolutionSettings(population=32, generations=10, parents=8, seed=0)
+    rows = []
+    for kib in BUDGETS_KIB:
+        for patches in (False, True):
+            rows.append(_budget_row(family, supernet, data, kib * KIB, patches, settings))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# The paper's anchors: (name, MACs, peak SRAM kB, Flash kB), MCUNetV2 Table 3 / MCUNet.
+ANCHORS = (("MCUNet (STM32F746)", 68e6, 238, None), ("MCUNetV2-M4", 119e6, 196, 1010),
+           ("MCUNetV2-H7", 256e6, 465, 2032))
+
+
+def imagenet(overhead_caps: tuple[float | None, ...] = (0.1, None)) -> list[dict[str, Any]]:
+    """The most (layer-based) MACs that fit, architecture only, in the ImageNet space."""
+    space = mcunet_space()
+    settings = EvolutionSettings(population=48, generations=15, parents=12, seed=0)
+    rows = []
+    for sram, flash in ((256 * KIB, 1 * MIB), (512 * KIB, 2 * MIB)):
+        for patches, cap in [(False, None)] + [(True, c) for c in overhead_caps]:
+            constraints = Constraints(sram_bytes=sram, slot_bytes=flash, patches=patches,
+                                      max_mac_overhead=cap)
+            result = evolve(space, constraints, macs_objective, settings)
+            best = result.best
+            assert best.plan is not None
+            rows.append({
+                "sram_kib": sram // KIB, "flash_kib": flash // KIB, "patches": patches,
+                "overhead_cap": cap, "resolution": best.arch.resolution,
+                "width": best.arch.width, "macs_m": best.layer_macs / 1e6,
+                "macs_with_recompute_m": best.macs / 1e6, "peak_kib": best.peak_bytes / KIB,
+                "flash_kib_used": best.flash_bytes / KIB,
+                "schedule": (f"{best.plan.schedule.patches}x{best.plan.schedule.patches}"
+                             f"@{best.plan.schedule.split_after}"
+                             if best.plan.schedule.patches > 1 else "layer"),
+                "evaluated": result.evaluated, "search_s": result.elapsed_s})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def mcus(family_dir: Path) -> list[dict[str, Any]]:
+    """Search time (predictor objective, default settings) per catalog MCU."""
+    family, supernet = load_family(family_dir)
+    data = load_dataset(family.data_source)
+    rows = []
+    for name, target in sorted(CATALOG.items()):
+        constraints = Constraints.for_target(target)
+        try:
+            found = specialize(family, supernet, data, constraints)
+        except DoesNotFitError as exc:  # report it, go on with the next MCU
+            rows.append({"mcu": name, "error": str(exc)[:100]})
+            continue
+        rows.append({"mcu": name, "sram_kib": target.sram_bytes // KIB,
+                     "slot_kib": constraints.slot_bytes // KIB,
+                     "resolution": found.arch.resolution, "width": found.arch.width,
+                     "patches": found.memory["patches"], "val_acc": found.val_accuracy,
+                     "search_s": found.search_s, "total_s": found.total_s,
+                     "evaluated": found.evaluated})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def compile_searched(family_dir: Path) -> list[dict[str, Any]]:
+    """Compile the searched subnets for two budgets and compare predicted with measured."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from firmware.builtin import build_graph
+    from firmware.data import to_tensor
+    from firmware.pipeline import CompileOptions, compile_model
+    from firmware.pipeline import Dataset as CalibSet
+    from firmware.targets import get_target
+
+    family, supernet = load_family(family_dir)
+    data = load_dataset(family.data_source)
+    target: TargetSpec = get_target("stm32f746")
+    rows = []
+    for kib in (24, 64):
+        constraints = Constraints(sram_bytes=kib * KIB, slot_bytes=target.slot_bytes())
+        found = specialize(family, supernet, data, constraints)
+        module = export_subnet(supernet, data, found.arch)
+        graph = build_graph(found.config, params=module.folded_params())
+        res = found.arch.resolution
+        calib = CalibSet(to_tensor(data.train.images[:64], res).numpy())
+        test = CalibSet(to_tensor(data.test.images, res).numpy(), data.test.labels)
+        mem = found.memory
+        options = CompileOptions(patches=mem["patches"], split_after=mem["split_after"],
+                                 onnx_check=False)
+        with tempfile.TemporaryDirectory() as work:
+            result = compile_model(graph, target, Ed25519PrivateKey.generate(), Path(work),
+                                   calib, test, options)
+        rows.append({"budget_kib": kib, "search_peak_bytes": mem["peak_bytes"],
+                     "compiled_plan_peak_bytes": result.plan.peak_bytes,
+                     "schedule": f"{mem['patches']}@{mem['split_after']}",
+                     "float_val_acc": found.val_accuracy, "report": dict(result.report)})
+        print(json.dumps(rows[-1], default=str)[:2000], flush=True)
+    return rows
+
+
+def main() -> None:
+    """Run one part of the benchmark and print its rows as JSON lines."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["train", "budgets", "imagenet", "mcus", "compile"])
+    parser.add_argument("--family", type=Path, default=FAMILY_DIR)
+    parser.add_argument("--epochs", type=int, default=6)
+    args = parser.parse_args()
+    if args.part == "train":
+        print(json.dumps(train(args.epochs, args.family)))
+    elif args.part == "budgets":
+        budgets(args.family)
+    elif args.part == "imagenet":
+        imagenet()
+    elif args.part == "mcus":
+        mcus(args.family)
+    else:
+        compile_searched(args.family)
+
+
+if __name__ == "__main__":
+    main()
