@@ -23,16 +23,83 @@ typedef struct {
     int32_t output_offset;
     int32_t act_min;
     int32_t act_max;
+    int right_only; /* tf_right_shifts_only: the branch-free requantization applies */
 } tf_dw_quant;
 
 static inline int8_t tf_dw_out(int32_t acc, const tf_dw_quant *q, int32_t c)
 {
-    const int32_t shift = q->shift[c];
-    /* shift <= 0 is the usual case; tf_rq's branch on it is taken once per output. */
-    const int32_t y = shift <= 0 ? tf_rdbpot(tf_srdhm(acc, q->multiplier[c]), -shift)
-                                 : tf_rq(acc, q->multiplier[c], shift);
+    const int32_t y = q->right_only ? tf_rq_right(acc, q->multiplier[c], -q->shift[c])
+                                    : tf_rq(acc, q->multiplier[c], q->shift[c]);
     return tf_clamp8(y + q->output_offset, q->act_min, q->act_max);
 }
+
+#if TF_USE_DSP
+static inline uint32_t tf_dw_read(const int8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* SXTAB16 with its ROR #8 operand (no ACLE intrinsic for the rotated form). */
+static inline int16x2_t tf_sxtab16_ror8(int16x2_t a, uint32_t b)
+{
+    int16x2_t r;
+    __asm__("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+
+static inline int16x2_t tf_sxtb16_ror8(uint32_t b)
+{
+    int16x2_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(b));
+    return r;
+}
+
+/* Four channels of one tap: (x + offset) * w in 16-bit lanes, SMLABB / SMLATT per lane. */
+#define TF_DW_TAP4(xp, wp)                                              \
+    do {                                                                \
+        const uint32_t x4 = tf_dw_read(xp);                             \
+        const uint32_t w4 = tf_dw_read(wp);                             \
+        const int16x2_t xe = __sxtab16(off2, (int8x4_t)x4);             \
+        const int16x2_t xo = tf_sxtab16_ror8(off2, x4);                 \
+        const int16x2_t we = __sxtb16((int8x4_t)w4);                    \
+        const int16x2_t wo = tf_sxtb16_ror8(w4);                        \
+        acc0 = __smlabb(xe, we, acc0);                                  \
+        acc2 = __smlatt(xe, we, acc2);                                  \
+        acc1 = __smlabb(xo, wo, acc1);                                  \
+        acc3 = __smlatt(xo, wo, acc3);                                  \
+    } while (0)
+
+/* 3x3 over four channels at a time with SMLABB/SMLATT: returns the channels done. */
+static int32_t tf_dw_3x3_dsp(const int8_t *a, const int8_t *b, const int8_t *e,
+                             int32_t channels, const int8_t *weights, const int32_t *bias,
+                             const tf_dw_quant *q, int8_t *dst)
+{
+    const size_t cs = (size_t)channels;
+    const int16x2_t off2 =
+        (int16x2_t)(((uint32_t)(uint16_t)q->input_offset << 16) | (uint16_t)q->input_offset);
+    int32_t c = 0;
+    for (; c + 4 <= channels; c += 4) {
+        int32_t acc0 = bias[c], acc1 = bias[c + 1], acc2 = bias[c + 2], acc3 = bias[c + 3];
+        const int8_t *w = weights + c;
+        TF_DW_TAP4(a + c, w);
+        TF_DW_TAP4(a + c + cs, w + cs);
+        TF_DW_TAP4(a + c + 2 * cs, w + 2 * cs);
+        TF_DW_TAP4(b + c, w + 3 * cs);
+        TF_DW_TAP4(b + c + cs, w + 4 * cs);
+        TF_DW_TAP4(b + c + 2 * cs, w + 5 * cs);
+        TF_DW_TAP4(e + c, w + 6 * cs);
+        TF_DW_TAP4(e + c + cs, w + 7 * cs);
+        TF_DW_TAP4(e + c + 2 * cs, w + 8 * cs);
+        dst[c] = tf_dw_out(acc0, q, c);
+        dst[c + 1] = tf_dw_out(acc1, q, c + 1);
+        dst[c + 2] = tf_dw_out(acc2, q, c + 2);
+        dst[c + 3] = tf_dw_out(acc3, q, c + 3);
+    }
+    return c;
+}
+#endif
 
 /* A 3x3 window: nine taps per channel. rows[] point at padded rows, x0 in padded columns. */
 static void tf_dw_3x3(const int8_t *const rows[3], int32_t x0, int32_t channels,
@@ -44,12 +111,19 @@ static void tf_dw_3x3(const int8_t *const rows[3], int32_t x0, int32_t channels,
     const int8_t *a = rows[0] + (size_t)x0 * cs;
     const int8_t *b = rows[1] + (size_t)x0 * cs;
     const int8_t *e = rows[2] + (size_t)x0 * cs;
+    int32_t c = 0;
+#if TF_USE_DSP
+    c = tf_dw_3x3_dsp(a, b, e, channels, weights, bias, q, dst);
+    a += c;
+    b += c;
+    e += c;
+#endif
     /* One pointer per kernel row: every tap is then [pointer + 0 / cs / 2cs]. */
-    const int8_t *w0 = weights;
-    const int8_t *w1 = weights + 3 * cs;
-    const int8_t *w2 = weights + 6 * cs;
+    const int8_t *w0 = weights + c;
+    const int8_t *w1 = weights + 3 * cs + c;
+    const int8_t *w2 = weights + 6 * cs + c;
     const int32_t off = q->input_offset;
-    for (int32_t c = 0; c < channels; c++) {
+    for (; c < channels; c++) {
         int32_t acc = bias[c];
         acc += (a[0] + off) * w0[0] + (a[cs] + off) * w0[cs] + (a[cs2] + off) * w0[cs2];
         acc += (b[0] + off) * w1[0] + (b[cs] + off) * w1[cs] + (b[cs2] + off) * w1[cs2];
@@ -129,7 +203,8 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
         return TF_ERR_SHAPE;
     }
     const tf_dw_quant ql = {q->multiplier,   q->shift,   q->input_offset,
-                            q->output_offset, q->act_min, q->act_max};
+                            q->output_offset, q->act_min, q->act_max,
+                            tf_right_shifts_only(q->multiplier, q->shift, in->c)};
     const int in_place = (const int8_t *)output == input;
     const size_t row_bytes = (size_t)in->w * (size_t)in->c;
     const size_t left = (size_t)win->pad_left * (size_t)in->c;

@@ -206,17 +206,6 @@ tf_put(int8_t *dst, int32_t acc, int32_t m, int32_t sh, const tf_rq_locals *r,
     *dst = add != NULL ? tf_add_one(y, *dst, add) : y;
 }
 
-/* tf_rq for shift <= 0 and multiplier != INT32_MIN (checked once per layer): no left shift
- * to saturate and no saturating case in the high multiply, so no branches. Same result. */
-static inline __attribute__((always_inline)) int32_t tf_rq_right(int32_t acc, int32_t m,
-                                                                 int32_t right)
-{
-    const int64_t ab = (int64_t)acc * (int64_t)m;
-    int64_t v = ab + (ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30)));
-    v += (v < 0) ? ((int64_t)1 << 31) - 1 : 0;
-    return tf_rdbpot((int32_t)(v >> 31), right);
-}
-
 static inline __attribute__((always_inline)) void
 tf_put_fast(int8_t *dst, int32_t acc, int32_t m, int32_t right, const tf_rq_locals *r)
 {
@@ -310,10 +299,7 @@ void tf_matmul_columns(int32_t pixels, int32_t k, int32_t out_c, const int8_t *w
         add_copy = *add; /* a local copy, for the same aliasing reason as tf_rq_locals */
         add = &add_copy;
     }
-    int fast = add == NULL;
-    for (int32_t o = 0; o < out_c && fast; o++) {
-        fast = r.shift[o] <= 0 && r.multiplier[o] != INT32_MIN;
-    }
+    const int fast = add == NULL && tf_right_shifts_only(r.multiplier, r.shift, out_c);
     int32_t p = 0;
     for (; p + 2 <= pixels; p += 2) {
         fill(ctx, p, c0);
@@ -328,6 +314,16 @@ void tf_matmul_columns(int32_t pixels, int32_t k, int32_t out_c, const int8_t *w
         fill(ctx, p, c0);
         tf_matmul_single(p, k, out_c, weights, bias, r, add, output, c0);
     }
+}
+
+int tf_right_shifts_only(const int32_t *multiplier, const int32_t *shift, int32_t n)
+{
+    for (int32_t i = 0; i < n; i++) {
+        if (shift[i] > 0 || multiplier[i] == INT32_MIN) {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 tf_status tf_check_dims(const tf_dims *d)

@@ -52,6 +52,17 @@ static inline int32_t tf_rq(int32_t acc, int32_t multiplier, int32_t shift)
     return tf_srdhm((int32_t)x, multiplier);
 }
 
+/* tf_rq for shift <= 0 and multiplier != INT32_MIN (checked once per layer): no left shift
+ * to saturate and no saturating case in the high multiply, so no branches. Same result. */
+static inline __attribute__((always_inline)) int32_t tf_rq_right(int32_t acc, int32_t m,
+                                                                 int32_t right)
+{
+    const int64_t ab = (int64_t)acc * (int64_t)m;
+    int64_t v = ab + (ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30)));
+    v += (v < 0) ? ((int64_t)1 << 31) - 1 : 0;
+    return tf_rdbpot((int32_t)(v >> 31), right);
+}
+
 static inline int8_t tf_clamp8(int32_t v, int32_t lo, int32_t hi)
 {
     return (int8_t)(v < lo ? lo : (v > hi ? hi : v));
@@ -102,6 +113,9 @@ static inline int8_t tf_finish(int32_t acc, const tf_conv_quant *q, int32_t ch)
 /* The matrix core shared by conv, 1x1 conv and fc: for columns built by `fill`, compute
  * every output channel. `residual`/`add` non-NULL fuses the residual add. */
 typedef void (*tf_fill_fn)(const void *ctx, int32_t pixel, int16_t *col);
+/* 1 when every shift is <= 0 and no multiplier is INT32_MIN: tf_rq_right applies. */
+int tf_right_shifts_only(const int32_t *multiplier, const int32_t *shift, int32_t n);
+
 void tf_matmul_columns(int32_t pixels, int32_t k, int32_t out_c, const int8_t *weights,
                        const int32_t *bias, const tf_conv_quant *q, const tf_add_quant *add,
                        int8_t *output, int16_t *buffer, tf_fill_fn fill, const void *ctx);
