@@ -25,7 +25,7 @@ from types import MappingProxyType
 from firmware.codegen.cformat import c_comment
 from firmware.codegen.emitters import emit_params, kind_of
 from firmware.codegen.main_c import MAIN_C
-from firmware.codegen.render import Body, hwc, layer_based, layer_prefix
+from firmware.codegen.render import Body, hwc, layer_based, layer_prefix, tensor_idents
 from firmware.memory import MemoryModel
 from firmware.patch import PatchPlan
 from firmware.quantize import QuantizedGraph
@@ -124,8 +124,6 @@ def _source(qgraph: QuantizedGraph, body: Body, patches: int,
     graph = qgraph.graph
     params = [emit_params(graph, layer_prefix(i), ql, kind_of(graph, ql.layer))
               for i, ql in enumerate(qgraph.ordered_layers()) if ql.name not in body.param_free]
-    from firmware.codegen.render import tensor_idents
-
     out_ident = tensor_idents(qgraph)[graph.output]
     run = [*body.read_input, *body.statements, *_output_copy(qgraph, out_ident),
            "return TF_OK;"]

@@ -284,7 +284,7 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
                       f"{base + stage_plan.offsets[name]};  /* {c_comment(name)}, per patch: "
                       f"up to {t.height}x{t.width}x{t.channels} */\n"))
     decls.extend(_tables(stage, graph, idents, patches))
-    fused = fused_projections(qgraph, stage.graph, stage_plan.offsets)
+    fused = fused_projections(stage.graph, stage_plan.offsets)
     for proj, add_name in fused.items():
         add = stage.graph.layer(add_name)
         add_ql = qgraph.layer(add_name)

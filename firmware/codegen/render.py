@@ -78,8 +78,7 @@ def window_fields(layer: Layer, pads: tuple[int, int, int, int] | None = None) -
             bottom, right]
 
 
-def fused_projections(qgraph: QuantizedGraph, graph: Graph,
-                      offsets: Mapping[str, int]) -> dict[str, str]:
+def fused_projections(graph: Graph, offsets: Mapping[str, int]) -> dict[str, str]:
     """{projection layer: its add layer} for residual adds planned in place (shared offsets)."""
     fused: dict[str, str] = {}
     for layer in graph.layers:
@@ -121,7 +120,7 @@ def emit_layers(qgraph: QuantizedGraph, graph: Graph, offsets: Mapping[str, int]
     """Whole-tensor calls of `graph`'s layers (all of qgraph's, or the part after a patch
     stage), every tensor at its arena offset."""
     full = qgraph.graph
-    fused = fused_projections(qgraph, graph, offsets)
+    fused = fused_projections(graph, offsets)
     fused_adds = set(fused.values())
     decls: list[tuple[str, str]] = []
     for tensor in graph.tensors:

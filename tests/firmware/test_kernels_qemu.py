@@ -24,6 +24,7 @@ VARIANTS = {
     "m4-dsp": (Cpu.CORTEX_M4, True),
     "m4-plain": (Cpu.CORTEX_M4, False),
     "m7-dsp": (Cpu.CORTEX_M7, True),
+    "m33-dsp": (Cpu.CORTEX_M33, True),
 }
 
 
