@@ -142,7 +142,11 @@ def plan_candidate(space: SearchSpace, arch: Arch, constraints: Constraints,
     training = constraints.training_memory(config, graph) if constraints.personalize else 0
     code = constraints.code_bytes(graph)
     budget = max(0, constraints.sram_bytes - constraints.runtime_reserve_bytes - training)
-    pinned = None if constraints.patches else 1
+    # Layer-based inference recomputes nothing, so when it fits it has the fewest MACs of all
+    # schedules: skip the patch sweep (most of the planning time).
+    pinned = None if constraints.patches and report.peak_bytes > budget else 1
+    if explain and constraints.patches:
+        pinned = None
     reasons = []
     if report.weights_bytes + code > constraints.slot_bytes:
         reasons.append(f"weights {report.weights_bytes} B + code {code} B > slot "
