@@ -216,7 +216,7 @@ def scratch_bytes(graph: Graph, layer: Layer, kind: Kind, in_w: int | None = Non
         return 2 * x.channels * 2
     if kind is Kind.FULLY_CONNECTED:
         return 2 * x.numel * 2
-    if kind is Kind.DEPTHWISE:  # kh padded rows + one row of zero points
+    if kind is Kind.DEPTHWISE:  # a ring of kh rows, padded left and right
         padded = width + layer.padding[1] + layer.padding[3]
-        return (layer.kernel[0] + 1) * padded * x.channels
+        return layer.kernel[0] * padded * x.channels
     return 0

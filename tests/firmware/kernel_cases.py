@@ -106,10 +106,12 @@ def conv_case(seed: int, h: int, w: int, cin: int, cout: int, k: int, s: int,
     return Case(f"conv{k}x{k}s{s} {h}x{w}x{cin}->{cout}", payload, y.tobytes())
 
 
-def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool) -> Case:
-    """Depthwise conv with 'same' padding (as MobileNet), optionally in place."""
+def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
+            pad: tuple[int, int, int, int] | None = None) -> Case:
+    """Depthwise conv, 'same' padding (as MobileNet) unless given, optionally in place."""
     rng = np.random.default_rng(seed)
-    pad = (k // 2, k // 2, (k - 1) // 2, (k - 1) // 2) if s == 2 else (k // 2,) * 4
+    if pad is None:
+        pad = (k // 2, k // 2, (k - 1) // 2, (k - 1) // 2) if s == 2 else (k // 2,) * 4
     x, wt = _i8(rng, h, w, c), _w8(rng, k, k, c)
     b = rng.integers(-5000, 5000, size=c).astype(np.int32)
     q = _quant(rng, c, relu=True)
@@ -238,8 +240,11 @@ def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
                          (pad[0], pad[1], pad[2], pad[3]))
     if kind == "dw":
         k = draw(st.sampled_from([3, 5, 7]))
+        # Patch tiles pad only the sides at the image border: any pads below the kernel.
+        pads = (None if draw(st.booleans()) else
+                tuple(draw(st.integers(0, k // 2)) for _ in range(4)))
         return dw_case(seed, max(h, k), max(w, k), c, k, draw(st.integers(1, 2)),
-                       draw(st.booleans()))
+                       draw(st.booleans()), pads)  # type: ignore[arg-type]
     if kind in ("pw", "pw_add"):
         return pointwise_case(seed, h, w, c, draw(st.integers(1, max_c)), kind == "pw_add")
     if kind == "fc":

@@ -1,16 +1,22 @@
 /* Depthwise conv (channel multiplier 1), in place through a ring of kh input rows. */
 #include "tf_internal.h"
 
-/* The ring holds kh input rows padded left and right with the zero point, plus one row of
- * zero points for the padding above and below: every window is then complete, and the
- * inner loops need no bounds checks (a padded tap adds (zp - zp) * w = 0). */
+/* The ring holds the kh rows of the current window, padded left and right with the zero
+ * point; a row above or below the image is a slot of zero points. Every window is then
+ * complete and the inner loops need no bounds checks (a padded tap adds (zp - zp) * w = 0).
+ * Row y lives in slot y mod kh: the kh rows of a window never share a slot. */
 size_t tf_depthwise_conv2d_get_buffer_size(const tf_dims *in, const tf_window *win)
 {
     if (in == NULL || win == NULL) {
         return 0;
     }
     const size_t padded_w = (size_t)(in->w + win->pad_left + win->pad_right);
-    return ((size_t)win->kh + 1u) * padded_w * (size_t)in->c;
+    return (size_t)win->kh * padded_w * (size_t)in->c;
+}
+
+static inline size_t tf_dw_slot(int32_t y, int32_t kh)
+{
+    return (size_t)(((y % kh) + kh) % kh);
 }
 
 #define TF_DW_MAX_KH 16
@@ -157,7 +163,7 @@ static void tf_dw_generic(const int8_t *const *rows, const tf_window *win, int32
     }
 }
 
-/* One output row from the ring (input row r in slot r % kh; slot kh = zero points). */
+/* One output row from the ring (row y of the window in slot y mod kh). */
 static void tf_dw_row(const tf_dims *in, const tf_window *win, const tf_dims *out,
                       const int8_t *ring, int32_t oy, const int8_t *weights,
                       const int32_t *bias, const tf_dw_quant *q, int8_t *dst)
@@ -166,8 +172,7 @@ static void tf_dw_row(const tf_dims *in, const tf_window *win, const tf_dims *ou
     const int32_t y0 = oy * win->stride_h - win->pad_top;
     const int8_t *rows[TF_DW_MAX_KH];
     for (int32_t i = 0; i < win->kh; i++) {
-        const int32_t y = y0 + i;
-        rows[i] = ring + (y >= 0 && y < in->h ? (size_t)(y % win->kh) : (size_t)win->kh) * slot;
+        rows[i] = ring + tf_dw_slot(y0 + i, win->kh) * slot;
     }
     const int three = win->kh == 3 && win->kw == 3;
     for (int32_t ox = 0; ox < out->w; ox++) {
@@ -211,29 +216,31 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
     const size_t right = (size_t)win->pad_right * (size_t)in->c;
     const size_t slot = left + row_bytes + right;
     const int8_t zero_point = (int8_t)(-q->input_offset);
+    int32_t held[TF_DW_MAX_KH]; /* the row each slot holds */
     for (int32_t i = 0; i < win->kh; i++) { /* the margins; rows go between them */
         memset(buffer + (size_t)i * slot, zero_point, left);
         memset(buffer + (size_t)i * slot + left + row_bytes, zero_point, right);
+        held[i] = INT32_MIN;
     }
-    memset(buffer + (size_t)win->kh * slot, zero_point, slot);
     const size_t out_row_bytes = (size_t)out->w * (size_t)out->c;
-    int32_t next_row = 0; /* first input row not yet saved in the ring */
     for (int32_t oy = 0; oy < out->h; oy++) {
         const int32_t first = oy * win->stride_h - win->pad_top;
-        int32_t last = first + win->kh - 1;
-        if (last > in->h - 1) {
-            last = in->h - 1;
-        }
-        for (int32_t r = first > next_row ? first : next_row; r <= last; r++) {
-            /* In place, output rows 0..oy-1 already cover the first oy*out_row_bytes. */
-            if (in_place && (size_t)r * row_bytes < (size_t)oy * out_row_bytes) {
-                return TF_ERR_ALIAS;
+        for (int32_t y = first; y < first + win->kh; y++) {
+            const size_t k = tf_dw_slot(y, win->kh);
+            if (held[k] == y) {
+                continue;
             }
-            memcpy(buffer + (size_t)(r % win->kh) * slot + left, input + (size_t)r * row_bytes,
-                   row_bytes);
-        }
-        if (last + 1 > next_row) {
-            next_row = last + 1;
+            int8_t *dst = buffer + k * slot;
+            if (y < 0 || y >= in->h) {
+                memset(dst, zero_point, slot);
+            } else {
+                /* In place, output rows 0..oy-1 already cover the first oy*out_row_bytes. */
+                if (in_place && (size_t)y * row_bytes < (size_t)oy * out_row_bytes) {
+                    return TF_ERR_ALIAS;
+                }
+                memcpy(dst + left, input + (size_t)y * row_bytes, row_bytes);
+            }
+            held[k] = y;
         }
         tf_dw_row(in, win, out, buffer, oy, weights, bias, &ql,
                   output + (size_t)oy * out_row_bytes);
