@@ -124,6 +124,15 @@ def reload_mosquitto(pid_file: Path | None) -> int | None:
     except (FileNotFoundError, ValueError):
         log.info("no Mosquitto pid in %s: broker files written, no reload", pid_file)
         return None
+    # A stale pid file may name a reused pid; SIGHUP kills most programs, so check the name.
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:
+        comm = ""
+    if comm != "mosquitto":
+        log.warning("pid %d from %s is not a running mosquitto (%r): no reload",
+                    pid, pid_file, comm or "gone")
+        return None
     try:
         os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
