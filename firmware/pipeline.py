@@ -32,7 +32,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware.build import BuildResult, build_firmware
-from firmware.emulator import EmulationResult, run_firmware
+from firmware.emulator import EmulationResult, board_for, run_firmware
 from firmware.errors import DoesNotFitError, EmulationError
 from firmware.float_exec import run_graph
 from firmware.image import (
@@ -253,6 +253,8 @@ class _Built:
 def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, work_dir: Path,
                      calib: Dataset | None, test: Dataset | None, say: Progress) -> _Built:
     """Quantize, plan, generate, build, run in QEMU; EmulationError unless bit-exact."""
+    # No image is signed unchecked: refuse a core QEMU cannot run before any work is done.
+    board_for(target)
     say(Stage.QUANTIZE, "post-training int8 quantization")
     qgraph = quantize_graph(graph, None if calib is None else calib.x,
                             generated_count=opts.generated_calibration)
