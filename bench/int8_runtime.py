@@ -164,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = [pointwise(28, 28, 16, 96), pointwise(28, 28, 32, 64), pointwise(14, 14, 96, 24),
              pointwise(14, 14, 192, 32), conv3x3(32, 32, 3, 16, 2),
-             depthwise(28, 28, 48)]
+             depthwise(72, 72, 16), depthwise(28, 28, 48)]
     builds = [(Cpu.CORTEX_M4, False), (Cpu.CORTEX_M4, True), (Cpu.CORTEX_M7, True)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

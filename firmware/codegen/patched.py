@@ -301,8 +301,8 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
             *(f"    {line}" for stmt in body for line in stmt.splitlines()), "}"]
     statements = [*loop, *emitted.statements]
     scratch = max([emitted.scratch_bytes, *(
-        scratch_bytes(graph, layer, kind_of(graph, layer),
-                      in_w=stage.graph.tensor(stage.graph.layer(layer.name).inputs[0]).width)
+        scratch_bytes(graph, layer, kind_of(graph, layer), in_w=_largest_input(stage, layer).width,
+                      in_h=_largest_input(stage, layer).height)
         for layer in graph.layers[: graph.index(plan.schedule.split_after) + 1])])
     all_decls = [*decls, *emitted.decls]
     buffers = {idents[n]: (base + stage_plan.offsets[n], stage.graph.tensor(n).numel)
@@ -313,6 +313,11 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
                 statements=tuple(statements), read_input=(), arena_bytes=arena_bytes,
                 scratch_bytes=scratch, buffers=buffers,
                 param_free=frozenset(fused.values()) | emitted.fused_adds)
+
+
+def _largest_input(stage: Stage, layer: Layer) -> Tensor:
+    """The first input of a stage layer at its largest patch region (bounds its scratch)."""
+    return stage.graph.tensor(stage.graph.layer(layer.name).inputs[0])
 
 
 def proj_output(graph: Graph, layer_name: str) -> str:

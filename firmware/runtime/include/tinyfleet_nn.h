@@ -111,9 +111,11 @@ tf_status tf_conv2d_1x1_add_s8(const tf_dims *in, const int8_t *input, int32_t o
                                const tf_conv_quant *q, const tf_add_quant *add,
                                int8_t *residual, int16_t *buffer);
 
-/* Depthwise conv, channel multiplier 1, kh <= 16. output may equal input (in place): a ring
- * of kh input rows (buffer, tf_depthwise_conv2d_get_buffer_size() bytes) keeps the rows still
- * needed; TF_ERR_ALIAS if an input row would be overwritten before it is saved. */
+/* Depthwise conv, channel multiplier 1, kernel <= 16x16. output may equal input (in place).
+ * The buffer (tf_depthwise_conv2d_get_buffer_size() bytes) is the smaller of a ring of kh
+ * zero-point-padded input rows, which keeps the rows still needed, and one padded channel
+ * plane (the kernel then runs channel by channel); TF_ERR_ALIAS if an input row would be
+ * overwritten before it is saved. */
 size_t tf_depthwise_conv2d_get_buffer_size(const tf_dims *in, const tf_window *win);
 tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
                                  const tf_dims *out, const int8_t *weights,

@@ -5,13 +5,27 @@
  * point; a row above or below the image is a slot of zero points. Every window is then
  * complete and the inner loops need no bounds checks (a padded tap adds (zp - zp) * w = 0).
  * Row y lives in slot y mod kh: the kh rows of a window never share a slot. */
+static size_t tf_dw_ring_bytes(const tf_dims *in, const tf_window *win)
+{
+    return (size_t)win->kh * (size_t)(in->w + win->pad_left + win->pad_right) * (size_t)in->c;
+}
+
+/* The other way, where it is smaller (small images, many channels): one channel at a time
+ * through a zero-point-padded plane of (h + pads) x (w + pads) bytes. */
+static size_t tf_dw_plane_bytes(const tf_dims *in, const tf_window *win)
+{
+    return (size_t)(in->h + win->pad_top + win->pad_bottom) *
+           (size_t)(in->w + win->pad_left + win->pad_right);
+}
+
 size_t tf_depthwise_conv2d_get_buffer_size(const tf_dims *in, const tf_window *win)
 {
     if (in == NULL || win == NULL) {
         return 0;
     }
-    const size_t padded_w = (size_t)(in->w + win->pad_left + win->pad_right);
-    return (size_t)win->kh * padded_w * (size_t)in->c;
+    const size_t ring = tf_dw_ring_bytes(in, win);
+    const size_t plane = tf_dw_plane_bytes(in, win);
+    return plane <= ring ? plane : ring;
 }
 
 static inline size_t tf_dw_slot(int32_t y, int32_t kh)
@@ -32,7 +46,8 @@ typedef struct {
     int right_only; /* tf_right_shifts_only: the branch-free requantization applies */
 } tf_dw_quant;
 
-static inline int8_t tf_dw_out(int32_t acc, const tf_dw_quant *q, int32_t c)
+static inline __attribute__((always_inline)) int8_t tf_dw_out(int32_t acc, const tf_dw_quant *q,
+                                                         int32_t c)
 {
     const int32_t y = q->right_only ? tf_rq_right(acc, q->multiplier[c], -q->shift[c])
                                     : tf_rq(acc, q->multiplier[c], q->shift[c]);
@@ -186,6 +201,78 @@ static void tf_dw_row(const tf_dims *in, const tf_window *win, const tf_dims *ou
     }
 }
 
+/* One channel over the padded plane: out = bias + off * sum(w) + sum x * w, the same
+ * integers as sum (x + off) * w (a padded tap holds zp, so it adds (zp + off) * w = 0). */
+static void tf_dw_plane_channel(const int8_t *plane, int32_t wp, const tf_window *win,
+                                const tf_dims *out, const int8_t *w, int32_t acc0,
+                                const tf_dw_quant *q, int32_t c, int8_t *dst)
+{
+    const size_t step = (size_t)out->c;
+    if (win->kh == 3 && win->kw == 3) {
+        const int32_t w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5],
+                      w6 = w[6], w7 = w[7], w8 = w[8];
+        for (int32_t oy = 0; oy < out->h; oy++) {
+            const int8_t *r0 = plane + (size_t)(oy * win->stride_h) * (size_t)wp;
+            const int8_t *r1 = r0 + wp;
+            const int8_t *r2 = r1 + wp;
+            const int32_t sw = win->stride_w;
+            int8_t *d = dst + (size_t)(oy * out->w) * step;
+            for (int32_t ox = 0; ox < out->w; ox++) {
+                int32_t acc = acc0 + r0[0] * w0 + r0[1] * w1 + r0[2] * w2;
+                acc += r1[0] * w3 + r1[1] * w4 + r1[2] * w5;
+                acc += r2[0] * w6 + r2[1] * w7 + r2[2] * w8;
+                *d = tf_dw_out(acc, q, c);
+                d += step;
+                r0 += sw;
+                r1 += sw;
+                r2 += sw;
+            }
+        }
+        return;
+    }
+    for (int32_t oy = 0; oy < out->h; oy++) {
+        for (int32_t ox = 0; ox < out->w; ox++) {
+            const int8_t *p = plane + (size_t)(oy * win->stride_h) * (size_t)wp +
+                              (size_t)(ox * win->stride_w);
+            int32_t acc = acc0;
+            for (int32_t i = 0; i < win->kh; i++) {
+                for (int32_t j = 0; j < win->kw; j++) {
+                    acc += p[(size_t)i * (size_t)wp + (size_t)j] * w[i * win->kw + j];
+                }
+            }
+            dst[(size_t)(oy * out->w + ox) * step] = tf_dw_out(acc, q, c);
+        }
+    }
+}
+
+static void tf_dw_by_plane(const tf_dims *in, const int8_t *input, const tf_window *win,
+                           const tf_dims *out, const int8_t *weights, const int32_t *bias,
+                           const tf_dw_quant *q, int8_t *output, int8_t *plane)
+{
+    const int32_t wp = in->w + win->pad_left + win->pad_right;
+    const int32_t taps = win->kh * win->kw;
+    const size_t cs = (size_t)in->c;
+    int8_t w[TF_DW_MAX_KH * TF_DW_MAX_KH];
+    memset(plane, (int8_t)(-q->input_offset), tf_dw_plane_bytes(in, win));
+    for (int32_t c = 0; c < in->c; c++) {
+        /* Channel c is saved whole before any of its outputs is written: in place is safe. */
+        for (int32_t y = 0; y < in->h; y++) {
+            const int8_t *src = input + (size_t)(y * in->w) * cs + (size_t)c;
+            int8_t *row = plane + (size_t)(y + win->pad_top) * (size_t)wp + win->pad_left;
+            for (int32_t x = 0; x < in->w; x++) {
+                row[x] = src[(size_t)x * cs];
+            }
+        }
+        int32_t wsum = 0;
+        for (int32_t k = 0; k < taps; k++) {
+            w[k] = weights[(size_t)k * cs + (size_t)c];
+            wsum += w[k];
+        }
+        tf_dw_plane_channel(plane, wp, win, out, w, bias[c] + q->input_offset * wsum, q, c,
+                            output + c);
+    }
+}
+
 tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
                                  const tf_dims *out, const int8_t *weights,
                                  const int32_t *bias, const tf_conv_quant *q, int8_t *output,
@@ -199,7 +286,7 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
         (st = tf_check_window(win)) != TF_OK || (st = tf_check_conv_quant(q)) != TF_OK) {
         return st;
     }
-    if (win->kh > TF_DW_MAX_KH) {
+    if (win->kh > TF_DW_MAX_KH || win->kw > TF_DW_MAX_KH) {
         return TF_ERR_ARG;
     }
     if (out->c != in->c ||
@@ -211,6 +298,13 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
                             q->output_offset, q->act_min, q->act_max,
                             tf_right_shifts_only(q->multiplier, q->shift, in->c)};
     const int in_place = (const int8_t *)output == input;
+    if (tf_dw_plane_bytes(in, win) <= tf_dw_ring_bytes(in, win)) {
+        if (in_place && out->h * out->w > in->h * in->w) {
+            return TF_ERR_ALIAS;
+        }
+        tf_dw_by_plane(in, input, win, out, weights, bias, &ql, output, buffer);
+        return TF_OK;
+    }
     const size_t row_bytes = (size_t)in->w * (size_t)in->c;
     const size_t left = (size_t)win->pad_left * (size_t)in->c;
     const size_t right = (size_t)win->pad_right * (size_t)in->c;
