@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from firmware.build import LinkOverflowError, build_firmware, build_host_program
 from firmware.codegen import render_model, write_model
@@ -177,3 +179,25 @@ def test_grouped_conv_is_refused_naming_the_layer(qgraph: QuantizedGraph) -> Non
     bad = dataclasses.replace(qgraph, graph=bad_graph)
     with pytest.raises(UnsupportedOpError, match=r"b1\.expand.*grouped"):
         render_model(bad)
+
+
+@pytest.mark.toolchain
+@settings(max_examples=10, deadline=None, phases=[Phase.generate],
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(patches=st.integers(2, 4), split_index=st.integers(0, 7),
+       memory_model=st.sampled_from(list(MemoryModel)))
+def test_any_patch_schedule_equals_the_whole_tensor_reference_on_the_host(
+        tmp_path: Path, qgraph: QuantizedGraph, inputs: np.ndarray, expected: np.ndarray,
+        patches: int, split_index: int, memory_model: MemoryModel) -> None:
+    from firmware.patch import split_points
+
+    points = split_points(qgraph.graph)
+    split = points[split_index % len(points)]
+    plan = plan_patches(qgraph.graph, patches, split, memory_model=memory_model)
+    out = tmp_path / f"p{patches}-{split}-{memory_model.value}"
+    write_model(qgraph, plan, out / "src", memory_model)
+    exe = build_host_program(sorted((out / "src").glob("*.c")), out, include_dirs=[out / "src"])
+    (out / "input.bin").write_bytes(encode_inputs(_hwc(inputs)))
+    subprocess.run([str(exe)], cwd=out, check=True, timeout=30)
+    got, _ = decode_outputs((out / "output.bin").read_bytes(), len(inputs))
+    assert np.array_equal(got, expected), (patches, split, memory_model)
