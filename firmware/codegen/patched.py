@@ -269,14 +269,7 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
     rest_offsets = {t: off + shift for t, off in rest_plan.offsets.items()}
 
     base_idents = tensor_idents(qgraph)
-    idents: dict[str, str] = dict(base_idents)
-    for name in stage.regions:
-        if name in stage.views:
-            _, consumer = stage.views[name]
-            pos = stage.graph.layer(consumer).inputs.index(name)
-            idents[name] = f"{layer_prefix(graph.index(consumer))}_in{pos}_view"
-        else:
-            idents[name] = f"{base_idents[name]}_patch"
+    idents = _stage_idents(graph, stage, base_idents)
     decls: list[tuple[str, str]] = []
     for name in stage.regions:
         t = stage.graph.tensor(name)
@@ -285,15 +278,7 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
                       f"up to {t.height}x{t.width}x{t.channels} */\n"))
     decls.extend(_tables(stage, graph, idents, patches))
     fused = fused_projections(stage.graph, stage_plan.offsets)
-    for proj, add_name in fused.items():
-        add = stage.graph.layer(add_name)
-        add_ql = qgraph.layer(add_name)
-        assert add_ql.add is not None
-        prefix = layer_prefix(graph.index(proj))
-        decls.append((f"{prefix}_fused_add", "static const tf_add_quant "
-                      f"{prefix}_fused_add = {{" + ", ".join(str(v) for v in add_fields(
-                          add_ql.add, add_ql.act_min, add_ql.act_max,
-                          swap=add.inputs[0] != proj_output(stage.graph, proj))) + "};\n"))
+    decls.extend(_fused_add_decls(qgraph, stage, fused))
     emitted = emit_layers(qgraph, rest, rest_offsets, base_idents)
     body = _stage_statements(qgraph, stage, idents, fused, base_idents[full_out])
     loop = [f"for (int32_t p = 0; p < {patches}; p++) {{  /* {plan.schedule.patches}x"
@@ -315,11 +300,35 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
                 param_free=frozenset(fused.values()) | emitted.fused_adds)
 
 
+def _stage_idents(graph: Graph, stage: Stage, base: Mapping[str, str]) -> dict[str, str]:
+    """C names of the per-patch buffers: l3_pw_out_patch, and l5_in0_view for views."""
+    idents = dict(base)
+    for name in stage.regions:
+        if name in stage.views:
+            _, consumer = stage.views[name]
+            pos = stage.graph.layer(consumer).inputs.index(name)
+            idents[name] = f"{layer_prefix(graph.index(consumer))}_in{pos}_view"
+        else:
+            idents[name] = f"{base[name]}_patch"
+    return idents
+
+
+def _fused_add_decls(qgraph: QuantizedGraph, stage: Stage,
+                     fused: Mapping[str, str]) -> list[tuple[str, str]]:
+    """tf_add_quant of every projection that accumulates into its residual inside a patch."""
+    decls = []
+    for proj, add_name in fused.items():
+        add = stage.graph.layer(add_name)
+        add_ql = qgraph.layer(add_name)
+        assert add_ql.add is not None
+        prefix = layer_prefix(qgraph.graph.index(proj))
+        fields = add_fields(add_ql.add, add_ql.act_min, add_ql.act_max,
+                            swap=add.inputs[0] != stage.graph.layer(proj).output)
+        decls.append((f"{prefix}_fused_add", f"static const tf_add_quant {prefix}_fused_add = "
+                      f"{{{', '.join(str(v) for v in fields)}}};\n"))
+    return decls
+
+
 def _largest_input(stage: Stage, layer: Layer) -> Tensor:
     """The first input of a stage layer at its largest patch region (bounds its scratch)."""
     return stage.graph.tensor(stage.graph.layer(layer.name).inputs[0])
-
-
-def proj_output(graph: Graph, layer_name: str) -> str:
-    """The output tensor of a layer of `graph`."""
-    return graph.layer(layer_name).output

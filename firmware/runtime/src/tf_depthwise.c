@@ -273,6 +273,50 @@ static void tf_dw_by_plane(const tf_dims *in, const int8_t *input, const tf_wind
     }
 }
 
+/* The row-ring way: rows are saved as the windows reach them; TF_ERR_ALIAS when, in place,
+ * a row would be overwritten by earlier output rows before it is saved. */
+static tf_status tf_dw_by_ring(const tf_dims *in, const int8_t *input, const tf_window *win,
+                               const tf_dims *out, const int8_t *weights, const int32_t *bias,
+                               const tf_dw_quant *ql, int8_t *output, int8_t *buffer)
+{
+    const int in_place = (const int8_t *)output == input;
+    const size_t row_bytes = (size_t)in->w * (size_t)in->c;
+    const size_t left = (size_t)win->pad_left * (size_t)in->c;
+    const size_t right = (size_t)win->pad_right * (size_t)in->c;
+    const size_t slot = left + row_bytes + right;
+    const int8_t zero_point = (int8_t)(-ql->input_offset);
+    int32_t held[TF_DW_MAX_KH]; /* the row each slot holds */
+    for (int32_t i = 0; i < win->kh; i++) { /* the margins; rows go between them */
+        memset(buffer + (size_t)i * slot, zero_point, left);
+        memset(buffer + (size_t)i * slot + left + row_bytes, zero_point, right);
+        held[i] = INT32_MIN;
+    }
+    const size_t out_row_bytes = (size_t)out->w * (size_t)out->c;
+    for (int32_t oy = 0; oy < out->h; oy++) {
+        const int32_t first = oy * win->stride_h - win->pad_top;
+        for (int32_t y = first; y < first + win->kh; y++) {
+            const size_t k = tf_dw_slot(y, win->kh);
+            if (held[k] == y) {
+                continue;
+            }
+            int8_t *dst = buffer + k * slot;
+            if (y < 0 || y >= in->h) {
+                memset(dst, zero_point, slot);
+            } else {
+                /* In place, output rows 0..oy-1 already cover the first oy*out_row_bytes. */
+                if (in_place && (size_t)y * row_bytes < (size_t)oy * out_row_bytes) {
+                    return TF_ERR_ALIAS;
+                }
+                memcpy(dst + left, input + (size_t)y * row_bytes, row_bytes);
+            }
+            held[k] = y;
+        }
+        tf_dw_row(in, win, out, buffer, oy, weights, bias, ql,
+                  output + (size_t)oy * out_row_bytes);
+    }
+    return TF_OK;
+}
+
 tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
                                  const tf_dims *out, const int8_t *weights,
                                  const int32_t *bias, const tf_conv_quant *q, int8_t *output,
@@ -305,39 +349,5 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
         tf_dw_by_plane(in, input, win, out, weights, bias, &ql, output, buffer);
         return TF_OK;
     }
-    const size_t row_bytes = (size_t)in->w * (size_t)in->c;
-    const size_t left = (size_t)win->pad_left * (size_t)in->c;
-    const size_t right = (size_t)win->pad_right * (size_t)in->c;
-    const size_t slot = left + row_bytes + right;
-    const int8_t zero_point = (int8_t)(-q->input_offset);
-    int32_t held[TF_DW_MAX_KH]; /* the row each slot holds */
-    for (int32_t i = 0; i < win->kh; i++) { /* the margins; rows go between them */
-        memset(buffer + (size_t)i * slot, zero_point, left);
-        memset(buffer + (size_t)i * slot + left + row_bytes, zero_point, right);
-        held[i] = INT32_MIN;
-    }
-    const size_t out_row_bytes = (size_t)out->w * (size_t)out->c;
-    for (int32_t oy = 0; oy < out->h; oy++) {
-        const int32_t first = oy * win->stride_h - win->pad_top;
-        for (int32_t y = first; y < first + win->kh; y++) {
-            const size_t k = tf_dw_slot(y, win->kh);
-            if (held[k] == y) {
-                continue;
-            }
-            int8_t *dst = buffer + k * slot;
-            if (y < 0 || y >= in->h) {
-                memset(dst, zero_point, slot);
-            } else {
-                /* In place, output rows 0..oy-1 already cover the first oy*out_row_bytes. */
-                if (in_place && (size_t)y * row_bytes < (size_t)oy * out_row_bytes) {
-                    return TF_ERR_ALIAS;
-                }
-                memcpy(dst + left, input + (size_t)y * row_bytes, row_bytes);
-            }
-            held[k] = y;
-        }
-        tf_dw_row(in, win, out, buffer, oy, weights, bias, &ql,
-                  output + (size_t)oy * out_row_bytes);
-    }
-    return TF_OK;
+    return tf_dw_by_ring(in, input, win, out, weights, bias, &ql, output, buffer);
 }
