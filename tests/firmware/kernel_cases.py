@@ -6,6 +6,7 @@ run exactly the same kernel calls; the expected bytes come from firmware.referen
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 
@@ -122,12 +123,21 @@ def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
     return Case(f"dw{k}x{k}s{s} {h}x{w}x{c} inplace={in_place}", payload, y.tobytes())
 
 
-def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bool) -> Case:
-    """1x1 conv, optionally accumulating into a residual buffer."""
+def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bool,
+                   huge_bias: bool = False) -> Case:
+    """1x1 conv, optionally accumulating into a residual buffer.
+
+    `huge_bias` puts accumulators around +-2**30, where the kernels leave their SMMULR fast
+    path for the 64-bit one, with tiny scales so that the outputs still vary.
+    """
     rng = np.random.default_rng(seed)
     x, wt = _i8(rng, h, w, cin), _w8(rng, cout, 1, 1, cin)
     b = rng.integers(-5000, 5000, size=cout).astype(np.int32)
     q = _quant(rng, cout, relu=False)
+    if huge_bias:
+        b = (rng.choice([-1, 1], size=cout) * (2**30 + rng.integers(-40000, 40000, size=cout))
+             ).astype(np.int32)
+        q = dataclasses.replace(q, shift=rng.integers(-31, -27, size=cout).astype(np.int32))
     head = _ints(q.input_offset, q.output_offset, q.act_min, q.act_max)
     tail = _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier) + _arr(q.shift)
     if not fused_add:
@@ -140,6 +150,11 @@ def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bo
     payload = (_ints(OP_CONV1X1_ADD, h, w, cin, cout) + head + _add_ints(p, lo, hi) + tail
                + _arr(res))
     return Case(f"pw+add {h}x{w}x{cin}->{cout}", payload, y.tobytes())
+
+
+def pointwise_huge_bias_case(seed: int) -> Case:
+    """A 1x1 conv whose accumulators straddle +-2**30 (both requantization paths)."""
+    return pointwise_case(seed, 4, 5, 24, 6, False, huge_bias=True)
 
 
 def fc_case(seed: int, cin: int, cout: int) -> Case:
@@ -245,6 +260,8 @@ def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
                 tuple(draw(st.integers(0, k // 2)) for _ in range(4)))
         return dw_case(seed, max(h, k), max(w, k), c, k, draw(st.integers(1, 2)),
                        draw(st.booleans()), pads)  # type: ignore[arg-type]
+    if kind == "pw" and draw(st.integers(0, 4)) == 0:
+        return pointwise_huge_bias_case(seed)
     if kind in ("pw", "pw_add"):
         return pointwise_case(seed, h, w, c, draw(st.integers(1, max_c)), kind == "pw_add")
     if kind == "fc":

@@ -71,7 +71,8 @@ def test_mobilenet_like_shapes_are_bit_exact(lib: ctypes.CDLL) -> None:
              kc.dw_case(2, 24, 24, 32, 3, 1, True), kc.dw_case(3, 24, 24, 32, 3, 2, True),
              kc.dw_case(4, 13, 11, 40, 5, 2, True), kc.dw_case(5, 9, 9, 8, 7, 1, True),
              kc.pointwise_case(5, 12, 12, 16, 96, False),
-             kc.pointwise_case(6, 12, 12, 96, 16, True), kc.fc_case(7, 320, 10),
+             kc.pointwise_case(6, 12, 12, 96, 16, True), kc.pointwise_huge_bias_case(11),
+             kc.fc_case(7, 320, 10),
              kc.pool_case(8, 7, 7, 320, 0, 1, 0), kc.requant_case(9, 4096)]
     check(run_cases(lib, cases), cases)
 

@@ -68,7 +68,8 @@ def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
     cases = [kc.conv_case(1, 20, 20, 3, 16, 3, 2, (1, 1, 1, 1)),
              kc.dw_case(2, 20, 20, 32, 3, 1, True), kc.dw_case(3, 20, 20, 32, 3, 2, True),
              kc.pointwise_case(5, 10, 10, 16, 96, False),
-             kc.pointwise_case(6, 10, 10, 96, 16, True), kc.fc_case(7, 320, 10),
+             kc.pointwise_case(6, 10, 10, 96, 16, True), kc.pointwise_huge_bias_case(11),
+             kc.fc_case(7, 320, 10),
              kc.pool_case(8, 5, 5, 320, 0, 1, 0), kc.requant_case(9, 2048)]
     for (status, got), case in zip(run_batch(runner, cases), cases, strict=True):
         assert status == 0 and got == case.expected, case.name

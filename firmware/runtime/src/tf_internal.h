@@ -57,6 +57,19 @@ static inline int32_t tf_rq(int32_t acc, int32_t multiplier, int32_t shift)
 static inline __attribute__((always_inline)) int32_t tf_rq_right(int32_t acc, int32_t m,
                                                                  int32_t right)
 {
+    if (__builtin_expect((uint32_t)acc + 0x40000000u < 0x80000000u, 1)) {
+        /* |acc| < 2^30 (any int8 conv of sane size): SaturatingRoundingDoublingHighMul(acc, m)
+         * is floor((2 acc m + 2^31) / 2^32), i.e. SMMULR(2 acc, m), and |x| < 2^30 leaves
+         * room for RoundingDivideByPOT as (x + half - (x < 0)) >> right. Same integers. */
+        int32_t x;
+#if TF_USE_DSP
+        __asm__("smmulr %0, %1, %2" : "=r"(x) : "r"(acc * 2), "r"(m));
+#else
+        x = (int32_t)(((int64_t)(acc * 2) * m + ((int64_t)1 << 31)) >> 32);
+#endif
+        const int32_t half = (int32_t)((1u << right) >> 1);
+        return (x + half - ((x < 0) & (right > 0))) >> right;
+    }
     const int64_t ab = (int64_t)acc * (int64_t)m;
     int64_t v = ab + (ab >= 0 ? ((int64_t)1 << 30) : (1 - ((int64_t)1 << 30)));
     v += (v < 0) ? ((int64_t)1 << 31) - 1 : 0;
