@@ -107,6 +107,12 @@ def test_conv_checks_its_arguments_on_entry(lib: ctypes.CDLL) -> None:
     a = _conv_args(lib)
     a["win"].stride_h = 0
     assert _conv(lib, a) == TF_ERR_ARG
+    a = _conv_args(lib)
+    a["keep"][1][3] = 31  # a per-channel shift outside [-31, 30]
+    assert _conv(lib, a) == TF_ERR_ARG
+    a = _conv_args(lib)
+    a["keep"][0][2] = -5  # a negative multiplier
+    assert _conv(lib, a) == TF_ERR_ARG
 
 
 def test_in_place_depthwise_refuses_shapes_that_would_clobber_its_input(

@@ -64,7 +64,8 @@ tf_status tf_conv2d_s8(const tf_dims *in, const int8_t *input, const tf_window *
         return TF_ERR_NULL;
     }
     if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_dims(out)) != TF_OK ||
-        (st = tf_check_window(win)) != TF_OK || (st = tf_check_conv_quant(q)) != TF_OK) {
+        (st = tf_check_window(win)) != TF_OK ||
+        (st = tf_check_conv_quant(q, out->c)) != TF_OK) {
         return st;
     }
     if (out->h != tf_window_out(in->h, win->kh, win->stride_h, win->pad_top, win->pad_bottom) ||
@@ -90,14 +91,14 @@ static tf_status tf_conv1x1(const tf_dims *in, const int8_t *input, int32_t out_
     if (input == NULL || weights == NULL || bias == NULL || output == NULL || buffer == NULL) {
         return TF_ERR_NULL;
     }
-    if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_conv_quant(q)) != TF_OK) {
+    if (out_c <= 0 || out_c > 65535) {
+        return TF_ERR_ARG;
+    }
+    if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_conv_quant(q, out_c)) != TF_OK) {
         return st;
     }
     if (add != NULL && (st = tf_check_add_quant(add)) != TF_OK) {
         return st;
-    }
-    if (out_c <= 0 || out_c > 65535) {
-        return TF_ERR_ARG;
     }
     const tf_window one = {1, 1, 1, 1, 0, 0, 0, 0};
     const tf_conv_ctx ctx = {in, input, &one, in->w, q->input_offset};

@@ -327,7 +327,8 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
         return TF_ERR_NULL;
     }
     if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_dims(out)) != TF_OK ||
-        (st = tf_check_window(win)) != TF_OK || (st = tf_check_conv_quant(q)) != TF_OK) {
+        (st = tf_check_window(win)) != TF_OK ||
+        (st = tf_check_conv_quant(q, in->c)) != TF_OK) {
         return st;
     }
     if (win->kh > TF_DW_MAX_KH || win->kw > TF_DW_MAX_KH) {

@@ -350,7 +350,7 @@ tf_status tf_check_window(const tf_window *w)
     return TF_OK;
 }
 
-tf_status tf_check_conv_quant(const tf_conv_quant *q)
+tf_status tf_check_conv_quant(const tf_conv_quant *q, int32_t channels)
 {
     if (q == NULL || q->multiplier == NULL || q->shift == NULL) {
         return TF_ERR_NULL;
@@ -359,6 +359,11 @@ tf_status tf_check_conv_quant(const tf_conv_quant *q)
         q->output_offset > 127 || q->act_min < -128 || q->act_max > 127 ||
         q->act_min > q->act_max) {
         return TF_ERR_ARG;
+    }
+    for (int32_t c = 0; c < channels; c++) {
+        if (q->multiplier[c] < 0 || q->shift[c] < -31 || q->shift[c] > 30) {
+            return TF_ERR_ARG;
+        }
     }
     return TF_OK;
 }

@@ -93,7 +93,8 @@ static inline int8_t tf_add_one(int32_t a, int32_t b, const tf_add_quant *q)
 
 tf_status tf_check_dims(const tf_dims *d);
 tf_status tf_check_window(const tf_window *w);
-tf_status tf_check_conv_quant(const tf_conv_quant *q);
+/* Offsets and clamp in range; per channel multiplier >= 0 and shift in [-31, 30]. */
+tf_status tf_check_conv_quant(const tf_conv_quant *q, int32_t channels);
 tf_status tf_check_add_quant(const tf_add_quant *q);
 /* Output extent of a window along one axis, as torch: floor((n + pads - k) / s) + 1. */
 int32_t tf_window_out(int32_t n, int32_t k, int32_t s, int32_t pad_before, int32_t pad_after);
