@@ -82,151 +82,195 @@ static void rd_quant(tf_reader *r, tf_conv_quant *q)
     q->act_max = rd_i32(r);
 }
 
-/* Runs one case with output at out (capacity cap); returns status, sets *out_bytes. */
-static int32_t run_case(tf_reader *r, uint8_t *out, uint32_t cap, uint32_t *out_bytes,
-                        int16_t *scratch16, int8_t *scratch8)
+/* Where a case writes: the output buffer, its capacity, the bytes written; scratch. */
+typedef struct {
+    uint8_t *out;
+    uint32_t cap;
+    uint32_t bytes;
+    int16_t *scratch16;
+    int8_t *scratch8;
+} tf_sink;
+
+static void rd_dims(tf_reader *r, tf_dims *d)
 {
-    const int32_t op = rd_i32(r);
-    tf_dims in = {0, 0, 0}, outd = {0, 0, 0};
+    d->h = rd_i32(r);
+    d->w = rd_i32(r);
+    d->c = rd_i32(r);
+}
+
+/* Conv, depthwise (optionally in place), average and max pooling. */
+static int32_t run_window_op(int32_t op, tf_reader *r, tf_sink *k)
+{
+    tf_dims in, out;
     tf_window win;
     tf_conv_quant q;
-    tf_add_quant add;
     uint32_t n = 0;
-    int32_t st = -1;
-    *out_bytes = 0;
-    if (op == OP_CONV || op == OP_DW || op == OP_AVGPOOL || op == OP_MAXPOOL) {
-        in.h = rd_i32(r);
-        in.w = rd_i32(r);
-        in.c = rd_i32(r);
-        outd.h = rd_i32(r);
-        outd.w = rd_i32(r);
-        outd.c = rd_i32(r);
-        rd_window(r, &win);
-        *out_bytes = (uint32_t)(outd.h * outd.w * outd.c);
-    }
-    if (op == OP_CONV || op == OP_DW) {
-        rd_quant(r, &q);
-        const int32_t in_place = rd_i32(r);
-        const int8_t *x = rd_arr(r, &n);
-        const int8_t *w = rd_arr(r, NULL);
-        const int32_t *b = rd_arr(r, NULL);
-        q.multiplier = rd_arr(r, NULL);
-        q.shift = rd_arr(r, NULL);
-        if (!r->ok || *out_bytes > cap || n > cap) {
-            return -1;
-        }
-        if (op == OP_CONV) {
-            st = tf_conv2d_s8(&in, x, &win, &outd, w, b, &q, (int8_t *)out, scratch16);
-        } else {
-            int8_t *dst = (int8_t *)out;
-            if (in_place) {
-                memcpy(out, x, n);
-                x = dst;
-            }
-            st = tf_depthwise_conv2d_s8(&in, x, &win, &outd, w, b, &q, dst, scratch8);
-        }
-    } else if (op == OP_AVGPOOL || op == OP_MAXPOOL) {
+    rd_dims(r, &in);
+    rd_dims(r, &out);
+    rd_window(r, &win);
+    k->bytes = (uint32_t)(out.h * out.w * out.c);
+    int8_t *dst = (int8_t *)k->out;
+    if (op == OP_AVGPOOL || op == OP_MAXPOOL) {
         const int32_t in_off = rd_i32(r), out_off = rd_i32(r);
         const int32_t amin = rd_i32(r), amax = rd_i32(r);
         const int8_t *x = rd_arr(r, NULL);
-        if (!r->ok || *out_bytes > cap) {
+        if (!r->ok || k->bytes > k->cap) {
             return -1;
         }
-        st = op == OP_MAXPOOL
-                 ? tf_max_pool_s8(&in, x, &win, &outd, amin, amax, (int8_t *)out)
-                 : tf_avg_pool_s8(&in, x, &win, &outd, in_off, out_off, amin, amax,
-                                  (int8_t *)out);
-    } else if (op == OP_CONV1X1 || op == OP_CONV1X1_ADD || op == OP_FC) {
-        in.h = rd_i32(r);
-        in.w = rd_i32(r);
-        in.c = rd_i32(r);
-        const int32_t cout = rd_i32(r);
-        rd_quant(r, &q);
-        if (op == OP_CONV1X1_ADD) {
-            rd_add(r, &add);
-        }
-        const int8_t *x = rd_arr(r, NULL);
-        const int8_t *w = rd_arr(r, NULL);
-        const int32_t *b = rd_arr(r, NULL);
-        q.multiplier = rd_arr(r, NULL);
-        q.shift = rd_arr(r, NULL);
-        *out_bytes = (uint32_t)(in.h * in.w * cout);
-        if (op == OP_CONV1X1_ADD) {
-            const int8_t *res = rd_arr(r, &n);
-            if (!r->ok || n != *out_bytes || n > cap) {
-                return -1;
-            }
-            memcpy(out, res, n);
-            return tf_conv2d_1x1_add_s8(&in, x, cout, w, b, &q, &add, (int8_t *)out,
-                                        scratch16);
-        }
-        if (!r->ok || *out_bytes > cap) {
+        return op == OP_MAXPOOL
+                   ? tf_max_pool_s8(&in, x, &win, &out, amin, amax, dst)
+                   : tf_avg_pool_s8(&in, x, &win, &out, in_off, out_off, amin, amax, dst);
+    }
+    rd_quant(r, &q);
+    const int32_t in_place = rd_i32(r);
+    const int8_t *x = rd_arr(r, &n);
+    const int8_t *w = rd_arr(r, NULL);
+    const int32_t *b = rd_arr(r, NULL);
+    q.multiplier = rd_arr(r, NULL);
+    q.shift = rd_arr(r, NULL);
+    if (!r->ok || k->bytes > k->cap || n > k->cap) {
+        return -1;
+    }
+    if (op == OP_CONV) {
+        return tf_conv2d_s8(&in, x, &win, &out, w, b, &q, dst, k->scratch16);
+    }
+    if (in_place) {
+        memcpy(dst, x, n);
+        x = dst;
+    }
+    return tf_depthwise_conv2d_s8(&in, x, &win, &out, w, b, &q, dst, k->scratch8);
+}
+
+/* 1x1 conv, 1x1 conv accumulating into a residual, fully connected. */
+static int32_t run_pointwise(int32_t op, tf_reader *r, tf_sink *k)
+{
+    tf_dims in;
+    tf_conv_quant q;
+    tf_add_quant add;
+    rd_dims(r, &in);
+    const int32_t cout = rd_i32(r);
+    rd_quant(r, &q);
+    if (op == OP_CONV1X1_ADD) {
+        rd_add(r, &add);
+    }
+    const int8_t *x = rd_arr(r, NULL);
+    const int8_t *w = rd_arr(r, NULL);
+    const int32_t *b = rd_arr(r, NULL);
+    q.multiplier = rd_arr(r, NULL);
+    q.shift = rd_arr(r, NULL);
+    k->bytes = (uint32_t)(in.h * in.w * cout);
+    int8_t *dst = (int8_t *)k->out;
+    if (op == OP_CONV1X1_ADD) {
+        uint32_t n = 0;
+        const int8_t *res = rd_arr(r, &n);
+        if (!r->ok || n != k->bytes || n > k->cap) {
             return -1;
         }
-        st = op == OP_FC ? tf_fully_connected_s8(in.c, x, cout, w, b, &q, (int8_t *)out,
-                                                 scratch16)
-                         : tf_conv2d_1x1_s8(&in, x, cout, w, b, &q, (int8_t *)out, scratch16);
-    } else if (op == OP_ADD) {
+        memcpy(dst, res, n);
+        return tf_conv2d_1x1_add_s8(&in, x, cout, w, b, &q, &add, dst, k->scratch16);
+    }
+    if (!r->ok || k->bytes > k->cap) {
+        return -1;
+    }
+    return op == OP_FC ? tf_fully_connected_s8(in.c, x, cout, w, b, &q, dst, k->scratch16)
+                       : tf_conv2d_1x1_s8(&in, x, cout, w, b, &q, dst, k->scratch16);
+}
+
+/* Add, global average pool, requantization of raw int32 values. */
+static int32_t run_elementwise(int32_t op, tf_reader *r, tf_sink *k)
+{
+    int8_t *dst = (int8_t *)k->out;
+    if (op == OP_ADD) {
+        tf_add_quant add;
         const int32_t count = rd_i32(r);
         rd_add(r, &add);
         const int8_t *a = rd_arr(r, NULL);
         const int8_t *b = rd_arr(r, NULL);
-        *out_bytes = (uint32_t)count;
-        if (!r->ok || *out_bytes > cap) {
+        k->bytes = (uint32_t)count;
+        if (!r->ok || k->bytes > k->cap) {
             return -1;
         }
-        st = tf_add_s8(count, a, b, &add, (int8_t *)out);
-    } else if (op == OP_GAP) {
-        in.h = rd_i32(r);
-        in.w = rd_i32(r);
-        in.c = rd_i32(r);
+        return tf_add_s8(count, a, b, &add, dst);
+    }
+    if (op == OP_GAP) {
+        tf_dims in;
+        rd_dims(r, &in);
         const int32_t in_off = rd_i32(r), out_off = rd_i32(r);
         const int8_t *x = rd_arr(r, NULL);
-        *out_bytes = (uint32_t)in.c;
-        if (!r->ok || *out_bytes > cap) {
+        k->bytes = (uint32_t)in.c;
+        if (!r->ok || k->bytes > k->cap) {
             return -1;
         }
-        st = tf_global_avg_pool_s8(&in, x, in_off, out_off, (int8_t *)out);
-    } else if (op == OP_PATCH_LOAD || op == OP_PATCH_STORE) {
-        in.h = rd_i32(r);
-        in.w = rd_i32(r);
-        in.c = rd_i32(r);
-        outd.h = rd_i32(r);
-        outd.w = rd_i32(r);
-        outd.c = in.c;
-        const int32_t row0 = rd_i32(r), col0 = rd_i32(r), pad = rd_i32(r);
-        const int8_t *src = rd_arr(r, NULL);
-        if (op == OP_PATCH_LOAD) {
-            *out_bytes = (uint32_t)(outd.h * outd.w * outd.c);
-            if (!r->ok || *out_bytes > cap) {
-                return -1;
-            }
-            st = tf_patch_load_s8(&in, src, row0, col0, &outd, (int8_t *)out, (int8_t)pad);
-        } else {
-            const int8_t *dst = rd_arr(r, &n);
-            *out_bytes = n;
-            if (!r->ok || n > cap) {
-                return -1;
-            }
-            memcpy(out, dst, n);
-            st = tf_patch_store_s8(&in, src, &outd, (int8_t *)out, row0, col0);
-        }
-    } else if (op == OP_REQUANT) {
-        const int32_t count = rd_i32(r);
-        const int32_t *acc = rd_arr(r, NULL);
-        const int32_t *m = rd_arr(r, NULL);
-        const int32_t *s = rd_arr(r, NULL);
-        *out_bytes = (uint32_t)count * 4u;
-        if (!r->ok || *out_bytes > cap) {
-            return -1;
-        }
-        for (int32_t i = 0; i < count; i++) {
-            const int32_t v = tf_requantize(acc[i], m[i], s[i]);
-            memcpy(out + 4 * i, &v, 4);
-        }
-        st = TF_OK;
+        return tf_global_avg_pool_s8(&in, x, in_off, out_off, dst);
     }
-    return st;
+    const int32_t count = rd_i32(r);
+    const int32_t *acc = rd_arr(r, NULL);
+    const int32_t *m = rd_arr(r, NULL);
+    const int32_t *s = rd_arr(r, NULL);
+    k->bytes = (uint32_t)count * 4u;
+    if (!r->ok || k->bytes > k->cap) {
+        return -1;
+    }
+    for (int32_t i = 0; i < count; i++) {
+        const int32_t v = tf_requantize(acc[i], m[i], s[i]);
+        memcpy(k->out + 4 * i, &v, 4);
+    }
+    return TF_OK;
+}
+
+/* Patch load (with border padding) and store. */
+static int32_t run_patch(int32_t op, tf_reader *r, tf_sink *k)
+{
+    tf_dims src_dims, dst_dims;
+    rd_dims(r, &src_dims);
+    dst_dims.h = rd_i32(r);
+    dst_dims.w = rd_i32(r);
+    dst_dims.c = src_dims.c;
+    const int32_t row0 = rd_i32(r), col0 = rd_i32(r), pad = rd_i32(r);
+    const int8_t *src = rd_arr(r, NULL);
+    int8_t *dst = (int8_t *)k->out;
+    if (op == OP_PATCH_LOAD) {
+        k->bytes = (uint32_t)(dst_dims.h * dst_dims.w * dst_dims.c);
+        if (!r->ok || k->bytes > k->cap) {
+            return -1;
+        }
+        return tf_patch_load_s8(&src_dims, src, row0, col0, &dst_dims, dst, (int8_t)pad);
+    }
+    uint32_t n = 0;
+    const int8_t *before = rd_arr(r, &n);
+    k->bytes = n;
+    if (!r->ok || n > k->cap) {
+        return -1;
+    }
+    memcpy(dst, before, n);
+    return tf_patch_store_s8(&src_dims, src, &dst_dims, dst, row0, col0);
+}
+
+/* Runs one case; returns its tf_status (or -1 for a malformed case), sets k->bytes. */
+static int32_t run_case(tf_reader *r, tf_sink *k)
+{
+    const int32_t op = rd_i32(r);
+    k->bytes = 0;
+    switch (op) {
+    case OP_CONV:
+    case OP_DW:
+    case OP_AVGPOOL:
+    case OP_MAXPOOL:
+        return run_window_op(op, r, k);
+    case OP_CONV1X1:
+    case OP_CONV1X1_ADD:
+    case OP_FC:
+        return run_pointwise(op, r, k);
+    case OP_ADD:
+    case OP_GAP:
+    case OP_REQUANT:
+        return run_elementwise(op, r, k);
+    case OP_PATCH_LOAD:
+    case OP_PATCH_STORE:
+        return run_patch(op, r, k);
+    default:
+        return -1;
+    }
 }
 
 /* Runs every case of `in`; writes (status, nbytes, bytes padded to 4) per case to `out`.
@@ -238,12 +282,12 @@ int32_t tf_test_run_cases(const uint8_t *in, uint32_t in_bytes, uint8_t *out, ui
     const int32_t count = rd_i32(&r);
     uint32_t pos = 0;
     for (int32_t i = 0; i < count && r.ok; i++) {
-        uint32_t nbytes = 0;
         if (pos + 8u > cap) {
             return -1;
         }
-        const int32_t st = run_case(&r, out + pos + 8, cap - pos - 8, &nbytes, scratch16,
-                                    scratch8);
+        tf_sink sink = {out + pos + 8, cap - pos - 8, 0, scratch16, scratch8};
+        const int32_t st = run_case(&r, &sink);
+        const uint32_t nbytes = sink.bytes;
         if (st < 0) {
             return -1;
         }
