@@ -18,6 +18,7 @@ they fit there, else above it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -253,6 +254,44 @@ def place_stage(s_offset: int, s_bytes: int, rest_bytes: int,
     return min(below, above, key=lambda option: option[2])
 
 
+def joint_graph(stage: Stage, rest: Graph) -> Graph:
+    """Stage and rest as one graph for one arena plan: a pseudo layer first allocates the full
+    stage output S (so that it stays live through every patch), then the stage's per-patch
+    layers, then the rest reading S."""
+    full = f"{rest.input}.full"
+    s = rest.tensor(rest.input)
+    first = stage.graph.input
+    tensors = {**stage.graph.tensors, full: Tensor(full, s.channels, s.height, s.width)}
+    tensors.update({n: t for n, t in rest.tensors.items() if n != rest.input})
+    layers = [Layer(name=f"{full}.alloc", op=OpKind.AVG_POOL, inputs=(first,), output=full),
+              *stage.graph.layers,
+              *(dataclasses.replace(layer, inputs=tuple(full if t == rest.input else t
+                                                         for t in layer.inputs))
+                for layer in rest.layers)]
+    return Graph(name=f"{rest.name}.joint", input=first,
+                 output=full if rest.output == rest.input else rest.output,
+                 tensors=MappingProxyType(tensors), layers=tuple(layers), params=rest.params)
+
+
+def arena_layout(stage: Stage, rest: Graph, memory_model: MemoryModel
+                 ) -> tuple[dict[str, int], dict[str, int], int]:
+    """(stage buffer offsets, rest tensor offsets, arena bytes): the smaller of one joint
+    `plan_arena` and two separate plans placed side by side (`place_stage`)."""
+    rest_plan = plan_arena(rest, memory_model)
+    stage_plan = plan_arena(stage.graph, memory_model)
+    s_name = rest.input
+    base, shift, size = place_stage(rest_plan.offsets[s_name], rest.tensor(s_name).numel,
+                                    rest_plan.size_bytes, stage_plan.size_bytes)
+    joint = plan_arena(joint_graph(stage, rest), memory_model)
+    if joint.size_bytes < size:
+        rest_offsets = {t: joint.offsets[t] for t in rest.tensors if t != s_name}
+        rest_offsets[s_name] = joint.offsets[f"{s_name}.full"]
+        return ({n: joint.offsets[n] for n in stage.graph.tensors}, rest_offsets,
+                joint.size_bytes)
+    return ({n: base + off for n, off in stage_plan.offsets.items()},
+            {t: off + shift for t, off in rest_plan.offsets.items()}, size)
+
+
 def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryModel) -> Body:
     """The per-patch loop for the stage, then the rest layer by layer (module docstring)."""
     graph = qgraph.graph
@@ -260,13 +299,8 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
     patches = plan.schedule.patches ** 2
     stage = build_stage(graph, plan)
     rest = rest_graph(graph, plan.schedule.split_after)
-    rest_plan = plan_arena(rest, memory_model)
-    stage_plan = plan_arena(stage.graph, memory_model)
     full_out = rest.input
-    base, shift, arena_bytes = place_stage(rest_plan.offsets[full_out],
-                                           rest.tensor(full_out).numel, rest_plan.size_bytes,
-                                           stage_plan.size_bytes)
-    rest_offsets = {t: off + shift for t, off in rest_plan.offsets.items()}
+    stage_offsets, rest_offsets, arena_bytes = arena_layout(stage, rest, memory_model)
 
     base_idents = tensor_idents(qgraph)
     idents = _stage_idents(graph, stage, base_idents)
@@ -274,10 +308,10 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
     for name in stage.regions:
         t = stage.graph.tensor(name)
         decls.append((idents[name], f"static int8_t *const {idents[name]} = tf_arena + "
-                      f"{base + stage_plan.offsets[name]};  /* {c_comment(name)}, per patch: "
+                      f"{stage_offsets[name]};  /* {c_comment(name)}, per patch: "
                       f"up to {t.height}x{t.width}x{t.channels} */\n"))
     decls.extend(_tables(stage, graph, idents, patches))
-    fused = fused_projections(stage.graph, stage_plan.offsets)
+    fused = fused_projections(stage.graph, stage_offsets)
     decls.extend(_fused_add_decls(qgraph, stage, fused))
     emitted = emit_layers(qgraph, rest, rest_offsets, base_idents)
     body = _stage_statements(qgraph, stage, idents, fused, base_idents[full_out])
@@ -290,7 +324,7 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
                       in_h=_largest_input(stage, layer).height)
         for layer in graph.layers[: graph.index(plan.schedule.split_after) + 1])])
     all_decls = [*decls, *emitted.decls]
-    buffers = {idents[n]: (base + stage_plan.offsets[n], stage.graph.tensor(n).numel)
+    buffers = {idents[n]: (stage_offsets[n], stage.graph.tensor(n).numel)
                for n in stage.regions}
     buffers.update({base_idents[t]: (rest_offsets[t], rest.tensor(t).numel)
                     for t in rest.tensors})
