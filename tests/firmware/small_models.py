@@ -34,3 +34,20 @@ def tiny_inputs(qgraph: QuantizedGraph, count: int, seed: int = 1) -> np.ndarray
     """int8 NCHW test inputs."""
     x = np.random.default_rng(seed).standard_normal((count, 3, 16, 16)).astype(np.float32)
     return qgraph.input.quantize(x)
+
+
+def small_rd_quantized(seed: int = 0) -> QuantizedGraph:
+    """MobileNetV2-RD w0.35 at 32x32, 10 classes, head 64: 65 layers, quantized.
+
+    Patch-based with 2x2 patches to b1.project, its stage and rest are laid out best by one
+    joint arena plan (firmware.codegen.patched.arena_layout).
+    """
+    import dataclasses
+
+    from firmware.builtin import builtin_config
+
+    config = dataclasses.replace(builtin_config("mobilenetv2-rd", 0.35, 32, num_classes=10),
+                                 head_channels=64)
+    graph = build_graph(config, seed=seed)
+    calib = np.random.default_rng(seed).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    return quantize_graph(graph, calib)

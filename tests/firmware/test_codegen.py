@@ -201,3 +201,25 @@ def test_any_patch_schedule_equals_the_whole_tensor_reference_on_the_host(
     subprocess.run([str(exe)], cwd=out, check=True, timeout=30)
     got, _ = decode_outputs((out / "output.bin").read_bytes(), len(inputs))
     assert np.array_equal(got, expected), (patches, split, memory_model)
+
+
+@pytest.mark.toolchain
+def test_a_jointly_planned_patch_arena_runs_bit_exact(tmp_path: Path) -> None:
+    from firmware.codegen.patched import build_stage, place_stage, rest_graph
+    from firmware.memory import plan_arena
+    from tests.firmware.small_models import small_rd_quantized
+
+    qg = small_rd_quantized()
+    plan = plan_patches(qg.graph, 2, "b1.project")
+    stage, rest = build_stage(qg.graph, plan), rest_graph(qg.graph, "b1.project")
+    rest_plan = plan_arena(rest)
+    side_by_side = place_stage(rest_plan.offsets[rest.input], rest.tensor(rest.input).numel,
+                               rest_plan.size_bytes, plan_arena(stage.graph).size_bytes)[2]
+    model = write_model(qg, plan, tmp_path / "src")
+    assert model.arena_bytes < side_by_side  # the joint plan was chosen
+    x = qg.input.quantize(np.random.default_rng(5).standard_normal((2, 3, 32, 32)))
+    target = get_target("stm32f746")
+    build = build_firmware(tmp_path / "src", target, out_dir=tmp_path / "build")
+    run = run_firmware(build.elf_path, target, _hwc(x))
+    assert np.array_equal(run.outputs, run_quantized(qg, x).reshape(2, -1))
+    assert run.arena_used_bytes <= model.arena_bytes
