@@ -44,7 +44,7 @@ import numpy as np
 import numpy.typing as npt
 
 from firmware.errors import EmulationError
-from firmware.targets import Cpu, TargetSpec
+from firmware.targets import TargetSpec
 
 QEMU = "qemu-system-arm"
 DEFAULT_TIMEOUT_S = 60.0
@@ -56,12 +56,12 @@ EXIT_HARD_FAULT = 127
 EXIT_KERNEL_BASE = 20
 
 # The SysTick clock of each board (QEMU hw/arm/mps2.c, mps2-tz.c): the divisor from ticks to
-# instructions under -icount shift=0.
-BOARDS: dict[Cpu, tuple[str, int]] = {
-    Cpu.CORTEX_M3: ("mps2-an385", 25_000_000),
-    Cpu.CORTEX_M4: ("mps2-an386", 25_000_000),
-    Cpu.CORTEX_M7: ("mps2-an500", 25_000_000),
-    Cpu.CORTEX_M33: ("mps2-an505", 20_000_000),
+# instructions under -icount shift=0. Boards come from firmware.targets (TargetSpec.qemu_board).
+BOARD_CLOCK_HZ: dict[str, int] = {
+    "mps2-an385": 25_000_000,
+    "mps2-an386": 25_000_000,
+    "mps2-an500": 25_000_000,
+    "mps2-an505": 20_000_000,
 }
 
 
@@ -89,7 +89,7 @@ class EmulationResult:
     scratch_used_bytes: int
     scratch_bytes: int
     stack_bytes: int
-    instructions: int  # all N inferences, I/O excluded
+    instructions: int  # all N inferences (tf_model_run, its row-by-row input reads included)
     wall_s: float
 
     @property
@@ -100,10 +100,11 @@ class EmulationResult:
 
 def board_for(target: TargetSpec) -> tuple[str, int]:
     """(QEMU machine, SysTick clock Hz) for the target's core; EmulationError if none."""
-    if target.cpu not in BOARDS:
+    board = target.qemu_board
+    if board is None or board not in BOARD_CLOCK_HZ:
         raise EmulationError(f"no QEMU board for {target.name} ({target.cpu.value}); "
-                             f"supported cores: {', '.join(c.value for c in BOARDS)}")
-    return BOARDS[target.cpu]
+                             f"supported boards: {', '.join(sorted(BOARD_CLOCK_HZ))}")
+    return board, BOARD_CLOCK_HZ[board]
 
 
 def ticks_to_instructions(ticks: int, target: TargetSpec) -> int:
