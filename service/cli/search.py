@@ -68,7 +68,7 @@ def _var_dir() -> Path:
 @click.option("--resolutions", callback=_resolutions, default=None,
               help="comma-separated input sizes (default per data set)")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=32, show_default=True)
-@click.option("--predictor-samples", type=click.IntRange(5, 10_000), default=40,
+@click.option("--predictor-samples", type=click.IntRange(8, 10_000), default=60,
               show_default=True, help="subnets measured to fit the accuracy predictor")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the family manifest as JSON")

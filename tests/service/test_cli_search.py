@@ -27,7 +27,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "fam"
     result = CliRunner().invoke(main, [
         "train-supernet", "--data", str(root / "digits.npz"), "--epochs", "1",
-        "--batch-size", "64", "--resolutions", "16,24", "--predictor-samples", "5",
+        "--batch-size", "64", "--resolutions", "16,24", "--predictor-samples", "8",
         "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
