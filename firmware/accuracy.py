@@ -97,9 +97,9 @@ class AccuracyPredictor:
     holdout_rank_corr: float  # Spearman of 5-fold cross-validated predictions
 
     def predict(self, space: SearchSpace, arch: Arch) -> float:
-        """Predicted accuracy of `arch`, clipped to [0, 1]."""
-        value = float(encode(space, arch) @ np.asarray(self.coefficients)) + self.intercept
-        return min(1.0, max(0.0, value))
+        """Predicted accuracy of `arch`. Not clipped to [0, 1]: clipping would tie every
+        subnet the regression extrapolates past 1 and hand the choice to the MAC tie-break."""
+        return float(encode(space, arch) @ np.asarray(self.coefficients)) + self.intercept
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""

@@ -206,6 +206,7 @@ class SearchResult:
     feasible: int  # of those, how many fit
     elapsed_s: float
     history: tuple[float, ...]  # best score after each generation
+    ranked: tuple[Candidate, ...] = ()  # the final parents, best first
 
 
 class _Evaluator:
@@ -292,9 +293,10 @@ def evolve(space: SearchSpace, constraints: Constraints, objective: Objective,
     population.sort(key=ev.rank_key)
     best = population[0]
     history.append(-ev.rank_key(best)[0])
+    ranked = tuple(ev.candidate(a) for a in population[:settings.parents])
     return SearchResult(ev.candidate(best), -ev.rank_key(best)[0], len(ev.planned),
                         sum(c.fits for c in ev.planned.values()), time.monotonic() - started,
-                        tuple(history))
+                        tuple(history), ranked)
 
 
 def _initial_population(space: SearchSpace, ev: _Evaluator, settings: EvolutionSettings,
