@@ -207,6 +207,7 @@ class SearchResult:
     elapsed_s: float
     history: tuple[float, ...]  # best score after each generation
     ranked: tuple[Candidate, ...] = ()  # the final parents, best first
+    most_macs: tuple[Candidate, ...] = ()  # the fitting subnets with the most MACs, as many
 
 
 class _Evaluator:
@@ -294,16 +295,21 @@ def evolve(space: SearchSpace, constraints: Constraints, objective: Objective,
     best = population[0]
     history.append(-ev.rank_key(best)[0])
     ranked = tuple(ev.candidate(a) for a in population[:settings.parents])
+    fitting = sorted((c for c in ev.planned.values() if c.fits),
+                     key=lambda c: (-c.layer_macs, repr(c.arch)))
     return SearchResult(ev.candidate(best), -ev.rank_key(best)[0], len(ev.planned),
-                        sum(c.fits for c in ev.planned.values()), time.monotonic() - started,
-                        tuple(history), ranked)
+                        len(fitting), time.monotonic() - started, tuple(history), ranked,
+                        tuple(fitting[:settings.parents]))
 
 
 def _initial_population(space: SearchSpace, ev: _Evaluator, settings: EvolutionSettings,
                         rng: random.Random) -> list[Arch]:
     # Random samples first; under a tight budget few fit, so grow the rest from the ones
     # that do by small mutations (the smallest subnet always fits here).
+    # Both sandwich ends seed it: the smallest always fits here, the largest when it does.
     found = {space.canonical(space.smallest())}
+    if ev.candidate(space.largest()).fits:
+        found.add(space.canonical(space.largest()))
     for _ in range(settings.population * 4):
         if len(found) >= settings.population:
             break
