@@ -32,7 +32,7 @@ from firmware.supernet import Supernet
 from firmware.targets import CATALOG, KIB, MIB, TargetSpec
 from firmware.train import TrainConfig, train_supernet
 
-FAMILY_DIR = Path("var/bench/digits")
+FAMILY_DIR = Path("var/bench/digits12")
 RESOLUTIONS = (24, 32, 40, 48)
 BUDGETS_KIB = (16, 24, 32, 48, 64, 96, 128, 256, 512)
 
@@ -190,7 +190,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["train", "budgets", "imagenet", "mcus", "compile"])
     parser.add_argument("--family", type=Path, default=FAMILY_DIR)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=12)
     args = parser.parse_args()
     if args.part == "train":
         print(json.dumps(train(args.epochs, args.family)))

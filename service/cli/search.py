@@ -18,7 +18,7 @@ DEFAULT_RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "shapes": (96, 128, 160),
     "user": (32, 48, 64),
 }
-DEFAULT_EPOCHS = {"digits": 8, "shapes": 4, "user": 8}
+DEFAULT_EPOCHS = {"digits": 12, "shapes": 4, "user": 12}
 SEARCH_FORMAT = 1
 
 
@@ -58,7 +58,7 @@ def _var_dir() -> Path:
 @click.option("--data", "data", default="digits", show_default=True,
               help="digits | shapes | PATH (an .npz with x, y or a folder of class folders)")
 @click.option("--epochs", type=click.IntRange(1, 10_000), default=None,
-              help="total epochs (default: 8 for digits, 4 for shapes)")
+              help="total epochs (default: 12 for digits, 4 for shapes)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=None, help="family directory (default: var/families/DATA)")
 @click.option("--resume", is_flag=True, help="continue from the family's checkpoint.pt")
