@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +16,8 @@ import numpy as np
 from firmware.errors import FirmwareError
 from firmware.ir import Graph
 from firmware.memory import MemoryModel
-from firmware.targets import KIB, Cpu, OtaLayout, TargetSpec, custom_target, get_target, parse_size
+from firmware.targets import KIB, OtaLayout
+from service.cli.options import resolve_target, target_options
 
 KEY_FILE = "signing-key.pem"
 PUBKEY_FILE = "signing-key.pub.pem"
@@ -27,39 +27,12 @@ def _kb(n: int | float) -> str:
     return f"{n / KIB:,.1f} kB"
 
 
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
-
-
 def _patches(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
     if value == "auto":
         return None
     if not value.isdigit() or not 1 <= int(value) <= 64:
         raise click.BadParameter(f"{value!r}: use auto or a patch count 1..64")
     return int(value)
-
-
-def resolve_target(mcu: str | None, sram: int | None, flash: int | None,
-                   cpu: str | None) -> TargetSpec:
-    """A catalog MCU (sizes/core optionally overridden) or a custom one from all three."""
-    if mcu is not None:
-        spec = get_target(mcu)
-        changes: dict[str, Any] = {}
-        if sram is not None:
-            changes["sram_bytes"] = sram
-        if flash is not None:
-            changes["flash_bytes"] = flash
-        if cpu is not None:
-            changes["cpu"] = Cpu(cpu)
-        return dataclasses.replace(spec, **changes) if changes else spec
-    if sram is None or flash is None or cpu is None:
-        raise click.UsageError("give --mcu NAME, or all of --sram, --flash and --cpu")
-    return custom_target(sram, flash, cpu)
 
 
 def load_dataset(path: Path, x_key: str, y_key: str) -> Any:
@@ -127,11 +100,7 @@ def _stage_printer(total: int) -> Any:
 @click.option("--builtin", help="a built-in network instead of MODEL (random weights)")
 @click.option("--width", default=1.0, show_default=True, help="width multiplier (--builtin)")
 @click.option("--resolution", default=224, show_default=True, help="input size (--builtin)")
-@click.option("--mcu", help="target MCU from the catalog (tinyfleet mcus)")
-@click.option("--sram", callback=_size, help="SRAM size, e.g. 320KiB (overrides --mcu)")
-@click.option("--flash", callback=_size, help="Flash size, e.g. 1MiB (overrides --mcu)")
-@click.option("--cpu", type=click.Choice([c.value for c in Cpu if c.is_arm]),
-              help="core (overrides --mcu)")
+@target_options
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=".npz with x (N,C,H,W float32), optional y labels, x_test / y_test")
 @click.option("--patches", default="auto", callback=_patches, show_default=True,

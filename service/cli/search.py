@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from firmware.targets import KIB, Cpu, OtaLayout, TargetSpec, custom_target, get_target, parse_size
+from firmware.targets import KIB, OtaLayout, TargetSpec
+from service.cli.options import resolve_target, target_options
 
 DEFAULT_RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "digits": (24, 32, 40, 48),
@@ -37,15 +38,6 @@ def _resolutions(ctx: click.Context, param: click.Parameter,
     if not values or values[0] < 8 or values[-1] > 512:
         raise click.BadParameter(f"{value!r}: resolutions must lie in [8, 512]")
     return values
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def _var_dir() -> Path:
@@ -132,24 +124,6 @@ def train_supernet(data: str, epochs: int | None, out_dir: Path | None, resume: 
                f"predictor rank correlation {predictor.holdout_rank_corr:.2f}")
 
 
-def _target(mcu: str | None, sram: int | None, flash: int | None, cpu: str | None) -> TargetSpec:
-    from firmware.errors import FirmwareError
-
-    if mcu is not None:
-        if sram or flash or cpu:
-            raise click.UsageError("give either --mcu or --sram/--flash/--cpu, not both")
-        try:
-            return get_target(mcu)
-        except FirmwareError as exc:
-            raise click.BadParameter(str(exc), param_hint="--mcu") from None
-    if sram is None or flash is None:
-        raise click.UsageError("give --mcu NAME, or --sram and --flash (and --cpu)")
-    try:
-        return custom_target(sram, flash, cpu or Cpu.CORTEX_M4.value)
-    except FirmwareError as exc:
-        raise click.UsageError(str(exc)) from None
-
-
 def hardware_class(target: TargetSpec, layout: OtaLayout, personalize: bool,
                    patches: bool) -> str:
     """The cache key of a hardware class: core, SRAM, reserve, slot, personalization, mode."""
@@ -161,12 +135,9 @@ def hardware_class(target: TargetSpec, layout: OtaLayout, personalize: bool,
 @click.command("search")
 @click.argument("family_dir", metavar="FAMILY",
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--mcu", default=None, help="an MCU of the catalog (see `tinyfleet mcus`)")
-@click.option("--sram", callback=_size, default=None, help="SRAM size, e.g. 256KiB")
-@click.option("--flash", callback=_size, default=None, help="Flash size, e.g. 1MiB")
-@click.option("--cpu", type=click.Choice([c.value for c in Cpu]), default=None)
-@click.option("--layout", type=click.Choice([x.value for x in OtaLayout]), default="ab",
-              show_default=True, help="OTA layout: ab (two slots) or single")
+@target_options
+@click.option("--ota-layout", "layout", type=click.Choice([x.value for x in OtaLayout]),
+              default="ab", show_default=True, help="OTA layout: ab (two slots) or single")
 @click.option("--no-patches", is_flag=True, help="layer-based inference only (for comparison)")
 @click.option("--personalize", is_flag=True,
               help="reserve SRAM for on-device training (the training term)")
@@ -188,7 +159,7 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
     from firmware.family import read_manifest
     from firmware.search import Constraints, EvolutionSettings
 
-    target = _target(mcu, sram, flash, cpu)
+    target = resolve_target(mcu, sram, flash, cpu)
     ota = OtaLayout(layout)
     try:
         family = read_manifest(family_dir)

@@ -81,8 +81,10 @@ def test_search_nothing_fits_names_the_needs(family: Path, tmp_path: Path) -> No
 
 
 def test_search_usage_errors(family: Path, tmp_path: Path) -> None:
-    code, out = _search([str(family), "--mcu", "stm32f412", "--sram", "1MiB"], tmp_path)
-    assert code == 2 and "not both" in out
+    code, out = _search([str(family), "--sram", "1MiB", "--flash", "1MiB"], tmp_path)
+    assert code == 2 and "all of --sram, --flash and --cpu" in out
+    code, out = _search([str(family), "--mcu", "stm32f412", "--sram", "lots"], tmp_path)
+    assert code == 2 and "not a size: 'lots'" in out
     code, out = _search([str(family), "--mcu", "nosuchmcu"], tmp_path)
     assert code == 2 and "unknown MCU" in out
     code, out = _search([str(tmp_path)], tmp_path)
