@@ -4,6 +4,9 @@ paper's models, search time per hardware class, and compiling searched subnets.
 
     .venv/bin/python -m bench.search train      # train the digits family (var/bench/digits)
     .venv/bin/python -m bench.search budgets    # accuracy vs SRAM budget on that family
+    .venv/bin/python -m bench.search train --data shapes --epochs 12   # var/bench/shapes
+    .venv/bin/python -m bench.search budgets --family var/bench/shapes --budgets 12,16,...
+    .venv/bin/python -m bench.search resolutions --family F   # largest subnet per input
     .venv/bin/python -m bench.search imagenet   # MACs under 256 kB/1 MB and 512 kB/2 MB
     .venv/bin/python -m bench.search mcus       # search time per catalog MCU
     .venv/bin/python -m bench.search compile    # compile two searched subnets, QEMU-checked
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 
 from firmware.accuracy import sample_and_fit
-from firmware.data import Dataset, digits, load_dataset
+from firmware.data import Dataset, digits, load_dataset, shapes
 from firmware.errors import DoesNotFitError
 from firmware.family import ModelFamily, load_family, save_family
 from firmware.search import Constraints, EvolutionSettings, evolve, macs_objective
@@ -35,12 +38,24 @@ from firmware.train import TrainConfig, train_supernet
 FAMILY_DIR = Path("var/bench/digits12")
 RESOLUTIONS = (24, 32, 40, 48)
 BUDGETS_KIB = (16, 24, 32, 48, 64, 96, 128, 256, 512)
+# Shapes: generated at the largest input (no resize cost) with inputs where detail matters;
+# 240 per class (720 train, 240 val, 240 test) trains 12 epochs in ~6 min on the 2-core VM.
+SHAPES_RESOLUTIONS = (32, 48, 64, 80, 96)
+SHAPES_PER_CLASS = 240
 
 
-def train(epochs: int, out: Path, seed: int = 0) -> dict[str, Any]:
-    """Train the digits family as `tinyfleet train-supernet` does; time each phase."""
-    data = digits()
-    space = compact_space(10, 1, RESOLUTIONS, name="digits-compact")
+def _bench_data(kind: str) -> tuple[Dataset, tuple[int, ...]]:
+    if kind == "shapes":
+        return shapes(SHAPES_PER_CLASS, SHAPES_RESOLUTIONS[-1]), SHAPES_RESOLUTIONS
+    return digits(), RESOLUTIONS
+
+
+def train(epochs: int, out: Path, seed: int = 0, kind: str = "digits",
+          predictor_samples: int = 60) -> dict[str, Any]:
+    """Train the digits or shapes family as `tinyfleet train-supernet` does; time each phase."""
+    data, resolutions = _bench_data(kind)
+    space = compact_space(len(data.classes), data.channels, resolutions,
+                          name=f"{kind}-compact")
     torch.manual_seed(seed)
     supernet = Supernet(space)
     config = TrainConfig(epochs=epochs, batch_size=32, lr=0.05, seed=seed)
@@ -48,7 +63,7 @@ def train(epochs: int, out: Path, seed: int = 0) -> dict[str, Any]:
     summary = train_supernet(supernet, data, config)
     train_s = time.monotonic() - started
     started = time.monotonic()
-    predictor, measured = sample_and_fit(supernet, data, 60, seed)
+    predictor, measured = sample_and_fit(supernet, data, predictor_samples, seed)
     fit_s = time.monotonic() - started
     accs = [a for _, a in measured]
     rng = random.Random(seed + 1)
@@ -57,7 +72,7 @@ def train(epochs: int, out: Path, seed: int = 0) -> dict[str, Any]:
                "sampled_val_accuracy_min": min(accs[:-2]),
                "predictor_holdout_rank_corr": predictor.holdout_rank_corr}
     del rng
-    save_family(out, supernet, "digits", data, {"epochs": epochs, "elapsed_s": train_s},
+    save_family(out, supernet, kind, data, {"epochs": epochs, "elapsed_s": train_s},
                 metrics, predictor)
     return {"epochs": epochs, "train_s": train_s, "predictor_s": fit_s,
             "last_epoch_loss": summary.last_epoch_loss, **metrics}
@@ -82,16 +97,34 @@ def _budget_row(family: ModelFamily, supernet: Supernet, data: Dataset, budget: 
             "search_s": found.search_s}
 
 
-def budgets(family_dir: Path) -> list[dict[str, Any]]:
+def budgets(family_dir: Path, budgets_kib: tuple[int, ...] = BUDGETS_KIB
+            ) -> list[dict[str, Any]]:
     """Accuracy vs SRAM budget (activation budget, reserve 0) for both search modes."""
     family, supernet = load_family(family_dir)
     data = load_dataset(family.data_source)
     settings = EvolutionSettings(population=32, generations=10, parents=8, seed=0)
     rows = []
-    for kib in BUDGETS_KIB:
+    for kib in budgets_kib:
         for patches in (False, True):
             rows.append(_budget_row(family, supernet, data, kib * KIB, patches, settings))
             print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def resolutions(family_dir: Path) -> list[dict[str, Any]]:
+    """Does the input size matter? The largest subnet's val / test accuracy at each input."""
+    from dataclasses import replace
+
+    from firmware.accuracy import measure
+
+    family, supernet = load_family(family_dir)
+    data = load_dataset(family.data_source)
+    rows = []
+    for res in family.space.resolutions:
+        arch = replace(family.space.largest(), resolution=res)
+        rows.append({"resolution": res, "val_acc": measure(supernet, data, arch, "val"),
+                     "test_acc": measure(supernet, data, arch, "test")})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -188,14 +221,27 @@ def main() -> None:
     """Run one part of the benchmark and print its rows as JSON lines."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["train", "budgets", "imagenet", "mcus", "compile"])
+    parser.add_argument("part", choices=["train", "budgets", "resolutions", "imagenet", "mcus",
+                                           "compile"])
     parser.add_argument("--family", type=Path, default=FAMILY_DIR)
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--data", choices=["digits", "shapes"], default="digits",
+                        help="train: the data set (shapes: default family var/bench/shapes)")
+    parser.add_argument("--predictor-samples", type=int, default=60)
+    parser.add_argument("--budgets", default=None,
+                        help="budgets: comma-separated kB (default 16,24,...,512)")
     args = parser.parse_args()
+    if args.data == "shapes" and args.family == FAMILY_DIR:
+        args.family = Path("var/bench/shapes")
     if args.part == "train":
-        print(json.dumps(train(args.epochs, args.family)))
+        print(json.dumps(train(args.epochs, args.family, kind=args.data,
+                               predictor_samples=args.predictor_samples)))
     elif args.part == "budgets":
-        budgets(args.family)
+        kib = (tuple(int(v) for v in args.budgets.split(",")) if args.budgets
+               else BUDGETS_KIB)
+        budgets(args.family, kib)
+    elif args.part == "resolutions":
+        resolutions(args.family)
     elif args.part == "imagenet":
         imagenet()
     elif args.part == "mcus":
