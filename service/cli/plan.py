@@ -1,0 +1,202 @@
+"""`tinyfleet plan`: per-layer memory of a model, and the patch schedule that fits a budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from firmware.builtin import BUILTIN_NETWORKS, build_graph, builtin_config
+from firmware.errors import FirmwareError
+from firmware.ir import Graph
+from firmware.memory import MemoryModel, MemoryReport, analyze
+from firmware.patch import PatchPlan, best_schedule, plan_patches
+from firmware.targets import KIB, parse_size
+
+
+def _kb(n: int | float) -> str:
+    return f"{n / KIB:,.1f} kB"
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _resolution(ctx: click.Context, param: click.Parameter,
+                value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    parts = value.lower().split("x")
+    if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"{value!r} is not a resolution (224 or 224x160)")
+    return (int(parts[0]), int(parts[-1]))
+
+
+def _patches(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    if value == "auto":
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise click.BadParameter(f"{value!r}: use auto or a patch count 1..64")
+    return int(value)
+
+
+def load_graph(model: str | None, builtin: str | None, width: float,
+               resolution: tuple[int, int] | None) -> Graph:
+    """The graph to plan: an ONNX file or a built-in network (shape only)."""
+    if (model is None) == (builtin is None):
+        raise click.UsageError("give either MODEL.onnx or --builtin NAME")
+    if builtin is not None:
+        config = builtin_config(builtin, width, resolution or (224, 224))
+        return build_graph(config, with_weights=False)
+    from firmware.onnx_import import import_onnx  # onnx is only needed for files
+
+    return import_onnx(Path(str(model)))
+
+
+def choose_plan(graph: Graph, sram: int | None, patches: int | None, split_after: str | None,
+                memory_model: MemoryModel, bytes_per_element: float) -> PatchPlan:
+    """The plan the options ask for: explicit, or the best under the budget."""
+    if patches is not None and (split_after is not None or patches == 1):
+        return plan_patches(graph, patches, split_after, memory_model, bytes_per_element)
+    return best_schedule(graph, sram, memory_model, bytes_per_element,
+                         patches=patches, split_after=split_after)
+
+
+def plan_json(report: MemoryReport, plan: PatchPlan, sram: int | None,
+              flash: int | None) -> dict[str, Any]:
+    """The JSON document of `tinyfleet plan --json` (keys as issue 3 lists them)."""
+    doc: dict[str, Any] = {
+        "macs": report.macs,
+        "weights_bytes": report.weights_bytes,
+        "layer_peak_bytes": report.peak_bytes,
+        "layer_peak_layer": report.peak_layer,
+        "patch": {
+            "patches": plan.schedule.patches,
+            "split_after": plan.schedule.split_after,
+            "input_patch": list(plan.schedule.input_patch),
+            "peak_bytes": plan.peak_bytes,
+            "macs": plan.macs,
+            "mac_overhead": plan.mac_overhead,
+            "stage_mac_overhead": plan.stage_mac_overhead,
+        },
+    }
+    if sram is not None or flash is not None:
+        doc["fits"] = {"sram": None if sram is None else plan.peak_bytes <= sram,
+                       "flash": None if flash is None else report.weights_bytes <= flash}
+    doc["layers"] = [{"name": r.name, "op": r.op, "in_bytes": r.in_bytes,
+                      "out_bytes": r.out_bytes, "live_bytes": r.live_bytes, "macs": r.macs}
+                     for r in report.layers]
+    return doc
+
+
+def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan, sram: int | None,
+                 flash: int | None) -> str:
+    """The per-layer table with both peaks marked, and a summary."""
+    stage = {s.name: s for s in plan.stage}
+    rows = []
+    for r in report.layers:
+        t = graph.tensor(graph.layer(r.name).output)
+        patched = stage[r.name].live_bytes if r.name in stage else r.live_bytes
+        mark = []
+        if r.name == report.peak_layer:
+            mark.append("<- layer peak")
+        if r.name == plan.peak_layer and plan.schedule.patches > 1:
+            mark.append("<- patch peak")
+        rows.append([r.name, r.op, f"{t.channels}x{t.height}x{t.width}", _kb(r.in_bytes),
+                     _kb(r.out_bytes), _kb(r.live_bytes),
+                     ("P " if r.name in stage else "") + _kb(patched), f"{r.macs / 1e6:.2f}M",
+                     " ".join(mark)])
+    out = [f"{graph.name}: {report.macs / 1e6:.1f} M MACs, weights {_kb(report.weights_bytes)} "
+           f"(int8 + int32 bias + requant; code not counted), memory model "
+           f"{report.memory_model.value}, {report.bytes_per_element:g} byte(s)/element", "",
+           _table(["LAYER", "OP", "OUT CxHxW", "IN", "OUT", "LIVE", "PATCH-BASED", "MACS", ""],
+                  rows, {3, 4, 5, 6, 7}), "",
+           f"layer-based peak: {_kb(report.peak_bytes)} ({report.peak_bytes} bytes) at "
+           f"{report.peak_layer}"]
+    s = plan.schedule
+    if s.patches > 1:
+        out.append(
+            f"patch-based: {s.patches}x{s.patches} patches up to {s.split_after} (P rows), input "
+            f"patch {s.input_patch[0]}x{s.input_patch[1]}; peak {_kb(plan.peak_bytes)} "
+            f"({plan.peak_bytes} bytes) at {plan.peak_layer}, "
+            f"{report.peak_bytes / plan.peak_bytes:.1f}x less; MACs {plan.macs / 1e6:.1f} M "
+            f"({plan.mac_overhead:+.1%}; patch stage {plan.stage_mac_overhead:+.1%})")
+    else:
+        out.append("schedule: layer-based (no patches)")
+    if sram is not None:
+        out.append(f"SRAM: {_kb(plan.peak_bytes)} of {_kb(sram)}: "
+                   + ("fits" if plan.peak_bytes <= sram else "DOES NOT FIT"))
+    if flash is not None:
+        out.append(f"Flash: weights {_kb(report.weights_bytes)} of {_kb(flash)}: "
+                   + ("fits" if report.weights_bytes <= flash else "DOES NOT FIT"))
+    return "\n".join(out)
+
+
+@click.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--builtin", type=click.Choice(BUILTIN_NETWORKS), help="a built-in network")
+@click.option("--width", type=float, default=1.0, show_default=True,
+              help="width multiplier (built-in networks)")
+@click.option("--resolution", callback=_resolution, help="input size, 224 or 224x160 "
+              "(built-in networks; default 224)")
+@click.option("--sram", callback=_size, help="SRAM budget: 262144, 256KiB, 1MiB")
+@click.option("--flash", callback=_size, help="Flash budget for the weights")
+@click.option("--patches", default="auto", callback=_patches, show_default=True,
+              help="auto or p (p x p patches; 1 = layer-based)")
+@click.option("--split-after", default="auto", show_default=True,
+              help="auto or the last layer of the patch stage")
+@click.option("--memory-model", type=click.Choice([m.value for m in MemoryModel]),
+              default="inplace", show_default=True)
+@click.option("--bytes-per-element", type=click.Choice(["0.5", "1", "4"]), default="1",
+              show_default=True, help="activation bytes: int4 0.5, int8 1, fp32 4")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+@click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of per-layer memory")
+def plan(model: str | None, builtin: str | None, width: float,
+         resolution: tuple[int, int] | None, sram: int | None, flash: int | None,
+         patches: int | None, split_after: str, memory_model: str, bytes_per_element: str,
+         as_json: bool, plot: str | None) -> None:
+    """Per-layer memory of MODEL.onnx (or --builtin) and its patch-based schedule."""
+    mm, bpe = MemoryModel(memory_model), float(bytes_per_element)
+    bpe_value: int | float = int(bpe) if bpe.is_integer() else bpe
+    split = None if split_after == "auto" else split_after
+    try:
+        graph = load_graph(model, builtin, width, resolution)
+        report = analyze(graph, mm, bpe_value)
+        chosen = choose_plan(graph, sram, patches, split, mm, bpe_value)
+    except FirmwareError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(1) from None
+    if plot:
+        from service.cli.plan_plot import plot_plan
+
+        plot_plan(graph, report, chosen, Path(plot), sram)
+    if as_json:
+        click.echo(json.dumps(plan_json(report, chosen, sram, flash), indent=2))
+    else:
+        click.echo(human_report(graph, report, chosen, sram, flash))
+    misses = []
+    if sram is not None and chosen.peak_bytes > sram:
+        misses.append(f"peak {_kb(chosen.peak_bytes)} > SRAM budget {_kb(sram)} at layer "
+                      f"{chosen.peak_layer}")
+    if flash is not None and report.weights_bytes > flash:
+        misses.append(f"weights {_kb(report.weights_bytes)} > Flash budget {_kb(flash)}")
+    if misses:
+        click.echo("error: " + "; ".join(misses), err=True)
+        raise SystemExit(1)
