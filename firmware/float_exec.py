@@ -1,6 +1,7 @@
 """Float32 execution of a whole IR `Graph` in numpy: calibration data and the float baseline.
 
-Batched NCHW (the IR's per-image (C, H, W) with a batch axis in front). Semantics follow
+Batched NCHW (the IR's per-image (C, H, W) with a batch axis in front), in the input's float
+dtype (float32 for calibration, float64 for the patch executor's proofs). Semantics follow
 torch/ONNX: convs cross-correlate with the layer's zero padding; average pooling divides by
 kh * kw, padding included (torch's AvgPool2d default, as the importer requires); a reshape flattens
 in (C, H, W) order; a fully connected layer returns (N, out, 1, 1).
@@ -17,7 +18,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from firmware.errors import InvalidModelError, UnsupportedOpError
 from firmware.ir import Activation, Graph, Layer, OpKind
 
-FloatArray = npt.NDArray[np.float32]
+FloatArray = npt.NDArray[np.floating]
+Padding = tuple[int, int, int, int]
 TensorHook = Callable[[str, FloatArray], None]
 ParamLookup = Callable[[Layer], tuple[FloatArray | None, FloatArray | None]]
 
@@ -31,10 +33,15 @@ def activate(x: FloatArray, activation: Activation) -> FloatArray:
     return x
 
 
-def _windows(x: FloatArray, layer: Layer, pad_value: float = 0.0) -> FloatArray:
-    """(N, C, Ho, Wo, kh, kw) view of the padded input at the layer's stride."""
-    top, left, bottom, right = layer.padding
-    if any(layer.padding):
+def _windows(x: FloatArray, layer: Layer, pad_value: float = 0.0,
+             padding: Padding | None = None) -> FloatArray:
+    """(N, C, Ho, Wo, kh, kw) view of the padded input at the layer's stride.
+
+    `padding` (top, left, bottom, right) overrides the layer's: a patch is padded only where
+    it touches the image border.
+    """
+    top, left, bottom, right = layer.padding if padding is None else padding
+    if top or left or bottom or right:
         x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)),
                    constant_values=pad_value)
     kh, kw = layer.kernel
@@ -43,9 +50,10 @@ def _windows(x: FloatArray, layer: Layer, pad_value: float = 0.0) -> FloatArray:
     return win[:, :, ::sh, ::sw]
 
 
-def conv2d(x: FloatArray, weight: FloatArray, bias: FloatArray | None, layer: Layer) -> FloatArray:
+def conv2d(x: FloatArray, weight: FloatArray, bias: FloatArray | None, layer: Layer,
+           padding: Padding | None = None) -> FloatArray:
     """Grouped 2-D cross-correlation, NCHW input, OIHW weight (I = in / groups)."""
-    win = _windows(x, layer)
+    win = _windows(x, layer, padding=padding)
     groups = layer.groups
     out_ch = weight.shape[0]
     in_ch = x.shape[1]
@@ -65,12 +73,12 @@ def conv2d(x: FloatArray, weight: FloatArray, bias: FloatArray | None, layer: La
         out = np.concatenate(parts, axis=3).transpose(0, 3, 1, 2)
     if bias is not None:
         out = out + bias.reshape(1, -1, 1, 1)
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return np.ascontiguousarray(out, dtype=x.dtype)
 
 
-def avg_pool(x: FloatArray, layer: Layer) -> FloatArray:
+def avg_pool(x: FloatArray, layer: Layer, padding: Padding | None = None) -> FloatArray:
     """Average over each window; zero padding counts in the divisor (torch's default)."""
-    out: FloatArray = _windows(x, layer).mean(axis=(4, 5)).astype(np.float32)
+    out: FloatArray = _windows(x, layer, padding=padding).mean(axis=(4, 5)).astype(x.dtype)
     return out
 
 
@@ -86,14 +94,14 @@ def graph_params(graph: Graph) -> ParamLookup:
 
 
 def run_layer(layer: Layer, inputs: list[FloatArray], weight: FloatArray | None,
-              bias: FloatArray | None) -> FloatArray:
-    """One layer on float32 NCHW inputs, fused activation included."""
+              bias: FloatArray | None, padding: Padding | None = None) -> FloatArray:
+    """One layer on float NCHW inputs, fused activation included; `padding` as in _windows."""
     op = layer.op
     x = inputs[0]
     if op is OpKind.CONV:
         if weight is None:
             raise InvalidModelError(f"layer {layer.name}: conv without weight")
-        out = conv2d(x, weight, bias, layer)
+        out = conv2d(x, weight, bias, layer, padding)
     elif op is OpKind.FULLY_CONNECTED:
         if weight is None:
             raise InvalidModelError(f"layer {layer.name}: fully connected without weight")
@@ -105,9 +113,9 @@ def run_layer(layer: Layer, inputs: list[FloatArray], weight: FloatArray | None,
     elif op is OpKind.ADD:
         out = inputs[0] + inputs[1]
     elif op is OpKind.AVG_POOL:
-        out = avg_pool(x, layer)
+        out = avg_pool(x, layer, padding)
     elif op is OpKind.MAX_POOL:
-        out = _windows(x, layer, pad_value=-np.inf).max(axis=(4, 5))
+        out = _windows(x, layer, pad_value=-np.inf, padding=padding).max(axis=(4, 5))
     elif op is OpKind.GLOBAL_AVG_POOL:
         out = x.mean(axis=(2, 3), keepdims=True)
     elif op is OpKind.CONCAT:
@@ -116,7 +124,7 @@ def run_layer(layer: Layer, inputs: list[FloatArray], weight: FloatArray | None,
         out = x.reshape(x.shape[0], -1, 1, 1)
     else:  # pragma: no cover - every OpKind is handled above
         raise UnsupportedOpError(f"layer {layer.name}: op {op.value} has no float executor")
-    return activate(np.asarray(out, dtype=np.float32), layer.activation)
+    return activate(np.asarray(out, dtype=x.dtype), layer.activation)
 
 
 def run_graph(graph: Graph, x: npt.ArrayLike, hook: TensorHook | None = None,

@@ -9,89 +9,29 @@ that a schedule computes the same function. Activations are (C, H, W), computed 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import numpy.typing as npt
-from numpy.lib.stride_tricks import sliding_window_view
 
-from firmware.errors import InvalidModelError, UnsupportedOpError
-from firmware.ir import Activation, Graph, Layer, OpKind
+from firmware import float_exec
+from firmware.errors import InvalidModelError
+from firmware.ir import Graph, Layer
 from firmware.patch import LayerTile, PatchPlan, tiles
 
 Array = npt.NDArray[np.float64]
 
 
-def _activate(x: Array, activation: Activation) -> Array:
-    if activation is Activation.RELU:
-        return np.maximum(x, 0.0)
-    if activation is Activation.RELU6:
-        return np.clip(x, 0.0, 6.0)
-    return x
-
-
-def _pad(x: Array, top: int, left: int, bottom: int, right: int, value: float = 0.0) -> Array:
-    if not (top or left or bottom or right):
-        return x
-    return np.pad(x, ((0, 0), (top, bottom), (left, right)), constant_values=value)
-
-
-def _windows(x: Array, layer: Layer) -> Array:
-    """(C, Ho, Wo, kh, kw) views of an already padded input, "valid" with the layer's stride."""
-    (kh, kw), (sh, sw) = layer.kernel, layer.stride
-    return sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
-
-
-def _conv(x: Array, layer: Layer, params: Mapping[str, npt.NDArray[np.generic]]) -> Array:
-    if layer.weight is None:
-        raise InvalidModelError(f"layer {layer.name}: conv without weight")
-    w = np.asarray(params[layer.weight], np.float64)
-    g = layer.groups
-    win = _windows(x, layer)
-    c, ho, wo, kh, kw = win.shape
-    win = win.reshape(g, c // g, ho, wo, kh, kw)
-    wg = w.reshape(g, w.shape[0] // g, w.shape[1], kh, kw)
-    y: Array = np.einsum("gchwij,gocij->gohw", win, wg,
-                         optimize=True).reshape(w.shape[0], ho, wo)
-    if layer.bias is not None:
-        y = y + np.asarray(params[layer.bias], np.float64)[:, None, None]
-    return y
-
-
 def run_layer(graph: Graph, layer: Layer, inputs: list[Array],
               pads: tuple[int, int, int, int] | None = None) -> Array:
-    """One layer on (C, H, W) inputs; `pads` (top, left, bottom, right) default to the layer's.
+    """One layer on (C, H, W) inputs in float64; `pads` (top, left, bottom, right) default to
+    the layer's.
 
     Spatial ops run "valid" on the padded input, so a tile gets exactly the border padding the
     planner assigned to it.
     """
-    top, left, bottom, right = layer.padding if pads is None else pads
-    x = inputs[0]
-    if layer.op is OpKind.CONV:
-        y = _conv(_pad(x, top, left, bottom, right), layer, graph.params)
-    elif layer.op is OpKind.MAX_POOL:
-        y = _windows(_pad(x, top, left, bottom, right, -np.inf), layer).max(axis=(3, 4))
-    elif layer.op is OpKind.AVG_POOL:  # zero padding counted in the divisor (torch default)
-        y = _windows(_pad(x, top, left, bottom, right), layer).mean(axis=(3, 4))
-    elif layer.op is OpKind.ADD:
-        y = inputs[0] + inputs[1]
-    elif layer.op is OpKind.CONCAT:
-        y = np.concatenate(inputs, axis=0)
-    elif layer.op is OpKind.GLOBAL_AVG_POOL:
-        y = x.mean(axis=(1, 2), keepdims=True)
-    elif layer.op is OpKind.RESHAPE:
-        y = x.reshape(graph.tensor(layer.output).shape)
-    elif layer.op is OpKind.FULLY_CONNECTED:
-        if layer.weight is None:
-            raise InvalidModelError(f"layer {layer.name}: fully connected without weight")
-        w = np.asarray(graph.params[layer.weight], np.float64)
-        y = w @ x.reshape(-1)
-        if layer.bias is not None:
-            y = y + np.asarray(graph.params[layer.bias], np.float64)
-        y = y.reshape(graph.tensor(layer.output).shape)
-    else:
-        raise UnsupportedOpError(f"layer {layer.name}: the float executor has no {layer.op}")
-    return _activate(y, layer.activation)
+    weight = None if layer.weight is None else np.asarray(graph.params[layer.weight], np.float64)
+    bias = None if layer.bias is None else np.asarray(graph.params[layer.bias], np.float64)
+    y = float_exec.run_layer(layer, [x[None] for x in inputs], weight, bias, pads)
+    return np.asarray(y[0], np.float64)
 
 
 def execute(graph: Graph, x: npt.NDArray[np.generic],
