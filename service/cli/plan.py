@@ -13,20 +13,12 @@ from firmware.errors import FirmwareError
 from firmware.ir import Graph
 from firmware.memory import MemoryModel, MemoryReport, analyze
 from firmware.patch import PatchPlan, best_schedule, plan_patches
-from firmware.targets import KIB, parse_size
+from firmware.targets import KIB
+from service.cli.options import SIZE
 
 
 def _kb(n: int | float) -> str:
     return f"{n / KIB:,.1f} kB"
-
-
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
 
 
 def _resolution(ctx: click.Context, param: click.Parameter,
@@ -156,8 +148,8 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan, sram: int 
               help="width multiplier (built-in networks)")
 @click.option("--resolution", callback=_resolution, help="input size, 224 or 224x160 "
               "(built-in networks; default 224)")
-@click.option("--sram", callback=_size, help="SRAM budget: 262144, 256KiB, 1MiB")
-@click.option("--flash", callback=_size, help="Flash budget for the weights")
+@click.option("--sram", type=SIZE, help="SRAM budget: 262144, 256KiB, 1MiB")
+@click.option("--flash", type=SIZE, help="Flash budget for the weights")
 @click.option("--patches", default="auto", callback=_patches, show_default=True,
               help="auto or p (p x p patches; 1 = layer-based)")
 @click.option("--split-after", default="auto", show_default=True,
