@@ -11,6 +11,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from service.demo.api import ApiClient
+from service.demo.compile_step import compile_step
 from service.demo.runner import DemoContext, DemoError, Step
 from service.stack import plan_stack, start_stack
 from service.stack.config import free_port
@@ -208,6 +209,7 @@ STEPS: list[Step] = [
     ("register a sample fleet through the REST API", register_step),
     ("list the fleet", list_step),
     ("connect one device to the broker with its credentials", connect_step),
+    ("compile one signed firmware image per hardware class, checked in QEMU", compile_step),
 ]
 
 __all__ = ["SAMPLE_DEVICES", "STEPS"]

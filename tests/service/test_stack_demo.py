@@ -31,6 +31,10 @@ def test_demo_registers_the_fleet_brings_a_device_online_and_stops_cleanly() -> 
         assert f"{root / 'demo' / 'broker' / 'passwords'}" in out
         assert re.search(r"connected to mqtt://127\.0\.0\.1:\d+: Success", out)
         assert "nothing delivered" in out and "wrong password: Not authorized" in out
+        # one image per hardware class with a QEMU board (5 of the 7 classes), each bit-exact
+        assert out.count("bit-exact in QEMU: True") == 5, out
+        assert "patches to" in out  # the 256 kB and smaller boards need a patch schedule
+        assert len(list((root / "demo" / "firmware").glob("*/firmware.img"))) == 5
         assert out.count(" stopped\n") == 4
         assert not (root / "demo" / "stack.json").exists()
     finally:
