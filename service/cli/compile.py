@@ -14,25 +14,18 @@ import click
 import numpy as np
 
 from firmware.errors import FirmwareError
-from firmware.ir import Graph
 from firmware.memory import MemoryModel
-from firmware.targets import KIB, OtaLayout
-from service.cli.options import resolve_target, target_options
+from firmware.targets import OtaLayout
+from service.cli.options import (
+    kb,
+    load_graph,
+    parse_patches,
+    resolve_target,
+    target_options,
+)
 
 KEY_FILE = "signing-key.pem"
 PUBKEY_FILE = "signing-key.pub.pem"
-
-
-def _kb(n: int | float) -> str:
-    return f"{n / KIB:,.1f} kB"
-
-
-def _patches(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
-    if value == "auto":
-        return None
-    if not value.isdigit() or not 1 <= int(value) <= 64:
-        raise click.BadParameter(f"{value!r}: use auto or a patch count 1..64")
-    return int(value)
 
 
 def load_dataset(path: Path, x_key: str, y_key: str) -> Any:
@@ -49,20 +42,6 @@ def load_dataset(path: Path, x_key: str, y_key: str) -> Any:
     if y is not None and y.shape != (len(x),):
         raise click.BadParameter(f"{path}: {y_key} has shape {y.shape}, expected ({len(x)},)")
     return Dataset(x, y)
-
-
-def load_model(model: str | None, builtin: str | None, width: float,
-               resolution: int) -> Graph:
-    """An ONNX file's graph, or a built-in network with random (He) weights."""
-    if (model is None) == (builtin is None):
-        raise click.UsageError("give either MODEL.onnx or --builtin NAME")
-    if builtin is not None:
-        from firmware.builtin import build_graph, builtin_config
-
-        return build_graph(builtin_config(builtin, width, (resolution, resolution)))
-    from firmware.onnx_import import import_onnx
-
-    return import_onnx(Path(str(model)))
 
 
 def _signing_key(key_path: Path | None, out: Path, notes: list[str]) -> Any:
@@ -103,7 +82,7 @@ def _stage_printer(total: int) -> Any:
 @target_options
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=".npz with x (N,C,H,W float32), optional y labels, x_test / y_test")
-@click.option("--patches", default="auto", callback=_patches, show_default=True,
+@click.option("--patches", default="auto", callback=parse_patches, show_default=True,
               help="auto, 1 (layer-based) or a patch count P")
 @click.option("--split-after", help="last layer of the patch stage (default: planner's)")
 @click.option("--memory-model", type=click.Choice([m.value for m in MemoryModel]),
@@ -131,7 +110,7 @@ def compile_cmd(model: str | None, builtin: str | None, width: float, resolution
 
     try:
         target = resolve_target(mcu, sram, flash, cpu)
-        graph = load_model(model, builtin, width, resolution)
+        graph = load_graph(model, builtin, width, (resolution, resolution))
         calib_set = test_set = None
         if calib is not None:
             calib_set = load_dataset(calib, "x", "y")
@@ -173,11 +152,11 @@ def _summary(report: dict[str, Any], out_dir: Path) -> None:
     sched = ("layer-based" if s["patches"] == 1
              else f"{s['patches']}x{s['patches']} patches up to {s['split_after']}")
     click.echo(f"{report['model']['id']} -> {report['target']['name']}: {sched}")
-    click.echo(f"  SRAM  predicted {_kb(p['sram_bytes'])} (activations)  measured "
-               f"{_kb(m['sram_bytes'])} (arena {_kb(m['sram_breakdown']['arena_used_bytes'])}"
-               f", stack {_kb(m['sram_breakdown']['stack_bytes'])})")
-    click.echo(f"  Flash predicted {_kb(p['flash_bytes'])} (parameters)  measured "
-               f"{_kb(m['flash_bytes'])} of a {_kb(m['slot_bytes'])} slot")
+    click.echo(f"  SRAM  predicted {kb(p['sram_bytes'])} (activations)  measured "
+               f"{kb(m['sram_bytes'])} (arena {kb(m['sram_breakdown']['arena_used_bytes'])}"
+               f", stack {kb(m['sram_breakdown']['stack_bytes'])})")
+    click.echo(f"  Flash predicted {kb(p['flash_bytes'])} (parameters)  measured "
+               f"{kb(m['flash_bytes'])} of a {kb(m['slot_bytes'])} slot")
     click.echo(f"  bit-exact on {report['test_vectors']} inputs; {report['instructions']:,} "
                f"instructions for {report['macs']:,} MACs "
                f"({report['instructions_per_mac']:.2f}/MAC)")
@@ -255,7 +234,7 @@ def verify(image_path: Path, inputs: Path | None, pubkey: Path | None, timeout_s
         click.echo(f"signature OK (key {doc['key_id']}); {m.model_id} v{m.model_version} for "
                    f"{m.target.name}")
         click.echo(f"QEMU: {rerun.vectors - rerun.mismatched_vectors}/{rerun.vectors} test "
-                   f"vectors reproduced; peak RAM {_kb(doc['measured_sram_bytes'])}; "
+                   f"vectors reproduced; peak RAM {kb(doc['measured_sram_bytes'])}; "
                    f"{doc['instructions']:,} instructions per inference")
         for row in doc["outputs"]:
             click.echo(f"  output argmax {int(np.argmax(row))}: {row}")

@@ -1,20 +1,22 @@
-"""Options shared by the commands that take a target device or memory sizes."""
+"""Options, loaders and formatting shared by the commands (plan, compile, search)."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from firmware.errors import FirmwareError
-from firmware.targets import Cpu, TargetSpec, custom_target, get_target, parse_size
+from firmware.ir import Graph
+from firmware.targets import KIB, Cpu, TargetSpec, custom_target, get_target, parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType[int, Any]):
     """A byte size: 262144, 256KiB, 256kB, 1MiB (k and M are 1024-based)."""
 
     name = "size"
@@ -68,3 +70,31 @@ def resolve_target(mcu: str | None, sram: int | None, flash: int | None,
         return custom_target(sram, flash, cpu)
     except FirmwareError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def kb(n: int | float) -> str:
+    """Bytes as kB (1024 bytes, as in the MCUNet papers) with one decimal."""
+    return f"{n / KIB:,.1f} kB"
+
+
+def parse_patches(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
+    """--patches: None for auto, else a patch count 1..64."""
+    if value == "auto":
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 64:
+        raise click.BadParameter(f"{value!r}: use auto or a patch count 1..64")
+    return int(value)
+
+
+def load_graph(model: str | None, builtin: str | None, width: float,
+               resolution: tuple[int, int], with_weights: bool = True) -> Graph:
+    """MODEL.onnx's graph, or a built-in network (random He weights, or shapes only)."""
+    if (model is None) == (builtin is None):
+        raise click.UsageError("give either MODEL.onnx or --builtin NAME")
+    if builtin is not None:
+        from firmware.builtin import build_graph, builtin_config
+
+        return build_graph(builtin_config(builtin, width, resolution), with_weights=with_weights)
+    from firmware.onnx_import import import_onnx  # onnx is only needed for files
+
+    return import_onnx(Path(str(model)))

@@ -8,17 +8,12 @@ from typing import Any
 
 import click
 
-from firmware.builtin import BUILTIN_NETWORKS, build_graph, builtin_config
+from firmware.builtin import BUILTIN_NETWORKS
 from firmware.errors import FirmwareError
 from firmware.ir import Graph
 from firmware.memory import MemoryModel, MemoryReport, analyze
 from firmware.patch import PatchPlan, best_schedule, plan_patches
-from firmware.targets import KIB
-from service.cli.options import SIZE
-
-
-def _kb(n: int | float) -> str:
-    return f"{n / KIB:,.1f} kB"
+from service.cli.options import SIZE, kb, load_graph, parse_patches
 
 
 def _resolution(ctx: click.Context, param: click.Parameter,
@@ -29,27 +24,6 @@ def _resolution(ctx: click.Context, param: click.Parameter,
     if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise click.BadParameter(f"{value!r} is not a resolution (224 or 224x160)")
     return (int(parts[0]), int(parts[-1]))
-
-
-def _patches(ctx: click.Context, param: click.Parameter, value: str) -> int | None:
-    if value == "auto":
-        return None
-    if not value.isdigit() or not 1 <= int(value) <= 64:
-        raise click.BadParameter(f"{value!r}: use auto or a patch count 1..64")
-    return int(value)
-
-
-def load_graph(model: str | None, builtin: str | None, width: float,
-               resolution: tuple[int, int] | None) -> Graph:
-    """The graph to plan: an ONNX file or a built-in network (shape only)."""
-    if (model is None) == (builtin is None):
-        raise click.UsageError("give either MODEL.onnx or --builtin NAME")
-    if builtin is not None:
-        config = builtin_config(builtin, width, resolution or (224, 224))
-        return build_graph(config, with_weights=False)
-    from firmware.onnx_import import import_onnx  # onnx is only needed for files
-
-    return import_onnx(Path(str(model)))
 
 
 def choose_plan(graph: Graph, sram: int | None, patches: int | None, split_after: str | None,
@@ -111,32 +85,32 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan, sram: int 
             mark.append("<- layer peak")
         if r.name == plan.peak_layer and plan.schedule.patches > 1:
             mark.append("<- patch peak")
-        rows.append([r.name, r.op, f"{t.channels}x{t.height}x{t.width}", _kb(r.in_bytes),
-                     _kb(r.out_bytes), _kb(r.live_bytes),
-                     ("P " if r.name in stage else "") + _kb(patched), f"{r.macs / 1e6:.2f}M",
+        rows.append([r.name, r.op, f"{t.channels}x{t.height}x{t.width}", kb(r.in_bytes),
+                     kb(r.out_bytes), kb(r.live_bytes),
+                     ("P " if r.name in stage else "") + kb(patched), f"{r.macs / 1e6:.2f}M",
                      " ".join(mark)])
-    out = [f"{graph.name}: {report.macs / 1e6:.1f} M MACs, weights {_kb(report.weights_bytes)} "
+    out = [f"{graph.name}: {report.macs / 1e6:.1f} M MACs, weights {kb(report.weights_bytes)} "
            f"(int8 + int32 bias + requant; code not counted), memory model "
            f"{report.memory_model.value}, {report.bytes_per_element:g} byte(s)/element", "",
            _table(["LAYER", "OP", "OUT CxHxW", "IN", "OUT", "LIVE", "PATCH-BASED", "MACS", ""],
                   rows, {3, 4, 5, 6, 7}), "",
-           f"layer-based peak: {_kb(report.peak_bytes)} ({report.peak_bytes} bytes) at "
+           f"layer-based peak: {kb(report.peak_bytes)} ({report.peak_bytes} bytes) at "
            f"{report.peak_layer}"]
     s = plan.schedule
     if s.patches > 1:
         out.append(
             f"patch-based: {s.patches}x{s.patches} patches up to {s.split_after} (P rows), input "
-            f"patch {s.input_patch[0]}x{s.input_patch[1]}; peak {_kb(plan.peak_bytes)} "
+            f"patch {s.input_patch[0]}x{s.input_patch[1]}; peak {kb(plan.peak_bytes)} "
             f"({plan.peak_bytes} bytes) at {plan.peak_layer}, "
             f"{report.peak_bytes / plan.peak_bytes:.1f}x less; MACs {plan.macs / 1e6:.1f} M "
             f"({plan.mac_overhead:+.1%}; patch stage {plan.stage_mac_overhead:+.1%})")
     else:
         out.append("schedule: layer-based (no patches)")
     if sram is not None:
-        out.append(f"SRAM: {_kb(plan.peak_bytes)} of {_kb(sram)}: "
+        out.append(f"SRAM: {kb(plan.peak_bytes)} of {kb(sram)}: "
                    + ("fits" if plan.peak_bytes <= sram else "DOES NOT FIT"))
     if flash is not None:
-        out.append(f"Flash: weights {_kb(report.weights_bytes)} of {_kb(flash)}: "
+        out.append(f"Flash: weights {kb(report.weights_bytes)} of {kb(flash)}: "
                    + ("fits" if report.weights_bytes <= flash else "DOES NOT FIT"))
     return "\n".join(out)
 
@@ -150,7 +124,7 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan, sram: int 
               "(built-in networks; default 224)")
 @click.option("--sram", type=SIZE, help="SRAM budget: 262144, 256KiB, 1MiB")
 @click.option("--flash", type=SIZE, help="Flash budget for the weights")
-@click.option("--patches", default="auto", callback=_patches, show_default=True,
+@click.option("--patches", default="auto", callback=parse_patches, show_default=True,
               help="auto or p (p x p patches; 1 = layer-based)")
 @click.option("--split-after", default="auto", show_default=True,
               help="auto or the last layer of the patch stage")
@@ -169,7 +143,7 @@ def plan(model: str | None, builtin: str | None, width: float,
     bpe_value: int | float = int(bpe) if bpe.is_integer() else bpe
     split = None if split_after == "auto" else split_after
     try:
-        graph = load_graph(model, builtin, width, resolution)
+        graph = load_graph(model, builtin, width, resolution or (224, 224), with_weights=False)
         report = analyze(graph, mm, bpe_value)
         chosen = choose_plan(graph, sram, patches, split, mm, bpe_value)
     except FirmwareError as exc:
@@ -185,10 +159,10 @@ def plan(model: str | None, builtin: str | None, width: float,
         click.echo(human_report(graph, report, chosen, sram, flash))
     misses = []
     if sram is not None and chosen.peak_bytes > sram:
-        misses.append(f"peak {_kb(chosen.peak_bytes)} > SRAM budget {_kb(sram)} at layer "
+        misses.append(f"peak {kb(chosen.peak_bytes)} > SRAM budget {kb(sram)} at layer "
                       f"{chosen.peak_layer}")
     if flash is not None and report.weights_bytes > flash:
-        misses.append(f"weights {_kb(report.weights_bytes)} > Flash budget {_kb(flash)}")
+        misses.append(f"weights {kb(report.weights_bytes)} > Flash budget {kb(flash)}")
     if misses:
         click.echo("error: " + "; ".join(misses), err=True)
         raise SystemExit(1)

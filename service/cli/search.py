@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from firmware.targets import KIB, OtaLayout, TargetSpec
-from service.cli.options import resolve_target, target_options
+from firmware.targets import OtaLayout, TargetSpec
+from service.cli.options import kb, resolve_target, target_options
 
 DEFAULT_RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "digits": (24, 32, 40, 48),
@@ -21,10 +21,6 @@ DEFAULT_RESOLUTIONS: dict[str, tuple[int, ...]] = {
 }
 DEFAULT_EPOCHS = {"digits": 12, "shapes": 4, "user": 12}
 SEARCH_FORMAT = 1
-
-
-def _kb(n: int | float) -> str:
-    return f"{n / KIB:,.1f} kB"
 
 
 def _resolutions(ctx: click.Context, param: click.Parameter,
@@ -241,12 +237,12 @@ def human_result(result: dict[str, Any], target: TargetSpec, patches: bool) -> s
                           f"{sched['split_after']}, input patch {sched['input_patch'][0]}"),
         f"  accuracy: val {result['val_accuracy']:.1%}, test {result['test_accuracy']:.1%} "
         f"({result['objective']} objective score {result['score']:.3f})",
-        f"  SRAM: {_kb(mem['sram_needed_bytes'])} of {_kb(mem['sram_bytes'])} "
-        f"(peak {_kb(mem['peak_bytes'])} at {mem['peak_layer']}, layer-based "
-        f"{_kb(mem['layer_peak_bytes'])}; reserve {_kb(mem['runtime_reserve_bytes'])}; "
-        f"training {_kb(mem['training_bytes'])})",
-        f"  Flash: {_kb(mem['flash_bytes'])} of a {_kb(mem['slot_bytes'])} slot "
-        f"(weights {_kb(mem['weights_bytes'])}, code {_kb(mem['code_bytes'])})",
+        f"  SRAM: {kb(mem['sram_needed_bytes'])} of {kb(mem['sram_bytes'])} "
+        f"(peak {kb(mem['peak_bytes'])} at {mem['peak_layer']}, layer-based "
+        f"{kb(mem['layer_peak_bytes'])}; reserve {kb(mem['runtime_reserve_bytes'])}; "
+        f"training {kb(mem['training_bytes'])})",
+        f"  Flash: {kb(mem['flash_bytes'])} of a {kb(mem['slot_bytes'])} slot "
+        f"(weights {kb(mem['weights_bytes'])}, code {kb(mem['code_bytes'])})",
         f"  MACs: {mem['macs'] / 1e6:.2f} M ({mem['mac_overhead']:+.1%} patch recompute)",
         f"  search: {result['search']['evaluated']} subnets planned, "
         f"{result['search']['feasible']} fit, {result['search']['total_s']:.1f} s",

@@ -8,6 +8,7 @@ the sample devices have, so the planner picks patch-based schedules there.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +91,7 @@ def compile_step(ctx: DemoContext) -> None:
     ctx.say(f"    images under {ctx.var_dir / 'firmware'}, signed with each fleet's key")
 
 
-def _summary(report: dict[str, Any]) -> str:
+def _summary(report: Mapping[str, Any]) -> str:
     sched = report["schedule"]
     how = ("layer-based" if sched["patches"] == 1 else
            f"{sched['patches']}x{sched['patches']} patches to {sched['split_after']}")
