@@ -6,38 +6,30 @@ import os
 import secrets
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from firmware.image import generate_signing_key, load_private_key, private_key_pem, public_key_pem
 from service.models import Device, DeviceState, Fleet, utcnow
 from service.problems import ApiError, FieldError, invalid
 
 
 def write_signing_key(key_dir: Path, fleet_name: str) -> tuple[Path, str]:
     """A new Ed25519 key: private PEM written 0600 under `key_dir`, public PEM returned."""
-    key = Ed25519PrivateKey.generate()
+    key = generate_signing_key()
     key_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     # A random suffix and O_EXCL: a failed creation can never overwrite another fleet's key.
     path = key_dir / f"fleet-{fleet_name}-{secrets.token_hex(4)}.pem"
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return path, public.decode()
+        f.write(private_key_pem(key))
+    return path, public_key_pem(key.public_key()).decode()
 
 
 def load_signing_key(fleet: Fleet) -> Ed25519PrivateKey:
     """The fleet's private signing key (for the firmware signer)."""
-    key = serialization.load_pem_private_key(Path(fleet.signing_key_path).read_bytes(),
-                                             password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise TypeError(f"{fleet.signing_key_path} is not an Ed25519 key")
-    return key
+    return load_private_key(Path(fleet.signing_key_path).read_bytes())
 
 
 def new_fleet(session: Session, name: str, key_dir: Path, description: str = "") -> Fleet:
