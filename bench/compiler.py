@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from firmware.arch import make_divisible
-from firmware.builtin import build_graph, builtin_config
 from firmware.errors import DoesNotFitError
+from firmware.frontend.builtin import build_graph, builtin_config
 from firmware.image import generate_signing_key
 from firmware.ir import Graph
-from firmware.patch import best_schedule
 from firmware.pipeline import CompileOptions, compile_model
+from firmware.plan.patch import best_schedule
 from firmware.targets import KIB, OtaLayout, get_target
 
 TINYENGINE = {"sram_kb": 308, "flash_kb": 862}  # MobileNetV2 w0.35 r144 on STM32F746

@@ -1,8 +1,8 @@
 """Instructions per MAC of the int8 kernels in QEMU: plain C vs the SMLAD (DSP) path.
 
 Each kernel runs once on MobileNet-like shapes inside a Cortex-M image; SysTick under
-`-icount shift=0` counts the instructions of that one call (firmware.emulator), and the
-output is checked bit-exact against firmware.reference before a number is reported.
+`-icount shift=0` counts the instructions of that one call (firmware.toolchain.emulator), and the
+output is checked bit-exact against firmware.int8.reference before a number is reported.
 
     .venv/bin/python -m bench.int8_runtime [--json]
 """
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from firmware import reference as ref
-from firmware.build import build_program
 from firmware.codegen.cformat import c_array
-from firmware.emulator import run_qemu, ticks_to_instructions
+from firmware.int8 import reference as ref
 from firmware.targets import Cpu, TargetSpec, custom_target
+from firmware.toolchain.build import build_program
+from firmware.toolchain.emulator import run_qemu, ticks_to_instructions
 
 
 @dataclass(frozen=True)

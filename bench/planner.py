@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from firmware.arch import mobilenet_v2
-from firmware.builtin import build_graph, mobilenet_v2_rd
-from firmware.patch import best_schedule, plan_patches
+from firmware.frontend.builtin import build_graph, mobilenet_v2_rd
+from firmware.plan.patch import best_schedule, plan_patches
 
 KIB = 1024
 

@@ -5,7 +5,7 @@
 The model is the test suite's TinyNet (tests/firmware/digits_model.py: sklearn's 8x8 digits
 upsampled to 16x16, a MobileNetV2-shaped net with BN folded, ~3 s of Adam), calibrated on 200
 training images and evaluated on 500 held-out ones. Three implementations of the int8 model
-run on the same int8 inputs: firmware.reference (integer numpy, the golden spec of the C
+run on the same int8 inputs: firmware.int8.reference (integer numpy, the golden spec of the C
 kernels), onnxruntime on the QDQ export with its graph optimizations (QDQ fused into
 QLinearConv & co.) and without (every op as written, float between Q and DQ). The same
 cross-check then runs on MobileNetV2 w0.35 r144 with random weights, with the per-layer
@@ -25,11 +25,11 @@ import numpy as np
 import numpy.typing as npt
 
 from bench.compiler import model as compiler_model
-from firmware.fake_quant import dequantized_params
 from firmware.float_exec import run_graph, run_layer
-from firmware.onnx_export import compare_outputs, export_onnx, run_onnxruntime
-from firmware.quantize import QuantizedGraph, generated_calibration, quantize_graph
-from firmware.reference import run_image, run_quantized
+from firmware.int8.fake_quant import dequantized_params
+from firmware.int8.onnx_export import compare_outputs, export_onnx, run_onnxruntime
+from firmware.int8.quantize import QuantizedGraph, generated_calibration, quantize_graph
+from firmware.int8.reference import run_image, run_quantized
 from tests.firmware.digits_model import digits
 
 
@@ -99,8 +99,8 @@ def trained_mobilenet(epochs: int = 8) -> dict[str, Any]:
     from torch import nn
 
     from firmware.arch import mobilenet_v2
-    from firmware.builtin import build_graph
-    from firmware.supernet import SubnetModule
+    from firmware.frontend.builtin import build_graph
+    from firmware.nas.supernet import SubnetModule
     from tests.firmware.digits_model import load_images
 
     x, y = load_images()

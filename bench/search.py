@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
-from firmware.accuracy import sample_and_fit
 from firmware.data import Dataset, digits, load_dataset, shapes
 from firmware.errors import DoesNotFitError
-from firmware.family import ModelFamily, load_family, save_family
-from firmware.search import Constraints, EvolutionSettings, evolve, macs_objective
-from firmware.space import compact_space, mcunet_space
-from firmware.specialize import ObjectiveKind, export_subnet, specialize
-from firmware.supernet import Supernet
+from firmware.nas.accuracy import sample_and_fit
+from firmware.nas.family import ModelFamily, load_family, save_family
+from firmware.nas.search import Constraints, EvolutionSettings, evolve, macs_objective
+from firmware.nas.space import compact_space, mcunet_space
+from firmware.nas.specialize import ObjectiveKind, export_subnet, specialize
+from firmware.nas.supernet import Supernet
+from firmware.nas.train import TrainConfig, train_supernet
 from firmware.targets import CATALOG, KIB, MIB, TargetSpec
-from firmware.train import TrainConfig, train_supernet
 
 FAMILY_DIR = Path("var/bench/digits12")
 RESOLUTIONS = (24, 32, 40, 48)
@@ -115,7 +115,7 @@ def resolutions(family_dir: Path) -> list[dict[str, Any]]:
     """Does the input size matter? The largest subnet's val / test accuracy at each input."""
     from dataclasses import replace
 
-    from firmware.accuracy import measure
+    from firmware.nas.accuracy import measure
 
     family, supernet = load_family(family_dir)
     data = load_dataset(family.data_source)
@@ -185,8 +185,8 @@ def compile_searched(family_dir: Path) -> list[dict[str, Any]]:
     """Compile the searched subnets for two budgets and compare predicted with measured."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from firmware.builtin import build_graph
     from firmware.data import to_tensor
+    from firmware.frontend.builtin import build_graph
     from firmware.pipeline import CompileOptions, compile_model
     from firmware.pipeline import Dataset as CalibSet
     from firmware.targets import get_target

@@ -1,5 +1,6 @@
-"""The pure core of tinyfleet: model IR, memory planner, patch scheduler, search, int8 compiler.
+"""The pure core of tinyfleet, laid out as its pipeline (README: "Layout of firmware/").
 
-Nothing here imports an I/O framework (flask, celery, paho, sqlalchemy) or reads the
-environment; only `build` and `emulator` write files or run processes.
+ground floor (ir, errors, arch, targets, data, float_exec, image) <- frontend, plan, int8
+<- nas, codegen, toolchain <- pipeline; training uses plan and int8. Nothing here imports an
+I/O framework or reads the environment; only `toolchain` writes files or runs processes.
 """

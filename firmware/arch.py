@@ -2,7 +2,7 @@
 
 One config type serves the built-in networks, the supernet's subnets and the search: a stem
 conv, a list of inverted-residual blocks, an optional 1x1 head conv, global pooling and a
-classifier. `firmware.builtin.build_graph(config)` turns a config into an IR `Graph`.
+classifier. `firmware.frontend.builtin.build_graph(config)` turns a config into an IR `Graph`.
 """
 
 from __future__ import annotations

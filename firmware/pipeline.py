@@ -3,13 +3,13 @@
 `compile_model(graph, target, key, work_dir, ...)` runs the stages in order, each a call into
 the module that owns it:
 
-    quantize   firmware.quantize.quantize_graph (calibration data or generated inputs)
-    plan       firmware.patch.best_schedule under the target's model SRAM (layer- or patch-based)
+    quantize   firmware.int8.quantize.quantize_graph (calibration data or generated inputs)
+    plan       firmware.plan.patch.best_schedule under the target's model SRAM (layer/patch-based)
     codegen    firmware.codegen: model.c / model.h / main.c for the plan's schedule
-    build      firmware.build.build_firmware (arm-none-eabi-gcc, linker script of the device)
-    emulate    firmware.emulator.run_firmware (QEMU, semihosting, measured RAM, instructions)
-    check      outputs bit-exact against firmware.reference on every test input
-    onnx       onnxruntime agreement of the QDQ export (firmware.onnx_export)
+    build      firmware.toolchain.build.build_firmware (arm-none-eabi-gcc, the device's ld script)
+    emulate    firmware.toolchain.emulator.run_firmware (QEMU, semihosting, measured RAM, instrs)
+    check      outputs bit-exact against firmware.int8.reference on every test input
+    onnx       onnxruntime agreement of the QDQ export (firmware.int8.onnx_export)
     sign       firmware.image: manifest + ELF payload + Ed25519 signature
 
 Nothing is signed unless the QEMU outputs equal the reference's exactly. Predicted figures
@@ -31,8 +31,6 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware.build import BuildResult, build_firmware
-from firmware.emulator import EmulationResult, board_for, run_firmware
 from firmware.errors import DoesNotFitError, EmulationError
 from firmware.float_exec import run_graph
 from firmware.image import (
@@ -48,11 +46,13 @@ from firmware.image import (
     make_manifest,
     sign_image,
 )
+from firmware.int8.quantize import QuantizedGraph, quantize_graph
 from firmware.ir import Graph
-from firmware.memory import MemoryModel, MemoryReport, analyze
-from firmware.patch import PatchPlan, best_schedule
-from firmware.quantize import QuantizedGraph, quantize_graph
+from firmware.plan.memory import MemoryModel, MemoryReport, analyze
+from firmware.plan.patch import PatchPlan, best_schedule
 from firmware.targets import OtaLayout, TargetSpec, UnknownMcuError, custom_target, get_target
+from firmware.toolchain.build import BuildResult, build_firmware
+from firmware.toolchain.emulator import EmulationResult, board_for, run_firmware
 
 FloatArray = npt.NDArray[np.float32]
 Int8Array = npt.NDArray[np.int8]
@@ -121,7 +121,7 @@ def _quiet(stage: Stage, message: str) -> None:
 
 def reference_outputs(qgraph: QuantizedGraph, x_q: Int8Array) -> Int8Array:
     """The int8 reference's outputs (N, -1) for an int8 NCHW batch (integer arithmetic only)."""
-    from firmware.reference import run_quantized
+    from firmware.int8.reference import run_quantized
 
     return np.asarray(run_quantized(qgraph, x_q), dtype=np.int8).reshape(len(x_q), -1)
 
@@ -170,7 +170,7 @@ def _accuracy(graph: Graph, qgraph: QuantizedGraph, data: Dataset,
 def _onnx_check(qgraph: QuantizedGraph, x_q: Int8Array,
                 expected: Int8Array) -> dict[str, Any]:
     """onnxruntime on the QDQ export vs the reference: agreement and LSB differences."""
-    from firmware.onnx_export import compare_outputs, export_onnx, run_onnxruntime
+    from firmware.int8.onnx_export import compare_outputs, export_onnx, run_onnxruntime
 
     agreement = compare_outputs(run_onnxruntime(export_onnx(qgraph), x_q), expected)
     return {"samples": agreement.samples, "argmax_agreement": agreement.argmax_agreement,

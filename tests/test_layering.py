@@ -46,3 +46,58 @@ def test_device_agent_imports_no_backend() -> None:
     for path in _sources("device_agent"):
         bad = _imports(path) & {"service", "workers", "flask", "celery", "sqlalchemy"}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+# firmware/ as its pipeline: each part may import the ground floor, the parts listed for it,
+# and itself. `pipeline` (ground floor, top of the order) runs every stage.
+GROUND = {"ir", "errors", "arch", "targets", "data", "float_exec", "image"}
+LOWER = {"frontend", "plan", "int8"}
+MAY_IMPORT: dict[str, set[str]] = {
+    **{module: set() for module in GROUND},
+    **{part: set() for part in LOWER},
+    "nas": LOWER,
+    "codegen": LOWER,
+    "toolchain": LOWER,
+    "training": {"plan", "int8"},
+    "pipeline": LOWER | {"nas", "codegen", "toolchain", "training"},
+}
+
+
+def _part(dotted: str) -> str:
+    """`firmware.plan.memory` -> `plan`; `firmware.ir` -> `ir`."""
+    return dotted.split(".")[1]
+
+
+def _firmware_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    parts: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            raise AssertionError(f"{path.relative_to(ROOT)}: use absolute firmware.* imports")
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "firmware":
+                parts.update(alias.name for alias in node.names)
+            elif node.module.startswith("firmware."):
+                parts.add(_part(node.module))
+        elif isinstance(node, ast.Import):
+            parts.update(_part(a.name) for a in node.names if a.name.startswith("firmware."))
+    return parts
+
+
+def test_every_firmware_module_has_a_place_in_the_pipeline() -> None:
+    for path in _sources("firmware"):
+        rel = path.relative_to(ROOT / "firmware")
+        part = rel.parts[0].removesuffix(".py")
+        assert part in MAY_IMPORT or part == "__init__", (
+            f"firmware/{rel} is in no layer: add it to MAY_IMPORT in tests/test_layering.py")
+
+
+@pytest.mark.parametrize("path", _sources("firmware"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_firmware_parts_import_only_what_sits_below_them(path: Path) -> None:
+    rel = path.relative_to(ROOT / "firmware")
+    part = rel.parts[0].removesuffix(".py")
+    if part == "__init__":
+        return
+    allowed = GROUND | MAY_IMPORT[part] | {part}
+    bad = _firmware_imports(path) - allowed
+    assert not bad, f"firmware/{rel} ({part}) imports {sorted(bad)}, above or beside it"

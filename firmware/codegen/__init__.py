@@ -4,10 +4,10 @@
 (the file texts plus the arena and scratch sizes and the named buffers), and
 `write_model(qgraph, plan, out_dir, memory_model)` writes the files. `plan` is the
 planner's PatchPlan: patches == 1 (or no plan) gives layer-based execution, otherwise the
-patch stage runs as a per-patch loop over `firmware.patch.tiles` and the rest layer by layer.
+patch stage runs as a per-patch loop over `firmware.plan.patch.tiles` and the rest layer by layer.
 
 model.c holds every parameter as `const` (Flash), one static arena `tf_arena` whose size and
-offsets come from `firmware.memory.plan_arena`, a scratch buffer `tf_scratch` (the largest
+offsets come from `firmware.plan.memory.plan_arena`, a scratch buffer `tf_scratch` (the largest
 im2col / line buffer a kernel asks for), and `tf_model_run(read_input, ctx, output)`: it reads
 the HWC int8 input through `read_input` (whole, or one patch row at a time), runs the layers
 and copies the output to `output` in the IR's (C, H, W) order. Output is deterministic:
@@ -26,9 +26,9 @@ from firmware.codegen.cformat import c_comment
 from firmware.codegen.emitters import emit_params, kind_of
 from firmware.codegen.main_c import MAIN_C
 from firmware.codegen.render import Body, hwc, layer_based, layer_prefix, tensor_idents
-from firmware.memory import MemoryModel
-from firmware.patch import PatchPlan
-from firmware.quantize import QuantizedGraph
+from firmware.int8.quantize import QuantizedGraph
+from firmware.plan.memory import MemoryModel
+from firmware.plan.patch import PatchPlan
 
 __all__ = ["GeneratedModel", "render_model", "write_model"]
 

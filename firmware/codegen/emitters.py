@@ -16,14 +16,14 @@ import numpy as np
 
 from firmware.codegen.cformat import c_array, c_comment, c_struct
 from firmware.errors import UnsupportedOpError
-from firmware.ir import Graph, Layer, OpKind
-from firmware.quantize import AddParams, QuantLayer
-from firmware.reference import (
+from firmware.int8.quantize import AddParams, QuantLayer
+from firmware.int8.reference import (
     conv_weights_ohwi,
     depthwise_weights_hwc,
     fc_weights_hwc,
     is_depthwise,
 )
+from firmware.ir import Graph, Layer, OpKind
 
 
 class Kind(enum.Enum):

@@ -1,4 +1,4 @@
-"""The main.c of a generated model: the I/O protocol of firmware.emulator over semihosting."""
+"""The main.c of a generated model: firmware.toolchain.emulator's I/O protocol over semihosting."""
 
 from __future__ import annotations
 

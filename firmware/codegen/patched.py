@@ -1,4 +1,4 @@
-"""Patch-based execution (MCUNetV2): the per-patch loop over `firmware.patch.tiles`.
+"""Patch-based execution (MCUNetV2): the per-patch loop over `firmware.plan.patch.tiles`.
 
 For each of the p*p patches (row-major) the generated loop reads the input patch from
 `read_input` one row at a time (only the patch is ever in SRAM), runs every stage layer on
@@ -44,10 +44,10 @@ from firmware.codegen.render import (
     window_fields,
 )
 from firmware.errors import UnsupportedOpError
+from firmware.int8.quantize import QuantizedGraph
 from firmware.ir import Graph, Layer, OpKind, Tensor
-from firmware.memory import MemoryModel, plan_arena
-from firmware.patch import LayerTile, PatchPlan, tiles
-from firmware.quantize import QuantizedGraph
+from firmware.plan.memory import MemoryModel, plan_arena
+from firmware.plan.patch import LayerTile, PatchPlan, tiles
 
 Region = tuple[tuple[int, int], tuple[int, int]]  # (rows, cols), end exclusive
 

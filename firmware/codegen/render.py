@@ -24,9 +24,9 @@ from firmware.codegen.emitters import (
     scratch_bytes,
 )
 from firmware.errors import UnsupportedOpError
+from firmware.int8.quantize import QuantizedGraph
 from firmware.ir import Graph, Layer
-from firmware.memory import MemoryModel, plan_arena
-from firmware.quantize import QuantizedGraph
+from firmware.plan.memory import MemoryModel, plan_arena
 
 INPUT_IDENT = "model_in"
 

@@ -14,7 +14,7 @@ import click
 import numpy as np
 
 from firmware.errors import FirmwareError
-from firmware.memory import MemoryModel
+from firmware.plan.memory import MemoryModel
 from firmware.targets import OtaLayout
 from service.cli.options import (
     kb,
@@ -172,7 +172,7 @@ def _load_inputs(path: Path | None, image: Any) -> Any:
     """int8 NHWC inputs from an .npz: x_q (int8 N,H,W,C) or x (float N,C,H,W, quantized)."""
     if path is None:
         return None
-    from firmware.quantize import QuantParams
+    from firmware.int8.quantize import QuantParams
 
     with np.load(path) as data:
         if "x_q" in data:

@@ -92,9 +92,9 @@ def load_graph(model: str | None, builtin: str | None, width: float,
     if (model is None) == (builtin is None):
         raise click.UsageError("give either MODEL.onnx or --builtin NAME")
     if builtin is not None:
-        from firmware.builtin import build_graph, builtin_config
+        from firmware.frontend.builtin import build_graph, builtin_config
 
         return build_graph(builtin_config(builtin, width, resolution), with_weights=with_weights)
-    from firmware.onnx_import import import_onnx  # onnx is only needed for files
+    from firmware.frontend.onnx_import import import_onnx  # onnx is only needed for files
 
     return import_onnx(Path(str(model)))

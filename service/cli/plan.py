@@ -8,11 +8,11 @@ from typing import Any
 
 import click
 
-from firmware.builtin import BUILTIN_NETWORKS
 from firmware.errors import FirmwareError
+from firmware.frontend.builtin import BUILTIN_NETWORKS
 from firmware.ir import Graph
-from firmware.memory import MemoryModel, MemoryReport, analyze
-from firmware.patch import PatchPlan, best_schedule, plan_patches
+from firmware.plan.memory import MemoryModel, MemoryReport, analyze
+from firmware.plan.patch import PatchPlan, best_schedule, plan_patches
 from service.cli.options import SIZE, kb, load_graph, parse_patches
 
 

@@ -15,8 +15,8 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt
 
 from firmware.ir import Graph
-from firmware.memory import MemoryReport
-from firmware.patch import PatchPlan
+from firmware.plan.memory import MemoryReport
+from firmware.plan.patch import PatchPlan
 from firmware.targets import KIB
 
 

@@ -66,12 +66,12 @@ def train_supernet(data: str, epochs: int | None, out_dir: Path | None, resume: 
     """Train a weight-sharing supernet on DATA and write it as a model family."""
     import torch
 
-    from firmware.accuracy import sample_and_fit
     from firmware.data import DataError, load_dataset
-    from firmware.family import CHECKPOINT_NAME, save_family
-    from firmware.space import compact_space, mcunet_space
-    from firmware.supernet import Supernet
-    from firmware.train import TrainConfig, TrainError, TrainProgress, train_supernet
+    from firmware.nas.accuracy import sample_and_fit
+    from firmware.nas.family import CHECKPOINT_NAME, save_family
+    from firmware.nas.space import compact_space, mcunet_space
+    from firmware.nas.supernet import Supernet
+    from firmware.nas.train import TrainConfig, TrainError, TrainProgress, train_supernet
 
     try:
         dataset = load_dataset(data)
@@ -152,8 +152,8 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
            export_onnx: Path | None) -> None:
     """Find the subnet of FAMILY and its patch schedule that fit an MCU best."""
     from firmware.errors import DoesNotFitError, FirmwareError
-    from firmware.family import read_manifest
-    from firmware.search import Constraints, EvolutionSettings
+    from firmware.nas.family import read_manifest
+    from firmware.nas.search import Constraints, EvolutionSettings
 
     target = resolve_target(mcu, sram, flash, cpu)
     ota = OtaLayout(layout)
@@ -176,7 +176,7 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
     supernet = dataset = None
     if result is None or export_onnx is not None:
         from firmware.data import load_dataset
-        from firmware.family import load_family
+        from firmware.nas.family import load_family
 
         try:
             family, supernet = load_family(family_dir)
@@ -184,7 +184,7 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
         except FirmwareError as exc:
             raise click.ClickException(str(exc)) from None
     if result is None:
-        from firmware.specialize import ObjectiveKind, specialize
+        from firmware.nas.specialize import ObjectiveKind, specialize
 
         assert supernet is not None and dataset is not None
         try:
@@ -209,9 +209,9 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
 
 
 def _export(result: dict[str, Any], supernet: Any, dataset: Any, path: Path) -> None:
-    from firmware.space import Arch
-    from firmware.specialize import export_subnet
-    from firmware.supernet import export_onnx
+    from firmware.nas.space import Arch
+    from firmware.nas.specialize import export_subnet
+    from firmware.nas.supernet import export_onnx
 
     module = export_subnet(supernet, dataset, Arch.from_dict(result["arch"]))
     path.parent.mkdir(parents=True, exist_ok=True)

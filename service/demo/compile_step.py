@@ -46,8 +46,8 @@ def hardware_classes(devices: list[dict[str, Any]]) -> list[HardwareClass]:
 def compile_step(ctx: DemoContext) -> None:
     """Plan, compile, run in QEMU and sign one image per hardware class of the fleet."""
     from firmware.arch import mobilenet_v2
-    from firmware.builtin import build_graph
     from firmware.errors import FirmwareError
+    from firmware.frontend.builtin import build_graph
     from firmware.pipeline import CompileOptions, compile_model
     from firmware.targets import Cpu, OtaLayout, custom_target
     from service import db

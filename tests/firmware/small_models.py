@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from firmware.arch import BlockConfig, NetConfig
-from firmware.builtin import build_graph
+from firmware.frontend.builtin import build_graph
+from firmware.int8.quantize import QuantizedGraph, quantize_graph
 from firmware.ir import Graph
-from firmware.quantize import QuantizedGraph, quantize_graph
 
 # Every kernel the code generator emits: stem conv s2, an expand-less block, expand/dw/project
 # with stride 2, two residual blocks (fused 1x1 + add), a 5x5 depthwise, head, pool, fc.
@@ -44,7 +44,7 @@ def small_rd_quantized(seed: int = 0) -> QuantizedGraph:
     """
     import dataclasses
 
-    from firmware.builtin import builtin_config
+    from firmware.frontend.builtin import builtin_config
 
     config = dataclasses.replace(builtin_config("mobilenetv2-rd", 0.35, 32, num_classes=10),
                                  head_channels=64)

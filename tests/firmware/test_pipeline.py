@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from firmware.build import LinkOverflowError
 from firmware.errors import DoesNotFitError, ImageError
+from firmware.frontend.onnx_import import import_torch
 from firmware.image import generate_signing_key, sign_image, verify_image
-from firmware.onnx_import import import_torch
 from firmware.pipeline import (
     CompileOptions,
     CompileResult,
@@ -21,6 +20,7 @@ from firmware.pipeline import (
     rerun_image,
 )
 from firmware.targets import Cpu, custom_target, get_target
+from firmware.toolchain.build import LinkOverflowError
 from tests.firmware.digits_model import SIZE, digits
 
 pytestmark = [pytest.mark.toolchain,

@@ -11,11 +11,11 @@ import functools
 import numpy as np
 import torch
 
-from firmware.accuracy import AccuracyPredictor, EvalSettings, sample_and_fit
 from firmware.data import Dataset, digits, from_arrays
-from firmware.space import SearchSpace
-from firmware.supernet import Supernet
-from firmware.train import TrainConfig, train_supernet
+from firmware.nas.accuracy import AccuracyPredictor, EvalSettings, sample_and_fit
+from firmware.nas.space import SearchSpace
+from firmware.nas.supernet import Supernet
+from firmware.nas.train import TrainConfig, train_supernet
 
 EVAL = EvalSettings(recal_images=64, batch_size=64)
 

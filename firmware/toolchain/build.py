@@ -1,0 +1,261 @@
+"""Compile the C runtime and generated models: host gcc builds and Cortex-M cross builds.
+
+Public functions:
+- `build_host_library(out_dir, dsp=False)` -> Path of a shared library with every kernel
+  (`tf_*` symbols of firmware/runtime/include/tinyfleet_nn.h), for ctypes and the device
+  agent's host backend.
+- `build_host_program(sources, out_dir, name)` -> Path of a host executable linking the
+  kernels, the host platform layer and `sources` (e.g. a generated model and its main.c).
+- `build_firmware(model_c_dir, target, layout=OtaLayout.AB, out_dir=None, dsp=True,
+  extra_sources=())` -> `BuildResult`: every .c file of `model_c_dir` (a generated model:
+  model.c, model.h, main.c) plus the runtime cross-compiled with arm-none-eabi-gcc for the
+  target's core, linked with a script generated from the target (FLASH = one OTA slot at
+  0x0, RAM = the SRAM at 0x20000000 (M33: their secure aliases 0x10000000 / 0x38000000), the
+  runtime reserve kept free for the stack). Cores: M0+, M3, M4, M7, M33. A model
+  that does not fit raises `LinkOverflowError` (a `BuildError`) carrying the linker's
+  numbers. `BuildResult` holds the ELF and raw binary paths and the size of every section.
+- `build_program(sources, target, out_dir, ...)`: the same for arbitrary sources (tests).
+
+Flags: always `-Wall -Wextra -Werror -std=c11`; Cortex-M4/M7/M33 builds use the SMLAD path
+unless `dsp=False` (which defines TF_NO_DSP). Floats use the soft ABI: the kernels have none.
+This module and `firmware.toolchain.emulator` are the only ones in `firmware` that run processes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+from firmware.errors import BuildError
+from firmware.targets import Cpu, OtaLayout, TargetSpec
+
+RUNTIME_DIR = Path(__file__).resolve().parents[1] / "runtime"
+INCLUDE_DIR = RUNTIME_DIR / "include"
+SRC_DIR = RUNTIME_DIR / "src"
+WARNINGS = ("-Wall", "-Wextra", "-Werror", "-std=c11")
+HOST_CC = "gcc"
+ARM_CC = "arm-none-eabi-gcc"
+ARM_OBJCOPY = "arm-none-eabi-objcopy"
+ARM_SIZE = "arm-none-eabi-size"
+FLASH_ORIGIN = 0x0000_0000
+RAM_ORIGIN = 0x2000_0000
+# The M33 board (mps2-an505) boots in the Secure state: code and RAM at the secure aliases of
+# its SSRAM (the addresses at 0x0 / 0x20000000 are Non-secure there and fault).
+_SECURE_ORIGINS = {Cpu.CORTEX_M33: (0x1000_0000, 0x3800_0000)}
+COMPILE_TIMEOUT_S = 120.0
+PLATFORM_SOURCES = ("tf_platform_host.c", "tf_semihost.c", "tf_startup_cm.c")
+FLASH_SECTIONS = (".isr_vector", ".text", ".ARM.exidx", ".data")
+RAM_SECTIONS = (".data", ".bss", ".noinit")
+
+_CPU_FLAGS: dict[Cpu, tuple[str, ...]] = {
+    Cpu.CORTEX_M0PLUS: ("-mcpu=cortex-m0plus",),
+    Cpu.CORTEX_M3: ("-mcpu=cortex-m3",),
+    Cpu.CORTEX_M4: ("-mcpu=cortex-m4", "-mfloat-abi=soft"),
+    Cpu.CORTEX_M7: ("-mcpu=cortex-m7", "-mfloat-abi=soft"),
+    Cpu.CORTEX_M33: ("-mcpu=cortex-m33", "-mfloat-abi=soft"),
+}
+_OVERFLOW = re.compile(r"region `(\w+)' overflowed by (\d+) bytes")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """A linked Cortex-M image and its sizes (bytes per section, as arm-none-eabi-size -A)."""
+
+    elf_path: Path
+    bin_path: Path
+    target: TargetSpec
+    dsp: bool
+    sections: Mapping[str, int]
+    flash_bytes: int  # vectors + code + const data + .data initialisers
+    ram_bytes: int  # .data + .bss + .noinit (static RAM, the stack not included)
+    slot_bytes: int  # the FLASH region's length (one OTA slot)
+
+    def size_report(self) -> str:
+        """One line per section, then the Flash and RAM totals against the target."""
+        lines = [f"{name:<14}{size:>10}" for name, size in self.sections.items()]
+        lines.append(f"{'flash':<14}{self.flash_bytes:>10} of {self.slot_bytes} (OTA slot)")
+        lines.append(f"{'ram':<14}{self.ram_bytes:>10} of {self.target.sram_bytes} (SRAM)")
+        return "\n".join(lines)
+
+
+class LinkOverflowError(BuildError):
+    """The image does not fit the target: `overflow_bytes` per linker region (FLASH, RAM)."""
+
+    def __init__(self, message: str, overflow_bytes: Mapping[str, int],
+                 region_bytes: Mapping[str, int]) -> None:
+        super().__init__(message)
+        self.overflow_bytes = MappingProxyType(dict(overflow_bytes))
+        self.region_bytes = MappingProxyType(dict(region_bytes))
+
+
+def kernel_sources() -> tuple[Path, ...]:
+    """The runtime's kernel sources (no platform layer)."""
+    return tuple(p for p in sorted(SRC_DIR.glob("tf_*.c")) if p.name not in PLATFORM_SOURCES)
+
+
+def cpu_flags(cpu: Cpu) -> tuple[str, ...]:
+    """arm-none-eabi-gcc flags for a core; BuildError for cores it cannot build."""
+    if cpu not in _CPU_FLAGS:
+        raise BuildError(f"no arm-none-eabi-gcc build for cpu {cpu.value} "
+                         f"(supported: {', '.join(c.value for c in _CPU_FLAGS)})")
+    return ("-mthumb", *_CPU_FLAGS[cpu])
+
+
+def _run(cmd: Sequence[str], what: str, cwd: Path | None = None) -> str:
+    if shutil.which(cmd[0]) is None:
+        raise BuildError(f"{what}: compiler {cmd[0]!r} not found on PATH")
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, cwd=cwd,
+                              timeout=COMPILE_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise BuildError(f"{what}: {cmd[0]} ran past {COMPILE_TIMEOUT_S:.0f} s") from exc
+    if proc.returncode != 0:
+        raise BuildError(f"{what} failed ({cmd[0]} exit {proc.returncode}):\n"
+                         f"{proc.stderr.strip()[-4000:]}")
+    return proc.stdout
+
+
+def _defines(defines: Mapping[str, str | int] | None) -> list[str]:
+    return [f"-D{k}" if v == "" else f"-D{k}={v}" for k, v in (defines or {}).items()]
+
+
+def build_host_library(out_dir: Path, dsp: bool = False, name: str = "libtinyfleet_nn.so",
+                       extra_sources: Iterable[Path] = ()) -> Path:
+    """Compile the kernels (plus `extra_sources`) into a host shared library; its path."""
+    del dsp  # the host has no SMLAD; kept so that callers can pass the target's setting
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / name
+    cmd = [HOST_CC, "-O2", "-shared", "-fPIC", *WARNINGS, f"-I{INCLUDE_DIR}",
+           *map(str, kernel_sources()), *map(str, extra_sources), "-o", str(out)]
+    _run(cmd, f"host build of {name}")
+    return out
+
+
+def build_host_program(sources: Iterable[Path], out_dir: Path, name: str = "runner",
+                       include_dirs: Iterable[Path] = (),
+                       defines: Mapping[str, str | int] | None = None) -> Path:
+    """Compile `sources` with the kernels and the stdio platform layer into a host program."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / name
+    cmd = [HOST_CC, "-O2", *WARNINGS, f"-I{INCLUDE_DIR}",
+           *(f"-I{d}" for d in include_dirs), *_defines(defines),
+           *map(str, kernel_sources()), str(SRC_DIR / "tf_platform_host.c"),
+           *map(str, sources), "-o", str(out)]
+    _run(cmd, f"host build of {name}")
+    return out
+
+
+def memory_origins(cpu: Cpu) -> tuple[int, int]:
+    """(FLASH origin, RAM origin): 0x0 / 0x20000000, the M33's secure aliases on its board."""
+    return _SECURE_ORIGINS.get(cpu, (FLASH_ORIGIN, RAM_ORIGIN))
+
+
+def linker_script(target: TargetSpec, layout: OtaLayout = OtaLayout.AB,
+                  stack_bytes: int | None = None) -> str:
+    """The GNU ld script for a target: FLASH = one OTA slot at 0x0, RAM = SRAM at 0x20000000.
+
+    (Cortex-M33: 0x10000000 and 0x38000000, see `memory_origins`.)
+
+    `stack_bytes` (default: the target's runtime reserve) is reserved at the top of RAM so
+    that an image leaving less than that for the stack fails to link.
+    """
+    stack = target.runtime_reserve_bytes if stack_bytes is None else stack_bytes
+    slot = target.slot_bytes(layout)
+    flash_origin, ram_origin = memory_origins(target.cpu)
+    return f"""/* Generated by firmware.toolchain.build for {target.name} ({target.cpu.value}). */
+MEMORY
+{{
+  FLASH (rx)  : ORIGIN = {flash_origin:#010x}, LENGTH = {slot}
+  RAM   (rwx) : ORIGIN = {ram_origin:#010x}, LENGTH = {target.sram_bytes}
+}}
+ENTRY(Reset_Handler)
+SECTIONS
+{{
+  .isr_vector : {{ KEEP(*(.isr_vector)) }} > FLASH
+  .text : {{ *(.text*) *(.rodata*) . = ALIGN(4); }} > FLASH
+  .ARM.exidx : {{ *(.ARM.exidx*) }} > FLASH
+  _sidata = LOADADDR(.data);
+  .data : {{ _sdata = .; *(.data*) . = ALIGN(4); _edata = .; }} > RAM AT > FLASH
+  .bss (NOLOAD) : {{ _sbss = .; *(.bss*) *(COMMON) . = ALIGN(4); _ebss = .; }} > RAM
+  .noinit (NOLOAD) : {{ __noinit_start = .; *(.noinit*) . = ALIGN(4); __noinit_end = .; }} > RAM
+  .stack (NOLOAD) : {{ . = ALIGN(8); __stack_reserve = .; . = . + {stack}; }} > RAM
+  _estack = ORIGIN(RAM) + LENGTH(RAM);
+  /DISCARD/ : {{ *(.ARM.attributes) *(.comment) }}
+}}
+"""
+
+
+def _section_sizes(elf: Path) -> dict[str, int]:
+    out = _run([ARM_SIZE, "-A", str(elf)], f"size report of {elf.name}")
+    sizes: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if (len(parts) >= 2 and parts[0].startswith(".") and parts[1].isdigit()
+                and not parts[0].startswith((".debug", ".stack"))):
+            sizes[parts[0]] = int(parts[1])
+    return sizes
+
+
+def _overflow_error(stderr: str, target: TargetSpec, slot_bytes: int) -> LinkOverflowError:
+    overflow = {m.group(1): int(m.group(2)) for m in _OVERFLOW.finditer(stderr)}
+    regions = {"FLASH": slot_bytes, "RAM": target.sram_bytes}
+    parts = [f"{name} overflowed by {n} bytes ({name} region {regions.get(name, 0)} bytes)"
+             for name, n in sorted(overflow.items())]
+    return LinkOverflowError(f"image does not fit {target.name}: " + "; ".join(parts),
+                             overflow, regions)
+
+
+def build_program(sources: Iterable[Path], target: TargetSpec, out_dir: Path,
+                  name: str = "firmware", layout: OtaLayout = OtaLayout.AB, dsp: bool = True,
+                  include_dirs: Iterable[Path] = (), opt: str = "-O2",
+                  defines: Mapping[str, str | int] | None = None,
+                  stack_bytes: int | None = None) -> BuildResult:
+    """Cross-compile `sources` + runtime + start-up for the target; a BuildResult."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ld = out_dir / f"{name}.ld"
+    ld.write_text(linker_script(target, layout, stack_bytes))
+    elf = out_dir / f"{name}.elf"
+    use_dsp = dsp and target.cpu.has_dsp
+    cmd = [ARM_CC, *cpu_flags(target.cpu), opt, *WARNINGS, "-ffunction-sections",
+           "-fdata-sections", "-nostartfiles", "--specs=nano.specs", "--specs=nosys.specs",
+           f"-T{ld}", "-Wl,--gc-sections", f"-I{INCLUDE_DIR}",
+           *(f"-I{d}" for d in include_dirs), *_defines(defines),
+           *([] if use_dsp else ["-DTF_NO_DSP"]),
+           *map(str, kernel_sources()), str(SRC_DIR / "tf_semihost.c"),
+           str(SRC_DIR / "tf_startup_cm.c"), *map(str, sources), "-o", str(elf)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
+                          check=False) if shutil.which(ARM_CC) else None
+    if proc is None:
+        raise BuildError(f"cross build of {name}: {ARM_CC!r} not found on PATH")
+    slot = target.slot_bytes(layout)
+    if proc.returncode != 0:
+        if _OVERFLOW.search(proc.stderr):
+            raise _overflow_error(proc.stderr, target, slot)
+        raise BuildError(f"cross build of {name} for {target.name} failed:\n"
+                         f"{proc.stderr.strip()[-4000:]}")
+    bin_path = out_dir / f"{name}.bin"
+    _run([ARM_OBJCOPY, "-O", "binary", str(elf), str(bin_path)], f"objcopy of {name}")
+    sections = _section_sizes(elf)
+    return BuildResult(
+        elf_path=elf, bin_path=bin_path, target=target, dsp=use_dsp,
+        sections=MappingProxyType(sections),
+        flash_bytes=sum(sections.get(s, 0) for s in FLASH_SECTIONS),
+        ram_bytes=sum(sections.get(s, 0) for s in RAM_SECTIONS),
+        slot_bytes=slot,
+    )
+
+
+def build_firmware(model_c_dir: Path, target: TargetSpec, layout: OtaLayout = OtaLayout.AB,
+                   out_dir: Path | None = None, dsp: bool = True,
+                   extra_sources: Iterable[Path] = ()) -> BuildResult:
+    """Cross-compile a generated model directory (model.c, model.h, main.c) for a target."""
+    sources = sorted(model_c_dir.glob("*.c"))
+    if not sources:
+        raise BuildError(f"no .c files in {model_c_dir}")
+    return build_program([*sources, *extra_sources], target, out_dir or model_c_dir / "build",
+                         name="firmware", layout=layout, dsp=dsp, include_dirs=[model_c_dir])

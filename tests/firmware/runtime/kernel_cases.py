@@ -1,0 +1,279 @@
+"""Kernel test cases: random shapes -> (bytes for kernel_runner.c, the reference's output).
+
+One encoding drives both the host shared library (ctypes) and the QEMU image, so the two
+run exactly the same kernel calls; the expected bytes come from firmware.int8.reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from hypothesis import strategies as st
+
+from firmware.int8 import reference as ref
+from firmware.int8.quantize import AddParams
+
+OP_CONV, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP = range(1, 9)
+OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL = 9, 10, 11, 12
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel call: its encoding and the reference output (bytes)."""
+
+    name: str
+    payload: bytes
+    expected: bytes
+
+
+def _ints(*values: int) -> bytes:
+    return struct.pack(f"<{len(values)}i", *values)
+
+
+def _arr(a: np.ndarray) -> bytes:
+    raw = np.ascontiguousarray(a).tobytes()
+    return struct.pack("<I", len(raw)) + raw + b"\0" * (-len(raw) % 4)
+
+
+def encode(cases: list[Case]) -> bytes:
+    """cases.bin: count, then each payload."""
+    return struct.pack("<i", len(cases)) + b"".join(c.payload for c in cases)
+
+
+def decode(data: bytes, count: int) -> list[tuple[int, bytes]]:
+    """(status, output bytes) per case from results."""
+    out = []
+    pos = 0
+    for _ in range(count):
+        status, n = struct.unpack_from("<iI", data, pos)
+        out.append((status, data[pos + 8:pos + 8 + n]))
+        pos += 8 + n + (-n % 4)
+    return out
+
+
+def _quant(rng: np.random.Generator, cout: int, relu: bool) -> ref.ConvQuant:
+    mult = rng.integers(2**30, 2**31 - 1, size=cout, dtype=np.int64).astype(np.int32)
+    shift = rng.integers(-12, -5, size=cout).astype(np.int32)
+    zp_out = int(rng.integers(-30, 30))
+    return ref.ConvQuant(input_offset=int(rng.integers(-127, 129)), output_offset=zp_out,
+                         multiplier=mult, shift=shift,
+                         act_min=zp_out if relu else -128,
+                         act_max=min(127, zp_out + 60) if relu else 127)
+
+
+def _add_params(rng: np.random.Generator) -> tuple[AddParams, int, int]:
+    m = rng.integers(2**30, 2**31 - 1, size=3)
+    sh = rng.integers(-3, 0, size=2)
+    p = AddParams(left_shift=20, input1_offset=int(rng.integers(-127, 128)),
+                  input1_multiplier=int(m[0]), input1_shift=int(sh[0]),
+                  input2_offset=int(rng.integers(-127, 128)), input2_multiplier=int(m[1]),
+                  input2_shift=int(sh[1]), output_offset=int(rng.integers(-20, 20)),
+                  output_multiplier=int(m[2]), output_shift=int(rng.integers(-21, -18)))
+    return p, -128, 127
+
+
+def _add_ints(p: AddParams, lo: int, hi: int) -> bytes:
+    return _ints(p.left_shift, p.input1_offset, p.input1_multiplier, p.input1_shift,
+                 p.input2_offset, p.input2_multiplier, p.input2_shift, p.output_offset,
+                 p.output_multiplier, p.output_shift, lo, hi)
+
+
+def _i8(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.integers(-128, 128, size=shape).astype(np.int8)
+
+
+def _w8(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.integers(-127, 128, size=shape).astype(np.int8)
+
+
+def _window_ints(k: int, s: int, pad: tuple[int, int, int, int]) -> bytes:
+    return _ints(k, k, s, s, *pad)
+
+
+def conv_case(seed: int, h: int, w: int, cin: int, cout: int, k: int, s: int,
+              pad: tuple[int, int, int, int]) -> Case:
+    """Dense kxk conv."""
+    rng = np.random.default_rng(seed)
+    x, wt = _i8(rng, h, w, cin), _w8(rng, cout, k, k, cin)
+    b = rng.integers(-5000, 5000, size=cout).astype(np.int32)
+    q = _quant(rng, cout, relu=bool(seed % 2))
+    y = ref.conv2d_s8(x, wt, b, q, (s, s), pad)
+    payload = (_ints(OP_CONV, h, w, cin, *y.shape) + _window_ints(k, s, pad)
+               + _ints(q.input_offset, q.output_offset, q.act_min, q.act_max, 0)
+               + _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier) + _arr(q.shift))
+    return Case(f"conv{k}x{k}s{s} {h}x{w}x{cin}->{cout}", payload, y.tobytes())
+
+
+def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
+            pad: tuple[int, int, int, int] | None = None) -> Case:
+    """Depthwise conv, 'same' padding (as MobileNet) unless given, optionally in place."""
+    rng = np.random.default_rng(seed)
+    if pad is None:
+        pad = (k // 2, k // 2, (k - 1) // 2, (k - 1) // 2) if s == 2 else (k // 2,) * 4
+    x, wt = _i8(rng, h, w, c), _w8(rng, k, k, c)
+    b = rng.integers(-5000, 5000, size=c).astype(np.int32)
+    q = _quant(rng, c, relu=True)
+    y = ref.depthwise_conv2d_s8(x, wt, b, q, (s, s), pad)
+    payload = (_ints(OP_DW, h, w, c, *y.shape) + _window_ints(k, s, pad)
+               + _ints(q.input_offset, q.output_offset, q.act_min, q.act_max, int(in_place))
+               + _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier) + _arr(q.shift))
+    return Case(f"dw{k}x{k}s{s} {h}x{w}x{c} inplace={in_place}", payload, y.tobytes())
+
+
+def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bool,
+                   huge_bias: bool = False) -> Case:
+    """1x1 conv, optionally accumulating into a residual buffer.
+
+    `huge_bias` puts accumulators around +-2**30, where the kernels leave their SMMULR fast
+    path for the 64-bit one, with tiny scales so that the outputs still vary.
+    """
+    rng = np.random.default_rng(seed)
+    x, wt = _i8(rng, h, w, cin), _w8(rng, cout, 1, 1, cin)
+    b = rng.integers(-5000, 5000, size=cout).astype(np.int32)
+    q = _quant(rng, cout, relu=False)
+    if huge_bias:
+        b = (rng.choice([-1, 1], size=cout) * (2**30 + rng.integers(-40000, 40000, size=cout))
+             ).astype(np.int32)
+        q = dataclasses.replace(q, shift=rng.integers(-31, -27, size=cout).astype(np.int32))
+    head = _ints(q.input_offset, q.output_offset, q.act_min, q.act_max)
+    tail = _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier) + _arr(q.shift)
+    if not fused_add:
+        y = ref.conv2d_s8(x, wt, b, q)
+        return Case(f"pw {h}x{w}x{cin}->{cout}", _ints(OP_CONV1X1, h, w, cin, cout) + head
+                    + tail, y.tobytes())
+    res = _i8(rng, h, w, cout)
+    p, lo, hi = _add_params(rng)
+    y = ref.conv2d_1x1_add_s8(x, wt, b, q, res, p, lo, hi)
+    payload = (_ints(OP_CONV1X1_ADD, h, w, cin, cout) + head + _add_ints(p, lo, hi) + tail
+               + _arr(res))
+    return Case(f"pw+add {h}x{w}x{cin}->{cout}", payload, y.tobytes())
+
+
+def pointwise_huge_bias_case(seed: int) -> Case:
+    """A 1x1 conv whose accumulators straddle +-2**30 (both requantization paths)."""
+    return pointwise_case(seed, 4, 5, 24, 6, False, huge_bias=True)
+
+
+def fc_case(seed: int, cin: int, cout: int) -> Case:
+    """Fully connected."""
+    rng = np.random.default_rng(seed)
+    x, wt = _i8(rng, cin), _w8(rng, cout, cin)
+    b = rng.integers(-5000, 5000, size=cout).astype(np.int32)
+    q = _quant(rng, cout, relu=False)
+    y = ref.fully_connected_s8(x, wt, b, q)
+    payload = (_ints(OP_FC, 1, 1, cin, cout, q.input_offset, q.output_offset, q.act_min,
+                     q.act_max) + _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier)
+               + _arr(q.shift))
+    return Case(f"fc {cin}->{cout}", payload, y.tobytes())
+
+
+def add_case(seed: int, n: int) -> Case:
+    """Elementwise add."""
+    rng = np.random.default_rng(seed)
+    a, b = _i8(rng, n), _i8(rng, n)
+    p, lo, hi = _add_params(rng)
+    y = ref.add_s8(a, b, p, lo, hi)
+    return Case(f"add {n}", _ints(OP_ADD, n) + _add_ints(p, lo, hi) + _arr(a) + _arr(b),
+                y.tobytes())
+
+
+def pool_case(seed: int, h: int, w: int, c: int, k: int, s: int, pad: int,
+              is_max: bool = False) -> Case:
+    """Average (or max) pool, or global average pool when k == 0."""
+    rng = np.random.default_rng(seed)
+    x = _i8(rng, h, w, c)
+    zp = int(rng.integers(-128, 128))
+    if k == 0:
+        return Case(f"gap {h}x{w}x{c}", _ints(OP_GAP, h, w, c, -zp, zp) + _arr(x),
+                    ref.global_avg_pool_s8(x, -zp, zp).tobytes())
+    pads = (pad,) * 4
+    lo, hi = (zp, 127) if seed % 2 else (-128, 127)
+    if is_max:
+        y = ref.max_pool_s8(x, (k, k), (s, s), pads, lo, hi)
+    else:
+        y = ref.avg_pool_s8(x, (k, k), (s, s), pads, -zp, zp, lo, hi)
+    payload = (_ints(OP_MAXPOOL if is_max else OP_AVGPOOL, h, w, c, *y.shape)
+               + _window_ints(k, s, pads) + _ints(-zp, zp, lo, hi) + _arr(x))
+    return Case(f"{'max' if is_max else 'avg'}pool{k}s{s}p{pad} {h}x{w}x{c}", payload,
+                y.tobytes())
+
+
+def patch_case(seed: int, h: int, w: int, c: int, ph: int, pw: int, row0: int, col0: int,
+               store: bool) -> Case:
+    """Patch load (with border padding) or store."""
+    rng = np.random.default_rng(seed)
+    if store:
+        src, dst = _i8(rng, ph, pw, c), _i8(rng, h, w, c)
+        row0, col0 = min(max(row0, 0), h - ph), min(max(col0, 0), w - pw)
+        want = dst.copy()
+        want[row0:row0 + ph, col0:col0 + pw] = src
+        payload = (_ints(OP_PATCH_STORE, ph, pw, c, h, w, row0, col0, 0) + _arr(src)
+                   + _arr(dst))
+        return Case(f"patch store {ph}x{pw} at {row0},{col0}", payload, want.tobytes())
+    src = _i8(rng, h, w, c)
+    pad_value = int(rng.integers(-128, 128))
+    padded = np.full((h + 2 * ph, w + 2 * pw, c), pad_value, dtype=np.int8)
+    padded[ph:ph + h, pw:pw + w] = src
+    want = padded[row0 + ph:row0 + 2 * ph, col0 + pw:col0 + 2 * pw]
+    payload = _ints(OP_PATCH_LOAD, h, w, c, ph, pw, row0, col0, pad_value) + _arr(src)
+    return Case(f"patch load {ph}x{pw} at {row0},{col0}", payload, want.tobytes())
+
+
+def requant_case(seed: int, n: int) -> Case:
+    """tf_requantize against firmware.int8.quantize.requantize over random int32s."""
+    rng = np.random.default_rng(seed)
+    acc = rng.integers(-(2**31), 2**31 - 1, size=n, dtype=np.int64)
+    acc[: n // 2] >>= rng.integers(0, 31, size=n // 2)
+    m = rng.integers(2**30, 2**31 - 1, size=n, dtype=np.int64)
+    s = rng.integers(-31, 31, size=n)
+    want = ref.requantize(acc, m, s).astype(np.int32)
+    payload = (_ints(OP_REQUANT, n) + _arr(acc.astype(np.int32)) + _arr(m.astype(np.int32))
+               + _arr(s.astype(np.int32)))
+    return Case(f"requant {n}", payload, want.tobytes())
+
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+@st.composite
+def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
+    """One kernel case of any kind, with Hypothesis-chosen shapes."""
+    kind = draw(st.sampled_from(["conv", "dw", "pw", "pw_add", "fc", "add", "pool", "patch",
+                                 "requant"]))
+    seed = draw(seeds)
+    h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    c = draw(st.integers(1, max_c))
+    if kind == "conv":
+        k = draw(st.sampled_from([1, 3, 5]))
+        s = draw(st.integers(1, 2))
+        pad = tuple(draw(st.integers(0, k - 1)) for _ in range(4))
+        h, w = max(h, k), max(w, k)
+        return conv_case(seed, h, w, draw(st.integers(1, 8)), c, k, s,
+                         (pad[0], pad[1], pad[2], pad[3]))
+    if kind == "dw":
+        k = draw(st.sampled_from([3, 5, 7]))
+        # Patch tiles pad only the sides at the image border: any pads below the kernel.
+        pads = (None if draw(st.booleans()) else
+                tuple(draw(st.integers(0, k // 2)) for _ in range(4)))
+        return dw_case(seed, max(h, k), max(w, k), c, k, draw(st.integers(1, 2)),
+                       draw(st.booleans()), pads)  # type: ignore[arg-type]
+    if kind == "pw" and draw(st.integers(0, 4)) == 0:
+        return pointwise_huge_bias_case(seed)
+    if kind in ("pw", "pw_add"):
+        return pointwise_case(seed, h, w, c, draw(st.integers(1, max_c)), kind == "pw_add")
+    if kind == "fc":
+        return fc_case(seed, draw(st.integers(1, 4 * max_c)), c)
+    if kind == "add":
+        return add_case(seed, h * w * c)
+    if kind == "pool":
+        k = draw(st.integers(0, 3))
+        return pool_case(seed, max(h, k), max(w, k), c, k, draw(st.integers(1, 2)),
+                         draw(st.integers(0, max(k - 1, 0))), draw(st.booleans()))
+    if kind == "patch":
+        ph, pw = draw(st.integers(1, h)), draw(st.integers(1, w))
+        return patch_case(seed, h, w, c, ph, pw, draw(st.integers(-ph + 1, h - 1)),
+                          draw(st.integers(-pw + 1, w - 1)), draw(st.booleans()))
+    return requant_case(seed, draw(st.integers(1, 64)))

@@ -1,0 +1,75 @@
+"""C kernels cross-compiled for Cortex-M (plain and SMLAD paths) and run in QEMU, batched.
+
+Each QEMU run executes a whole batch of Hypothesis-generated cases (one boot is ~50 ms), so
+hundreds of kernel calls per build cost about a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from firmware.targets import Cpu, custom_target
+from firmware.toolchain.build import BuildResult, build_program
+from firmware.toolchain.emulator import run_qemu
+from tests.firmware.runtime import kernel_cases as kc
+
+pytestmark = pytest.mark.toolchain
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = {
+    "m4-dsp": (Cpu.CORTEX_M4, True),
+    "m4-plain": (Cpu.CORTEX_M4, False),
+    "m7-dsp": (Cpu.CORTEX_M7, True),
+    "m33-dsp": (Cpu.CORTEX_M33, True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def runner(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
+    cpu, dsp = VARIANTS[request.param]
+    target = custom_target(sram_bytes=2 * 1024 * 1024, flash_bytes=4 * 1024 * 1024, cpu=cpu,
+                           name=f"test-{request.param}")
+    return build_program([HERE / "kernel_runner.c", HERE / "kernel_runner_main.c"], target,
+                         tmp_path_factory.mktemp(request.param), name="kernels", dsp=dsp,
+                         stack_bytes=8192)
+
+
+def run_batch(runner: BuildResult, cases: list[kc.Case]) -> list[tuple[int, bytes]]:
+    run = run_qemu(runner.elf_path, runner.target, {"cases.bin": kc.encode(cases)},
+                   ("results.bin",), timeout_s=30)
+    assert run.exit_code == 0, f"runner exit {run.exit_code}: {run.console[-300:]}"
+    return kc.decode(run.files["results.bin"], len(cases))
+
+
+def test_the_dsp_build_really_uses_smlad(runner: BuildResult) -> None:
+    import subprocess
+
+    disasm = subprocess.run(["arm-none-eabi-objdump", "-d", str(runner.elf_path)],
+                            capture_output=True, text=True, check=True).stdout
+    assert ("smlad" in disasm) == runner.dsp
+
+
+@settings(max_examples=8, deadline=None, phases=[Phase.generate],  # no shrinking: slow in QEMU
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(kc.any_case(max_hw=9, max_c=20), min_size=60, max_size=60))
+def test_kernels_in_qemu_are_bit_exact_against_the_reference(runner: BuildResult,
+                                                             cases: list[kc.Case]) -> None:
+    for (status, got), case in zip(run_batch(runner, cases), cases, strict=True):
+        assert status == 0, f"{case.name}: status {status}"
+        assert got == case.expected, f"{case.name} ({runner.target.name}): differs"
+
+
+def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
+    cases = [kc.conv_case(1, 20, 20, 3, 16, 3, 2, (1, 1, 1, 1)),
+             kc.dw_case(2, 20, 20, 32, 3, 1, True), kc.dw_case(3, 20, 20, 32, 3, 2, True),
+             kc.pointwise_case(5, 10, 10, 16, 96, False),
+             kc.pointwise_case(6, 10, 10, 96, 16, True), kc.pointwise_huge_bias_case(11),
+             kc.fc_case(7, 320, 10),
+             kc.pool_case(8, 5, 5, 320, 0, 1, 0), kc.requant_case(9, 2048)]
+    for (status, got), case in zip(run_batch(runner, cases), cases, strict=True):
+        assert status == 0 and got == case.expected, case.name
