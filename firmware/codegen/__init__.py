@@ -148,9 +148,9 @@ def _source(qgraph: QuantizedGraph, body: Body, patches: int,
         "    } while (0)\n\n",
         "static inline int32_t tf_numel(const tf_dims *d)\n{\n"
         "    return d->h * d->w * d->c;\n}\n\n",
-        "/* One static arena (offsets from firmware.memory.plan_arena) and the kernels' scratch;\n"
-        " * both painted at reset, not zeroed, so that a run's high-water mark can be\n"
-        " * measured. */\n",
+        "/* One static arena (offsets from firmware.plan.memory.plan_arena) and the kernels'\n"
+        " * scratch; both painted at reset, not zeroed, so that a run's high-water mark can\n"
+        " * be measured. */\n",
         "int8_t tf_arena[TF_MODEL_ARENA_BYTES] TF_NOINIT;\n",
         "int16_t tf_scratch[(TF_MODEL_SCRATCH_BYTES + 1u) / 2u] TF_NOINIT;\n\n",
         "/* ---- parameters (Flash) ---- */\n", *params,

@@ -24,9 +24,9 @@ static inline int32_t tf_numel(const tf_dims *d)
     return d->h * d->w * d->c;
 }
 
-/* One static arena (offsets from firmware.memory.plan_arena) and the kernels' scratch;
- * both painted at reset, not zeroed, so that a run's high-water mark can be
- * measured. */
+/* One static arena (offsets from firmware.plan.memory.plan_arena) and the kernels'
+ * scratch; both painted at reset, not zeroed, so that a run's high-water mark can
+ * be measured. */
 int8_t tf_arena[TF_MODEL_ARENA_BYTES] TF_NOINIT;
 int16_t tf_scratch[(TF_MODEL_SCRATCH_BYTES + 1u) / 2u] TF_NOINIT;
 
