@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tinyfleet-installed
 SYSSTAMP := var/.system-deps
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench lock clean
 .DEFAULT_GOAL := demo
 
 setup: $(SYSSTAMP) $(STAMP)
@@ -14,12 +14,16 @@ $(SYSSTAMP): deploy/install-system-deps.sh
 	PYTHON=$(PYTHON) bash deploy/install-system-deps.sh
 	@mkdir -p var && touch $@
 
-# torch first and pinned, so that nothing pulls an unpinned (multi-GB CUDA) build.
-$(STAMP): pyproject.toml
+# Exactly the versions CI tested: requirements.lock (hashes checked), made by `make lock` from
+# pyproject.toml's ranges. torch first and pinned (the CPU build where pip finds one), so that
+# nothing pulls an unpinned (multi-GB CUDA) build; the lock leaves torch out for that reason.
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	@touch $@
 
 demo: setup
@@ -36,6 +40,15 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench.run_all
+
+# Re-resolve pyproject.toml's ranges to the newest versions into requirements.lock. torch is
+# resolved as its CPU build (TORCH_WHEELS: a folder or index that has it) and left out of the
+# lock; the Makefile installs it pinned.
+TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,https://download.pytorch.org/whl/cpu)
+lock: setup
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --upgrade \
+	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	    --find-links $(TORCH_WHEELS) --no-emit-package torch -o requirements.lock
 
 clean:
 	rm -rf var build .pytest_cache
