@@ -41,12 +41,13 @@ lint: setup
 bench: setup
 	$(BIN)/python -m bench.run_all
 
-# Re-resolve pyproject.toml's ranges to the newest versions into requirements.lock. torch is
-# resolved as its CPU build (TORCH_WHEELS: a folder or index that has it) and left out of the
-# lock; the Makefile installs it pinned.
+# Re-resolve pyproject.toml's ranges into requirements.lock, keeping the locked versions that
+# still fit (LOCK_FLAGS=--upgrade: the newest of everything). torch is resolved as its CPU
+# build (TORCH_WHEELS: a folder or index that has it) and left out of the lock.
+LOCK_FLAGS ?=
 TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,https://download.pytorch.org/whl/cpu)
 lock: setup
-	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --upgrade \
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes $(LOCK_FLAGS) \
 	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	    --find-links $(TORCH_WHEELS) --no-emit-package torch -o requirements.lock
 
