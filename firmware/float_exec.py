@@ -1,7 +1,8 @@
-"""Float32 execution of a whole IR `Graph` in numpy: calibration data and the float baseline.
+"""Float execution of a whole IR `Graph` in numpy: calibration ranges and the float baseline.
 
-Batched NCHW (the IR's per-image (C, H, W) with a batch axis in front), in the input's float
-dtype (float32 for calibration, float64 for the patch executor's proofs). Semantics follow
+Batched NCHW (the IR's per-image (C, H, W) with a batch axis in front), in float32 by default
+or float64 (`run_graph(..., dtype=np.float64)`: calibration, whose ranges must not depend on
+the summation order the host's BLAS kernel picks, and the patch executor's proofs). Semantics follow
 torch/ONNX: convs cross-correlate with the layer's zero padding; average pooling divides by
 kh * kw, padding included (torch's AvgPool2d default, as the importer requires); a reshape flattens
 in (C, H, W) order; a fully connected layer returns (N, out, 1, 1).
@@ -82,12 +83,12 @@ def avg_pool(x: FloatArray, layer: Layer, padding: Padding | None = None) -> Flo
     return out
 
 
-def graph_params(graph: Graph) -> ParamLookup:
-    """Weight and bias lookup from `graph.params`, as float32."""
+def graph_params(graph: Graph, dtype: type[np.floating] = np.float32) -> ParamLookup:
+    """Weight and bias lookup from `graph.params`, as `dtype` (float32 by default)."""
 
     def lookup(layer: Layer) -> tuple[FloatArray | None, FloatArray | None]:
-        w = None if layer.weight is None else np.asarray(graph.params[layer.weight], np.float32)
-        b = None if layer.bias is None else np.asarray(graph.params[layer.bias], np.float32)
+        w = None if layer.weight is None else np.asarray(graph.params[layer.weight], dtype)
+        b = None if layer.bias is None else np.asarray(graph.params[layer.bias], dtype)
         return w, b
 
     return lookup
@@ -129,15 +130,18 @@ def run_layer(layer: Layer, inputs: list[FloatArray], weight: FloatArray | None,
 
 def run_graph(graph: Graph, x: npt.ArrayLike, hook: TensorHook | None = None,
               params: ParamLookup | None = None,
-              after_layer: Callable[[str, FloatArray], FloatArray] | None = None) -> FloatArray:
+              after_layer: Callable[[str, FloatArray], FloatArray] | None = None,
+              dtype: type[np.floating] = np.float32) -> FloatArray:
     """Run `graph` on a float batch (N, C, H, W); return the output (N, C, H, W).
 
-    `hook(tensor_name, value)` sees every tensor, the input first. `params` overrides the
+    Computes in `dtype` (float32, or float64 where the result must not depend on the host's
+    BLAS kernel beyond the last float32 bit). `hook(tensor_name, value)` sees every tensor,
+    the input first. `params` overrides the
     weight lookup (fake quantization passes dequantized weights); `after_layer` may replace
     each layer's output before it is stored (fake quantization rounds it to int8 levels).
     Tensors are freed after their last reader, so memory stays near one block's working set.
     """
-    batch = np.asarray(x, dtype=np.float32)
+    batch = np.asarray(x, dtype=dtype)
     shape = graph.tensor(graph.input).shape
     if batch.ndim == 3:
         batch = batch[None]
@@ -145,7 +149,7 @@ def run_graph(graph: Graph, x: npt.ArrayLike, hook: TensorHook | None = None,
         raise InvalidModelError(
             f"graph {graph.name}: input batch shape {batch.shape[1:]} != expected {shape}"
         )
-    lookup = params or graph_params(graph)
+    lookup = params or graph_params(graph, dtype)
     last_use = _last_use(graph)
     values: dict[str, FloatArray] = {graph.input: batch}
     if hook is not None:

@@ -229,14 +229,23 @@ def requantize(acc: npt.ArrayLike, multiplier: npt.ArrayLike, shift: npt.ArrayLi
 
 @dataclass(frozen=True)
 class TensorRange:
-    """Observed real range of one tensor over the calibration data."""
+    """Observed real range of one tensor over the calibration data (float32 values)."""
 
     low: float
     high: float
 
 
 def calibrate(graph: Graph, samples: npt.ArrayLike, batch_size: int = 32) -> dict[str, TensorRange]:
-    """Run the float graph on calibration samples (N, C, H, W); min/max of every tensor."""
+    """Run the float graph on calibration samples (N, C, H, W); min/max of every tensor.
+
+    Host-independent: the graph runs in float64 and each range is rounded to float32 once, at
+    the end. A float32 forward pass would inherit the summation order of the BLAS kernel the
+    host's CPU selects (OpenBLAS Haswell vs SkylakeX, ...), and a tensor's minimum could then
+    differ by one float32 step between machines, and with it a scale and every multiplier
+    derived from it. In float64 two summation orders differ by ~1e-16 relative, far below
+    float32's 6e-8 rounding step, so the rounded ranges agree on every machine (barring a
+    value within ~1e-16 of a float32 rounding boundary).
+    """
     data = np.asarray(samples, dtype=np.float32)
     if data.ndim != 4 or data.shape[0] == 0:
         raise InvalidModelError(
@@ -245,14 +254,15 @@ def calibrate(graph: Graph, samples: npt.ArrayLike, batch_size: int = 32) -> dic
     lows: dict[str, float] = {}
     highs: dict[str, float] = {}
 
-    def observe(name: str, value: npt.NDArray[np.float32]) -> None:
+    def observe(name: str, value: npt.NDArray[np.floating]) -> None:
         lo, hi = float(value.min()), float(value.max())
         lows[name] = min(lo, lows.get(name, lo))
         highs[name] = max(hi, highs.get(name, hi))
 
     for start in range(0, data.shape[0], batch_size):
-        run_graph(graph, data[start:start + batch_size], hook=observe)
-    return {name: TensorRange(lows[name], highs[name]) for name in lows}
+        run_graph(graph, data[start:start + batch_size], hook=observe, dtype=np.float64)
+    return {name: TensorRange(float(np.float32(lows[name])), float(np.float32(highs[name])))
+            for name in lows}
 
 
 def generated_calibration(graph: Graph, count: int = 16, seed: int = 0) -> FloatArray:

@@ -11,7 +11,7 @@
 #define TF_MODEL_INPUT_W 16
 #define TF_MODEL_INPUT_C 3
 #define TF_MODEL_INPUT_BYTES 768u
-/* Output: int8 in (C, H, W) order, 10x1x1, real = 0.036482321047315414 * (q - -31). */
+/* Output: int8 in (C, H, W) order, 10x1x1, real = 0.036482320112340594 * (q - -31). */
 #define TF_MODEL_OUTPUT_BYTES 10u
 #define TF_MODEL_ARENA_BYTES 2048u
 #define TF_MODEL_SCRATCH_BYTES 144u
