@@ -4,13 +4,20 @@ The graph is MobileNetV2's layout: stem conv -> inverted-residual blocks ([1x1 e
 -> kxk depthwise ReLU6 -> 1x1 linear project [-> residual add]) -> 1x1 head ReLU6 -> global
 average pool -> flatten -> classifier. Batch normalization is taken as already folded into
 each conv's bias. Convs use torch's "same" padding: k // 2 on each side.
+
+Besides MobileNetV2 and its receptive-field-redistributed variant, published block lists
+(the MCUNet model zoo's JSON format, see `config_from_block_list`) are built-in networks: every
+`networks/*.json` file beside this module is one, named by its "name" field.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -176,16 +183,144 @@ def mobilenet_v2_rd(width: float = 1.0, resolution: int | tuple[int, int] = 224,
     )
 
 
-# Built-in network names accepted by `tinyfleet plan --builtin`.
-BUILTIN_NETWORKS = ("mobilenetv2", "mobilenetv2-rd")
+# --- published block lists (the MCUNet model zoo's format) --------------------------------
+
+NETWORKS_DIR = Path(__file__).resolve().parent / "networks"
 
 
-def builtin_config(name: str, width: float = 1.0, resolution: int | tuple[int, int] = 224,
-                   num_classes: int = 1000) -> NetConfig:
-    """The config of the built-in network `name` (one of BUILTIN_NETWORKS)."""
-    if name == "mobilenetv2":
-        return mobilenet_v2(width, resolution, num_classes)
-    if name == "mobilenetv2-rd":
-        return mobilenet_v2_rd(width, resolution, num_classes)
+def _ints(value: Any, count: int, what: str) -> list[int]:
+    if (not isinstance(value, Sequence) or isinstance(value, str) or len(value) != count
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise InvalidModelError(f"{what} must be a list of {count} integers, got {value!r}")
+    return list(value)
+
+
+def _block(index: int, entry: Any, in_channels: int, name: str) -> BlockConfig:
+    """One `[in_ch, out_ch, kernel, stride, expand_ratio, mid_channels_or_null, residual]`."""
+    what = f"{name}: block {index}"
+    if not isinstance(entry, Sequence) or len(entry) != 7:
+        raise InvalidModelError(f"{what} must be [in_ch, out_ch, kernel, stride, expand_ratio, "
+                                f"mid_channels_or_null, residual], got {entry!r}")
+    cin, cout, kernel, stride, expand = _ints(entry[:5], 5, what)
+    mid, residual = entry[5], entry[6]
+    if cin != in_channels:
+        raise InvalidModelError(f"{what} reads {cin} channels, the layer before writes "
+                                f"{in_channels}")
+    if min(cout, kernel, stride, expand) < 1 or kernel % 2 == 0:
+        raise InvalidModelError(f"{what}: channels, stride and expand ratio must be >= 1 and "
+                                f"the kernel odd, got {entry!r}")
+    # BlockConfig derives the hidden width as in_ch * expand_ratio; a list whose mid channels
+    # say otherwise describes a net this config cannot build: refuse rather than change it.
+    hidden = cin * expand
+    if mid is not None and mid != hidden:
+        raise InvalidModelError(f"{what}: mid channels {mid} != in_ch {cin} x expand ratio "
+                                f"{expand} = {hidden} (not representable)")
+    if residual not in (0, 1, True, False):
+        raise InvalidModelError(f"{what}: residual must be 0 or 1, got {residual!r}")
+    if residual and (stride != 1 or cin != cout):
+        raise InvalidModelError(f"{what}: residual needs stride 1 and in_ch == out_ch, got "
+                                f"stride {stride}, {cin}->{cout}")
+    return BlockConfig(kernel=kernel, expand_ratio=expand, stride=stride, out_channels=cout,
+                       residual=bool(residual))
+
+
+def config_from_block_list(doc: Mapping[str, Any],
+                           resolution: int | tuple[int, int] | None = None,
+                           num_classes: int | None = None) -> NetConfig:
+    """The NetConfig of a published block list (`../shared/models/*.json`'s format).
+
+    Keys: `name`; `resolution` (int or [h, w], the default input size); `first_conv` =
+    [in_ch, out_ch, kernel, stride]; `blocks` = [[in_ch, out_ch, kernel, stride,
+    expand_ratio, mid_channels_or_null, residual(0/1)], ...] (inverted residuals: 1x1 expand
+    unless expand_ratio is 1, kxk depthwise, 1x1 linear project; ReLU6); `feature_mix` = null,
+    out_ch or [in_ch, out_ch] (the 1x1 head conv); `classes`. Channel counts are checked from
+    block to block; anything the config cannot represent raises InvalidModelError.
+    """
+    name = doc.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidModelError("block list: 'name' must be a non-empty string")
+    for key in ("first_conv", "blocks", "classes"):
+        if key not in doc:
+            raise InvalidModelError(f"{name}: block list has no {key!r}")
+    stem_in, stem_out, stem_kernel, stem_stride = _ints(doc["first_conv"], 4,
+                                                        f"{name}: first_conv")
+    blocks_doc = doc["blocks"]
+    if not isinstance(blocks_doc, Sequence) or not blocks_doc:
+        raise InvalidModelError(f"{name}: 'blocks' must be a non-empty list")
+    channels = stem_out
+    blocks = []
+    for i, entry in enumerate(blocks_doc):
+        block = _block(i, entry, channels, name)
+        blocks.append(block)
+        channels = block.out_channels
+    mix = doc.get("feature_mix")
+    head: int | None = None
+    if mix is not None:
+        if isinstance(mix, int) and not isinstance(mix, bool):
+            head = mix
+        else:
+            mix_in, head = _ints(mix, 2, f"{name}: feature_mix")
+            if mix_in != channels:
+                raise InvalidModelError(f"{name}: feature_mix reads {mix_in} channels, the "
+                                        f"last block writes {channels}")
+    size = resolution if resolution is not None else doc.get("resolution")
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if size is None:
+        raise InvalidModelError(f"{name}: no resolution in the block list; pass one")
+    h, w = _ints(size, 2, f"{name}: resolution")
+    classes = num_classes if num_classes is not None else doc["classes"]
+    if not isinstance(classes, int) or classes < 1:
+        raise InvalidModelError(f"{name}: classes must be a positive integer, got {classes!r}")
+    suffix = "" if resolution is None else f"-r{h}" + (f"x{w}" if w != h else "")
+    return NetConfig(name=f"{name}{suffix}", input_size=(h, w), stem_channels=stem_out,
+                     blocks=tuple(blocks), head_channels=head, num_classes=classes,
+                     in_channels=stem_in, stem_kernel=stem_kernel, stem_stride=stem_stride)
+
+
+def load_block_list(path: str | Path) -> dict[str, Any]:
+    """A block-list JSON file as a dict (InvalidModelError naming the file if unreadable)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidModelError(f"block list {path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidModelError(f"block list {path}: not a JSON object")
+    return doc
+
+
+def block_list_networks() -> dict[str, Path]:
+    """Built-in block-list networks: name -> JSON file under NETWORKS_DIR."""
+    found: dict[str, Path] = {}
+    for path in sorted(NETWORKS_DIR.glob("*.json")):
+        found[str(load_block_list(path).get("name", path.stem))] = path
+    return found
+
+
+# Built-in network names accepted by `tinyfleet plan --builtin`: MobileNetV2, its RD variant,
+# and every block list in networks/.
+BUILTIN_NETWORKS = ("mobilenetv2", "mobilenetv2-rd", *block_list_networks())
+
+
+def builtin_config(name: str, width: float = 1.0,
+                   resolution: int | tuple[int, int] | None = None,
+                   num_classes: int | None = None) -> NetConfig:
+    """The config of the built-in network `name` (one of BUILTIN_NETWORKS).
+
+    `resolution` None is the network's own default (224 for MobileNetV2, the block list's
+    for the others); `num_classes` None is 1000 or the block list's. A published block list
+    has fixed channel counts: any width but 1.0 is refused.
+    """
+    if name in ("mobilenetv2", "mobilenetv2-rd"):
+        size = 224 if resolution is None else resolution
+        classes = 1000 if num_classes is None else num_classes
+        build = mobilenet_v2 if name == "mobilenetv2" else mobilenet_v2_rd
+        return build(width, size, classes)
+    networks = block_list_networks()
+    if name in networks:
+        if width != 1.0:
+            raise InvalidModelError(f"{name} is a published architecture with fixed channel "
+                                    f"counts: width {width:g} is not available (use 1.0)")
+        return config_from_block_list(load_block_list(networks[name]), resolution, num_classes)
     raise InvalidModelError(f"unknown built-in network {name!r}; known: "
                             f"{', '.join(BUILTIN_NETWORKS)}")

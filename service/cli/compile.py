@@ -78,7 +78,8 @@ def _stage_printer(total: int) -> Any:
 @click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--builtin", help="a built-in network instead of MODEL (random weights)")
 @click.option("--width", default=1.0, show_default=True, help="width multiplier (--builtin)")
-@click.option("--resolution", default=224, show_default=True, help="input size (--builtin)")
+@click.option("--resolution", type=int, default=None,
+              help="input size (--builtin; default: the network's own, 224 for MobileNetV2)")
 @target_options
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=".npz with x (N,C,H,W float32), optional y labels, x_test / y_test")
@@ -99,7 +100,7 @@ def _stage_printer(total: int) -> Any:
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path), help="output directory")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def compile_cmd(model: str | None, builtin: str | None, width: float, resolution: int,
+def compile_cmd(model: str | None, builtin: str | None, width: float, resolution: int | None,
                 mcu: str | None, sram: int | None, flash: int | None, cpu: str | None,
                 calib: Path | None, patches: int | None, split_after: str | None,
                 memory_model: str, ota_layout: str, key_path: Path | None, test_vectors: int,
@@ -110,7 +111,8 @@ def compile_cmd(model: str | None, builtin: str | None, width: float, resolution
 
     try:
         target = resolve_target(mcu, sram, flash, cpu)
-        graph = load_graph(model, builtin, width, (resolution, resolution))
+        graph = load_graph(model, builtin, width,
+                           None if resolution is None else (resolution, resolution))
         calib_set = test_set = None
         if calib is not None:
             calib_set = load_dataset(calib, "x", "y")

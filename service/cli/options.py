@@ -87,8 +87,11 @@ def parse_patches(ctx: click.Context, param: click.Parameter, value: str) -> int
 
 
 def load_graph(model: str | None, builtin: str | None, width: float,
-               resolution: tuple[int, int], with_weights: bool = True) -> Graph:
-    """MODEL.onnx's graph, or a built-in network (random He weights, or shapes only)."""
+               resolution: tuple[int, int] | None, with_weights: bool = True) -> Graph:
+    """MODEL.onnx's graph, or a built-in network (random He weights, or shapes only).
+
+    `resolution` None is the built-in network's own input size.
+    """
     if (model is None) == (builtin is None):
         raise click.UsageError("give either MODEL.onnx or --builtin NAME")
     if builtin is not None:

@@ -121,7 +121,7 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan, sram: int 
 @click.option("--width", type=float, default=1.0, show_default=True,
               help="width multiplier (built-in networks)")
 @click.option("--resolution", callback=_resolution, help="input size, 224 or 224x160 "
-              "(built-in networks; default 224)")
+              "(built-in networks; default: the network's own, 224 for MobileNetV2)")
 @click.option("--sram", type=SIZE, help="SRAM budget: 262144, 256KiB, 1MiB")
 @click.option("--flash", type=SIZE, help="Flash budget for the weights")
 @click.option("--patches", default="auto", callback=parse_patches, show_default=True,
@@ -143,7 +143,7 @@ def plan(model: str | None, builtin: str | None, width: float,
     bpe_value: int | float = int(bpe) if bpe.is_integer() else bpe
     split = None if split_after == "auto" else split_after
     try:
-        graph = load_graph(model, builtin, width, resolution or (224, 224), with_weights=False)
+        graph = load_graph(model, builtin, width, resolution, with_weights=False)
         report = analyze(graph, mm, bpe_value)
         chosen = choose_plan(graph, sram, patches, split, mm, bpe_value)
     except FirmwareError as exc:

@@ -7,7 +7,14 @@ import pytest
 
 from firmware.arch import BlockConfig, NetConfig, mobilenet_v2
 from firmware.errors import InvalidModelError
-from firmware.frontend.builtin import build_graph, builtin_config, mobilenet_v2_rd
+from firmware.frontend.builtin import (
+    block_list_networks,
+    build_graph,
+    builtin_config,
+    config_from_block_list,
+    load_block_list,
+    mobilenet_v2_rd,
+)
 from firmware.ir import Activation, OpKind
 
 pytestmark = pytest.mark.unit
@@ -81,3 +88,63 @@ def test_builtin_configs() -> None:
     assert rd.tensor("b1.project").shape == (24, 28, 28)
     with pytest.raises(InvalidModelError, match="unknown built-in network 'resnet'"):
         builtin_config("resnet")
+
+
+def test_mcunet_10fps_is_built_from_its_block_list() -> None:
+    config = builtin_config("mcunet-10fps")
+    assert (config.name, config.input_size, config.head_channels) == ("mcunet-10fps", (48, 48),
+                                                                      None)
+    g = build_graph(config, with_weights=False)
+    doc = load_block_list(block_list_networks()["mcunet-10fps"])
+    residuals = [i for i, block in enumerate(doc["blocks"]) if block[6]]
+    assert [la.name for la in g.layers if la.op is OpKind.ADD] == [f"b{i}.add" for i in residuals]
+    assert g.tensor("stem").shape == (24, 24, 24)
+    assert "b0.expand" not in g.tensors  # expand ratio 1: depthwise straight away
+    assert g.tensor("b1.expand").shape == (64, 24, 24)
+    assert g.layer("b4.dw").kernel == (7, 7) and g.tensor("b4.dw").shape == (80, 6, 6)
+    assert g.tensor("b14.project").shape == (192, 2, 2)
+    assert g.tensor("classifier").shape == (1000, 1, 1)
+    assert g.layers[-4].name == "b14.project"  # no feature-mix conv: pool straight after
+    at_128 = builtin_config("mcunet-10fps", resolution=128, num_classes=10)
+    assert (at_128.name, at_128.input_size, at_128.num_classes) == ("mcunet-10fps-r128",
+                                                                    (128, 128), 10)
+    with pytest.raises(InvalidModelError, match=r"fixed channel counts: width 0\.5"):
+        builtin_config("mcunet-10fps", 0.5)
+
+
+def _block_list(**changes: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "name": "net", "resolution": [32, 24], "first_conv": [1, 8, 3, 2],
+        "blocks": [[8, 8, 3, 1, 1, None, 0], [8, 16, 5, 2, 3, 24, 0], [16, 16, 3, 1, 4, 64, 1]],
+        "feature_mix": [16, 40], "classes": 7}
+    doc.update(changes)
+    return doc
+
+
+def test_block_list_reader_is_generic_over_the_format() -> None:
+    config = config_from_block_list(_block_list())
+    assert (config.in_channels, config.stem_channels, config.stem_kernel, config.stem_stride) \
+        == (1, 8, 3, 2)
+    assert config.input_size == (32, 24) and config.head_channels == 40
+    assert config.blocks[1] == BlockConfig(5, 3, 2, 16, residual=False)
+    assert config.blocks[2].residual is True
+    g = build_graph(config)
+    assert g.tensor("head").shape == (40, 8, 6) and g.tensor("classifier").channels == 7
+    assert config_from_block_list(_block_list(feature_mix=32)).head_channels == 32
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"blocks": [[8, 8, 3, 1, 1, None, 0], [9, 16, 5, 2, 3, 27, 0]]},
+     "block 1 reads 9 channels, the layer before writes 8"),
+    ({"blocks": [[8, 16, 3, 1, 3, 20, 0]]}, r"mid channels 20 != in_ch 8 x expand ratio 3"),
+    ({"blocks": [[8, 16, 3, 1, 3, 24, 1]]}, "residual needs stride 1 and in_ch == out_ch"),
+    ({"blocks": [[8, 8, 4, 1, 1, None, 0]]}, "kernel odd"),
+    ({"blocks": [[8, 8, 3, 1]]}, "block 0 must be"),
+    ({"feature_mix": [32, 40]}, "feature_mix reads 32 channels, the last block writes 16"),
+    ({"first_conv": [1, 8, 3]}, "first_conv must be a list of 4 integers"),
+    ({"classes": 0}, "classes must be a positive integer"),
+    ({"resolution": None}, "no resolution"),
+])
+def test_block_list_errors_name_the_problem(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidModelError, match=message):
+        config_from_block_list(_block_list(**changes))
