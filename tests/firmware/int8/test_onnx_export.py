@@ -1,21 +1,25 @@
-"""The QDQ ONNX export against onnxruntime: >= 99 % argmax agreement, <= 1 LSB mean difference."""
+"""The QDQ ONNX export against onnxruntime: every layer within 1 LSB; whole networks beside it."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 
 import numpy as np
 import onnx
 import pytest
 
+from firmware.frontend.builtin import build_graph, builtin_config
 from firmware.int8.onnx_export import (
     INPUT_NAME,
     OUTPUT_NAME,
     compare_outputs,
+    cross_check,
     export_onnx,
     run_onnxruntime,
+    tie_aware_agreement,
 )
-from firmware.int8.quantize import QuantizedGraph, quantize_graph
+from firmware.int8.quantize import QuantizedGraph, generated_calibration, quantize_graph
 from firmware.int8.reference import run_quantized
 from firmware.ir import Activation, Graph, Layer, OpKind, Tensor
 from tests.firmware.digits_model import digits
@@ -94,3 +98,70 @@ def test_compare_outputs_counts_differences() -> None:
     assert agreement.argmax_agreement == 0.5
     assert agreement.max_abs_lsb == 3 and agreement.mean_abs_lsb == pytest.approx(7 / 6)
     assert not agreement.passes()
+
+
+def test_tie_aware_agreement_forgives_ties_only() -> None:
+    ours = np.array([[5, 5, 0], [3, 1, 0], [4, 5, 0]], np.int8)
+    theirs = np.array([[5, 6, 0], [1, 3, 0], [5, 4, 0]], np.int8)
+    # 0: an exact tie on our side, theirs picks one of the tied classes; 1: a real
+    # disagreement; 2: opposite 1-LSB leads, a tie only with a 1-LSB tolerance.
+    assert compare_outputs(ours, theirs).argmax_agreement == 0.0
+    assert tie_aware_agreement(ours, theirs) == pytest.approx(1 / 3)
+    assert tie_aware_agreement(ours, theirs, tie_lsb=1) == pytest.approx(2 / 3)
+
+
+@pytest.fixture(scope="module")
+def mcunet() -> tuple[QuantizedGraph, np.ndarray]:
+    """MCUNet-10FPS (the zoo's block list, 56 layers), random weights, generated calibration."""
+    graph = build_graph(builtin_config("mcunet-10fps"))
+    qg = quantize_graph(graph)
+    return qg, qg.input.quantize(generated_calibration(graph, 16, seed=5))
+
+
+def test_mcunet_agrees_with_onnxruntime_layer_by_layer(
+        mcunet: tuple[QuantizedGraph, np.ndarray]) -> None:
+    qg, x_q = mcunet
+    check = cross_check(qg, x_q)
+    report = check.report()
+    assert check.passes and report["passes"] and not report["per_layer"]["failing"]
+    assert len(check.layers) == len(qg.graph.layers) == 56
+    # Double rounding (reference) vs exact rounding (onnxruntime): 1 LSB, on few elements.
+    assert report["per_layer"]["max_abs_lsb"] == 1
+    assert all(la.differing_fraction < 0.02 for la in check.layers if la.op != "gap")
+    adds = [la for la in check.layers if la.op == "add"]
+    assert len(adds) == 8 and all(la.max_abs_lsb == 0 for la in adds)
+    # Global average pooling differs at exact ties only, and the report names why.
+    (pool,) = [la for la in check.layers if la.op == "gap"]
+    assert pool.max_abs_lsb == 1 and pool.known_difference is not None
+    assert report["known_differences"] == [pool.known_difference]
+    # The whole network is reported beside the criterion, not as it.
+    network = report["network"]
+    assert set(network) == {"argmax_agreement", "tie_aware_agreement", "mean_abs_lsb",
+                            "max_abs_lsb", "exact_fraction"}
+    assert 0.0 <= network["argmax_agreement"] <= network["tie_aware_agreement"] <= 1.0
+    assert report["samples"] == 16
+
+
+def _break(qg: QuantizedGraph, name: str, **changes: object) -> QuantizedGraph:
+    layers = dict(qg.layers)
+    layers[name] = dataclasses.replace(layers[name], **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(qg, layers=MappingProxyType(layers))
+
+
+@pytest.mark.parametrize("what", ["shift", "output_offset"])
+def test_a_broken_layer_fails_the_check_and_is_named(
+        mcunet: tuple[QuantizedGraph, np.ndarray], what: str) -> None:
+    """Integer parameters that disagree with the layer's scales: the check must say so."""
+    qg, x_q = mcunet
+    ql = qg.layer("b7.project")
+    assert ql.shift is not None
+    if what == "shift":  # an off-by-one shift: the layer's output doubles
+        broken = _break(qg, "b7.project", shift=ql.shift + 1)
+    else:  # the output zero point applied off by 3 steps
+        broken = _break(qg, "b7.project", output_offset=ql.output_offset + 3)
+    report = cross_check(broken, x_q).report()
+    assert report["passes"] is False
+    failing = report["per_layer"]["failing"]
+    assert [f["layer"] for f in failing] == ["b7.project"]
+    assert failing[0]["max_abs_lsb"] > 1
+    assert report["per_layer"]["worst_layer"] == "b7.project"
