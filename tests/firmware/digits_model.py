@@ -1,14 +1,21 @@
-"""A tiny trained CNN for tests: sklearn's 8x8 digits upsampled to 16x16, a few seconds of Adam.
+"""A tiny trained CNN for tests: sklearn's 8x8 digits upsampled to 16x16, with fixed weights.
 
 The network is MobileNetV2-shaped in miniature (stem conv, one inverted-residual block with
 a residual add, a strided block, a 1x1 head, global pooling, classifier) so that every int8 op
-the compiler supports is exercised. `digits_graph()` is cached per process.
+the compiler supports is exercised. `digits()` is cached per process.
+
+The weights are checked in (`WEIGHTS`, the torch state dict, 17 kB), not trained at test time:
+torch picks AVX-512, AVX2 or plain kernels per CPU, so a model trained in the test would differ
+from machine to machine, and so would every threshold measured on it. `train()` made them
+(seeded Adam, ~3 s); `python -m tests.firmware.digits_model --write` makes them again.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
@@ -20,6 +27,7 @@ from torch import nn
 from firmware.ir import Activation, Graph, Layer, OpKind, Tensor
 
 SIZE = 16
+WEIGHTS = Path(__file__).resolve().parent / "models" / "tinynet-digits.npz"
 
 
 def conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -56,14 +64,18 @@ class TinyNet(nn.Module):
 
 
 def fold(block: nn.Sequential) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-    """Conv weight and bias with the eval-mode BatchNorm folded in."""
+    """Conv weight and bias with the eval-mode BatchNorm folded in (float64, rounded once)."""
     conv, bn = block[0], block[1]
     assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
     assert bn.running_var is not None and bn.running_mean is not None
-    gain = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
-    weight = conv.weight.detach() * gain.reshape(-1, 1, 1, 1)
-    bias = (bn.bias - bn.running_mean * gain).detach()
-    return weight.numpy().astype(np.float32), bias.numpy().astype(np.float32)
+
+    def f64(t: torch.Tensor) -> npt.NDArray[np.float64]:
+        return np.asarray(t.detach().numpy(), dtype=np.float64)
+
+    gain = f64(bn.weight) / np.sqrt(f64(bn.running_var) + bn.eps)
+    weight = f64(conv.weight) * gain.reshape(-1, 1, 1, 1)
+    bias = f64(bn.bias) - f64(bn.running_mean) * gain
+    return weight.astype(np.float32), bias.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -155,12 +167,52 @@ def train(x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], epochs: int = 10
     return model.eval()
 
 
-@functools.lru_cache(maxsize=1)
-def digits() -> Digits:
-    """Train TinyNet on 1,297 digits (seeded, ~3 s); 500 held out for testing."""
+def split() -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64],
+                    npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """1,297 training and 500 held-out digits (a seeded permutation: numpy's, host-independent)."""
     x, y = load_images()
     order = np.random.default_rng(0).permutation(len(x))
     x, y = x[order], y[order]
-    x_train, y_train, x_test, y_test = x[:-500], y[:-500], x[-500:], y[-500:]
-    model = train(x_train, y_train)
+    return x[:-500], y[:-500], x[-500:], y[-500:]
+
+
+def load_model(path: Path = WEIGHTS) -> TinyNet:
+    """TinyNet with the checked-in weights, in eval mode."""
+    model = TinyNet()
+    with np.load(path) as saved:
+        state = {name: torch.from_numpy(saved[name].copy()) for name in saved.files}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_model(model: TinyNet, path: Path = WEIGHTS) -> None:
+    """Write the state dict as an .npz (the format `load_model` reads)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **{k: v.detach().numpy() for k, v in model.state_dict().items()})
+
+
+@functools.lru_cache(maxsize=1)
+def digits() -> Digits:
+    """TinyNet with its checked-in weights (trained on 1,297 digits); 500 held out for testing."""
+    x_train, _, x_test, y_test = split()
+    model = load_model()
     return Digits(model, to_graph(model), x_train[:200], x_test, y_test)
+
+
+def main() -> None:
+    """Retrain TinyNet (seeded) and write its weights to WEIGHTS (--write), or just report."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--write", action="store_true", help=f"overwrite {WEIGHTS.name}")
+    args = parser.parse_args()
+    x_train, y_train, x_test, y_test = split()
+    model = train(x_train, y_train)
+    with torch.no_grad():
+        accuracy = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
+    print(f"held-out top-1 {accuracy:.1%}")
+    if args.write:
+        save_model(model)
+        print(f"wrote {WEIGHTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,9 @@
-"""End to end: a trained torch model -> signed image, bit-exact in QEMU on M4 and M7."""
+"""End to end: a trained torch model -> signed image, bit-exact in QEMU on M4 and M7.
+
+The model's weights are checked in (tests/firmware/digits_model.py), not trained here: the
+thresholds below hold on every CPU, whichever BLAS or torch kernels it selects
+(tests/firmware/test_host_variations.py re-runs this file under other kernels).
+"""
 
 from __future__ import annotations
 
@@ -63,7 +68,13 @@ def test_torch_model_to_verified_image(tmp_path: Path, mcu: str, cpu: Cpu, patch
     assert measured["flash_bytes"] > predicted["flash_bytes"]
     assert report["instructions"] > report["macs"] > 0
     assert report["accuracy"]["top1_drop"] <= 0.02
-    assert report["onnxruntime"]["passes"]
+    # onnxruntime: every layer, fed the reference's input, within 1 LSB (the criterion);
+    # end to end, the top-1 agrees up to exact logit ties.
+    ort = report["onnxruntime"]
+    assert ort["passes"] and ort["per_layer"]["max_abs_lsb"] <= 1
+    assert not ort["per_layer"]["failing"]
+    assert ort["samples"] == 64 and ort["network"]["tie_aware_agreement"] >= 0.99
+    assert ort["network"]["mean_abs_lsb"] <= 1.0
     assert report["calibration"]["source"] == "data"
 
 
