@@ -364,6 +364,11 @@ def quantize_layer(layer: Layer, graph: Graph, tensors: Mapping[str, QuantParams
             f"layer {layer.name}: op {layer.op.value} has no int8 kernel "
             f"(supported: conv2d, fc, add, avgpool, maxpool, gap, reshape)"
         )
+    if layer.op in (OpKind.GLOBAL_AVG_POOL, OpKind.RESHAPE) \
+            and layer.activation is not Activation.NONE:
+        # The int8 global pooling and reshape kernels have no clamp: refuse, never drop it.
+        raise UnsupportedOpError(f"layer {layer.name}: {layer.activation.value} fused into "
+                                 f"{layer.op.value} has no int8 kernel")
     act_min, act_max = activation_clamp(layer.activation, out)
     return QuantLayer(
         layer=layer, inputs=ins, output=out, act_min=act_min, act_max=act_max,

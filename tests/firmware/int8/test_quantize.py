@@ -244,3 +244,12 @@ def test_concat_is_unsupported_and_named() -> None:
 def test_calibration_shape_is_checked() -> None:
     with pytest.raises(InvalidModelError, match="shape"):
         quantize_graph(digits().graph, np.zeros((3, 16, 16), np.float32))
+
+
+def test_an_activation_the_int8_kernel_cannot_clamp_is_refused() -> None:
+    tensors = {"x": Tensor("x", 2, 3, 3), "g": Tensor("g", 2, 1, 1)}
+    layer = Layer("gap", OpKind.GLOBAL_AVG_POOL, ("x",), "g", activation=Activation.RELU)
+    graph = Graph("g", "x", "g", MappingProxyType(tensors), (layer,),
+                  MappingProxyType({"unused": np.zeros(1, np.float32)}))
+    with pytest.raises(UnsupportedOpError, match="gap: relu fused into gap"):
+        quantize_graph(graph, np.random.default_rng(0).normal(size=(2, 2, 3, 3)))
