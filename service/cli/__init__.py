@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "plan": "service.cli.plan:plan",
     "compile": "service.cli.compile:compile_cmd",
     "verify": "service.cli.compile:verify",
+    "onnx-ops": "service.cli.onnx_ops:onnx_ops",
     "train-supernet": "service.cli.search:train_supernet",
     "search": "service.cli.search:search",
 }
