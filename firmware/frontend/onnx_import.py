@@ -33,7 +33,7 @@ import onnx
 from onnx import numpy_helper
 
 from firmware.errors import InvalidModelError, UnsupportedOpError
-from firmware.frontend.onnx_ops import ATTRIBUTES, NONDETERMINISTIC_OPS
+from firmware.frontend.onnx_ops import ATTRIBUTE_OPSETS, ATTRIBUTES, NONDETERMINISTIC_OPS
 from firmware.ir import Activation, Graph, Layer, OpKind, Tensor
 
 if TYPE_CHECKING:
@@ -148,6 +148,11 @@ class _Importer:
         unknown = sorted(a.name for a in self.node.attribute if a.name not in known)
         if unknown:
             raise self._fail(f"attribute {', '.join(unknown)} is not supported")
+        for attribute in self.node.attribute:
+            first, end = ATTRIBUTE_OPSETS.get((self.node.op_type, attribute.name), (1, 10**6))
+            if not first <= self.opset < end:
+                raise self._fail(f"attribute {attribute.name} is not part of "
+                                 f"{self.node.op_type} at opset {self.opset}")
 
     def _check_extra_outputs(self) -> None:
         """A node's optional outputs (MaxPool's Indices, ...) must not be used: not computed."""

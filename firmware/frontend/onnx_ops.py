@@ -70,6 +70,18 @@ ATTRIBUTES: Mapping[str, frozenset[str]] = MappingProxyType({
     "Shape": frozenset({"start", "end"}),
 })
 
+# (op, attribute) -> the opsets [first, end) that define it. Outside them the importer reads
+# the value elsewhere (an input), so a stray attribute would be ignored: it is refused instead.
+ATTRIBUTE_OPSETS: Mapping[tuple[str, str], tuple[int, int]] = MappingProxyType({
+    ("Clip", "min"): (1, 11), ("Clip", "max"): (1, 11),
+    ("Pad", "pads"): (1, 11), ("Pad", "value"): (1, 11),
+    ("ReduceMean", "axes"): (1, 18),
+    ("BatchNormalization", "is_test"): (1, 7), ("BatchNormalization", "spatial"): (1, 9),
+    ("BatchNormalization", "training_mode"): (14, 10**6),
+    ("Shape", "start"): (15, 10**6), ("Shape", "end"): (15, 10**6),
+    ("Reshape", "allowzero"): (14, 10**6),
+})
+
 # Folding these at import would freeze one random draw into the model.
 NONDETERMINISTIC_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
                                   "RandomUniformLike", "Bernoulli", "Multinomial"})

@@ -99,8 +99,11 @@ def unsupported(variation: Variation) -> str | None:
 
 
 def run_variation(variation: Variation) -> Outcome:
-    """Run the tests under one forced kernel (everything else as in this process)."""
-    env = {**os.environ, variation.variable: variation.value}
+    """Run the tests under one forced kernel (everything else as in this process, but one
+    BLAS / OpenMP thread: two subprocesses share the cores, and a thread count is one more
+    summation order the generated C must not depend on)."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1",
+           variation.variable: variation.value}
     try:
         proc = subprocess.run([sys.executable, "-m", "tests.firmware.host_variation", *TESTS],
                               cwd=ROOT, env=env, capture_output=True, text=True,

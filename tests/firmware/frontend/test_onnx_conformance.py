@@ -354,3 +354,16 @@ def test_refused_ops_are_listed() -> None:
     assert "Sigmoid" in refused and "Mul" in refused and "ConvTranspose" in refused
     assert not set(refused) & set(SUPPORTED_OPS)
     assert len(refused) > 150
+
+
+@pytest.mark.parametrize("op, attrs, opset", [
+    ("Clip", {"min": 0.0, "max": 6.0}, 13),  # opset >= 11 takes min/max as inputs
+    ("ReduceMean", {"axes": [2, 3]}, 18),  # opset >= 18 takes axes as an input
+])
+def test_an_attribute_outside_its_opset_is_refused_not_ignored(op: str, attrs: dict[str, Any],
+                                                               opset: int) -> None:
+    model = _model([_conv(), helper.make_node(op, ["c"], ["y"], name="n", **attrs)],
+                   opset=opset)
+    names = "|".join(attrs)
+    with pytest.raises(FirmwareError, match=f"attribute ({names}) is not part of {op} at opset"):
+        import_onnx(model)
