@@ -202,7 +202,12 @@ class Agreement:
     exact_fraction: float  # fraction of output elements that are equal
 
     def passes(self, min_agreement: float = 0.99, max_mean_lsb: float = 1.0) -> bool:
-        """True when agreement >= min_agreement and mean difference <= max_mean_lsb."""
+        """True when agreement >= min_agreement and mean difference <= max_mean_lsb.
+
+        A whole-network threshold for trained models; the compile report's criterion is
+        per layer (`cross_check`), which this cannot replace: legitimate 1-LSB differences
+        compound over a deep net toward nearly tied logits.
+        """
         return self.argmax_agreement >= min_agreement and self.mean_abs_lsb <= max_mean_lsb
 
 
