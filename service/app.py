@@ -11,6 +11,7 @@ from flask import Blueprint, Flask
 
 from service import db
 from service.config import load_config
+from service.private_files import private_dir
 from service.problems import register_error_handlers
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask("service")
     settings = load_config(config)
     app.config.update(settings)
-    Path(settings["VAR_DIR"]).mkdir(parents=True, exist_ok=True)
+    private_dir(Path(settings["VAR_DIR"]))
     if settings["AUTO_MIGRATE"]:
         db.upgrade(settings["DATABASE_URL"])
     db.init_app(app, settings["DATABASE_URL"])

@@ -11,6 +11,8 @@ from alembic.config import Config as AlembicConfig
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
+from service.private_files import create_private, private_dir
+
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
@@ -42,7 +44,9 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # It holds password and token hashes: 0600 (SQLite gives -wal/-shm the same mode).
+            private_dir(Path(path).parent)
+            create_private(Path(path))
         engine = create_engine(url)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -80,6 +84,7 @@ def upgrade(url: str, revision: str = "head") -> None:
         if not path or path == ":memory:":
             command.upgrade(cfg, revision)
             return
+        create_private(Path(f"{path}.migrate.lock"))
         with open(f"{path}.migrate.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             command.upgrade(cfg, revision)
