@@ -1,20 +1,27 @@
-"""Mosquitto's password file and ACL, generated from the registry.
+"""Mosquitto's base credentials, ACL and dynamic-security file, generated from the registry.
 
-Active devices log in with their id and the password they got at registration (only its
-`$7$` hash is stored, which is what Mosquitto reads); decommissioned devices are left out, so
-they can no longer connect once Mosquitto reloads (SIGHUP). The ACL gives each device
-`tinyfleet/v1/<its id>/#` only, and the service account `tinyfleet/v1/#`.
+The broker's auth state has two layers (service/broker_sync.py says how they are kept):
+
+- the *base*: a password file with every active device's `$7$` hash, as stored in the
+  database (no plaintext anywhere), plus the ACL. Mosquitto reads both at start and on SIGHUP,
+  which costs a full parse (about 0.5 s at 100,000 devices), so the base is rewritten only at
+  start, after a bulk change and when the live layer is folded into it.
+- the *live layer*: Mosquitto's dynamic-security plugin, which the service changes one client
+  at a time over `$CONTROL/dynamic-security/v1`. It is consulted before the password file, so
+  a device it knows is decided by it (a new password, or disabled). It starts empty.
+
+The ACL gives each device `tinyfleet/v1/<its id>/#` only, the service account `tinyfleet/v1/#`,
+and the broker-admin account only the plugin's control topics.
 """
 
 from __future__ import annotations
 
-import fcntl
+import json
 import logging
 import os
 import pwd
 import secrets
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,73 +30,48 @@ from sqlalchemy.orm import Session
 
 from service.models import Device, DeviceState
 from service.mqtt_passwords import hash_password
+from service.private_files import private_dir, read_or_create_secret, write_private
 
 log = logging.getLogger(__name__)
 
-SERVICE_USERNAME = "tinyfleet-service"
+SERVICE_USERNAME = "tinyfleet-service"  # the service's own clients (bridge, demo, tests)
+ADMIN_USERNAME = "tinyfleet-broker-admin"  # sends dynamic-security commands, nothing else
+PROBE_USERNAME = "tinyfleet-reload-probe"  # new password per base file: proves a reload
 PASSWORD_FILE = "passwords"
 ACL_FILE = "acl"
+DYNSEC_FILE = "dynamic-security.json"
+SOCKET_FILE = "mqtt.sock"  # the service-side listener (no client-id rewrite), see mosquitto.py
 SERVICE_SECRET_FILE = "service-account.secret"  # plaintext, 0600, for the service's own clients
+ADMIN_SECRET_FILE = "broker-admin.secret"  # plaintext, 0600, for the registry's control client
 TOPIC_ROOT = "tinyfleet/v1"
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
 MOSQUITTO_USER = "mosquitto"  # Mosquitto started as root drops to this user
+SYSTEM_USERNAMES = (SERVICE_USERNAME, ADMIN_USERNAME, PROBE_USERNAME)
 
 
 @dataclass(frozen=True)
-class SyncResult:
-    """What one regeneration wrote."""
+class BaseFiles:
+    """What one base rewrite wrote."""
 
     devices: int  # active devices in the password file
     password_file: Path
     acl_file: Path
-    reloaded_pid: int | None  # the Mosquitto that got SIGHUP, None when none was signalled
-    seconds: float
+    probe_password: str  # the reload probe's password in this file (kept in memory only)
 
 
 def service_password(broker_dir: Path) -> str:
     """The service account's MQTT password, created (0600) on first use."""
-    path = Path(broker_dir) / SERVICE_SECRET_FILE
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    Path(broker_dir).mkdir(parents=True, exist_ok=True)
-    password = secrets.token_urlsafe(24)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it first: use theirs
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(password + "\n")
-    return password
+    return read_or_create_secret(Path(broker_dir) / SERVICE_SECRET_FILE)
 
 
-def render_password_file(session: Session, service_password_hash: str) -> tuple[str, int]:
-    """The password file text (`user:$7$...` lines) and the number of devices in it."""
-    rows = session.execute(
-        select(Device.id, Device.mqtt_password_hash)
-        .where(Device.state == DeviceState.ACTIVE, Device.mqtt_password_hash.is_not(None))
-        .order_by(Device.id)).all()
-    lines = [f"{SERVICE_USERNAME}:{service_password_hash}"]
-    lines.extend(f"{device_id}:{pw_hash}" for device_id, pw_hash in rows)
-    return "\n".join(lines) + "\n", len(rows)
+def admin_password(broker_dir: Path) -> str:
+    """The broker-admin account's MQTT password, created (0600) on first use."""
+    return read_or_create_secret(Path(broker_dir) / ADMIN_SECRET_FILE)
 
 
-def render_acl() -> str:
-    """The ACL: each user reaches only its own subtree; the service account reaches all."""
-    # `pattern` lines apply to every user; %u is the username, i.e. the device id, which is
-    # hex (no +, # or /), so it cannot widen the pattern. Patterns come before any `user`
-    # block so that no block scopes them.
-    return (
-        "# Generated by tinyfleet from the device registry; edits are overwritten.\n"
-        f"pattern readwrite {TOPIC_ROOT}/%u/#\n"
-        "\n"
-        f"user {SERVICE_USERNAME}\n"
-        f"topic readwrite {TOPIC_ROOT}/#\n"
-    )
-
-
-def _owner() -> tuple[int, int] | None:
-    # Only root can chown; Mosquitto started by root reads these files as `mosquitto`.
+def mosquitto_owner() -> tuple[int, int] | None:
+    """(uid, gid) to give Mosquitto's files when we are root; None: they stay ours."""
     if os.geteuid() != 0:
         return None
     try:
@@ -99,20 +81,63 @@ def _owner() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def write_atomic(path: Path, text: str, owner: tuple[int, int] | None) -> None:
-    """Write `text` to `path` through a temporary file and a rename (readers never see half)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            if owner is not None:
-                os.fchown(f.fileno(), *owner)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def render_password_file(session: Session, system_hashes: dict[str, str]) -> tuple[str, int]:
+    """The password file text (`user:$7$...` lines) and the number of devices in it."""
+    rows = session.execute(
+        select(Device.id, Device.mqtt_password_hash)
+        .where(Device.state == DeviceState.ACTIVE, Device.mqtt_password_hash.is_not(None))
+        .order_by(Device.id)).all()
+    lines = [f"{user}:{pw_hash}" for user, pw_hash in system_hashes.items()]
+    lines.extend(f"{device_id}:{pw_hash}" for device_id, pw_hash in rows)
+    return "\n".join(lines) + "\n", len(rows)
+
+
+def render_acl() -> str:
+    """The ACL: each device reaches only its own subtree; the service account reaches all."""
+    # `pattern` lines apply to every user; %u is the username, i.e. the device id, which is
+    # hex (no +, # or /), so it cannot widen the pattern. Patterns come before any `user`
+    # block so that no block scopes them. The dynamic-security plugin grants nothing itself
+    # (default deny defers to this file), so this file is the whole ACL.
+    return (
+        "# Generated by tinyfleet from the device registry; edits are overwritten.\n"
+        f"pattern readwrite {TOPIC_ROOT}/%u/#\n"
+        "\n"
+        f"user {SERVICE_USERNAME}\n"
+        f"topic readwrite {TOPIC_ROOT}/#\n"
+        "\n"
+        f"user {ADMIN_USERNAME}\n"
+        f"topic write {CONTROL_TOPIC}\n"
+        f"topic read {RESPONSE_TOPIC}\n"
+    )
+
+
+def render_empty_dynsec() -> str:
+    """The plugin's state at start: no clients, and no access of its own (defer to the ACL)."""
+    deny = {"publishClientSend": False, "publishClientReceive": False, "subscribe": False,
+            "unsubscribe": False}
+    return json.dumps({"defaultACLAccess": deny, "clients": [], "groups": [], "roles": []},
+                      indent=2) + "\n"
+
+
+def write_base_files(session: Session, broker_dir: Path | str) -> BaseFiles:
+    """Rewrite the password file and ACL from the registry (atomically, 0600, Mosquitto's)."""
+    broker = private_dir(Path(broker_dir))
+    probe = secrets.token_urlsafe(18)
+    system = {SERVICE_USERNAME: hash_password(service_password(broker)),
+              ADMIN_USERNAME: hash_password(admin_password(broker)),
+              PROBE_USERNAME: hash_password(probe)}
+    text, devices = render_password_file(session, system)
+    owner = mosquitto_owner()
+    write_private(broker / PASSWORD_FILE, text, owner)
+    write_private(broker / ACL_FILE, render_acl(), owner)
+    return BaseFiles(devices, broker / PASSWORD_FILE, broker / ACL_FILE, probe)
+
+
+def reset_dynsec_file(broker_dir: Path | str) -> Path:
+    """Empty the live layer's file; only before Mosquitto starts (it reads it once, at start)."""
+    path = Path(broker_dir) / DYNSEC_FILE
+    write_private(path, render_empty_dynsec(), mosquitto_owner())
+    return path
 
 
 def reload_mosquitto(pid_file: Path | None) -> int | None:
@@ -139,24 +164,3 @@ def reload_mosquitto(pid_file: Path | None) -> int | None:
         log.warning("Mosquitto pid %d from %s is not running: no reload", pid, pid_file)
         return None
     return pid
-
-
-def sync_broker_files(session: Session, broker_dir: Path | str,
-                      pid_file: Path | str | None = None, *,
-                      service_password_text: str | None = None) -> SyncResult:
-    """Regenerate the password file and ACL from the registry, then reload Mosquitto."""
-    start = time.perf_counter()
-    broker = Path(broker_dir)
-    broker.mkdir(parents=True, exist_ok=True, mode=0o755)
-    password = service_password_text or service_password(broker)
-    owner = _owner()
-    # One writer at a time: otherwise an older snapshot could be renamed over a newer one.
-    with open(broker / ".sync.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        text, devices = render_password_file(session, hash_password(password))
-        write_atomic(broker / PASSWORD_FILE, text, owner)
-        write_atomic(broker / ACL_FILE, render_acl(), owner)
-        pid = reload_mosquitto(Path(pid_file) if pid_file else None)
-    return SyncResult(devices=devices, password_file=broker / PASSWORD_FILE,
-                      acl_file=broker / ACL_FILE, reloaded_pid=pid,
-                      seconds=time.perf_counter() - start)

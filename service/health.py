@@ -6,9 +6,6 @@ latency and, on failure, the error.
 
 from __future__ import annotations
 
-import os
-import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +17,13 @@ from flask import Blueprint, current_app, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy import text
 
+from service.broker_control import (
+    CONNACK_ACCEPTED,
+    CONNACK_BAD_CREDENTIALS,
+    CONNACK_NOT_AUTHORIZED,
+    BrokerEndpoint,
+    mqtt_connack,
+)
 from service.broker_files import SERVICE_SECRET_FILE, SERVICE_USERNAME
 from service.queue import celery_client
 from service.stack.config import redact_url
@@ -27,10 +31,6 @@ from service.stack.config import redact_url
 bp = Blueprint("health", __name__)
 
 CHECK_TIMEOUT_S = 2.0
-# MQTT 3.1.1 CONNACK return codes (spec 3.2.2.3) that prove a live, authenticating broker.
-_CONNACK_ACCEPTED = 0
-_CONNACK_BAD_CREDENTIALS = 4
-_CONNACK_NOT_AUTHORIZED = 5
 
 
 class HealthStatus(StrEnum):
@@ -87,64 +87,32 @@ def check_redis() -> str:
     return redact_url(str(url))
 
 
-def _mqtt_string(text: bytes) -> bytes:
-    return struct.pack("!H", len(text)) + text
-
-
-def _remaining_length(n: int) -> bytes:
-    """MQTT's variable-length integer (spec 2.2.3): 7 bits a byte, high bit = more follows."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def mqtt_connack(host: str, port: int, credentials: tuple[str, str] | None = None,
-                 timeout_s: float = CHECK_TIMEOUT_S) -> int:
-    """Send one MQTT 3.1.1 CONNECT (with `credentials` if given); the broker's CONNACK code."""
-    # A fresh client id: two probes with one id would make the broker drop the older one.
-    client_id = f"tinyfleet-healthz-{os.urandom(4).hex()}".encode()
-    flags = 0x02  # clean session
-    payload = _mqtt_string(client_id)
-    if credentials is not None:
-        flags |= 0xC0  # user name and password present
-        payload += _mqtt_string(credentials[0].encode()) + _mqtt_string(credentials[1].encode())
-    body = b"\x00\x04MQTT" + bytes([4, flags]) + struct.pack("!H", 10) + payload
-    packet = b"\x10" + _remaining_length(len(body)) + body
-    with socket.create_connection((host, port), timeout=timeout_s) as sock:
-        sock.sendall(packet)
-        reply = b""
-        while len(reply) < 4:
-            chunk = sock.recv(4 - len(reply))
-            if not chunk:
-                raise ConnectionError(f"MQTT broker {host}:{port} closed without a CONNACK")
-            reply += chunk
-        if reply[0] != 0x20 or reply[1] != 2:
-            raise ConnectionError(f"MQTT broker {host}:{port} sent {reply!r}, not a CONNACK")
-        if reply[3] == _CONNACK_ACCEPTED:
-            sock.sendall(b"\xe0\x00")  # DISCONNECT
-        return reply[3]
-
-
 def check_mqtt() -> str:
-    """The service account logs in (when the registry has made one) and anonymous is refused."""
+    """Devices' listener refuses anonymous logins; the service account logs in (when made).
+
+    The service account logs in where the service's own clients do: the broker's local
+    socket when it has one (over TCP, where the client id becomes the username, a probe would
+    take over a long-lived service connection of the same account).
+    """
     host = current_app.config["MQTT_HOST"]
     port = int(current_app.config["MQTT_PORT"])
+    broker_dir = Path(current_app.config["BROKER_DIR"])
+    tcp = BrokerEndpoint(host, port)
     parts = [f"{host}:{port}"]
-    secret_file = Path(current_app.config["BROKER_DIR"]) / SERVICE_SECRET_FILE
+    secret_file = broker_dir / SERVICE_SECRET_FILE
     if secret_file.exists():
-        code = mqtt_connack(host, port, (SERVICE_USERNAME, secret_file.read_text().strip()))
-        if code != _CONNACK_ACCEPTED:
+        local = BrokerEndpoint.for_broker_dir(broker_dir, host, port)
+        code = mqtt_connack(local, (SERVICE_USERNAME, secret_file.read_text().strip()),
+                            CHECK_TIMEOUT_S)
+        if code != CONNACK_ACCEPTED:
             raise PermissionError(
-                f"MQTT broker {host}:{port} refused the service account {SERVICE_USERNAME!r} "
+                f"MQTT broker {local} refused the service account {SERVICE_USERNAME!r} "
                 f"(CONNACK {code}): it does not use the password file in {secret_file.parent}")
-        parts.append("service account accepted")
-    code = mqtt_connack(host, port)
-    if code in (_CONNACK_NOT_AUTHORIZED, _CONNACK_BAD_CREDENTIALS):
+        parts.append(f"service account accepted{' on ' + str(local) if local.unix_path else ''}")
+    code = mqtt_connack(tcp, None, CHECK_TIMEOUT_S)
+    if code in (CONNACK_NOT_AUTHORIZED, CONNACK_BAD_CREDENTIALS):
         parts.append("anonymous refused")
-    elif code == _CONNACK_ACCEPTED:
+    elif code == CONNACK_ACCEPTED:
         parts.append("WARNING anonymous access accepted")
     else:
         raise ConnectionError(f"MQTT broker {host}:{port} refused CONNECT with code {code}")

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from firmware.targets import CATALOG, KIB, Cpu, OtaLayout, TargetSpec, custom_target
-from service.broker_files import sync_broker_files
+from service.broker_sync import BrokerTarget, DeviceChange, SyncOutcome, apply_changes, full_sync
 from service.fleets import discard_key, new_fleet
 from service.models import Device, DeviceState, DeviceTag, Fleet, utcnow
 from service.mqtt_passwords import hash_password, new_password
@@ -34,12 +34,14 @@ _CURSOR_RE = re.compile(r"dev-[0-9a-f]{16}")
 
 @dataclass(frozen=True)
 class RegistryContext:
-    """Where the registry keeps files outside the database, and how it reloads the broker."""
+    """Where the registry keeps files outside the database, and the broker it keeps in step."""
 
     key_dir: Path
     broker_dir: Path
     pid_file: Path | None = None
     sync_broker: bool = True
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 18883
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> RegistryContext:
@@ -48,7 +50,14 @@ class RegistryContext:
         return cls(key_dir=Path(config["VAR_DIR"]) / "keys",
                    broker_dir=Path(config["BROKER_DIR"]),
                    pid_file=Path(pid) if pid else None,
-                   sync_broker=bool(config["SYNC_BROKER_FILES"]))
+                   sync_broker=bool(config["SYNC_BROKER_FILES"]),
+                   mqtt_host=str(config.get("MQTT_HOST", "127.0.0.1")),
+                   mqtt_port=int(config.get("MQTT_PORT", 18883)))
+
+    @property
+    def broker(self) -> BrokerTarget:
+        """The broker whose credentials follow the registry."""
+        return BrokerTarget(self.broker_dir, self.pid_file, self.mqtt_host, self.mqtt_port)
 
 
 @dataclass(frozen=True)
@@ -230,7 +239,8 @@ def register_devices(session: Session, rows: list[DeviceCreate], ctx: RegistryCo
         for fleet in created:
             discard_key(fleet)
         raise
-    after_change(session, ctx)
+    after_change(session, ctx, [DeviceChange.registered(r.device_id, r.mqtt_password)
+                                for r in registered])
     return Registration(registered, fleets, to_create)
 
 
@@ -263,10 +273,22 @@ def _insert_devices(session: Session, rows: list[DeviceCreate],
             for values, row, password in zip(device_rows, rows, passwords, strict=True)]
 
 
-def after_change(session: Session, ctx: RegistryContext) -> None:
-    """Regenerate the broker's password file and ACL after a committed change."""
-    if ctx.sync_broker:
-        sync_broker_files(session, ctx.broker_dir, ctx.pid_file)
+def after_change(session: Session, ctx: RegistryContext,
+                 changes: Sequence[DeviceChange] | None = None) -> SyncOutcome | None:
+    """Make committed changes take effect at the broker; call it after every commit.
+
+    `changes` names the devices changed and their new passwords (registration, rotation),
+    which the broker takes live in milliseconds; None re-syncs everything from the database
+    (one reload). A broker that cannot be reached is logged, not raised: the change is
+    committed and the broker is rebuilt from the database when it starts.
+    """
+    if not ctx.sync_broker:
+        return None
+    engine = session.get_bind()
+    assert isinstance(engine, Engine)
+    if changes is None:
+        return full_sync(engine, ctx.broker)
+    return apply_changes(engine, ctx.broker, changes)
 
 
 @dataclass(frozen=True)
@@ -358,12 +380,12 @@ def set_tags(session: Session, key: str, tags: list[str]) -> Device:
 
 
 def decommission(session: Session, key: str, ctx: RegistryContext) -> Device:
-    """Decommission a device: its MQTT credentials are deleted and the broker reloaded."""
+    """Decommission a device: its MQTT credentials are deleted, its broker sessions dropped."""
     device = find_device(session, key)
     if device.state is not DeviceState.DECOMMISSIONED:
         device.state = DeviceState.DECOMMISSIONED
         device.mqtt_password_hash = None
         device.decommissioned_at = utcnow()
         session.commit()
-    after_change(session, ctx)
+    after_change(session, ctx, [DeviceChange.decommissioned(device.id)])
     return device

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from service.broker_sync import BrokerTarget
 from service.stack.config import LOOPBACK, StackPlan, free_port, plan_stack
 from service.stack.mosquitto import MosquittoFiles
 from service.stack.procs import Started, spawn, stop_group, tcp_open, wait_until
@@ -62,7 +63,7 @@ def start_redis(root: Path) -> RedisServer:
     except BaseException:
         stop_group(proc, 2.0)
         raise
-    return RedisServer(port, f"redis://{LOOPBACK}:{port}/0", proc)
+    return RedisServer(port, plan.redis_url, proc)  # with its generated password
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ class MosquittoServer:
         """The listener's address (loopback)."""
         return LOOPBACK
 
+    @property
+    def target(self) -> BrokerTarget:
+        """This broker as the registry keeps it in step (files, pid file, listener)."""
+        return BrokerTarget(self.files.broker_dir, self.files.pid_file, LOOPBACK, self.port)
+
     def reloads(self) -> int:
         """How many times the broker has reloaded its config (SIGHUP) so far."""
         try:
@@ -91,7 +97,8 @@ class MosquittoServer:
 
 
 def start_mosquitto(root: Path) -> MosquittoServer:
-    """Start Mosquitto on a free loopback port; its password file and ACL live in root/broker."""
+    """Start Mosquitto on a free loopback port; its auth files live in root/broker (empty at
+    first: sync them from a registry with service.broker_sync.full_sync)."""
     require_program("mosquitto")
     port = free_port()
     plan = _plan(root, mqtt_port=port)

@@ -11,6 +11,7 @@ import click
 COMMANDS: dict[str, str] = {
     "up": "service.cli.stack:up",
     "down": "service.cli.stack:down",
+    "status": "service.cli.stack:status",
     "demo": "service.cli.demo:demo",
     "mcus": "service.cli.mcus:mcus",
     "tokens": "service.cli.tokens:tokens",

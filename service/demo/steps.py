@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -81,7 +82,7 @@ def register_step(ctx: DemoContext) -> None:
 
 def list_step(ctx: DemoContext) -> None:
     """List the registry through the API and show where the broker's credentials live."""
-    from service.broker_files import ACL_FILE, PASSWORD_FILE
+    from service.broker_files import ACL_FILE, DYNSEC_FILE, PASSWORD_FILE, SYSTEM_USERNAMES
 
     items = ctx.client.get("/api/v1/devices?limit=100")["items"]
     headers = ["NAME", "ID (MQTT user)", "FLEET", "MCU", "CPU", "SRAM", "FLASH", "OTA SLOT",
@@ -93,9 +94,14 @@ def list_step(ctx: DemoContext) -> None:
     for row in [headers, ["-" * w for w in widths], *rows]:
         ctx.say("    " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     broker_dir = ctx.plan.broker_dir
-    active = len((broker_dir / PASSWORD_FILE).read_text().splitlines())
-    ctx.say(f"    broker password file: {broker_dir / PASSWORD_FILE} ({active} users: "
-            f"{active - 1} devices + the service account)")
+    system = set(SYSTEM_USERNAMES)
+    base = sum(line.split(":", 1)[0] not in system
+               for line in (broker_dir / PASSWORD_FILE).read_text().splitlines())
+    live = len(json.loads((broker_dir / DYNSEC_FILE).read_text()).get("clients", []))
+    ctx.say(f"    broker password file: {broker_dir / PASSWORD_FILE} ({base} devices, the "
+            "registry's hashes, read at broker start)")
+    ctx.say(f"    broker live layer:    {broker_dir / DYNSEC_FILE} ({live} devices, added since "
+            "the start over $CONTROL/dynamic-security, no reload)")
     ctx.say(f"    broker ACL:           {broker_dir / ACL_FILE}")
 
 

@@ -11,6 +11,8 @@ from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from service.private_files import read_or_create_secret
+
 # Next to, never on, the standard ports of a system Redis (6379) and Mosquitto (1883).
 DEFAULT_REDIS_PORT = 16379
 DEFAULT_MQTT_PORT = 18883
@@ -44,6 +46,7 @@ class StackPlan:
     mqtt_port: int
     own_mqtt: bool
     database_url: str
+    own_redis_password: str | None = None  # requirepass of our own Redis (in its URL too)
     worker_concurrency: int = 1
     web_workers: int = 2
     host: str = LOOPBACK
@@ -99,6 +102,11 @@ class StackPlan:
         return env
 
 
+def redis_password_for(var_dir: Path) -> str:
+    """The password of the stack's own Redis, created on first use (URL-safe, 0600)."""
+    return read_or_create_secret(var_dir / "redis" / "password")
+
+
 def broker_dir_for(var_dir: Path) -> Path:
     """The broker directory under a var dir (the service's BROKER_DIR default too)."""
     return var_dir / "broker"
@@ -129,11 +137,15 @@ def plan_stack(
     redis_url = env.get("TINYFLEET_REDIS_URL") or None
     mqtt_host, mqtt_port_ext = _external_mqtt(env)
     database_url = env.get("TINYFLEET_DATABASE_URL") or f"sqlite:///{var_dir / 'tinyfleet.db'}"
+    # Our own Redis gets a generated password (var/redis/password, 0600): anything on the
+    # host could otherwise reach the queue on loopback and enqueue work.
+    redis_password = None if redis_url else redis_password_for(var_dir)
     return StackPlan(
         var_dir=var_dir,
         http_port=http_port,
-        redis_url=redis_url or f"redis://{LOOPBACK}:{redis_port}/0",
+        redis_url=redis_url or f"redis://:{redis_password}@{LOOPBACK}:{redis_port}/0",
         own_redis_port=None if redis_url else redis_port,
+        own_redis_password=redis_password,
         mqtt_host=mqtt_host or LOOPBACK,
         mqtt_port=mqtt_port_ext or mqtt_port,
         own_mqtt=mqtt_host is None,

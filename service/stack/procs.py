@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.private_files import open_private_append, private_dir
 from service.stack.config import StackError
+
+CHILD_UMASK = 0o077
 
 
 @dataclass(frozen=True)
@@ -38,24 +41,28 @@ class Started:
 
 
 def spawn(spec: ProcessSpec) -> Started:
-    """Start `spec` in a new session, output appended to its log file."""
-    spec.log_file.parent.mkdir(parents=True, exist_ok=True)
-    with spec.log_file.open("ab") as log:
-        try:
-            popen = subprocess.Popen(
-                list(spec.argv),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=dict(spec.env) if spec.env is not None else None,
-                cwd=spec.cwd,
-                # Own session: Ctrl-C in the terminal reaches only `tinyfleet up`, which stops
-                # the children in order; and `down` can signal a whole group (gunicorn's and
-                # Celery's own children included) after `up` has exited.
-                start_new_session=True,
-            )
-        except FileNotFoundError as exc:
-            raise StackError(f"{spec.name}: cannot run {spec.argv[0]!r}: not installed") from exc
+    """Start `spec` in a new session, output appended to its log file (0600)."""
+    private_dir(spec.log_file.parent)
+    log = open_private_append(spec.log_file)
+    try:
+        popen = subprocess.Popen(
+            list(spec.argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(spec.env) if spec.env is not None else None,
+            cwd=spec.cwd,
+            # Own session: Ctrl-C in the terminal reaches only `tinyfleet up`, which stops
+            # the children in order; and `down` can signal a whole group (gunicorn's and
+            # Celery's own children included) after `up` has exited.
+            start_new_session=True,
+            # What the servers create (logs, dumps, pid files, sockets) is theirs alone.
+            umask=CHILD_UMASK,
+        )
+    except FileNotFoundError as exc:
+        raise StackError(f"{spec.name}: cannot run {spec.argv[0]!r}: not installed") from exc
+    finally:
+        os.close(log)
     return Started(spec.name, popen.pid, spec.log_file, popen)
 
 

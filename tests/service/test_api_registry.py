@@ -13,7 +13,7 @@ from flask import Flask
 from sqlalchemy import select
 
 from firmware.targets import CATALOG, KIB, MIB, OtaLayout
-from service.broker_files import PASSWORD_FILE
+from service.broker_files import PASSWORD_FILE, SYSTEM_USERNAMES
 from service.models import Device
 from service.mqtt_passwords import verify_password
 from tests.service.conftest import Api, count_rows, fleet
@@ -230,7 +230,7 @@ def test_bulk_all_or_nothing(api: Api, app: Flask) -> None:
     assert verify_password(first["mqtt_password"],
                            stored_device(app, first["id"]).mqtt_password_hash or "")
     pw_lines = (Path(app.config["BROKER_DIR"]) / PASSWORD_FILE).read_text().splitlines()
-    assert len(pw_lines) == 61  # 60 devices + the service account
+    assert len(pw_lines) == 60 + len(SYSTEM_USERNAMES)  # + the service's own accounts
 
 
 def test_bulk_conflicts_and_fleets(api: Api, app: Flask) -> None:

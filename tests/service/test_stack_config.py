@@ -84,7 +84,9 @@ def test_mosquitto_conf_denies_anonymous_and_listens_on_loopback_only(tmp_path: 
     files = MosquittoFiles.in_dir(tmp_path / "broker")
     conf = render_mosquitto_conf(files, 18883).splitlines()
     assert "allow_anonymous false" in conf
-    assert [line for line in conf if line.startswith("listener")] == ["listener 18883 127.0.0.1"]
+    # Loopback TCP for devices, a Unix socket in the broker dir for the service: nothing else.
+    assert [line for line in conf if line.startswith("listener")] == [
+        "listener 18883 127.0.0.1", f"listener 0 {files.socket_file}"]
     assert f"password_file {files.password_file}" in conf
     assert f"acl_file {files.acl_file}" in conf
     assert f"pid_file {files.pid_file}" in conf

@@ -9,8 +9,9 @@ import pytest
 from flask import Flask
 
 from service.app import create_app
-from service.broker_files import SERVICE_SECRET_FILE, sync_broker_files
-from service.health import _remaining_length
+from service.broker_control import remaining_length
+from service.broker_files import SERVICE_SECRET_FILE
+from service.broker_sync import full_sync
 from service.stack.config import free_port
 from tests.servers import CeleryWorker, MosquittoServer, wait_for
 
@@ -62,17 +63,16 @@ def test_mqtt_check_logs_in_as_the_service_account(
     app = create_app({"VAR_DIR": str(tmp_path), "BROKER_DIR": str(files.broker_dir),
                       "MOSQUITTO_PID_FILE": str(files.pid_file), "MQTT_HOST": "127.0.0.1",
                       "MQTT_PORT": mosquitto_server.port})
-    with app.app_context():
-        session = app.extensions["tinyfleet.sessionmaker"]()
-        sync_broker_files(session, files.broker_dir, files.pid_file)
-        session.close()
+    full_sync(app.extensions["tinyfleet.engine"], mosquitto_server.target)
 
     def mqtt() -> dict[str, Any]:
         component: dict[str, Any] = healthz(app)[1]["components"]["mqtt"]
         return component
 
     assert wait_for(lambda: mqtt()["status"] == "ok", 5, 0.1), mqtt()
-    assert mqtt()["detail"].endswith("service account accepted, anonymous refused")
+    # The service account logs in on the broker's local socket, where the service's clients do.
+    assert mqtt()["detail"].endswith(f"service account accepted on {files.socket_file}, "
+                                     "anonymous refused")
 
     # A broker that does not read our password file fails the check, naming the account.
     other = tmp_path / "other-broker"
@@ -88,4 +88,4 @@ def test_mqtt_check_logs_in_as_the_service_account(
 @pytest.mark.parametrize(("n", "encoded"), [(0, b"\x00"), (127, b"\x7f"), (128, b"\x80\x01"),
                                             (16_383, b"\xff\x7f"), (16_384, b"\x80\x80\x01")])
 def test_mqtt_remaining_length_encoding(n: int, encoded: bytes) -> None:
-    assert _remaining_length(n) == encoded  # the examples of MQTT 3.1.1, table 2.4
+    assert remaining_length(n) == encoded  # the examples of MQTT 3.1.1, table 2.4
