@@ -11,11 +11,16 @@ starts it (base from the database, empty live layer), and then, for real, in thi
 - a burst of 100 single registrations, one call each, back to back, and the broker's reloads;
 - the anchor, measured in the same run: the full path every change took before (base password
   file rewritten from the database + SIGHUP, here also waiting until the reload is done), and
-  the fold of the live layer into the base.
+  the fold of the live layer into the base;
+- the design not chosen, as a peer: every device in the dynamic-security plugin (its JSON file
+  written from the database's hashes, which it accepts), where each change costs the plugin a
+  rewrite of that whole file.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -30,15 +35,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import Engine, insert, update
 
 from service import db
+from service.broker_control import CONNACK_ACCEPTED, BrokerEndpoint, DynsecSession, mqtt_connack
+from service.broker_files import ADMIN_USERNAME, CONTROL_TOPIC, RESPONSE_TOPIC, admin_password
 from service.broker_sync import DeviceChange, SyncMode, full_sync, prepare_start
 from service.models import Device, DeviceState, Fleet, utcnow
 from service.mqtt_passwords import hash_password
+from service.private_files import write_private
 from service.registry import RegistryContext, after_change, decommission, register_devices
 from service.schemas import DeviceCreate
 from service.stack.config import LOOPBACK, free_port, plan_stack
-from service.stack.mosquitto import MosquittoFiles
-from service.stack.procs import Started, spawn, stop_group, tcp_open, wait_until
-from service.stack.table import mosquitto_spec
+from service.stack.mosquitto import MosquittoFiles, broker_user, dynsec_plugin_path
+from service.stack.procs import ProcessSpec, Started, spawn, stop_group, tcp_open, wait_until
+from service.stack.table import find_program, mosquitto_spec
 
 SINGLES = 7  # repetitions of each single change (median reported)
 BURST = 100
@@ -87,8 +95,6 @@ class Session_:
 
 def accepted(port: int, username: str, password: str) -> bool:
     """Whether the broker accepts this login now."""
-    from service.broker_control import CONNACK_ACCEPTED, BrokerEndpoint, mqtt_connack
-
     return mqtt_connack(BrokerEndpoint(LOOPBACK, port), (username, password)) == CONNACK_ACCEPTED
 
 
@@ -136,11 +142,78 @@ def measure_broker_at_scale(devices: int, database_url: str | None = None) -> di
         assert all(f.mode is SyncMode.RELOAD for f in [fold, *full]), full
         out["full_sync_s"] = statistics.median(f.seconds for f in full)
         engine.dispose()
+        for proc in reversed(started):
+            stop_group(proc, 10.0)
+        started.clear()
+        out.update(measure_dynsec_only(devices, root / "dynsec-only"))
         return out
     finally:
         for proc in reversed(started):
             stop_group(proc, 10.0)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def measure_dynsec_only(devices: int, broker_dir: Path) -> dict[str, Any]:
+    """The peer design: all `devices` in the plugin (pre-hashed), no password file."""
+    broker_dir.mkdir(mode=0o700)
+    port = free_port()
+    files = MosquittoFiles.in_dir(broker_dir)
+    pw_hash = hash_password("bench-password")
+
+    def client(user: str, encoded: str, **extra: Any) -> dict[str, Any]:
+        _, _, iterations, salt, digest = encoded.split("$")  # `$7$` -> the plugin's fields
+        return {"username": user, "password": digest, "salt": salt,
+                "iterations": int(iterations), **extra}
+
+    admin = client(ADMIN_USERNAME, hash_password(admin_password(broker_dir)),
+                   roles=[{"rolename": "admin"}])
+    acls = [{"acltype": kind, "topic": topic, "allow": True}
+            for kind, topic in (("publishClientSend", CONTROL_TOPIC),
+                                ("subscribeLiteral", RESPONSE_TOPIC),
+                                ("publishClientReceive", RESPONSE_TOPIC))]
+    deny = dict.fromkeys(("publishClientSend", "publishClientReceive", "subscribe",
+                          "unsubscribe"), False)
+    body = {"defaultACLAccess": deny, "groups": [],
+            "roles": [{"rolename": "admin", "acls": acls}],
+            "clients": [admin, *(client(f"dev-{i:016x}", pw_hash, clientid=f"dev-{i:016x}")
+                                 for i in range(devices))]}
+    user, owner = broker_user(broker_dir)
+    write_private(files.dynsec_file, json.dumps(body), owner)
+    conf = [f"user {user}", "per_listener_settings false", "allow_anonymous false",
+            f"plugin {dynsec_plugin_path()}", f"plugin_opt_config_file {files.dynsec_file}",
+            f"listener {port} {LOOPBACK}", "use_username_as_clientid true",
+            f"listener 0 {files.socket_file}",
+            f"pid_file {files.pid_file}", f"log_dest file {files.log_file}"]
+    write_private(files.config_file, "\n".join(conf) + "\n", owner)
+    if owner is not None:
+        os.chown(broker_dir, *owner)
+    t = time.perf_counter()
+    proc = spawn(ProcessSpec("mqtt-peer", (find_program("mosquitto"), "-c",
+                                           str(files.config_file)),
+                             broker_dir / "mosquitto.out"))
+    try:
+        wait_until(lambda: files.socket_file.exists() and tcp_open(LOOPBACK, port),
+                   "mosquitto (plugin only)", 300, [proc])
+        start_s = time.perf_counter() - t
+        # A device of the JSON file logs in: the plugin takes the database's hashes as they are.
+        if not accepted(port, "dev-0000000000000000", "bench-password"):
+            raise RuntimeError("the plugin did not accept a pre-hashed password")
+        endpoint = BrokerEndpoint.for_broker_dir(broker_dir, LOOPBACK, port)
+        with DynsecSession(endpoint, ADMIN_USERNAME, admin_password(broker_dir),
+                           timeout_s=120) as dynsec:
+            singles = []
+            for i in range(3):
+                t = time.perf_counter()
+                dynsec.run([{"command": "disableClient", "username": f"dev-{i:016x}"}])
+                singles.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            dynsec.run([{"command": "enableClient", "username": f"dev-{i:016x}"}
+                        for i in range(10)])
+            ten_s = time.perf_counter() - t
+    finally:
+        stop_group(proc, 10.0)
+    return {"dynsec_only_start_s": start_s, "dynsec_only_change_s": statistics.median(singles),
+            "dynsec_only_ten_changes_s": ten_s}
 
 
 def _register_one(engine: Engine, ctx: RegistryContext, name: str) -> tuple[str, str, float]:
@@ -231,4 +304,7 @@ def report_broker_at_scale(r: dict[str, Any]) -> str:
         f"anchor, the full path (base rewrite + SIGHUP + reload): {ms['full_sync_s']:.0f} ms "
         f"per change; {BURST} of them: {r['full_sync_s'] * BURST:.0f} s "
         f"({r['full_sync_s'] * BURST / r['burst_s']:.0f}x the burst)",
+        f"peer, every device in the plugin: started in {r['dynsec_only_start_s']:.2f} s; one "
+        f"change {ms['dynsec_only_change_s']:.0f} ms, 10 changes in one message "
+        f"{r['dynsec_only_ten_changes_s']:.2f} s",
     ])

@@ -163,6 +163,8 @@ def apply_changes(engine: Engine, target: BrokerTarget,
                   changes: Sequence[DeviceChange]) -> SyncOutcome:
     """Make committed `changes` take effect at the broker (live when few, else one reload)."""
     start = time.perf_counter()
+    if not changes:
+        return SyncOutcome(SyncMode.LIVE, 0, 0.0)
     with broker_lock(engine, target.broker_dir):
         if len(changes) > BULK_CHANGES:
             return _full_sync(engine, target, {c.device_id for c in changes}, start)
@@ -182,6 +184,25 @@ def full_sync(engine: Engine, target: BrokerTarget) -> SyncOutcome:
     start = time.perf_counter()
     with broker_lock(engine, target.broker_dir):
         return _full_sync(engine, target, None, start)
+
+
+def ensure_in_step(engine: Engine, target: BrokerTarget) -> SyncOutcome | None:
+    """Rebuild the broker from the database if it refuses our admin account (it lost its
+    state: restarted empty, or its files replaced); None when it is in step or unreachable.
+
+    The stack's supervisor calls this every few seconds, so a broker that lost its state is
+    rebuilt even when no change comes to reveal it.
+    """
+    endpoint = target.endpoint()
+    try:
+        code = mqtt_connack(endpoint, (ADMIN_USERNAME, admin_password(target.broker_dir)))
+    except OSError:
+        return None
+    if code == CONNACK_ACCEPTED:
+        return None
+    log.warning("the broker at %s refuses the registry's admin account (CONNACK %d): "
+                "rebuilding it from the registry", endpoint, code)
+    return full_sync(engine, target)
 
 
 def prepare_start(engine: Engine, broker_dir: Path) -> int:

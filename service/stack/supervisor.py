@@ -29,6 +29,7 @@ from service.stack.runner import RunningStack, launch, start_stack
 FIRST_DELAY_S = 1.0
 MAX_DELAY_S = 30.0
 STABLE_S = 60.0  # a process that ran this long starts its back-off again from FIRST_DELAY_S
+WATCH_S = 5.0  # how often the rows' watch hooks run
 SUPERVISOR_LOG = "supervisor.log"
 Say = Callable[[str], None]
 
@@ -51,6 +52,7 @@ class Supervisor:
     say: Say
     attempts: dict[str, int] = field(default_factory=dict)
     due: dict[str, float] = field(default_factory=dict)  # name -> monotonic restart time
+    watched_at: float = field(default_factory=time.monotonic)
 
     def check(self) -> None:
         """One round: notice exits, restart what is due."""
@@ -72,6 +74,21 @@ class Supervisor:
         for name, when in sorted(self.due.items(), key=lambda item: item[1]):
             if when <= time.monotonic():
                 self._restart(name)
+        if time.monotonic() - self.watched_at >= WATCH_S:
+            self.watched_at = time.monotonic()
+            self._watch()
+
+    def _watch(self) -> None:
+        assert self.stack.engine is not None
+        for proc in self.stack.processes:
+            row = self.stack.row(proc.name)
+            if row.watch is None or proc.name in self.due:
+                continue
+            try:
+                row.watch(self.stack.plan, self.stack.engine)
+            except Exception as exc:  # a failed check is logged; the next round tries again
+                self.say(f"{timestamp()} {proc.name}: check failed: {type(exc).__name__}: "
+                         f"{exc}")
 
     def _restart(self, name: str) -> None:
         row = self.stack.row(name)

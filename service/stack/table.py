@@ -42,6 +42,9 @@ class Supervised:
     # Held from before the process is spawned until it is ready (the broker: rebuilt from
     # the database under the registry's broker lock, so no change is missed in between).
     prepare: Callable[[StackPlan, Engine], contextlib.AbstractContextManager[None]] | None = None
+    # Called by the supervisor every few seconds while the process runs (the broker: is its
+    # auth state still ours? else rebuild it from the database).
+    watch: Callable[[StackPlan, Engine], None] | None = None
 
 
 def find_program(name: str) -> str:
@@ -119,6 +122,14 @@ def broker_rebuilt(plan: StackPlan, engine: Engine) -> Iterator[None]:
         yield
 
 
+def broker_in_step(plan: StackPlan, engine: Engine) -> None:
+    """Rebuild our broker's auth state from the database if it has lost it."""
+    from service.broker_sync import BrokerTarget, ensure_in_step
+
+    ensure_in_step(engine, BrokerTarget(plan.broker_dir, plan.mosquitto_pid_file,
+                                        plan.mqtt_host, plan.mqtt_port))
+
+
 def _mqtt_ready(plan: StackPlan) -> bool:
     files = MosquittoFiles.in_dir(plan.broker_dir)
     socket_ok = not files.has_socket_listener or files.socket_file.is_socket()
@@ -138,7 +149,8 @@ PROCESS_TABLE: tuple[Supervised, ...] = (
         address=lambda plan: plan.mqtt_url,
         wanted=lambda plan: plan.own_mqtt,
         ready=_mqtt_ready,
-        prepare=broker_rebuilt),
+        prepare=broker_rebuilt,
+        watch=broker_in_step),
     Supervised("web", client=True, spec=web_spec, address=lambda plan: plan.http_url),
     Supervised("worker", client=True, spec=worker_spec,
                address=lambda plan: f"celery on {redact_url(plan.redis_url)}"),

@@ -25,7 +25,13 @@ from service import broker_sync
 from service.app import create_app
 from service.auth import create_token
 from service.broker_files import SERVICE_USERNAME, service_password
-from service.broker_sync import DeviceChange, SyncMode, apply_changes, full_sync
+from service.broker_sync import (
+    DeviceChange,
+    SyncMode,
+    apply_changes,
+    ensure_in_step,
+    full_sync,
+)
 from service.models import Device, Role
 from service.mqtt_passwords import hash_password
 from service.registry import RegistryContext, after_change
@@ -323,12 +329,7 @@ def test_a_broker_that_lost_its_state_is_rebuilt_from_the_registry(
         assert api.delete(f"/api/v1/devices/{gone[0]}").status_code == 200
 
         # Mosquitto restarts with empty state: every file of its own is gone.
-        broker.stop()
-        files = broker.files
-        for path in (files.password_file, files.acl_file, files.dynsec_file,
-                     files.broker_dir / "mosquitto.db"):
-            path.unlink(missing_ok=True)
-        restarted = restart_mosquitto(broker)
+        restarted = restart_empty(broker)
         try:
             assert not accepted(restarted, *active[0])  # nobody gets in on an empty state
             # The next change finds the broker refusing our admin account and rebuilds it.
@@ -337,8 +338,30 @@ def test_a_broker_that_lost_its_state_is_rebuilt_from_the_registry(
             assert not accepted(restarted, *gone)
         finally:
             restarted.stop()
+        # Without a change to reveal it: the stack's supervisor checks every few seconds.
+        restarted = restart_empty(broker)
+        try:
+            assert not accepted(restarted, *newcomer)
+            outcome = ensure_in_step(engine_of(app), restarted.target)
+            assert outcome is not None and outcome.mode is SyncMode.RELOAD
+            assert all(accepted(restarted, *d) for d in [*active, newcomer])
+            assert not accepted(restarted, *gone)
+            assert ensure_in_step(engine_of(app), restarted.target) is None  # in step now
+        finally:
+            restarted.stop()
     finally:
         shutil.rmtree(var, ignore_errors=True)
+
+
+def restart_empty(broker: MosquittoServer) -> MosquittoServer:
+    """Stop Mosquitto, delete its state (credentials, ACL, plugin file, persistence), and
+    start it again on the same port and broker directory."""
+    broker.stop()
+    files = broker.files
+    for path in (files.password_file, files.acl_file, files.dynsec_file,
+                 files.broker_dir / "mosquitto.db"):
+        path.unlink(missing_ok=True)
+    return restart_mosquitto(broker)
 
 
 def restart_mosquitto(broker: MosquittoServer) -> MosquittoServer:
