@@ -190,7 +190,7 @@ def ensure_in_step(engine: Engine, target: BrokerTarget) -> SyncOutcome | None:
     """Rebuild the broker from the database if it refuses our admin account (it lost its
     state: restarted empty, or its files replaced); None when it is in step or unreachable.
 
-    The stack's supervisor calls this every few seconds, so a broker that lost its state is
+    The stack's supervisor calls this every 10 seconds, so a broker that lost its state is
     rebuilt even when no change comes to reveal it.
     """
     endpoint = target.endpoint()

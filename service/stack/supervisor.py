@@ -29,7 +29,7 @@ from service.stack.runner import RunningStack, launch, start_stack
 FIRST_DELAY_S = 1.0
 MAX_DELAY_S = 30.0
 STABLE_S = 60.0  # a process that ran this long starts its back-off again from FIRST_DELAY_S
-WATCH_S = 5.0  # how often the rows' watch hooks run
+WATCH_S = 10.0  # how often the rows' watch hooks run
 SUPERVISOR_LOG = "supervisor.log"
 Say = Callable[[str], None]
 
