@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 BULK_CHANGES = 100  # a call with more changes rewrites the base instead (one reload)
 LIVE_MAX = 300  # live-layer clients beyond which the layer is folded into the base
 RELOAD_TIMEOUT_S = 30.0
+RESIGNAL_S = 3.0  # no reload seen after this long: SIGHUP again
 _CHUNK = 500  # IN (...) lists stay far below SQLite's and PostgreSQL's parameter limits
 _LOCK_ID = 7_412_009  # PostgreSQL advisory lock: one broker writer at a time, on any host
 _EXISTS = "Client already exists"
@@ -320,7 +321,7 @@ def _full_sync(engine: Engine, target: BrokerTarget, forget: set[str] | None,
         return SyncOutcome(SyncMode.FILES, files.devices, time.perf_counter() - start, None,
                            "base rewritten; no broker of ours to reload")
     try:
-        _wait_reloaded(endpoint, files.probe_password)
+        _wait_reloaded(endpoint, files.probe_password, target.pid_file)
         with DynsecSession(endpoint, ADMIN_USERNAME, admin_password(target.broker_dir)) as ds:
             live = _live_clients(ds)
             drop = sorted((live if forget is None else live & forget) - set(SYSTEM_USERNAMES))
@@ -342,18 +343,28 @@ def _full_sync(engine: Engine, target: BrokerTarget, forget: set[str] | None,
     return SyncOutcome(SyncMode.RELOAD, files.devices, time.perf_counter() - start, remaining)
 
 
-def _wait_reloaded(endpoint: BrokerEndpoint, probe_password: str) -> None:
-    """Until the broker accepts this base's probe login, i.e. it has reloaded the base."""
+def _wait_reloaded(endpoint: BrokerEndpoint, probe_password: str,
+                   pid_file: Path | None) -> None:
+    """Until the broker accepts this base's probe login, i.e. it has reloaded the base.
+
+    Mosquitto drops a SIGHUP that arrives while it is reloading (one flag, cleared when the
+    reload ends); ours never overlap (the lock), but one from elsewhere may: signal again.
+    """
     deadline = time.monotonic() + RELOAD_TIMEOUT_S
+    resignal = time.monotonic() + RESIGNAL_S
     while True:
         try:
             if mqtt_connack(endpoint, (PROBE_USERNAME, probe_password)) == CONNACK_ACCEPTED:
                 return
         except OSError as exc:
             raise BrokerUnreachable(f"MQTT broker at {endpoint}: {exc}") from exc
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             raise BrokerControlError(f"the broker at {endpoint} did not reload its password "
                                      f"file within {RELOAD_TIMEOUT_S:.0f} s")
+        if now >= resignal:
+            reload_mosquitto(pid_file)
+            resignal = now + RESIGNAL_S
         time.sleep(0.01)
 
 
