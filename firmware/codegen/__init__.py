@@ -7,10 +7,11 @@ planner's PatchPlan: patches == 1 (or no plan) gives layer-based execution, othe
 patch stage runs as a per-patch loop over `firmware.plan.patch.tiles` and the rest layer by layer.
 
 model.c holds every parameter as `const` (Flash), one static arena `tf_arena` whose size and
-offsets come from `firmware.plan.memory.plan_arena`, a scratch buffer `tf_scratch` (the largest
-im2col / line buffer a kernel asks for), and `tf_model_run(read_input, ctx, output)`: it reads
-the HWC int8 input through `read_input` (whole, or one patch row at a time), runs the layers
-and copies the output to `output` in the IR's (C, H, W) order. Output is deterministic:
+offsets come from `firmware.plan.arena` (the planner's layout), a scratch buffer `tf_scratch`
+(the largest im2col / line buffer a kernel asks for: `firmware.plan.kernels`), and
+`tf_model_run(read_input, ctx, output)`: it reads the HWC int8 input through `read_input`
+(whole, or one patch row at a time), runs the layers and copies the output to `output` in the
+IR's (C, H, W) order. Output is deterministic:
 identifiers derive from layer positions and op kinds (l12_pw_out), arrays print 16 values a
 line. The C is rendered by a table from op kind to emitter (`firmware.codegen.emitters`).
 """
@@ -94,7 +95,7 @@ def _header(qgraph: QuantizedGraph, body: Body) -> str:
 /* Output: int8 in (C, H, W) order, {oc}x{oh}x{ow}, real = {qo.scale!r} * (q - {qo.zero_point}). */
 #define TF_MODEL_OUTPUT_BYTES {oh * ow * oc}u
 #define TF_MODEL_ARENA_BYTES {body.arena_bytes}u
-#define TF_MODEL_SCRATCH_BYTES {max(body.scratch_bytes, 4)}u
+#define TF_MODEL_SCRATCH_BYTES {body.scratch_bytes}u
 
 /* Copies `count` bytes of the HWC input image from byte `offset` into dst; 0 on success. */
 typedef int32_t (*tf_input_fn)(void *ctx, uint32_t offset, int8_t *dst, uint32_t count);

@@ -205,20 +205,3 @@ def emit_params(graph: Graph, prefix: str, ql: QuantLayer, kind: Kind) -> str:
                   f"{prefix}_s"]),
     ])
 
-
-def scratch_bytes(graph: Graph, layer: Layer, kind: Kind, in_w: int | None = None,
-                  in_h: int | None = None) -> int:
-    """Scratch the kernel needs (its tf_<op>_get_buffer_size), for an in_h x in_w input."""
-    x = graph.tensor(layer.inputs[0])
-    width = x.width if in_w is None else in_w
-    if kind is Kind.CONV:
-        return 2 * layer.kernel[0] * layer.kernel[1] * x.channels * 2
-    if kind in (Kind.POINTWISE,):
-        return 2 * x.channels * 2
-    if kind is Kind.FULLY_CONNECTED:
-        return 2 * x.numel * 2
-    if kind is Kind.DEPTHWISE:  # the smaller of a ring of kh padded rows, one padded plane
-        padded_w = width + layer.padding[1] + layer.padding[3]
-        padded_h = (x.height if in_h is None else in_h) + layer.padding[0] + layer.padding[2]
-        return min(layer.kernel[0] * padded_w * x.channels, padded_h * padded_w)
-    return 0

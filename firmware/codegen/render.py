@@ -21,11 +21,11 @@ from firmware.codegen.emitters import (
     add_fields,
     emit_call,
     kind_of,
-    scratch_bytes,
 )
 from firmware.errors import UnsupportedOpError
 from firmware.int8.quantize import QuantizedGraph
 from firmware.ir import Graph, Layer
+from firmware.plan.kernels import scratch_buffer_bytes
 from firmware.plan.memory import MemoryModel, plan_arena
 
 INPUT_IDENT = "model_in"
@@ -39,7 +39,7 @@ class Body:
     statements: tuple[str, ...]  # inside tf_model_run, after the input is read
     read_input: tuple[str, ...]  # statements reading the input (layer-based: all of it)
     arena_bytes: int
-    scratch_bytes: int
+    scratch_bytes: int  # tf_scratch as declared (firmware.plan.kernels.scratch_buffer_bytes)
     buffers: Mapping[str, tuple[int, int]]  # named buffer -> (arena offset, bytes)
     param_free: frozenset[str] = frozenset()  # layers whose parameters nothing reads
 
@@ -111,7 +111,6 @@ class Emitted:
 
     decls: list[tuple[str, str]]
     statements: list[str]
-    scratch_bytes: int
     fused_adds: frozenset[str]
 
 
@@ -130,7 +129,6 @@ def emit_layers(qgraph: QuantizedGraph, graph: Graph, offsets: Mapping[str, int]
                       f"{offsets[tensor]};  /* {c_comment(tensor)}: {h}x{w}x{c} */\n"))
         decls.append((f"{ident}_dims", c_struct("tf_dims", f"{ident}_dims", [h, w, c])))
     statements: list[str] = []
-    scratch = 0
     for layer in graph.layers:
         ql = qgraph.layer(layer.name)
         prefix = layer_prefix(full.index(layer.name))
@@ -166,8 +164,7 @@ def emit_layers(qgraph: QuantizedGraph, graph: Graph, offsets: Mapping[str, int]
                     window=window, out_channels=graph.tensor(layer.output).channels,
                     fused_add=fused_add)
         statements.extend(emit_call(call))
-        scratch = max(scratch, scratch_bytes(graph, layer, kind))
-    return Emitted(decls, statements, scratch, frozenset(fused_adds))
+    return Emitted(decls, statements, frozenset(fused_adds))
 
 
 def layer_based(qgraph: QuantizedGraph, memory_model: MemoryModel) -> Body:
@@ -181,7 +178,7 @@ def layer_based(qgraph: QuantizedGraph, memory_model: MemoryModel) -> Body:
     return Body(decls=used_decls(emitted.decls, [*emitted.statements, read,
                                                  idents[graph.output]]),
                 statements=tuple(emitted.statements), read_input=(read,),
-                arena_bytes=plan.size_bytes, scratch_bytes=emitted.scratch_bytes,
+                arena_bytes=plan.size_bytes, scratch_bytes=scratch_buffer_bytes(graph),
                 buffers={idents[t]: (plan.offsets[t], sizes[t]) for t in idents},
                 param_free=emitted.fused_adds)
 

@@ -40,7 +40,7 @@ def small_rd_quantized(seed: int = 0) -> QuantizedGraph:
     """MobileNetV2-RD w0.35 at 32x32, 10 classes, head 64: 65 layers, quantized.
 
     Patch-based with 2x2 patches to b1.project, its stage and rest are laid out best by one
-    joint arena plan (firmware.codegen.patched.arena_layout).
+    joint arena plan (firmware.plan.arena.arena_layout).
     """
     import dataclasses
 

@@ -91,7 +91,8 @@ int32_t tf_dsp_enabled(void);
 int32_t tf_requantize(int32_t acc, int32_t multiplier, int32_t shift);
 
 /* Dense k x k conv with stride and padding. buffer: tf_conv2d_get_buffer_size() bytes
- * (two im2col columns of int16), 4-byte aligned. input and output must not overlap. */
+ * (two im2col columns of int16, one when the output has one pixel), 4-byte aligned. input
+ * and output must not overlap. firmware/plan/kernels.py mirrors every get_buffer_size. */
 size_t tf_conv2d_get_buffer_size(const tf_dims *in, const tf_window *win);
 tf_status tf_conv2d_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
                        const tf_dims *out, const int8_t *weights, const int32_t *bias,
@@ -122,7 +123,7 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
                                  const int32_t *bias, const tf_conv_quant *q, int8_t *output,
                                  int8_t *buffer);
 
-/* Fully connected: (in_features) -> (out_features), weights (out, in). */
+/* Fully connected: (in_features) -> (out_features), weights (out, in); buffer: one column. */
 size_t tf_fully_connected_get_buffer_size(int32_t in_features);
 tf_status tf_fully_connected_s8(int32_t in_features, const int8_t *input, int32_t out_features,
                                 const int8_t *weights, const int32_t *bias,

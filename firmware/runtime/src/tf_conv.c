@@ -47,12 +47,23 @@ static void tf_fill_pixel(const void *vctx, int32_t pixel, int16_t *col)
                  ctx->offset);
 }
 
+/* im2col columns tf_matmul_columns fills: two output pixels per pass, one if there is one. */
+static size_t tf_columns(int32_t out_pixels)
+{
+    return out_pixels >= 2 ? 2u : 1u;
+}
+
 size_t tf_conv2d_get_buffer_size(const tf_dims *in, const tf_window *win)
 {
     if (in == NULL || win == NULL) {
         return 0;
     }
-    return 2u * (size_t)win->kh * (size_t)win->kw * (size_t)in->c * sizeof(int16_t);
+    const int32_t out_h = tf_window_out(in->h, win->kh, win->stride_h, win->pad_top,
+                                        win->pad_bottom);
+    const int32_t out_w = tf_window_out(in->w, win->kw, win->stride_w, win->pad_left,
+                                        win->pad_right);
+    return tf_columns(out_h * out_w) * (size_t)win->kh * (size_t)win->kw * (size_t)in->c *
+           sizeof(int16_t);
 }
 
 tf_status tf_conv2d_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
@@ -80,7 +91,7 @@ tf_status tf_conv2d_s8(const tf_dims *in, const int8_t *input, const tf_window *
 
 size_t tf_conv2d_1x1_get_buffer_size(const tf_dims *in)
 {
-    return in == NULL ? 0 : 2u * (size_t)in->c * sizeof(int16_t);
+    return in == NULL ? 0 : tf_columns(in->h * in->w) * (size_t)in->c * sizeof(int16_t);
 }
 
 static tf_status tf_conv1x1(const tf_dims *in, const int8_t *input, int32_t out_c,
@@ -127,7 +138,8 @@ tf_status tf_conv2d_1x1_add_s8(const tf_dims *in, const int8_t *input, int32_t o
 
 size_t tf_fully_connected_get_buffer_size(int32_t in_features)
 {
-    return in_features <= 0 ? 0 : 2u * (size_t)in_features * sizeof(int16_t);
+    /* one output pixel: one column */
+    return in_features <= 0 ? 0 : (size_t)in_features * sizeof(int16_t);
 }
 
 tf_status tf_fully_connected_s8(int32_t in_features, const int8_t *input, int32_t out_features,

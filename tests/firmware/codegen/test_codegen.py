@@ -161,8 +161,7 @@ def test_patch_based_uses_less_arena_than_layer_based(tmp_path: Path, qgraph: Qu
 def test_a_model_too_big_for_the_device_fails_with_the_linkers_numbers(
         tmp_path: Path, qgraph: QuantizedGraph) -> None:
     write_model(qgraph, None, tmp_path / "src")
-    small = dataclasses.replace(get_target("stm32f412"), name="tiny-mcu", sram_bytes=3 * 1024,
-                                runtime_reserve_bytes=1024)
+    small = dataclasses.replace(get_target("stm32f412"), name="tiny-mcu", sram_bytes=3 * 1024)
     with pytest.raises(LinkOverflowError) as info:
         build_firmware(tmp_path / "src", small, out_dir=tmp_path / "build")
     assert info.value.overflow_bytes["RAM"] > 0
@@ -205,7 +204,7 @@ def test_any_patch_schedule_equals_the_whole_tensor_reference_on_the_host(
 
 @pytest.mark.toolchain
 def test_a_jointly_planned_patch_arena_runs_bit_exact(tmp_path: Path) -> None:
-    from firmware.codegen.patched import build_stage, place_stage, rest_graph
+    from firmware.plan.arena import build_stage, place_stage, rest_graph
     from firmware.plan.memory import plan_arena
     from tests.firmware.small_models import small_rd_quantized
 

@@ -1,0 +1,106 @@
+"""Kernel scratch: what each int8 runtime kernel needs in SRAM besides its tensors.
+
+Each function mirrors a C kernel's `tf_<op>_get_buffer_size` (firmware/runtime/src) byte for
+byte, and a test compares them on the host library. This module is the one source of the
+scratch figure: the code generator declares `tf_scratch` with `schedule_scratch_bytes`, and
+the SRAM account (`firmware.plan.account`) charges the same number, so what is predicted,
+declared, linked and touched agree.
+
+- Dense k x k conv: im2col columns of int16, k*k*cin each; two columns (two output pixels
+  per pass) unless the output has a single pixel.
+- 1x1 conv (stride 1, no padding): the same with k = 1.
+- Fully connected: one int16 column of the input features (one output pixel).
+- Depthwise: the smaller of a ring of kh zero-point-padded input rows ((w + pads) * c bytes
+  each) and one padded channel plane ((h + pads) * (w + pads) bytes).
+- Add, pooling, reshape, patch load/store: none.
+
+In a patch stage a layer runs on tiles: the figure is taken for every tile (its own input
+region and border padding, `firmware.plan.patch.tiles`), and the largest counts.
+"""
+
+from __future__ import annotations
+
+from firmware.ir import Graph, Layer, OpKind
+from firmware.plan.patch import LayerTile, PatchPlan, tiles
+
+INT16_BYTES = 2
+
+Pads = tuple[int, int, int, int]  # top, left, bottom, right
+
+
+def columns(out_pixels: int) -> int:
+    """im2col columns a matmul pass fills: two output pixels at a time, one if only one."""
+    return 2 if out_pixels >= 2 else 1
+
+
+def conv_scratch_bytes(in_channels: int, kernel: tuple[int, int], out_pixels: int) -> int:
+    """tf_conv2d_get_buffer_size (and tf_conv2d_1x1_get_buffer_size with kernel (1, 1))."""
+    return columns(out_pixels) * kernel[0] * kernel[1] * in_channels * INT16_BYTES
+
+
+def fully_connected_scratch_bytes(in_features: int) -> int:
+    """tf_fully_connected_get_buffer_size: one int16 column of the input."""
+    return in_features * INT16_BYTES
+
+
+def depthwise_scratch_bytes(in_h: int, in_w: int, channels: int, kernel_h: int,
+                            pads: Pads) -> int:
+    """tf_depthwise_conv2d_get_buffer_size: min(ring of kh padded rows, one padded plane)."""
+    top, left, bottom, right = pads
+    padded_w = in_w + left + right
+    ring = kernel_h * padded_w * channels
+    plane = (in_h + top + bottom) * padded_w
+    return min(ring, plane)
+
+
+def is_depthwise(graph: Graph, layer: Layer) -> bool:
+    """True for a conv with one filter per channel (groups == in == out channels)."""
+    if layer.op is not OpKind.CONV or layer.groups == 1:
+        return False
+    cin = graph.tensor(layer.inputs[0]).channels
+    return layer.groups == cin == graph.tensor(layer.output).channels
+
+
+def layer_scratch_bytes(graph: Graph, layer: Layer, tile: LayerTile | None = None) -> int:
+    """Scratch of one layer run whole, or on one tile of a patch stage."""
+    x = graph.tensor(layer.inputs[0])
+    if layer.op is OpKind.FULLY_CONNECTED:
+        return fully_connected_scratch_bytes(x.numel)
+    if layer.op is not OpKind.CONV:
+        return 0
+    if tile is None:
+        in_h, in_w, pads = x.height, x.width, layer.padding
+        out = graph.tensor(layer.output)
+        out_pixels = out.height * out.width
+    else:
+        in_h = tile.in_rows[1] - tile.in_rows[0]
+        in_w = tile.in_cols[1] - tile.in_cols[0]
+        pads = (tile.pad_top, tile.pad_left, tile.pad_bottom, tile.pad_right)
+        out_pixels = ((tile.out_rows[1] - tile.out_rows[0])
+                      * (tile.out_cols[1] - tile.out_cols[0]))
+    if is_depthwise(graph, layer):
+        return depthwise_scratch_bytes(in_h, in_w, x.channels, layer.kernel[0], pads)
+    return conv_scratch_bytes(x.channels // layer.groups, layer.kernel, out_pixels)
+
+
+def schedule_scratch_bytes(graph: Graph, plan: PatchPlan | None = None) -> int:
+    """The scratch buffer a schedule needs: the largest any of its kernel calls asks for."""
+    split = None if plan is None else plan.schedule.split_after
+    if split is None:
+        return max((layer_scratch_bytes(graph, layer) for layer in graph.layers), default=0)
+    assert plan is not None
+    stage_end = graph.index(split) + 1
+    rest = max((layer_scratch_bytes(graph, layer) for layer in graph.layers[stage_end:]),
+               default=0)
+    stage = max((layer_scratch_bytes(graph, graph.layer(tile.layer), tile)
+                 for patch in tiles(graph, plan) for tile in patch), default=0)
+    return max(rest, stage)
+
+
+# C has no zero-length arrays: a model whose kernels need no scratch still declares a little.
+MIN_SCRATCH_BYTES = 4
+
+
+def scratch_buffer_bytes(graph: Graph, plan: PatchPlan | None = None) -> int:
+    """Bytes of `tf_scratch` as generated code declares it (TF_MODEL_SCRATCH_BYTES)."""
+    return max(schedule_scratch_bytes(graph, plan), MIN_SCRATCH_BYTES)
