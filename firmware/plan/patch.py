@@ -28,7 +28,14 @@ import numpy.typing as npt
 
 from firmware.errors import DoesNotFitError, InvalidModelError
 from firmware.ir import Graph, Layer, OpKind
-from firmware.plan.memory import MemoryModel, analyze, buffers, layer_macs, lifetimes
+from firmware.plan.memory import (
+    MemoryModel,
+    MemoryReport,
+    analyze,
+    buffers,
+    layer_macs,
+    lifetimes,
+)
 
 IntArray = npt.NDArray[np.int64]
 Interval = tuple[int, int]
@@ -238,9 +245,9 @@ def _suffix_peaks(report_live: Sequence[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _layer_based(graph: Graph, memory_model: MemoryModel,
-                 bytes_per_element: int | float) -> PatchPlan:
-    report = analyze(graph, memory_model, bytes_per_element)
+def _layer_based(graph: Graph, memory_model: MemoryModel, bytes_per_element: int | float,
+                 report: MemoryReport | None = None) -> PatchPlan:
+    report = report or analyze(graph, memory_model, bytes_per_element)
     t = graph.tensor(graph.input)
     return PatchPlan(
         schedule=Schedule(1, None, (t.height, t.width)), peak_bytes=report.peak_bytes,
@@ -321,24 +328,39 @@ def _build_plan(graph: Graph, total_macs: int, live: Sequence[int], split: int,
         memory_model=memory_model, bytes_per_element=bytes_per_element)
 
 
-def best_schedule(graph: Graph, sram_budget_bytes: int | None = None,
-                  memory_model: MemoryModel = MemoryModel.INPLACE,
-                  bytes_per_element: int | float = 1, max_patches: int = 8,
-                  patches: int | None = None, split_after: str | None = None) -> PatchPlan:
-    """The schedule with the fewest MACs that fits the budget, or the lowest peak without one.
+@dataclass(frozen=True)
+class ScheduleOption:
+    """One candidate schedule, costed but not yet built into a PatchPlan (`build_option`)."""
 
-    Candidates: layer-based inference and every (p in 2..max_patches, split point); `patches`
-    or `split_after` pin one of the two. Ties on the first key go to the second (peak, then
-    MACs). Raises DoesNotFitError naming the smallest peak found, its layer and the budget
-    when nothing fits.
+    peak_bytes: int
+    macs: int
+    peak_index: int  # layer where the peak occurs
+    split: int  # index of the split layer, -1 for layer-based
+    profile: _Profile | None
+    k: int  # position of this patch count in the profile
+
+    @property
+    def patches(self) -> int:
+        """p of this option's p x p patches (1: layer-based)."""
+        return 1 if self.profile is None else self.profile.patch_counts[self.k]
+
+
+def schedule_options(graph: Graph, memory_model: MemoryModel = MemoryModel.INPLACE,
+                     bytes_per_element: int | float = 1, max_patches: int = 8,
+                     patches: int | None = None, split_after: str | None = None,
+                     report: MemoryReport | None = None) -> list[ScheduleOption]:
+    """Every candidate schedule with its peak and MACs: layer-based and each (split, p).
+
+    `patches` or `split_after` pin one of the two. InvalidModelError if nothing is left.
+    `report`: the graph's `analyze` under the same settings, where already at hand.
     """
-    report = analyze(graph, memory_model, bytes_per_element)
+    report = report or analyze(graph, memory_model, bytes_per_element)
     live = [r.live_bytes for r in report.layers]
     suffix = _suffix_peaks(live)
-    # (peak, macs, peak layer index, split index or -1, profile, k)
-    best: list[tuple[int, int, int, int, _Profile | None, int]] = []
+    options: list[ScheduleOption] = []
     if patches in (None, 1):
-        best.append((report.peak_bytes, report.macs, live.index(report.peak_bytes), -1, None, 0))
+        options.append(ScheduleOption(report.peak_bytes, report.macs,
+                                      live.index(report.peak_bytes), -1, None, 0))
     if split_after is not None:
         _check_split(graph, patches or 1, split_after)
     for name in split_points(graph) if split_after is None else [split_after]:
@@ -355,31 +377,64 @@ def best_schedule(graph: Graph, sram_budget_bytes: int | None = None,
         for k in range(len(counts)):
             stage_peak, stage_at = profile.peak(k)
             peak, at = max((stage_peak, stage_at), (rest_peak, rest_at), key=lambda v: v[0])
-            best.append((peak, report.macs - base_stage + profile.macs(k), at, split, profile, k))
-    if not best:
+            options.append(ScheduleOption(peak, report.macs - base_stage + profile.macs(k), at,
+                                          split, profile, k))
+    if not options:
         raise InvalidModelError(f"no split point of {graph.name} admits {patches}x{patches} "
                                 f"patches")
+    return options
+
+
+def build_option(graph: Graph, option: ScheduleOption,
+                 memory_model: MemoryModel = MemoryModel.INPLACE,
+                 bytes_per_element: int | float = 1,
+                 report: MemoryReport | None = None) -> PatchPlan:
+    """The PatchPlan of a `schedule_options` entry (same memory model and element size)."""
+    report = report or analyze(graph, memory_model, bytes_per_element)
+    if option.profile is None:
+        return _layer_based(graph, memory_model, bytes_per_element, report)
+    return _build_plan(graph, report.macs, [r.live_bytes for r in report.layers],
+                       option.split, option.profile, option.k, memory_model, bytes_per_element)
+
+
+def best_schedule(graph: Graph, sram_budget_bytes: int | None = None,
+                  memory_model: MemoryModel = MemoryModel.INPLACE,
+                  bytes_per_element: int | float = 1, max_patches: int = 8,
+                  patches: int | None = None, split_after: str | None = None) -> PatchPlan:
+    """The schedule with the fewest MACs that fits the budget, or the lowest peak without one.
+
+    Candidates: layer-based inference and every (p in 2..max_patches, split point); `patches`
+    or `split_after` pin one of the two. Ties on the first key go to the second (peak, then
+    MACs). Raises DoesNotFitError naming the smallest peak found, its layer and the budget
+    when nothing fits. The budget is for the activation peak alone; what a device needs in
+    all is `firmware.plan.account.fit_schedule`'s concern.
+    """
+    report = analyze(graph, memory_model, bytes_per_element)
+    options = schedule_options(graph, memory_model, bytes_per_element, max_patches, patches,
+                               split_after, report)
     if sram_budget_bytes is None:
-        choice = min(best, key=lambda c: (c[0], c[1]))
+        choice = min(options, key=lambda c: (c.peak_bytes, c.macs))
     else:
-        fitting = [c for c in best if c[0] <= sram_budget_bytes]
+        fitting = [c for c in options if c.peak_bytes <= sram_budget_bytes]
         if not fitting:
-            raise _does_not_fit(graph, min(best, key=lambda c: (c[0], c[1])), sram_budget_bytes)
-        choice = min(fitting, key=lambda c: (c[1], c[0]))
-    _, _, _, split, chosen, k = choice
-    if chosen is None:
-        return _layer_based(graph, memory_model, bytes_per_element)
-    return _build_plan(graph, report.macs, live, split, chosen, k, memory_model,
-                       bytes_per_element)
+            raise _does_not_fit(graph, min(options, key=lambda c: (c.peak_bytes, c.macs)),
+                                sram_budget_bytes)
+        choice = min(fitting, key=lambda c: (c.macs, c.peak_bytes))
+    return build_option(graph, choice, memory_model, bytes_per_element, report)
 
 
-def _does_not_fit(graph: Graph, smallest: tuple[int, int, int, int, _Profile | None, int],
+def describe_option(graph: Graph, option: ScheduleOption) -> str:
+    """'layer-based' or '4x4 patches split after b3.project'."""
+    if option.profile is None:
+        return "layer-based"
+    return (f"{option.patches}x{option.patches} patches split after "
+            f"{graph.layers[option.split].name}")
+
+
+def _does_not_fit(graph: Graph, smallest: ScheduleOption,
                   budget_bytes: int) -> DoesNotFitError:
-    peak, _, at, split, profile, k = smallest
-    layer = graph.layers[at]
-    how = ("layer-based" if profile is None else
-           f"{profile.patch_counts[k]}x{profile.patch_counts[k]} patches split after "
-           f"{graph.layers[split].name}")
+    peak, layer = smallest.peak_bytes, graph.layers[smallest.peak_index]
+    how = describe_option(graph, smallest)
     return DoesNotFitError(
         f"{graph.name} does not fit: smallest peak {peak / 1024:.1f} kB ({peak} bytes, {how}) "
         f"> SRAM budget {budget_bytes / 1024:.1f} kB ({budget_bytes} bytes) at layer "
@@ -392,19 +447,26 @@ def tiles(graph: Graph, plan: PatchPlan) -> list[list[LayerTile]]:
         return []
     p = plan.schedule.patches
     stage = graph.layers[: graph.index(plan.schedule.split_after) + 1]
+    # Rows and columns are independent: walk each axis once for all p patch rows (columns).
+    axes = []
+    for layer in stage:
+        src = graph.tensor(layer.inputs[0])
+        per_axis = []
+        for axis, regions, size in ((0, plan.row_regions, src.height),
+                                    (1, plan.col_regions, src.width)):
+            out = regions[layer.output]
+            lo, hi, before, after = _need(layer, axis, np.array([a for a, _ in out]),
+                                          np.array([b for _, b in out]), size)
+            per_axis.append([((int(lo[i]), int(hi[i])), int(before[i]), int(after[i]), out[i])
+                             for i in range(p)])
+        axes.append(per_axis)
     result: list[list[LayerTile]] = []
     for i in range(p):
         for j in range(p):
             patch: list[LayerTile] = []
-            for layer in stage:
-                (r0, r1), (c0, c1) = plan.row_regions[layer.output][i], \
-                    plan.col_regions[layer.output][j]
-                src = graph.tensor(layer.inputs[0])
-                rlo, rhi, ptop, pbot = (int(v[0]) for v in _need(
-                    layer, 0, np.array([r0]), np.array([r1]), src.height))
-                clo, chi, pleft, pright = (int(v[0]) for v in _need(
-                    layer, 1, np.array([c0]), np.array([c1]), src.width))
-                patch.append(LayerTile(layer.name, (rlo, rhi), (clo, chi), ptop, pleft, pbot,
-                                       pright, (r0, r1), (c0, c1)))
+            for layer, (rows, cols) in zip(stage, axes, strict=True):
+                (r_in, ptop, pbot, r_out), (c_in, pleft, pright, c_out) = rows[i], cols[j]
+                patch.append(LayerTile(layer.name, r_in, c_in, ptop, pleft, pbot, pright,
+                                       r_out, c_out))
             result.append(patch)
     return result
