@@ -4,9 +4,11 @@
 the module that owns it:
 
     quantize   firmware.int8.quantize.quantize_graph (calibration data or generated inputs)
-    plan       firmware.plan.patch.best_schedule under the target's model SRAM (layer/patch-based)
+    plan       firmware.plan.account.fit_schedule: the fewest-MAC schedule whose SRAM account
+               (arena + scratch + static + stack) fits the target's SRAM
     codegen    firmware.codegen: model.c / model.h / main.c for the plan's schedule
-    build      firmware.toolchain.build.build_firmware (arm-none-eabi-gcc, the device's ld script)
+    build      firmware.toolchain.build.build_firmware (arm-none-eabi-gcc, the device's ld script
+               reserving the account's stack; the image's call-graph stack bound checked)
     emulate    firmware.toolchain.emulator.run_firmware (QEMU, semihosting, measured RAM, instrs)
     check      outputs bit-exact against firmware.int8.reference on every test input
     onnx       onnxruntime cross-check of the QDQ export, per layer and end to end
@@ -14,7 +16,9 @@ the module that owns it:
     sign       firmware.image: manifest + ELF payload + Ed25519 signature
 
 Nothing is signed unless the QEMU outputs equal the reference's exactly. Predicted figures
-come from the planner before any code exists; measured ones from the linker and QEMU. The
+come from the SRAM account before any code exists; linked ones from the linker (which must
+not exceed them), measured ones from QEMU (RAM painted at reset, scanned after the run). The
+report sets them side by side, total against total and part by part (`sram_check`). The
 report is a JSON-ready dict (see `CompileResult.report`).
 """
 
@@ -32,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from firmware.errors import DoesNotFitError, EmulationError
+from firmware.errors import BuildError, DoesNotFitError, EmulationError, FirmwareError
 from firmware.float_exec import run_graph
 from firmware.image import (
     FirmwareImage,
@@ -49,8 +53,9 @@ from firmware.image import (
 )
 from firmware.int8.quantize import QuantizedGraph, quantize_graph
 from firmware.ir import Graph
+from firmware.plan.account import Fit, SramAccount, fit_schedule
 from firmware.plan.memory import MemoryModel, MemoryReport, analyze
-from firmware.plan.patch import PatchPlan, best_schedule
+from firmware.plan.patch import PatchPlan
 from firmware.targets import OtaLayout, TargetSpec, UnknownMcuError, custom_target, get_target
 from firmware.toolchain.build import BuildResult, build_firmware
 from firmware.toolchain.emulator import EmulationResult, board_for, run_firmware
@@ -109,6 +114,7 @@ class CompileResult:
     report: Mapping[str, Any]
     qgraph: QuantizedGraph
     plan: PatchPlan
+    account: SramAccount
     build: BuildResult
     emulation: EmulationResult
     test_inputs: Int8Array  # (N, H, W, C) int8, what QEMU ran
@@ -127,11 +133,10 @@ def reference_outputs(qgraph: QuantizedGraph, x_q: Int8Array) -> Int8Array:
     return np.asarray(run_quantized(qgraph, x_q), dtype=np.int8).reshape(len(x_q), -1)
 
 
-def plan_schedule(graph: Graph, target: TargetSpec, options: CompileOptions) -> PatchPlan:
-    """The schedule for the target's model SRAM; DoesNotFitError names both budgets' numbers."""
-    budget = target.model_sram_bytes()
-    plan = best_schedule(graph, sram_budget_bytes=budget, memory_model=options.memory_model,
-                         patches=options.patches, split_after=options.split_after)
+def plan_schedule(graph: Graph, target: TargetSpec, options: CompileOptions) -> Fit:
+    """The schedule whose SRAM account fits the target; DoesNotFitError names the numbers."""
+    fit = fit_schedule(graph, target.sram_bytes, target.cpu, options.memory_model,
+                       patches=options.patches, split_after=options.split_after)
     weights = analyze(graph, options.memory_model).weights_bytes
     slot = target.slot_bytes(options.layout)
     if weights > slot:
@@ -139,7 +144,7 @@ def plan_schedule(graph: Graph, target: TargetSpec, options: CompileOptions) -> 
             f"{graph.name}: weights need {weights / 1024:.1f} kB of Flash, one "
             f"{options.layout.value} OTA slot of {target.name} holds {slot / 1024:.1f} kB"
         )
-    return plan
+    return fit
 
 
 def _test_batch(graph: Graph, qgraph: QuantizedGraph, calib: Dataset | None,
@@ -188,13 +193,43 @@ def _schedule_dict(plan: PatchPlan) -> dict[str, Any]:
             "mac_overhead": plan.mac_overhead}
 
 
-def _generate(qgraph: QuantizedGraph, plan: PatchPlan, options: CompileOptions,
+def _generate(qgraph: QuantizedGraph, fit: Fit, options: CompileOptions,
               out_dir: Path) -> Path:
-    """Write model.c / model.h / main.c for the plan's schedule into `out_dir`; return it."""
+    """Write model.c / model.h / main.c for the plan's schedule into `out_dir`; return it.
+
+    The arena and scratch the code declares are the account's (one source: firmware.plan).
+    """
     from firmware.codegen import write_model
 
-    write_model(qgraph, plan, out_dir, memory_model=options.memory_model)
+    model = write_model(qgraph, fit.plan, out_dir, memory_model=options.memory_model)
+    declared = (model.arena_bytes, model.scratch_bytes)
+    if declared != (fit.account.arena_bytes, fit.account.scratch_bytes):
+        raise FirmwareError(f"generated code declares arena {declared[0]} B and scratch "
+                            f"{declared[1]} B, the SRAM account {fit.account.arena_bytes} B and "
+                            f"{fit.account.scratch_bytes} B")
     return out_dir
+
+
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def linked_sram_bytes(build: BuildResult) -> int:
+    """RAM the linked image claims: static data, .noinit (arena, scratch), stack reserve."""
+    return (_round8(build.static_bytes) + _round8(build.sections.get(".noinit", 0))
+            + build.stack_reserve_bytes)
+
+
+def _check_linked(build: BuildResult, account: SramAccount) -> None:
+    """BuildError if the linked image claims more RAM than the account predicted."""
+    linked = linked_sram_bytes(build)
+    if linked > account.total_bytes:
+        raise BuildError(
+            f"the linked image claims {linked} B of RAM (static {build.static_bytes} B, "
+            f".noinit {build.sections.get('.noinit', 0)} B, stack {build.stack_reserve_bytes} B)"
+            f", the SRAM account {account.total_bytes} B ({account.describe()}): the runtime's "
+            "static data grew; refresh firmware.plan.account.RUNTIME_FOOTPRINTS "
+            "(python -m bench.runtime_footprint)")
 
 
 def _measured(build: BuildResult, emulation: EmulationResult) -> dict[str, Any]:
@@ -206,6 +241,7 @@ def _measured(build: BuildResult, emulation: EmulationResult) -> dict[str, Any]:
             "arena_used_bytes": emulation.arena_used_bytes,
             "arena_bytes": emulation.arena_bytes,
             "scratch_used_bytes": emulation.scratch_used_bytes,
+            "scratch_bytes": emulation.scratch_bytes,
             "stack_bytes": emulation.stack_bytes,
             "static_other_bytes": emulation.static_other_bytes,
         },
@@ -214,10 +250,52 @@ def _measured(build: BuildResult, emulation: EmulationResult) -> dict[str, Any]:
     }
 
 
-def _predicted(plan: PatchPlan, memory: MemoryReport) -> dict[str, int]:
-    """The planner's figures: activation peak (SRAM) and parameters (Flash, code excluded)."""
-    return {"sram_bytes": plan.peak_bytes, "flash_bytes": memory.weights_bytes,
+def _predicted(plan: PatchPlan, account: SramAccount, memory: MemoryReport) -> dict[str, Any]:
+    """The account (SRAM, by part) and the parameters (Flash, code excluded)."""
+    return {"sram_bytes": account.total_bytes, "sram": account.to_dict(),
+            "flash_bytes": memory.weights_bytes, "activation_peak_bytes": plan.peak_bytes,
             "layer_based_sram_bytes": plan.layer_peak_bytes}
+
+
+def _linked(build: BuildResult) -> dict[str, Any]:
+    """What the linker placed in RAM, and the image's call-graph stack bound."""
+    bound = build.stack_bound
+    return {"sram_bytes": linked_sram_bytes(build), "static_bytes": build.static_bytes,
+            "noinit_bytes": build.sections.get(".noinit", 0),
+            "stack_reserve_bytes": build.stack_reserve_bytes,
+            "stack_bound_bytes": None if bound is None else bound.total_bytes,
+            "stack_chain": None if bound is None else bound.describe()}
+
+
+# DESIGN's aim for predicted against measured SRAM: within 2 % or 512 B, whichever is larger.
+SRAM_AIM_FRACTION = 0.02
+SRAM_AIM_BYTES = 512
+
+
+def sram_check(account: SramAccount, build: BuildResult,
+               emulation: EmulationResult) -> dict[str, Any]:
+    """Predicted, linked and measured SRAM, total against total and buffer by buffer."""
+    bound = build.stack_bound
+    parts = [
+        ("arena", account.arena_bytes, emulation.arena_bytes, emulation.arena_used_bytes),
+        ("scratch", account.scratch_bytes, emulation.scratch_bytes,
+         emulation.scratch_used_bytes),
+        ("static", account.static_bytes, build.static_bytes, emulation.static_other_bytes),
+        ("stack", account.stack_bytes, None if bound is None else bound.total_bytes,
+         emulation.stack_bytes),
+        ("training", account.training_bytes, None, None),
+    ]
+    predicted, measured = account.total_bytes, emulation.peak_ram_bytes
+    over = predicted - measured
+    return {
+        "parts": [{"part": name, "predicted_bytes": p, "linked_bytes": linked,
+                   "measured_bytes": m} for name, p, linked, m in parts],
+        "predicted_bytes": predicted, "linked_bytes": linked_sram_bytes(build),
+        "measured_bytes": measured, "over_bytes": over,
+        "over_fraction": over / max(measured, 1),
+        "covers_measured": over >= 0,
+        "within_aim": 0 <= over <= max(SRAM_AIM_FRACTION * measured, SRAM_AIM_BYTES),
+    }
 
 
 def _check_bit_exact(got: Int8Array, expected: Int8Array) -> None:
@@ -245,6 +323,7 @@ class _Built:
     options: CompileOptions
     qgraph: QuantizedGraph
     plan: PatchPlan
+    account: SramAccount
     memory: MemoryReport
     build: BuildResult
     emulation: EmulationResult
@@ -261,16 +340,18 @@ def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, wor
     qgraph = quantize_graph(graph, None if calib is None else calib.x,
                             generated_count=opts.generated_calibration)
 
-    say(Stage.PLAN, f"schedule under {target.model_sram_bytes() // 1024} kB model SRAM")
-    plan = plan_schedule(graph, target, opts)
+    say(Stage.PLAN, f"schedule whose SRAM account fits {target.sram_bytes / 1024:.1f} kB")
+    fit = plan_schedule(graph, target, opts)
+    plan = fit.plan
 
     p = plan.schedule.patches
     say(Stage.CODEGEN, f"C for {p}x{p} patches" if p > 1 else "C for layer-based inference")
-    model_dir = _generate(qgraph, plan, opts, work_dir / "model")
+    model_dir = _generate(qgraph, fit, opts, work_dir / "model")
 
     say(Stage.BUILD, f"arm-none-eabi-gcc for {target.name} ({target.cpu.value})")
     build = build_firmware(model_dir, target, opts.layout, out_dir=work_dir / "build",
-                           dsp=opts.dsp)
+                           dsp=opts.dsp, stack_bytes=fit.account.stack_bytes)
+    _check_linked(build, fit.account)
 
     x_q = _test_batch(graph, qgraph, calib, test, opts.test_vectors)
     say(Stage.EMULATE, f"QEMU {target.qemu_board} on {len(x_q)} inputs")
@@ -283,7 +364,8 @@ def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, wor
     expected = reference_outputs(qgraph, x_q)
     _check_bit_exact(emulation.outputs, expected)
     return _Built(graph=graph, target=target, options=opts, qgraph=qgraph, plan=plan,
-                  memory=analyze(graph, opts.memory_model), build=build, emulation=emulation,
+                  account=fit.account, memory=analyze(graph, opts.memory_model), build=build,
+                  emulation=emulation,
                   inputs_hwc=inputs_hwc, expected=expected)
 
 
@@ -297,7 +379,7 @@ def _manifest(b: _Built, payload: bytes) -> Manifest:
         schedule=ImageSchedule(s.patches, s.split_after,
                                s.input_patch if s.patches > 1 else None,
                                opts.memory_model.value),
-        predicted=MemoryFigures(b.plan.peak_bytes, b.memory.weights_bytes),
+        predicted=MemoryFigures(b.account.total_bytes, b.memory.weights_bytes),
         measured=MemoryFigures(b.emulation.peak_ram_bytes, b.build.flash_bytes),
         input=TensorQuant(qgraph.input.scale, qgraph.input.zero_point,
                           graph.tensor(graph.input).shape),
@@ -320,13 +402,14 @@ def _report(b: _Built, image: bytes, payload: bytes, key: Ed25519PrivateKey,
                   "graph": graph.name, "input_shape": list(graph.tensor(graph.input).shape)},
         "target": {"name": target.name, "cpu": target.cpu.value,
                    "sram_bytes": target.sram_bytes, "flash_bytes": target.flash_bytes,
-                   "model_sram_bytes": target.model_sram_bytes(),
                    "slot_bytes": target.slot_bytes(opts.layout), "ota_layout": opts.layout.value},
         "calibration": {"source": qgraph.calibration,
                         "samples": opts.generated_calibration if calib is None else len(calib.x)},
         "schedule": _schedule_dict(b.plan),
-        "predicted": _predicted(b.plan, b.memory),
+        "predicted": _predicted(b.plan, b.account, b.memory),
+        "linked": _linked(b.build),
         "measured": _measured(b.build, b.emulation),
+        "sram_check": sram_check(b.account, b.build, b.emulation),
         "bit_exact": True,
         "test_vectors": len(b.inputs_hwc),
         "macs": b.plan.macs,
@@ -371,7 +454,8 @@ def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work
     report = _report(built, image, payload, key, calib, {
         "onnxruntime": onnx_report, "accuracy": accuracy, "warnings": list(warnings)})
     return CompileResult(image=image, report=MappingProxyType(report), qgraph=qgraph,
-                         plan=built.plan, build=built.build, emulation=built.emulation,
+                         plan=built.plan, account=built.account, build=built.build,
+                         emulation=built.emulation,
                          test_inputs=built.inputs_hwc, expected=built.expected,
                          warnings=warnings)
 

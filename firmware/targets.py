@@ -1,8 +1,9 @@
 """The MCU catalog: datasheet figures of real parts, as `TargetSpec` values.
 
-SRAM is what one linker region can use for the model's arena, stack and runtime: parts whose
-RAM is split into banks that are not contiguous (STM32H743, i.MX RT1062) list the largest
-usable contiguous region and say so in `note`. Flash of parts with external QSPI flash is the
+SRAM is what one linker region can use for the model's arena, scratch, static data and stack
+(what a model needs of it: `firmware.plan.account`): parts whose RAM is split into banks that
+are not contiguous (STM32H743, i.MX RT1062) list the largest usable contiguous region and say
+so in `note`. Flash of parts with external QSPI flash is the
 size on the common board named in `note`. kB is 1024 bytes, as in the MCUNet papers.
 """
 
@@ -60,7 +61,6 @@ QEMU_BOARDS: dict[Cpu, str] = {
 }
 
 DEFAULT_BOOTLOADER_BYTES = 32 * KIB
-DEFAULT_RUNTIME_RESERVE_BYTES = 16 * KIB
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,6 @@ class TargetSpec:
     fpu: bool
     note: str = ""
     bootloader_bytes: int = DEFAULT_BOOTLOADER_BYTES
-    # Stack, interrupt frames and network buffers the firmware needs besides the model arena.
-    runtime_reserve_bytes: int = DEFAULT_RUNTIME_RESERVE_BYTES
 
     @property
     def dsp(self) -> bool:
@@ -93,10 +91,6 @@ class TargetSpec:
         """Flash one firmware image may occupy under an OTA layout."""
         usable = self.flash_bytes - self.bootloader_bytes
         return usable // 2 if layout is OtaLayout.AB else usable
-
-    def model_sram_bytes(self) -> int:
-        """SRAM left for the model's activations once the runtime reserve is taken."""
-        return self.sram_bytes - self.runtime_reserve_bytes
 
 
 def _t(name: str, vendor: str, cpu: Cpu, sram_kib: int, flash_kib: int, mhz: int, fpu: bool,

@@ -3,11 +3,13 @@
 Evolutionary search over `Arch` genes: a population of subnets that fit, the top-k become
 parents, children come from crossover (each gene from either parent) and mutation (each gene
 redrawn with a probability). Every candidate is built as an IR graph and planned: the schedule
-is the (p, split) with the fewest MACs whose peak fits the SRAM left after the runtime reserve
-and the on-device training memory (`--no-patches`: layer-based only). Flash must hold the
-weights and the code in one OTA slot. The objective (higher is better; ties go to fewer MACs)
-is pluggable: predicted or measured accuracy, or MACs for an architecture-only search.
-Everything is deterministic for a seed.
+is the (p, split) with the fewest MACs whose SRAM account fits the device
+(`firmware.plan.account.fit_schedule`: arena + kernel scratch + static data + stack bound, +
+the on-device training memory with personalization; `--no-patches`: layer-based only), the
+same figure the compiler links against. Flash must hold the weights and the code in one OTA
+slot. The objective (higher is better; ties go to fewer MACs) is pluggable: predicted or
+measured accuracy, or MACs for an architecture-only search. Everything is deterministic for
+a seed.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from firmware.arch import NetConfig
-from firmware.errors import DoesNotFitError
+from firmware.errors import DoesNotFitError, FirmwareError
 from firmware.frontend.builtin import build_graph
 from firmware.ir import Graph
 from firmware.nas.space import Arch, SearchSpace
+from firmware.plan.account import SramAccount, SramDoesNotFitError, fit_schedule
 from firmware.plan.memory import MemoryModel, analyze
-from firmware.plan.patch import PatchPlan, best_schedule
-from firmware.targets import KIB, OtaLayout, TargetSpec
+from firmware.plan.patch import PatchPlan
+from firmware.targets import KIB, Cpu, OtaLayout, TargetSpec
 
 TrainingMemoryFn = Callable[[NetConfig, Graph], int]
 CodeBytesFn = Callable[[Graph], int]
@@ -37,13 +40,8 @@ CODE_BASE_BYTES = 24 * KIB
 CODE_PER_LAYER_BYTES = 160
 
 
-def no_training_memory(config: NetConfig, graph: Graph) -> int:
-    """On-device training memory when no trainer is plugged in: 0 bytes.
-
-    The on-device training issue supplies the real term (sparse-update activations, gradients
-    and optimizer state for a NetConfig); pass it as `Constraints.training_memory`.
-    """
-    return 0
+class TrainingMemoryUnavailableError(FirmwareError):
+    """Personalization asked for, but no on-device training memory model is plugged in."""
 
 
 def code_bytes_estimate(graph: Graph) -> int:
@@ -53,42 +51,55 @@ def code_bytes_estimate(graph: Graph) -> int:
 
 @dataclass(frozen=True)
 class Constraints:
-    """What a subnet must fit: SRAM (with reserve and training memory) and one Flash slot."""
+    """What a subnet must fit: its SRAM account on `cpu`, and one Flash slot.
+
+    `training_memory(config, graph)` is the on-device training step's SRAM for a subnet: the
+    hook the sparse-update memory model plugs into. It is charged (as the account's training
+    part) only with `personalize`; `personalize` without it is refused, so that a search never
+    reserves 0 bytes for training.
+    """
 
     sram_bytes: int
     slot_bytes: int
-    runtime_reserve_bytes: int = 0
+    cpu: Cpu
     patches: bool = True
     personalize: bool = False
     memory_model: MemoryModel = MemoryModel.INPLACE
     max_patches: int = 8
     max_mac_overhead: float | None = None  # cap on patch recompute, e.g. 0.1 for +10 % MACs
-    training_memory: TrainingMemoryFn = field(default=no_training_memory, compare=False)
+    training_memory: TrainingMemoryFn | None = field(default=None, compare=False)
     code_bytes: CodeBytesFn = field(default=code_bytes_estimate, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.personalize and self.training_memory is None:
+            raise TrainingMemoryUnavailableError(
+                "personalization needs the on-device training memory model (sparse update), "
+                "which tinyfleet does not have yet: without it the search would reserve 0 "
+                "bytes for training; search without personalization")
 
     @classmethod
     def for_target(cls, target: TargetSpec, layout: OtaLayout = OtaLayout.AB,
                    **options: Any) -> Constraints:
-        """The constraints of one MCU: its SRAM and reserve, one OTA slot of its Flash."""
+        """The constraints of one MCU: its SRAM and core, one OTA slot of its Flash."""
         return cls(sram_bytes=target.sram_bytes, slot_bytes=target.slot_bytes(layout),
-                   runtime_reserve_bytes=target.runtime_reserve_bytes, **options)
+                   cpu=target.cpu, **options)
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One planned subnet: its schedule and memory, and whether it fits."""
+    """One planned subnet: its schedule and SRAM account, and whether it fits."""
 
     arch: Arch
     config: NetConfig
     fits: bool
     why_not: str  # empty when it fits
     plan: PatchPlan | None  # None for a subnet that does not fit, unless explained
+    account: SramAccount | None  # the plan's account (None without a plan)
     layer_peak_bytes: int
     layer_macs: int
     weights_bytes: int
     code_bytes: int
     training_bytes: int
-    runtime_reserve_bytes: int
 
     @property
     def peak_bytes(self) -> int:
@@ -102,8 +113,10 @@ class Candidate:
 
     @property
     def sram_needed_bytes(self) -> int:
-        """Peak + runtime reserve + training memory: what the device's SRAM must hold."""
-        return self.peak_bytes + self.runtime_reserve_bytes + self.training_bytes
+        """The account's total: what the device's SRAM must hold."""
+        if self.account is None:
+            raise ValueError(f"{self.config.name} has no SRAM account: {self.why_not}")
+        return self.account.total_bytes
 
     @property
     def flash_bytes(self) -> int:
@@ -112,14 +125,14 @@ class Candidate:
 
     def memory_report(self, constraints: Constraints) -> dict[str, Any]:
         """The numbers behind the fit, JSON-ready."""
-        if self.plan is None:
+        if self.plan is None or self.account is None:
             raise ValueError(f"{self.config.name} has no plan: {self.why_not}")
         schedule = self.plan.schedule
         return {
             "sram_bytes": constraints.sram_bytes, "sram_needed_bytes": self.sram_needed_bytes,
+            "sram": self.account.to_dict(), "cpu": constraints.cpu.value,
             "peak_bytes": self.peak_bytes, "peak_layer": self.plan.peak_layer,
             "layer_peak_bytes": self.layer_peak_bytes,
-            "runtime_reserve_bytes": self.runtime_reserve_bytes,
             "training_bytes": self.training_bytes, "slot_bytes": constraints.slot_bytes,
             "flash_bytes": self.flash_bytes, "weights_bytes": self.weights_bytes,
             "code_bytes": self.code_bytes, "macs": self.macs, "layer_macs": self.layer_macs,
@@ -131,7 +144,7 @@ class Candidate:
 
 def plan_candidate(space: SearchSpace, arch: Arch, constraints: Constraints,
                    explain: bool = False) -> Candidate:
-    """Build and plan subnet `arch`: the fewest-MAC schedule that fits.
+    """Build and plan subnet `arch`: the fewest-MAC schedule whose SRAM account fits.
 
     A subnet that does not fit gets no plan unless `explain`, which plans it for the lowest
     peak (the numbers an error message names); the search skips that cost.
@@ -139,35 +152,33 @@ def plan_candidate(space: SearchSpace, arch: Arch, constraints: Constraints,
     config = space.to_config(arch)
     graph = build_graph(config, with_weights=False)
     report = analyze(graph, constraints.memory_model)
-    training = constraints.training_memory(config, graph) if constraints.personalize else 0
+    training = 0
+    if constraints.personalize and constraints.training_memory is not None:
+        training = constraints.training_memory(config, graph)
     code = constraints.code_bytes(graph)
-    budget = max(0, constraints.sram_bytes - constraints.runtime_reserve_bytes - training)
-    # Layer-based inference recomputes nothing, so when it fits it has the fewest MACs of all
-    # schedules: skip the patch sweep (most of the planning time).
-    pinned = None if constraints.patches and report.peak_bytes > budget else 1
-    if explain and constraints.patches:
-        pinned = None
     reasons = []
     if report.weights_bytes + code > constraints.slot_bytes:
         reasons.append(f"weights {report.weights_bytes} B + code {code} B > slot "
                        f"{constraints.slot_bytes} B")
     plan: PatchPlan | None = None
+    account: SramAccount | None = None
     if not reasons or explain:
         try:
-            plan = best_schedule(graph, budget, constraints.memory_model,
-                                 max_patches=constraints.max_patches, patches=pinned)
-        except DoesNotFitError:
+            fit = fit_schedule(graph, constraints.sram_bytes, constraints.cpu,
+                               constraints.memory_model, training,
+                               patches=None if constraints.patches else 1,
+                               max_patches=constraints.max_patches)
+            plan, account = fit.plan, fit.account
+        except SramDoesNotFitError as exc:
             if explain:
-                plan = best_schedule(graph, None, constraints.memory_model,
-                                     max_patches=constraints.max_patches, patches=pinned)
-            reasons.append(f"peak > {budget} B of SRAM left after reserve "
-                           f"{constraints.runtime_reserve_bytes} B and training {training} B")
+                plan, account = exc.plan, exc.needed
+            reasons.append(f"SRAM account {exc.needed.total_bytes} B ({exc.needed.describe()}"
+                           f") > {constraints.sram_bytes} B")
     cap = constraints.max_mac_overhead
     if plan is not None and not reasons and cap is not None and plan.mac_overhead > cap:
         reasons.append(f"patch recompute +{plan.mac_overhead:.0%} MACs > cap +{cap:.0%}")
-    return Candidate(arch, config, not reasons, "; ".join(reasons), plan, report.peak_bytes,
-                     report.macs, report.weights_bytes, code, training,
-                     constraints.runtime_reserve_bytes)
+    return Candidate(arch, config, not reasons, "; ".join(reasons), plan, account,
+                     report.peak_bytes, report.macs, report.weights_bytes, code, training)
 
 
 Objective = Callable[[Candidate], float]
@@ -254,13 +265,12 @@ def crossover(a: Arch, b: Arch, rng: random.Random) -> Arch:
 def nothing_fits(space: SearchSpace, constraints: Constraints) -> DoesNotFitError:
     """The error for a budget that not even the smallest subnet fits, naming its needs."""
     small = plan_candidate(space, space.smallest(), constraints, explain=True)
+    assert small.account is not None
     return DoesNotFitError(
         f"no subnet of {space.name} fits: the smallest ({small.config.name}) needs "
-        f"{small.sram_needed_bytes / KIB:.1f} kB SRAM (peak {small.peak_bytes / KIB:.1f} kB + "
-        f"reserve {small.runtime_reserve_bytes / KIB:.1f} kB + training "
-        f"{small.training_bytes / KIB:.1f} kB), device has {constraints.sram_bytes / KIB:.1f} kB;"
-        f" and {small.flash_bytes / KIB:.1f} kB Flash, one slot has "
-        f"{constraints.slot_bytes / KIB:.1f} kB")
+        f"{small.sram_needed_bytes / KIB:.1f} kB SRAM ({small.account.describe()}), device has"
+        f" {constraints.sram_bytes / KIB:.1f} kB; and {small.flash_bytes / KIB:.1f} kB Flash, "
+        f"one slot has {constraints.slot_bytes / KIB:.1f} kB")
 
 
 def evolve(space: SearchSpace, constraints: Constraints, objective: Objective,

@@ -23,6 +23,7 @@ from service.cli.options import (
     resolve_target,
     target_options,
 )
+from service.cli.search import sram_parts
 
 KEY_FILE = "signing-key.pem"
 PUBKEY_FILE = "signing-key.pub.pem"
@@ -154,9 +155,12 @@ def _summary(report: dict[str, Any], out_dir: Path) -> None:
     sched = ("layer-based" if s["patches"] == 1
              else f"{s['patches']}x{s['patches']} patches up to {s['split_after']}")
     click.echo(f"{report['model']['id']} -> {report['target']['name']}: {sched}")
-    click.echo(f"  SRAM  predicted {kb(p['sram_bytes'])} (activations)  measured "
-               f"{kb(m['sram_bytes'])} (arena {kb(m['sram_breakdown']['arena_used_bytes'])}"
-               f", stack {kb(m['sram_breakdown']['stack_bytes'])})")
+    check, b = report["sram_check"], m["sram_breakdown"]
+    click.echo(f"  SRAM  predicted {kb(p['sram_bytes'])} ({sram_parts(p['sram'])})")
+    click.echo(f"        linked {kb(check['linked_bytes'])}; measured {kb(m['sram_bytes'])} "
+               f"(arena {kb(b['arena_used_bytes'])} + scratch {kb(b['scratch_used_bytes'])} + "
+               f"static {kb(b['static_other_bytes'])} + stack {kb(b['stack_bytes'])}); "
+               f"predicted {check['over_fraction']:+.1%} over measured")
     click.echo(f"  Flash predicted {kb(p['flash_bytes'])} (parameters)  measured "
                f"{kb(m['flash_bytes'])} of a {kb(m['slot_bytes'])} slot")
     click.echo(f"  bit-exact on {report['test_vectors']} inputs; {report['instructions']:,} "

@@ -11,8 +11,10 @@ import click
 from firmware.errors import FirmwareError
 from firmware.frontend.builtin import BUILTIN_NETWORKS
 from firmware.ir import Graph
+from firmware.plan.account import SramAccount, fit_schedule, sram_account
 from firmware.plan.memory import MemoryModel, MemoryReport, analyze
 from firmware.plan.patch import PatchPlan, best_schedule, plan_patches
+from firmware.targets import Cpu
 from service.cli.options import SIZE, kb, load_graph, parse_patches
 
 
@@ -27,17 +29,33 @@ def _resolution(ctx: click.Context, param: click.Parameter,
 
 
 def choose_plan(graph: Graph, sram: int | None, patches: int | None, split_after: str | None,
-                memory_model: MemoryModel, bytes_per_element: float) -> PatchPlan:
-    """The plan the options ask for: explicit, or the best under the budget."""
+                memory_model: MemoryModel, bytes_per_element: int | float,
+                cpu: Cpu) -> tuple[PatchPlan, SramAccount | None]:
+    """The plan the options ask for, and its SRAM account (int8 activations only).
+
+    Explicit (p and split, or p = 1), or the fewest MACs whose account fits `sram` (int8;
+    other element sizes: whose activation peak fits), or without `sram` the lowest peak.
+    """
     if patches is not None and (split_after is not None or patches == 1):
-        return plan_patches(graph, patches, split_after, memory_model, bytes_per_element)
-    return best_schedule(graph, sram, memory_model, bytes_per_element,
-                         patches=patches, split_after=split_after)
+        plan = plan_patches(graph, patches, split_after, memory_model, bytes_per_element)
+    elif sram is not None and bytes_per_element == 1:
+        fit = fit_schedule(graph, sram, cpu, memory_model, patches=patches,
+                           split_after=split_after)
+        return fit.plan, fit.account
+    else:
+        plan = best_schedule(graph, sram, memory_model, bytes_per_element,
+                             patches=patches, split_after=split_after)
+    return plan, (sram_account(graph, plan, cpu) if bytes_per_element == 1 else None)
 
 
-def plan_json(report: MemoryReport, plan: PatchPlan, sram: int | None,
-              flash: int | None) -> dict[str, Any]:
-    """The JSON document of `tinyfleet plan --json` (keys as issue 3 lists them)."""
+def plan_json(report: MemoryReport, plan: PatchPlan, account: SramAccount | None,
+              cpu: Cpu, sram: int | None, flash: int | None) -> dict[str, Any]:
+    """The JSON document of `tinyfleet plan --json` (DESIGN's keys, plus `sram`).
+
+    `sram` is the SRAM account of the chosen schedule on `cpu` (arena, scratch, static,
+    stack, total; null for non-int8 activations); `fits.sram` compares its total (else the
+    activation peak) with the budget.
+    """
     doc: dict[str, Any] = {
         "macs": report.macs,
         "weights_bytes": report.weights_bytes,
@@ -53,8 +71,9 @@ def plan_json(report: MemoryReport, plan: PatchPlan, sram: int | None,
             "stage_mac_overhead": plan.stage_mac_overhead,
         },
     }
+    doc["sram"] = None if account is None else {**account.to_dict(), "cpu": cpu.value}
     if sram is not None or flash is not None:
-        doc["fits"] = {"sram": None if sram is None else plan.peak_bytes <= sram,
+        doc["fits"] = {"sram": None if sram is None else _sram_need(plan, account) <= sram,
                        "flash": None if flash is None else report.weights_bytes <= flash}
     doc["layers"] = [{"name": r.name, "op": r.op, "in_bytes": r.in_bytes,
                       "out_bytes": r.out_bytes, "live_bytes": r.live_bytes, "macs": r.macs}
@@ -72,7 +91,12 @@ def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan, sram: int | None,
+def _sram_need(plan: PatchPlan, account: SramAccount | None) -> int:
+    return plan.peak_bytes if account is None else account.total_bytes
+
+
+def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan,
+                 account: SramAccount | None, cpu: Cpu, sram: int | None,
                  flash: int | None) -> str:
     """The per-layer table with both peaks marked, and a summary."""
     stage = {s.name: s for s in plan.stage}
@@ -106,9 +130,12 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan, sram: int 
             f"({plan.mac_overhead:+.1%}; patch stage {plan.stage_mac_overhead:+.1%})")
     else:
         out.append("schedule: layer-based (no patches)")
+    if account is not None:
+        out.append(f"SRAM account on {cpu.value}: {account.describe()}")
     if sram is not None:
-        out.append(f"SRAM: {kb(plan.peak_bytes)} of {kb(sram)}: "
-                   + ("fits" if plan.peak_bytes <= sram else "DOES NOT FIT"))
+        need = _sram_need(plan, account)
+        out.append(f"SRAM: {kb(need)} of {kb(sram)}: "
+                   + ("fits" if need <= sram else "DOES NOT FIT"))
     if flash is not None:
         out.append(f"Flash: weights {kb(report.weights_bytes)} of {kb(flash)}: "
                    + ("fits" if report.weights_bytes <= flash else "DOES NOT FIT"))
@@ -124,6 +151,8 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan, sram: int 
               "(built-in networks; default: the network's own, 224 for MobileNetV2)")
 @click.option("--sram", type=SIZE, help="SRAM budget: 262144, 256KiB, 1MiB")
 @click.option("--flash", type=SIZE, help="Flash budget for the weights")
+@click.option("--cpu", type=click.Choice([c.value for c in Cpu]), default="cortex-m7",
+              show_default=True, help="core the SRAM account is for (static data, stack)")
 @click.option("--patches", default="auto", callback=parse_patches, show_default=True,
               help="auto or p (p x p patches; 1 = layer-based)")
 @click.option("--split-after", default="auto", show_default=True,
@@ -135,7 +164,7 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan, sram: int 
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of per-layer memory")
 def plan(model: str | None, builtin: str | None, width: float,
-         resolution: tuple[int, int] | None, sram: int | None, flash: int | None,
+         resolution: tuple[int, int] | None, sram: int | None, flash: int | None, cpu: str,
          patches: int | None, split_after: str, memory_model: str, bytes_per_element: str,
          as_json: bool, plot: str | None) -> None:
     """Per-layer memory of MODEL.onnx (or --builtin) and its patch-based schedule."""
@@ -145,7 +174,7 @@ def plan(model: str | None, builtin: str | None, width: float,
     try:
         graph = load_graph(model, builtin, width, resolution, with_weights=False)
         report = analyze(graph, mm, bpe_value)
-        chosen = choose_plan(graph, sram, patches, split, mm, bpe_value)
+        chosen, account = choose_plan(graph, sram, patches, split, mm, bpe_value, Cpu(cpu))
     except FirmwareError as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(1) from None
@@ -154,13 +183,17 @@ def plan(model: str | None, builtin: str | None, width: float,
 
         plot_plan(graph, report, chosen, Path(plot), sram)
     if as_json:
-        click.echo(json.dumps(plan_json(report, chosen, sram, flash), indent=2))
+        click.echo(json.dumps(plan_json(report, chosen, account, Cpu(cpu), sram, flash),
+                              indent=2))
     else:
-        click.echo(human_report(graph, report, chosen, sram, flash))
+        click.echo(human_report(graph, report, chosen, account, Cpu(cpu), sram, flash))
     misses = []
-    if sram is not None and chosen.peak_bytes > sram:
-        misses.append(f"peak {kb(chosen.peak_bytes)} > SRAM budget {kb(sram)} at layer "
-                      f"{chosen.peak_layer}")
+    if sram is not None and _sram_need(chosen, account) > sram:
+        peak = f"peak {kb(chosen.peak_bytes)}"
+        if account is not None:
+            peak = (f"needs {kb(account.total_bytes)} ({account.describe()}), activation "
+                    + peak)
+        misses.append(f"{peak} > SRAM budget {kb(sram)} at layer {chosen.peak_layer}")
     if flash is not None and report.weights_bytes > flash:
         misses.append(f"weights {kb(report.weights_bytes)} > Flash budget {kb(flash)}")
     if misses:

@@ -20,7 +20,7 @@ DEFAULT_RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "user": (32, 48, 64),
 }
 DEFAULT_EPOCHS = {"digits": 12, "shapes": 4, "user": 12}
-SEARCH_FORMAT = 1
+SEARCH_FORMAT = 2  # 2: memory holds the SRAM account (arena, scratch, static, stack)
 
 
 def _resolutions(ctx: click.Context, param: click.Parameter,
@@ -122,8 +122,8 @@ def train_supernet(data: str, epochs: int | None, out_dir: Path | None, resume: 
 
 def hardware_class(target: TargetSpec, layout: OtaLayout, personalize: bool,
                    patches: bool) -> str:
-    """The cache key of a hardware class: core, SRAM, reserve, slot, personalization, mode."""
-    return (f"{target.cpu.value}-sram{target.sram_bytes}-res{target.runtime_reserve_bytes}"
+    """The cache key of a hardware class: core, SRAM, slot, personalization, mode."""
+    return (f"{target.cpu.value}-sram{target.sram_bytes}"
             f"-slot{target.slot_bytes(layout)}-{'pers' if personalize else 'infer'}"
             f"-{'patch' if patches else 'layer'}")
 
@@ -136,7 +136,8 @@ def hardware_class(target: TargetSpec, layout: OtaLayout, personalize: bool,
               default="ab", show_default=True, help="OTA layout: ab (two slots) or single")
 @click.option("--no-patches", is_flag=True, help="layer-based inference only (for comparison)")
 @click.option("--personalize", is_flag=True,
-              help="reserve SRAM for on-device training (the training term)")
+              help="reserve SRAM for on-device training (refused until the training memory "
+                   "model exists)")
 @click.option("--objective", type=click.Choice(["predicted", "measured"]),
               default="predicted", show_default=True)
 @click.option("--population", type=click.IntRange(2, 10_000), default=48, show_default=True)
@@ -158,11 +159,11 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
     target = resolve_target(mcu, sram, flash, cpu)
     ota = OtaLayout(layout)
     try:
+        constraints = Constraints.for_target(target, ota, patches=not no_patches,
+                                             personalize=personalize)
         family = read_manifest(family_dir)
     except FirmwareError as exc:
         raise click.ClickException(str(exc)) from None
-    constraints = Constraints.for_target(target, ota, patches=not no_patches,
-                                         personalize=personalize)
     settings = EvolutionSettings(population=population, generations=generations,
                                  parents=max(1, population // 4), seed=seed)
     key = {"format": SEARCH_FORMAT, "objective": objective, "settings": asdict(settings)}
@@ -218,6 +219,15 @@ def _export(result: dict[str, Any], supernet: Any, dataset: Any, path: Path) -> 
     export_onnx(module, path)
 
 
+def sram_parts(account: dict[str, int]) -> str:
+    """An SRAM account dict as 'arena 12.0 kB + scratch 1.3 kB + ... = 14.3 kB'."""
+    parts = ["arena", "scratch", "static", "stack"]
+    if account.get("training_bytes"):
+        parts.append("training")
+    return (" + ".join(f"{name} {kb(account[f'{name}_bytes'])}" for name in parts)
+            + f" = {kb(account['total_bytes'])}")
+
+
 def human_result(result: dict[str, Any], target: TargetSpec, patches: bool) -> str:
     """The search result as text: network, schedule, accuracy, memory."""
     mem = result["memory"]
@@ -237,10 +247,10 @@ def human_result(result: dict[str, Any], target: TargetSpec, patches: bool) -> s
                           f"{sched['split_after']}, input patch {sched['input_patch'][0]}"),
         f"  accuracy: val {result['val_accuracy']:.1%}, test {result['test_accuracy']:.1%} "
         f"({result['objective']} objective score {result['score']:.3f})",
-        f"  SRAM: {kb(mem['sram_needed_bytes'])} of {kb(mem['sram_bytes'])} "
-        f"(peak {kb(mem['peak_bytes'])} at {mem['peak_layer']}, layer-based "
-        f"{kb(mem['layer_peak_bytes'])}; reserve {kb(mem['runtime_reserve_bytes'])}; "
-        f"training {kb(mem['training_bytes'])})",
+        f"  SRAM: {kb(mem['sram_needed_bytes'])} of {kb(mem['sram_bytes'])}: "
+        + sram_parts(mem["sram"]),
+        f"    activation peak {kb(mem['peak_bytes'])} at {mem['peak_layer']} (layer-based "
+        f"{kb(mem['layer_peak_bytes'])})",
         f"  Flash: {kb(mem['flash_bytes'])} of a {kb(mem['slot_bytes'])} slot "
         f"(weights {kb(mem['weights_bytes'])}, code {kb(mem['code_bytes'])})",
         f"  MACs: {mem['macs'] / 1e6:.2f} M ({mem['mac_overhead']:+.1%} patch recompute)",

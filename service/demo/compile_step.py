@@ -96,6 +96,6 @@ def _summary(report: Mapping[str, Any]) -> str:
     how = ("layer-based" if sched["patches"] == 1 else
            f"{sched['patches']}x{sched['patches']} patches to {sched['split_after']}")
     pred, meas = report["predicted"], report["measured"]
-    return (f"{how}, SRAM {pred['sram_bytes'] / 1024:.1f} kB predicted / "
-            f"{meas['sram_bytes'] / 1024:.1f} kB measured, "
+    return (f"{how}, SRAM {pred['sram_bytes'] / 1024:.1f} kB predicted (arena + scratch + "
+            f"static + stack) / {meas['sram_bytes'] / 1024:.1f} kB measured, "
             f"Flash {meas['flash_bytes'] / 1024:.0f} kB, bit-exact in QEMU: {report['bit_exact']}")

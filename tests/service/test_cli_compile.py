@@ -42,6 +42,13 @@ def test_compile_then_verify(model_files: tuple[Path, Path], tmp_path: Path) -> 
     report = json.loads((out / "report.json").read_text())
     for key in ("predicted", "measured"):
         assert set(report[key]) >= {"sram_bytes", "flash_bytes"}
+    check = report["sram_check"]  # predicted >= linked >= measured, within the aim
+    assert report["predicted"]["sram_bytes"] == check["predicted_bytes"] == \
+        report["predicted"]["sram"]["total_bytes"] >= check["linked_bytes"]
+    assert check["covers_measured"] and check["within_aim"]
+    assert [row["part"] for row in check["parts"]] == ["arena", "scratch", "static", "stack",
+                                                        "training"]
+    assert "SRAM  predicted" in result.output and "linked" in result.output
     assert report["bit_exact"] is True
     assert report["schedule"]["patches"] == 2
     assert report["instructions"] > 0 and report["macs"] > 0
@@ -78,9 +85,10 @@ def test_compile_without_calib_warns(model_files: tuple[Path, Path], tmp_path: P
 def test_compile_too_big_fails_cleanly(model_files: tuple[Path, Path], tmp_path: Path) -> None:
     onnx_path, calib = model_files
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["compile", str(onnx_path), "--sram", "18KiB", "--flash",
+    result = CliRunner().invoke(main, ["compile", str(onnx_path), "--sram", "3KiB", "--flash",
                                        "1MiB", "--cpu", "cortex-m4", "--calib", str(calib),
                                        "-o", str(out)])
     assert result.exit_code == 1
-    assert "kB" in result.output
+    assert "needs 3.7 kB SRAM" in result.output and "device has 3.0 kB" in result.output
+    assert "arena" in result.output and "stack" in result.output
     assert not out.exists()  # nothing half-written

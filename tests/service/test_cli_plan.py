@@ -12,8 +12,10 @@ from service.cli import main
 
 pytestmark = pytest.mark.unit
 
-KEYS = ["macs", "weights_bytes", "layer_peak_bytes", "layer_peak_layer", "patch", "fits",
-        "layers"]
+KEYS = ["macs", "weights_bytes", "layer_peak_bytes", "layer_peak_layer", "patch", "sram",
+        "fits", "layers"]
+SRAM_KEYS = ["arena_bytes", "scratch_bytes", "static_bytes", "stack_bytes", "training_bytes",
+             "total_bytes", "cpu"]
 PATCH_KEYS = ["patches", "split_after", "input_patch", "peak_bytes", "macs", "mac_overhead",
               "stage_mac_overhead"]
 
@@ -36,6 +38,11 @@ def test_json_reproduces_mcunetv2() -> None:
     assert abs(patch["peak_bytes"] - 172 * 1024) <= 1024
     assert patch["mac_overhead"] == pytest.approx(patch["macs"] / doc["macs"] - 1)
     assert doc["fits"] == {"sram": True, "flash": True}
+    sram = doc["sram"]
+    assert list(sram) == SRAM_KEYS and sram["cpu"] == "cortex-m7"
+    assert sram["arena_bytes"] == patch["peak_bytes"]  # the arena holds exactly the peak
+    assert sram["total_bytes"] == sum(sram[k] for k in SRAM_KEYS[:5]) <= 180 * 1024
+    assert 0 < sram["stack_bytes"] <= 2048 and 1000 <= sram["static_bytes"] <= 1100
     assert list(doc["layers"][0]) == ["name", "op", "in_bytes", "out_bytes", "live_bytes", "macs"]
     assert max(r["live_bytes"] for r in doc["layers"]) == 1_404_928
 
@@ -52,8 +59,8 @@ def test_human_table_marks_the_peaks() -> None:
 def test_nothing_fits_exits_nonzero_with_the_numbers() -> None:
     code, out, err = _run("--builtin", "mobilenetv2", "--sram", "64KiB")
     assert code == 1 and out == ""
-    assert "does not fit: smallest peak" in err and "SRAM budget 64.0 kB" in err
-    assert "at layer" in err
+    assert "does not fit: needs 177.1 kB SRAM" in err and "device has 64.0 kB" in err
+    assert "arena 171.5 kB + scratch" in err and "at layer" in err
 
 
 def test_explicit_schedule_over_budget_is_reported() -> None:
@@ -61,7 +68,8 @@ def test_explicit_schedule_over_budget_is_reported() -> None:
                           "--json")
     assert code == 1
     assert json.loads(out)["fits"] == {"sram": False, "flash": None}
-    assert "peak 1,372.0 kB > SRAM budget 256.0 kB at layer b1.expand" in err
+    assert "activation peak 1,372.0 kB > SRAM budget 256.0 kB at layer b1.expand" in err
+    assert "needs 1,386.6 kB (arena 1,372.0 kB + scratch" in err
 
 
 def test_bad_options_are_usage_errors() -> None:
@@ -88,4 +96,5 @@ def test_onnx_model_and_plot(tmp_path: Path) -> None:
     assert doc["layer_peak_bytes"] == 4 * (3 * 64 * 48 + 16 * 32 * 24)
     assert doc["patch"]["peak_bytes"] < doc["layer_peak_bytes"]
     assert "fits" not in doc
+    assert doc["sram"] is None  # the account is for int8 activations only
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000

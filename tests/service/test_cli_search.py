@@ -52,7 +52,9 @@ def test_search_prints_json_caches_and_exports_onnx(family: Path, tmp_path: Path
     assert result["cached"] is False and result["target"] == "stm32f412"
     mem = result["memory"]
     assert mem["sram_needed_bytes"] <= 256 * 1024
-    assert mem["runtime_reserve_bytes"] == 16 * 1024
+    assert mem["sram"]["total_bytes"] == mem["sram_needed_bytes"]
+    assert mem["sram"]["stack_bytes"] > 0 and mem["sram"]["static_bytes"] > 0
+    assert mem["sram"]["arena_bytes"] >= mem["peak_bytes"]
     assert mem["flash_bytes"] <= mem["slot_bytes"]
     assert 0.0 <= result["val_accuracy"] <= 1.0
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -75,9 +77,20 @@ def test_search_text_layer_based_and_custom_budget(family: Path, tmp_path: Path)
 
 
 def test_search_nothing_fits_names_the_needs(family: Path, tmp_path: Path) -> None:
-    code, out = _search([str(family), "--mcu", "stm32f103"], tmp_path)
+    # The smallest subnet's SRAM account (~1.8 kB) fits; its weights and code do not.
+    code, out = _search([str(family), "--sram", "2KiB", "--flash", "16KiB", "--cpu",
+                         "cortex-m4"], tmp_path)
     assert code == 1
-    assert "smallest" in out and "needs" in out and "device has 20.0 kB" in out
+    assert "smallest" in out and "needs" in out and "device has 2.0 kB" in out
+    assert "arena" in out and "stack" in out and "one slot has 7.0 kB" in out
+
+
+def test_search_refuses_personalization_without_a_training_memory_model(
+        family: Path, tmp_path: Path) -> None:
+    code, out = _search([str(family), "--mcu", "stm32f746", "--personalize"], tmp_path)
+    assert code == 1
+    assert "training memory model" in out and "without personalization" in out
+    assert not (tmp_path / "cache").exists()
 
 
 def test_search_usage_errors(family: Path, tmp_path: Path) -> None:
