@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,52 @@ def test_no_sound_bound_is_refused(tmp_path: Path, nodes: dict[str, str],
                                    edges: list[tuple[str, str]], why: str) -> None:
     with pytest.raises(BuildError, match=why):
         stack_bound(read_callgraph([_ci(tmp_path, "x", nodes, edges)]))
+
+
+def _library_chains(elf: Path, ours: set[str]) -> dict[str, int]:
+    """Stack bytes of every linked function outside our sources, its callees included."""
+    symbols = subprocess.run(["arm-none-eabi-readelf", "-sW", str(elf)], capture_output=True,
+                             text=True, check=True).stdout
+    library = {cols[7] for cols in (line.split() for line in symbols.splitlines())
+               if len(cols) >= 8 and cols[3] == "FUNC" and cols[7] not in ours}
+    frames: dict[str, int] = {}
+    calls: dict[str, set[str]] = {}
+    for name in library:
+        text = subprocess.run(["arm-none-eabi-objdump", "-d", f"--disassemble={name}",
+                               str(elf)], capture_output=True, text=True, check=True).stdout
+        frame = 0
+        for regs in re.findall(r"\t(?:push(?:\.w)?|stmdb(?:\.w)?\s+sp!,)\s*\{([^}]*)\}", text):
+            frame += 4 * len(regs.split(","))
+        frame += sum(int(n) for n in re.findall(r"\tsub(?:\.w)?\s+sp, (?:sp, )?#(\d+)", text))
+        frames[name] = frame
+        calls[name] = set(re.findall(r"\tb(?:l|lx|\.w|\.n)?\s+[0-9a-f]+ <([\w.]+)>", text))
+
+    def chain(name: str, seen: frozenset[str]) -> int:
+        below = [chain(c, seen | {name}) for c in calls[name] if c in frames and c not in seen
+                 and c != name]
+        return frames[name] + max(below, default=0)
+
+    return {name: chain(name, frozenset()) for name in frames}
+
+
+@pytest.mark.toolchain
+def test_model_builds_carry_a_bound_and_library_leaves_fit_their_allowance(
+        tmp_path: Path) -> None:
+    from firmware.codegen import write_model
+    from firmware.targets import MIB, custom_target
+    from firmware.toolchain.build import build_firmware
+    from tests.firmware.small_models import tiny_quantized
+
+    write_model(tiny_quantized(), None, tmp_path / "src")
+    # Cortex-M0+: no divide instruction, so libgcc's division helpers are linked too.
+    target = custom_target(64 * 1024, 1 * MIB, "cortex-m0plus")
+    build = build_firmware(tmp_path / "src", target, out_dir=tmp_path / "build")
+    bound = build.stack_bound
+    assert bound is not None and bound.total_bytes <= build.stack_reserve_bytes
+    names = [name for name, _ in bound.chain]
+    assert names[:3] == ["Reset_Handler", "main", "tf_model_run"] and names[3].startswith("tf_")
+    ours = {title.rsplit(":", 1)[-1] for title in read_callgraph(
+        sorted((tmp_path / "build").glob("firmware.elf-*.ci"))).frames}
+    chains = _library_chains(build.elf_path, ours)
+    assert {"memcpy", "memset", "__aeabi_idiv"} <= set(chains)
+    assert max(chains.values()) <= LIBRARY_FRAME_BYTES, chains
