@@ -9,7 +9,11 @@ paper's models, search time per hardware class, and compiling searched subnets.
     .venv/bin/python -m bench.search resolutions --family F   # largest subnet per input
     .venv/bin/python -m bench.search imagenet   # MACs under 256 kB/1 MB and 512 kB/2 MB
     .venv/bin/python -m bench.search mcus       # search time per catalog MCU
-    .venv/bin/python -m bench.search compile    # compile two searched subnets, QEMU-checked
+    .venv/bin/python -m bench.search compile [--budgets 24,28,32,64]   # compile every pick
+        at its budget (Cortex-M4 with exactly that SRAM), QEMU-checked
+
+Every search charges the SRAM account (`firmware.plan.account`: arena + kernel scratch +
+static data + stack bound), the figure the compiler links against.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from firmware.nas.space import compact_space, mcunet_space
 from firmware.nas.specialize import ObjectiveKind, export_subnet, specialize
 from firmware.nas.supernet import Supernet
 from firmware.nas.train import TrainConfig, train_supernet
-from firmware.targets import CATALOG, KIB, MIB, TargetSpec
+from firmware.targets import CATALOG, KIB, MIB, Cpu, custom_target
 
 FAMILY_DIR = Path("var/bench/digits12")
 RESOLUTIONS = (24, 32, 40, 48)
@@ -80,7 +84,8 @@ def train(epochs: int, out: Path, seed: int = 0, kind: str = "digits",
 
 def _budget_row(family: ModelFamily, supernet: Supernet, data: Dataset, budget: int,
                 patches: bool, settings: EvolutionSettings) -> dict[str, Any]:
-    constraints = Constraints(sram_bytes=budget, slot_bytes=1 * MIB, patches=patches)
+    constraints = Constraints(sram_bytes=budget, slot_bytes=1 * MIB, cpu=Cpu.CORTEX_M7,
+                              patches=patches)
     try:
         found = specialize(family, supernet, data, constraints, settings,
                            ObjectiveKind.PREDICTED)
@@ -92,6 +97,7 @@ def _budget_row(family: ModelFamily, supernet: Supernet, data: Dataset, budget: 
             "schedule": (f"{mem['patches']}x{mem['patches']}@{mem['split_after']}"
                          if mem["patches"] > 1 else "layer"),
             "peak_kib": mem["peak_bytes"] / KIB, "layer_peak_kib": mem["layer_peak_bytes"] / KIB,
+            "sram_needed_kib": mem["sram_needed_bytes"] / KIB,
             "macs_m": mem["macs"] / 1e6, "val_acc": found.val_accuracy,
             "test_acc": found.test_accuracy, "predicted": found.score,
             "search_s": found.search_s}
@@ -99,7 +105,7 @@ def _budget_row(family: ModelFamily, supernet: Supernet, data: Dataset, budget: 
 
 def budgets(family_dir: Path, budgets_kib: tuple[int, ...] = BUDGETS_KIB
             ) -> list[dict[str, Any]]:
-    """Accuracy vs SRAM budget (activation budget, reserve 0) for both search modes."""
+    """Accuracy vs SRAM budget (the whole account, Cortex-M7) for both search modes."""
     family, supernet = load_family(family_dir)
     data = load_dataset(family.data_source)
     settings = EvolutionSettings(population=32, generations=10, parents=8, seed=0)
@@ -140,8 +146,8 @@ def imagenet(overhead_caps: tuple[float | None, ...] = (0.1, None)) -> list[dict
     rows = []
     for sram, flash in ((256 * KIB, 1 * MIB), (512 * KIB, 2 * MIB)):
         for patches, cap in [(False, None)] + [(True, c) for c in overhead_caps]:
-            constraints = Constraints(sram_bytes=sram, slot_bytes=flash, patches=patches,
-                                      max_mac_overhead=cap)
+            constraints = Constraints(sram_bytes=sram, slot_bytes=flash, cpu=Cpu.CORTEX_M7,
+                                      patches=patches, max_mac_overhead=cap)
             result = evolve(space, constraints, macs_objective, settings)
             best = result.best
             assert best.plan is not None
@@ -150,6 +156,7 @@ def imagenet(overhead_caps: tuple[float | None, ...] = (0.1, None)) -> list[dict
                 "overhead_cap": cap, "resolution": best.arch.resolution,
                 "width": best.arch.width, "macs_m": best.layer_macs / 1e6,
                 "macs_with_recompute_m": best.macs / 1e6, "peak_kib": best.peak_bytes / KIB,
+                "sram_needed_kib": best.sram_needed_bytes / KIB,
                 "flash_kib_used": best.flash_bytes / KIB,
                 "schedule": (f"{best.plan.schedule.patches}x{best.plan.schedule.patches}"
                              f"@{best.plan.schedule.split_after}"
@@ -169,7 +176,8 @@ def mcus(family_dir: Path) -> list[dict[str, Any]]:
         try:
             found = specialize(family, supernet, data, constraints)
         except DoesNotFitError as exc:  # report it, go on with the next MCU
-            rows.append({"mcu": name, "error": str(exc)[:100]})
+            rows.append({"mcu": name, "error": str(exc)})
+            print(json.dumps(rows[-1]), flush=True)
             continue
         rows.append({"mcu": name, "sram_kib": target.sram_bytes // KIB,
                      "slot_kib": constraints.slot_bytes // KIB,
@@ -181,39 +189,61 @@ def mcus(family_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def compile_searched(family_dir: Path) -> list[dict[str, Any]]:
-    """Compile the searched subnets for two budgets and compare predicted with measured."""
+COMPILE_BUDGETS_KIB = (24, 28, 32, 64)
+
+
+def compile_searched(family_dir: Path, budgets_kib: tuple[int, ...] = COMPILE_BUDGETS_KIB,
+                     cpu: Cpu = Cpu.CORTEX_M4) -> list[dict[str, Any]]:
+    """Search at each budget (joint and layer-based) and compile every pick for a device with
+    exactly that SRAM: it must link, and measured SRAM is set beside the search's account."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from firmware.data import to_tensor
     from firmware.frontend.builtin import build_graph
     from firmware.pipeline import CompileOptions, compile_model
     from firmware.pipeline import Dataset as CalibSet
-    from firmware.targets import get_target
+    from firmware.toolchain.build import LinkOverflowError
 
     family, supernet = load_family(family_dir)
     data = load_dataset(family.data_source)
-    target: TargetSpec = get_target("stm32f746")
     rows = []
-    for kib in (24, 64):
-        constraints = Constraints(sram_bytes=kib * KIB, slot_bytes=target.slot_bytes())
-        found = specialize(family, supernet, data, constraints)
-        module = export_subnet(supernet, data, found.arch)
-        graph = build_graph(found.config, params=module.folded_params())
-        res = found.arch.resolution
-        calib = CalibSet(to_tensor(data.train.images[:64], res).numpy())
-        test = CalibSet(to_tensor(data.test.images, res).numpy(), data.test.labels)
-        mem = found.memory
-        options = CompileOptions(patches=mem["patches"], split_after=mem["split_after"],
-                                 onnx_check=False)
-        with tempfile.TemporaryDirectory() as work:
-            result = compile_model(graph, target, Ed25519PrivateKey.generate(), Path(work),
-                                   calib, test, options)
-        rows.append({"budget_kib": kib, "search_peak_bytes": mem["peak_bytes"],
-                     "compiled_plan_peak_bytes": result.plan.peak_bytes,
-                     "schedule": f"{mem['patches']}@{mem['split_after']}",
-                     "float_val_acc": found.val_accuracy, "report": dict(result.report)})
-        print(json.dumps(rows[-1], default=str)[:2000], flush=True)
+    for kib in budgets_kib:
+        target = custom_target(kib * KIB, 1 * MIB, cpu, name=f"{cpu.value}-{kib}k")
+        for patches in (True, False):
+            constraints = Constraints.for_target(target, patches=patches)
+            found = specialize(family, supernet, data, constraints)
+            module = export_subnet(supernet, data, found.arch)
+            graph = build_graph(found.config, params=module.folded_params())
+            res = found.arch.resolution
+            calib = CalibSet(to_tensor(data.train.images[:64], res).numpy())
+            test = CalibSet(to_tensor(data.test.images, res).numpy(), data.test.labels)
+            mem = found.memory
+            options = CompileOptions(patches=mem["patches"], split_after=mem["split_after"],
+                                     onnx_check=False)
+            row: dict[str, Any] = {
+                "budget_kib": kib, "cpu": cpu.value, "joint": patches,
+                "resolution": found.arch.resolution, "width": found.arch.width,
+                "schedule": (f"{mem['patches']}x{mem['patches']}@{mem['split_after']}"
+                             if mem["patches"] > 1 else "layer"),
+                "search_sram": mem["sram"], "val_acc": found.val_accuracy}
+            with tempfile.TemporaryDirectory() as work:
+                try:
+                    result = compile_model(graph, target, Ed25519PrivateKey.generate(),
+                                           Path(work), calib, test, options)
+                except LinkOverflowError as exc:
+                    row.update(links=False, error=str(exc))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
+            report = result.report
+            row.update(links=True, bit_exact=report["bit_exact"],
+                       compile_sram=report["predicted"]["sram"],
+                       sram_check={k: v for k, v in report["sram_check"].items()},
+                       flash_predicted_kib=report["predicted"]["flash_bytes"] / KIB,
+                       flash_measured_kib=report["measured"]["flash_bytes"] / KIB,
+                       accuracy=report["accuracy"])
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
     return rows
 
 
@@ -229,7 +259,8 @@ def main() -> None:
                         help="train: the data set (shapes: default family var/bench/shapes)")
     parser.add_argument("--predictor-samples", type=int, default=60)
     parser.add_argument("--budgets", default=None,
-                        help="budgets: comma-separated kB (default 16,24,...,512)")
+                        help="budgets / compile: comma-separated kB (default 16,24,...,512 / "
+                             "24,28,32,64)")
     args = parser.parse_args()
     if args.data == "shapes" and args.family == FAMILY_DIR:
         args.family = Path("var/bench/shapes")
@@ -247,7 +278,9 @@ def main() -> None:
     elif args.part == "mcus":
         mcus(args.family)
     else:
-        compile_searched(args.family)
+        kib = (tuple(int(v) for v in args.budgets.split(",")) if args.budgets
+               else COMPILE_BUDGETS_KIB)
+        compile_searched(args.family, kib)
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
 """Memory accounting and patch schedules (MCUNetV2): layer- and patch-based peaks, the arena
-plan, the per-patch tiles and a float executor that runs them.
+layout, the kernels' scratch, the SRAM account a device needs (`firmware.plan.account`), the
+per-patch tiles and a float executor that runs them.
 """
