@@ -157,6 +157,69 @@ def _shape_image(label: int, yy: npt.NDArray[np.float32], xx: npt.NDArray[np.flo
     return np.clip(image * 255.0, 0, 255).astype(np.uint8)
 
 
+# Domain shift of the personalization experiments (the device's data differs from the
+# family's): each image is rotated 15-30 degrees clockwise, its strokes thickened by a 3x3
+# grey dilation, and its contrast compressed to [0, 170] of 255.
+SHIFT_ROTATION_DEG = (15.0, 30.0)
+SHIFT_CONTRAST = (0, 170)
+SHIFT_PARTS = ("analysis", "device")
+
+
+def shift_images(images: U8Array, seed: int, size: int | None = None) -> U8Array:
+    """Rotated, thicker-stroked, lower-contrast copies of uint8 N x C x H x W images.
+
+    Images are first upsampled (bilinear) to `size` when they are smaller, so that an 8x8
+    digit can rotate and thicken; the result is N x C x size x size. Angles are whole degrees
+    drawn from `seed` (images sharing an angle are rotated together).
+    """
+    from scipy import ndimage
+
+    n, c, h, w = images.shape
+    target = max(h, size or h)
+    stack = images.reshape(n * c, h, w).astype(np.float64)
+    if target != h or target != w:
+        stack = ndimage.zoom(stack, (1, target / h, target / w), order=1)
+    angles = np.round(np.random.default_rng(seed).uniform(*SHIFT_ROTATION_DEG, size=n))
+    per_plane = np.repeat(angles, c)
+    for angle in np.unique(per_plane):
+        sel = per_plane == angle
+        stack[sel] = ndimage.rotate(stack[sel], -angle, axes=(1, 2), reshape=False, order=1,
+                                    mode="constant", cval=0.0)
+    stack = ndimage.grey_dilation(stack, size=(1, 3, 3))
+    low, high = SHIFT_CONTRAST
+    lo = stack.min(axis=(1, 2), keepdims=True)
+    span = np.maximum(stack.max(axis=(1, 2), keepdims=True) - lo, 1e-9)
+    out = low + (stack - lo) * ((high - low) / span)
+    moved: U8Array = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return moved.reshape(n, c, target, target)
+
+
+def shifted(dataset: Dataset, part: str = "device", seed: int = 0,
+            size: int | None = 32) -> Dataset:
+    """A domain-shifted version of `dataset` (all its images), one of two disjoint halves.
+
+    "analysis" is held out for a family's contribution analysis and no device uses it;
+    "device" is what simulated devices, tests and benchmarks fine-tune and evaluate on. Each
+    half is split 60/20/20 like every data set here.
+    """
+    if part not in SHIFT_PARTS:
+        raise DataError(f"shifted part {part!r} is not one of {', '.join(SHIFT_PARTS)}")
+    images = np.concatenate([dataset.train.images, dataset.val.images, dataset.test.images])
+    labels = np.concatenate([dataset.train.labels, dataset.val.labels, dataset.test.labels])
+    rng = np.random.default_rng(seed + 7)
+    chosen = []
+    for cls in np.unique(labels):  # stratified halves
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        half = len(idx) // 2
+        chosen.append(idx[:half] if part == "analysis" else idx[half:])
+    keep = np.sort(np.concatenate(chosen))
+    moved = shift_images(images[keep], seed, size)
+    return from_arrays(f"{dataset.name}-shifted-{part}", moved, labels[keep], dataset.classes,
+                       {"kind": "shifted", "of": dataset.source, "part": part, "seed": seed,
+                        "size": size}, seed)
+
+
 def load_npz(path: str | Path, seed: int = 0) -> Dataset:
     """A data set from an .npz with `x` (N,H,W | N,H,W,C | N,C,H,W; uint8 or [0,1] float),
     `y` (N integer labels) and optionally `classes` (names)."""
@@ -244,6 +307,10 @@ def load_dataset(source: str | dict[str, Any]) -> Dataset:
             return load_npz(source["path"], seed)
         if kind == "folder":
             return load_image_folder(source["path"], int(source["size"]), seed)
+        if kind == "shifted":
+            size = source.get("size")
+            return shifted(load_dataset(source["of"]), str(source["part"]), seed,
+                           None if size is None else int(size))
         raise DataError(f"unknown data source kind {kind!r}")
     if source == "digits":
         return digits()
