@@ -60,6 +60,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "toolchain": LOWER,
     "training": {"plan", "int8"},
     "pipeline": LOWER | {"nas", "codegen", "toolchain", "training"},
+    # Joins model families (nas) and on-device training, beside pipeline at the top.
+    "personalize": LOWER | {"nas", "training"},
 }
 
 

@@ -1,0 +1,1 @@
+"""The numpy training engine: arena, fp32 kernels, and the trainer (QAS + SGD)."""
