@@ -1,0 +1,1 @@
+"""Contribution analysis and the sparse-update scheme planner (the paper's Eq. 5)."""
