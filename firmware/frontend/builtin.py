@@ -297,9 +297,39 @@ def block_list_networks() -> dict[str, Path]:
     return found
 
 
+# ProxylessNAS-Mobile (Cai et al., ICLR 2019, Fig. 4 / the released proxyless_mobile config):
+# (kernel, expand ratio, stride, channels) per block after the fixed MB1 3x3 first block; the
+# searched-away ("zero") blocks are left out. Stem 32, head (feature mix) 1280 at width <= 1.
+PROXYLESS_MOBILE_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
+    (5, 3, 2, 32), (3, 3, 1, 32),
+    (7, 3, 2, 40), (3, 3, 1, 40), (5, 3, 1, 40), (5, 3, 1, 40),
+    (7, 6, 2, 80), (5, 3, 1, 80), (5, 3, 1, 80), (5, 3, 1, 80),
+    (5, 6, 1, 96), (5, 3, 1, 96), (5, 3, 1, 96), (5, 3, 1, 96),
+    (7, 6, 2, 192), (7, 6, 1, 192), (7, 3, 1, 192), (7, 3, 1, 192),
+    (7, 6, 1, 320),
+)
+
+
+def proxyless_mobile(width: float = 1.0, resolution: int | tuple[int, int] = 224,
+                     num_classes: int = 1000) -> NetConfig:
+    """ProxylessNAS-Mobile at a width multiplier (the training paper's ProxylessNAS-w0.3)."""
+    size = (resolution, resolution) if isinstance(resolution, int) else resolution
+    blocks = [BlockConfig(kernel=3, expand_ratio=1, stride=1,
+                          out_channels=make_divisible(16 * width))]
+    blocks += [BlockConfig(kernel=k, expand_ratio=t, stride=s,
+                           out_channels=make_divisible(c * width))
+               for k, t, s, c in PROXYLESS_MOBILE_BLOCKS]
+    return NetConfig(
+        name=f"proxylessnas-w{width:g}-r{size[0]}" + (f"x{size[1]}" if size[1] != size[0]
+                                                      else ""),
+        input_size=size, stem_channels=make_divisible(32 * width), blocks=tuple(blocks),
+        head_channels=make_divisible(1280 * width) if width > 1.0 else 1280,
+        num_classes=num_classes)
+
+
 # Built-in network names accepted by `tinyfleet plan --builtin`: MobileNetV2, its RD variant,
-# and every block list in networks/.
-BUILTIN_NETWORKS = ("mobilenetv2", "mobilenetv2-rd", *block_list_networks())
+# ProxylessNAS-Mobile, and every block list in networks/.
+BUILTIN_NETWORKS = ("mobilenetv2", "mobilenetv2-rd", "proxylessnas", *block_list_networks())
 
 
 def builtin_config(name: str, width: float = 1.0,
@@ -311,10 +341,11 @@ def builtin_config(name: str, width: float = 1.0,
     for the others); `num_classes` None is 1000 or the block list's. A published block list
     has fixed channel counts: any width but 1.0 is refused.
     """
-    if name in ("mobilenetv2", "mobilenetv2-rd"):
+    if name in ("mobilenetv2", "mobilenetv2-rd", "proxylessnas"):
         size = 224 if resolution is None else resolution
         classes = 1000 if num_classes is None else num_classes
-        build = mobilenet_v2 if name == "mobilenetv2" else mobilenet_v2_rd
+        build = {"mobilenetv2": mobilenet_v2, "mobilenetv2-rd": mobilenet_v2_rd,
+                 "proxylessnas": proxyless_mobile}[name]
         return build(width, size, classes)
     networks = block_list_networks()
     if name in networks:
