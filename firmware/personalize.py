@@ -27,7 +27,7 @@ import numpy as np
 
 from firmware.arch import NetConfig
 from firmware.data import Dataset, Split, load_dataset, shifted, to_tensor
-from firmware.errors import FirmwareError
+from firmware.errors import DoesNotFitError, FirmwareError
 from firmware.frontend.builtin import build_graph
 from firmware.int8.quantize import QuantizedGraph, quantize_graph
 from firmware.ir import Graph
@@ -52,7 +52,7 @@ from firmware.training.analysis.planner import (
 from firmware.training.memory import StepModel
 from firmware.training.model_version import is_version_dir, load_version
 from firmware.training.samples import Samples
-from firmware.training.scheme import SchemeTemplate, SparseUpdateScheme
+from firmware.training.scheme import SchemeTemplate, SparseUpdateScheme, resolve
 
 CONTRIBUTIONS_DIR = "contributions"
 CALIBRATION_IMAGES = 64
@@ -180,6 +180,24 @@ def training_term(space: SearchSpace, contributions: Contributions, fraction: fl
                                 settings, memory_model, reorder)
     return TrainingTerm(reference.template, settings, memory_model, reorder,
                         reference.predicted_gain)
+
+
+def pick_scheme(config: NetConfig, term: TrainingTerm, contributions: Contributions,
+                sram_bytes: int, inference_bytes: int, split_after: str | None = None
+                ) -> PlannedScheme:
+    """The scheme of a search's pick: planned (Eq. 5) for the SRAM its inference account
+    leaves, with the term's optimizer settings; DoesNotFitError if the pick's patch stage
+    (ending at `split_after`) reaches the first layer the scheme trains (the training step
+    runs its layers one by one, the frozen patch stage must come before them)."""
+    graph = build_graph(config, with_weights=False)
+    planned = scheme_for(graph, contributions, sram_bytes - inference_bytes, term.base,
+                         term.memory_model, term.reorder)
+    start = resolve(planned.scheme, graph).region_start
+    if split_after is not None and graph.index(split_after) >= start:
+        raise DoesNotFitError(f"{graph.name}: its patch stage (to {split_after}) reaches the "
+                              f"layers the scheme trains (from {graph.layers[start].name}); "
+                              "search without patches")
+    return planned
 
 
 def scheme_for(graph: Graph, contributions: Contributions, budget_bytes: int,
