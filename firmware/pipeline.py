@@ -332,13 +332,18 @@ class _Built:
 
 
 def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, work_dir: Path,
-                     calib: Dataset | None, test: Dataset | None, say: Progress) -> _Built:
+                     calib: Dataset | None, test: Dataset | None, say: Progress,
+                     quantized: QuantizedGraph | None = None) -> _Built:
     """Quantize, plan, generate, build, run in QEMU; EmulationError unless bit-exact."""
     # No image is signed unchecked: refuse a core QEMU cannot run before any work is done.
     board_for(target)
-    say(Stage.QUANTIZE, "post-training int8 quantization")
-    qgraph = quantize_graph(graph, None if calib is None else calib.x,
-                            generated_count=opts.generated_calibration)
+    if quantized is not None:
+        say(Stage.QUANTIZE, "already int8 (a fine-tuned model version)")
+        qgraph = quantized
+    else:
+        say(Stage.QUANTIZE, "post-training int8 quantization")
+        qgraph = quantize_graph(graph, None if calib is None else calib.x,
+                                generated_count=opts.generated_calibration)
 
     say(Stage.PLAN, f"schedule whose SRAM account fits {target.sram_bytes / 1024:.1f} kB")
     fit = plan_schedule(graph, target, opts)
@@ -429,11 +434,16 @@ def _report(b: _Built, image: bytes, payload: bytes, key: Ed25519PrivateKey,
 def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work_dir: Path,
                   calib: Dataset | None = None, test: Dataset | None = None,
                   options: CompileOptions | None = None,
-                  progress: Progress | None = None) -> CompileResult:
-    """Quantize, plan, generate, build, emulate, check bit-exactness and sign (module doc)."""
+                  progress: Progress | None = None,
+                  quantized: QuantizedGraph | None = None) -> CompileResult:
+    """Quantize, plan, generate, build, emulate, check bit-exactness and sign (module doc).
+
+    `quantized` skips quantization: the int8 graph of a fine-tuned model version
+    (firmware.training.model_version), whose float `graph` it carries.
+    """
     opts = options or CompileOptions()
     say = progress or _quiet
-    built = _build_and_check(graph, target, opts, work_dir, calib, test, say)
+    built = _build_and_check(graph, target, opts, work_dir, calib, test, say, quantized)
     qgraph = built.qgraph
 
     onnx_report = None

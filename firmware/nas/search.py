@@ -54,9 +54,9 @@ class Constraints:
     """What a subnet must fit: its SRAM account on `cpu`, and one Flash slot.
 
     `training_memory(config, graph)` is the on-device training step's SRAM for a subnet: the
-    hook the sparse-update memory model plugs into. It is charged (as the account's training
-    part) only with `personalize`; `personalize` without it is refused, so that a search never
-    reserves 0 bytes for training.
+    sparse-update memory model's training term (`firmware.personalize.TrainingTerm`). It is
+    charged (as the account's training part) only with `personalize`; `personalize` without
+    it is refused, so that a search never reserves 0 bytes for training.
     """
 
     sram_bytes: int
@@ -73,9 +73,10 @@ class Constraints:
     def __post_init__(self) -> None:
         if self.personalize and self.training_memory is None:
             raise TrainingMemoryUnavailableError(
-                "personalization needs the on-device training memory model (sparse update), "
-                "which tinyfleet does not have yet: without it the search would reserve 0 "
-                "bytes for training; search without personalization")
+                "personalization needs the on-device training memory model as "
+                "`training_memory` (firmware.personalize.training_term builds it from a "
+                "family's contribution analysis): without it the search would reserve 0 "
+                "bytes for training")
 
     @classmethod
     def for_target(cls, target: TargetSpec, layout: OtaLayout = OtaLayout.AB,

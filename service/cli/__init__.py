@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "onnx-ops": "service.cli.onnx_ops:onnx_ops",
     "train-supernet": "service.cli.search:train_supernet",
     "search": "service.cli.search:search",
+    "finetune": "service.cli.finetune:finetune",
+    "contributions": "service.cli.finetune:contributions",
 }
 
 

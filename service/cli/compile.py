@@ -76,7 +76,7 @@ def _stage_printer(total: int) -> Any:
 
 
 @click.command("compile")
-@click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False, type=click.Path(exists=True))
 @click.option("--builtin", help="a built-in network instead of MODEL (random weights)")
 @click.option("--width", default=1.0, show_default=True, help="width multiplier (--builtin)")
 @click.option("--resolution", type=int, default=None,
@@ -107,13 +107,27 @@ def compile_cmd(model: str | None, builtin: str | None, width: float, resolution
                 memory_model: str, ota_layout: str, key_path: Path | None, test_vectors: int,
                 no_dsp: bool, model_id: str | None, model_version: str, out_dir: Path,
                 as_json: bool) -> None:
-    """Compile MODEL.onnx to a signed firmware image that fits one MCU, checked in QEMU."""
+    """Compile MODEL.onnx (or a fine-tuned model version directory) to a signed firmware
+    image that fits one MCU, checked in QEMU."""
     from firmware.pipeline import CompileOptions, Stage, compile_model
 
+    quantized = None
     try:
         target = resolve_target(mcu, sram, flash, cpu)
-        graph = load_graph(model, builtin, width,
-                           None if resolution is None else (resolution, resolution))
+        if model is not None and Path(model).is_dir():
+            from firmware.personalize import load_model
+            from firmware.training.model_version import read_version
+
+            if calib is not None:
+                raise click.BadParameter("a fine-tuned version is already int8: no --calib",
+                                         param_hint="--calib")
+            quantized, _ = load_model(Path(model))
+            graph = quantized.graph
+            if model_version == "1":  # the default: name the version by its id
+                model_version = read_version(Path(model)).id
+        else:
+            graph = load_graph(model, builtin, width,
+                               None if resolution is None else (resolution, resolution))
         calib_set = test_set = None
         if calib is not None:
             calib_set = load_dataset(calib, "x", "y")
@@ -129,7 +143,7 @@ def compile_cmd(model: str | None, builtin: str | None, width: float, resolution
             model_version=model_version)
         with tempfile.TemporaryDirectory(prefix="tf-compile-") as tmp:
             result = compile_model(graph, target, key, Path(tmp), calib_set, test_set, options,
-                                   progress=_stage_printer(len(Stage)))
+                                   progress=_stage_printer(len(Stage)), quantized=quantized)
             # Only a finished, signed result reaches the output directory.
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(Path(tmp) / "model", out_dir / "model", dirs_exist_ok=True)

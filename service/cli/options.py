@@ -87,17 +87,19 @@ def parse_patches(ctx: click.Context, param: click.Parameter, value: str) -> int
 
 
 def load_graph(model: str | None, builtin: str | None, width: float,
-               resolution: tuple[int, int] | None, with_weights: bool = True) -> Graph:
+               resolution: tuple[int, int] | None, with_weights: bool = True,
+               num_classes: int | None = None) -> Graph:
     """MODEL.onnx's graph, or a built-in network (random He weights, or shapes only).
 
-    `resolution` None is the built-in network's own input size.
+    `resolution` and `num_classes` None are the built-in network's own.
     """
     if (model is None) == (builtin is None):
         raise click.UsageError("give either MODEL.onnx or --builtin NAME")
     if builtin is not None:
         from firmware.frontend.builtin import build_graph, builtin_config
 
-        return build_graph(builtin_config(builtin, width, resolution), with_weights=with_weights)
+        return build_graph(builtin_config(builtin, width, resolution, num_classes),
+                           with_weights=with_weights)
     from firmware.frontend.onnx_import import import_onnx  # onnx is only needed for files
 
     return import_onnx(Path(str(model)))

@@ -8,13 +8,14 @@ from typing import Any
 
 import click
 
-from firmware.errors import FirmwareError
+from firmware.errors import DoesNotFitError, FirmwareError
 from firmware.frontend.builtin import BUILTIN_NETWORKS
 from firmware.ir import Graph
 from firmware.plan.account import SramAccount, fit_schedule, sram_account
 from firmware.plan.memory import MemoryModel, MemoryReport, analyze
 from firmware.plan.patch import PatchPlan, best_schedule, plan_patches
 from firmware.targets import Cpu
+from firmware.training.memory import TrainingMemoryReport
 from service.cli.options import SIZE, kb, load_graph, parse_patches
 
 
@@ -30,22 +31,43 @@ def _resolution(ctx: click.Context, param: click.Parameter,
 
 def choose_plan(graph: Graph, sram: int | None, patches: int | None, split_after: str | None,
                 memory_model: MemoryModel, bytes_per_element: int | float,
-                cpu: Cpu) -> tuple[PatchPlan, SramAccount | None]:
+                cpu: Cpu, training_bytes: int = 0) -> tuple[PatchPlan, SramAccount | None]:
     """The plan the options ask for, and its SRAM account (int8 activations only).
 
-    Explicit (p and split, or p = 1), or the fewest MACs whose account fits `sram` (int8;
-    other element sizes: whose activation peak fits), or without `sram` the lowest peak.
+    Explicit (p and split, or p = 1), or the fewest MACs whose account (with
+    `training_bytes`, the training term) fits `sram` (int8; other element sizes: whose
+    activation peak fits), or without `sram` the lowest peak.
     """
     if patches is not None and (split_after is not None or patches == 1):
         plan = plan_patches(graph, patches, split_after, memory_model, bytes_per_element)
     elif sram is not None and bytes_per_element == 1:
-        fit = fit_schedule(graph, sram, cpu, memory_model, patches=patches,
+        fit = fit_schedule(graph, sram, cpu, memory_model, training_bytes, patches=patches,
                            split_after=split_after)
         return fit.plan, fit.account
     else:
         plan = best_schedule(graph, sram, memory_model, bytes_per_element,
                              patches=patches, split_after=split_after)
-    return plan, (sram_account(graph, plan, cpu) if bytes_per_element == 1 else None)
+    account = (sram_account(graph, plan, cpu, training_bytes) if bytes_per_element == 1
+               else None)
+    return plan, account
+
+
+def check_region(graph: Graph, chosen: PatchPlan, training: TrainingMemoryReport) -> None:
+    """Refuse a schedule whose patch stage reaches into the layers the scheme trains.
+
+    The training step runs its region layer by layer (it keeps activations per layer), so
+    the frozen patch stage must end before the region starts.
+    """
+    from firmware.training.scheme import resolve
+
+    s = chosen.schedule
+    if s.patches == 1 or s.split_after is None:
+        return
+    start = resolve(training.scheme, graph).region_start
+    if graph.index(s.split_after) >= start:
+        raise DoesNotFitError(
+            f"the patch stage (to {s.split_after}) reaches the training region, which starts "
+            f"at {graph.layers[start].name}: train later layers or run layer-based")
 
 
 def plan_json(report: MemoryReport, plan: PatchPlan, account: SramAccount | None,
@@ -161,20 +183,45 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan,
               default="inplace", show_default=True)
 @click.option("--bytes-per-element", type=click.Choice(["0.5", "1", "4"]), default="1",
               show_default=True, help="activation bytes: int4 0.5, int8 1, fp32 4")
+@click.option("--classes", "num_classes", type=click.IntRange(2, 100_000), default=None,
+              help="classifier outputs (built-in networks; default: the network's own)")
+@click.option("--train-scheme", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a sparse-update scheme (JSON): its training memory, per layer, joins the "
+                   "SRAM account as the training term")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 @click.option("--plot", type=click.Path(dir_okay=False), help="write a PNG of per-layer memory")
 def plan(model: str | None, builtin: str | None, width: float,
          resolution: tuple[int, int] | None, sram: int | None, flash: int | None, cpu: str,
          patches: int | None, split_after: str, memory_model: str, bytes_per_element: str,
-         as_json: bool, plot: str | None) -> None:
+         num_classes: int | None, train_scheme: Path | None, as_json: bool,
+         plot: str | None) -> None:
     """Per-layer memory of MODEL.onnx (or --builtin) and its patch-based schedule."""
     mm, bpe = MemoryModel(memory_model), float(bytes_per_element)
     bpe_value: int | float = int(bpe) if bpe.is_integer() else bpe
     split = None if split_after == "auto" else split_after
+    scheme = None
+    if train_scheme is not None:
+        from service.cli.training_report import load_scheme
+
+        scheme = load_scheme(train_scheme)
+        if bpe_value != 1:
+            raise click.BadParameter("the training memory model is for int8 activations",
+                                     param_hint="--bytes-per-element")
     try:
-        graph = load_graph(model, builtin, width, resolution, with_weights=False)
+        graph = load_graph(model, builtin, width, resolution, with_weights=False,
+                           num_classes=num_classes)
         report = analyze(graph, mm, bpe_value)
-        chosen, account = choose_plan(graph, sram, patches, split, mm, bpe_value, Cpu(cpu))
+        training = None
+        if scheme is not None:
+            from firmware.training.memory import StepModel
+
+            model_of = StepModel(graph, mm)
+            training = (model_of.report(scheme, reorder=True),
+                        model_of.report(scheme, reorder=False))
+        chosen, account = choose_plan(graph, sram, patches, split, mm, bpe_value, Cpu(cpu),
+                                      0 if training is None else training[0].training_bytes)
+        if training is not None:
+            check_region(graph, chosen, training[0])
     except FirmwareError as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(1) from None
@@ -182,11 +229,25 @@ def plan(model: str | None, builtin: str | None, width: float,
         from service.cli.plan_plot import plot_plan
 
         plot_plan(graph, report, chosen, Path(plot), sram)
+        if training is not None:
+            from service.cli.plan_plot import plot_training
+
+            plot_training(training[0], training[1], Path(plot).with_name(
+                Path(plot).stem + "-training" + Path(plot).suffix), sram)
     if as_json:
-        click.echo(json.dumps(plan_json(report, chosen, account, Cpu(cpu), sram, flash),
-                              indent=2))
+        doc = plan_json(report, chosen, account, Cpu(cpu), sram, flash)
+        if training is not None:
+            from service.cli.training_report import training_json
+
+            doc["training"] = training_json(*training)
+        click.echo(json.dumps(doc, indent=2))
     else:
-        click.echo(human_report(graph, report, chosen, account, Cpu(cpu), sram, flash))
+        text = human_report(graph, report, chosen, account, Cpu(cpu), sram, flash)
+        if training is not None:
+            from service.cli.training_report import training_table
+
+            text += "\n\n" + training_table(*training)
+        click.echo(text)
     misses = []
     if sram is not None and _sram_need(chosen, account) > sram:
         peak = f"peak {kb(chosen.peak_bytes)}"

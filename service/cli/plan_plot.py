@@ -18,6 +18,7 @@ from firmware.ir import Graph
 from firmware.plan.memory import MemoryReport
 from firmware.plan.patch import PatchPlan
 from firmware.targets import KIB
+from firmware.training.memory import TrainingMemoryReport
 
 
 def plot_plan(graph: Graph, report: MemoryReport, plan: PatchPlan, path: Path,
@@ -60,6 +61,41 @@ def plot_plan(graph: Graph, report: MemoryReport, plan: PatchPlan, path: Path,
     ax.set_ylabel(f"SRAM (kB, {report.memory_model.value}, "
                   f"{report.bytes_per_element:g} B/element)")
     ax.set_title(f"{graph.name}: per-layer memory")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_training(reordered: TrainingMemoryReport, plain: TrainingMemoryReport, path: Path,
+                  sram_bytes: int | None = None) -> None:
+    """Write a PNG of one training step's live memory per layer: the forward pass, and the
+    backward pass with and without operator reordering (one arena for everything)."""
+    names = [r.name for r in reordered.layers]
+    x = range(len(names))
+    fwd = [r.forward_bytes / KIB for r in reordered.layers]
+    bwd = [r.backward_bytes / KIB for r in reordered.layers]
+    bwd_plain = [r.backward_bytes / KIB for r in plain.layers]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.16 * len(names)), 4.8), dpi=120)
+    ax.bar([i - 0.27 for i in x], fwd, width=0.27, color="#b0b0b0", label="forward")
+    ax.bar(list(x), bwd_plain, width=0.27, color="#ff7f0e",
+           label=f"backward, no reordering (training {plain.training_bytes / KIB:,.1f} kB)")
+    ax.bar([i + 0.27 for i in x], bwd, width=0.27, color="#1f77b4",
+           label=f"backward, reordered (training {reordered.training_bytes / KIB:,.1f} kB)")
+    ax.axhline(reordered.inference_peak_bytes / KIB, color="#7f7f7f", linestyle=":",
+               linewidth=1)
+    ax.text(0, reordered.inference_peak_bytes / KIB, "inference peak", fontsize=7,
+            va="bottom")
+    if sram_bytes is not None:
+        ax.axhline(sram_bytes / KIB, color="black", linestyle="--", linewidth=1)
+        ax.text(len(names) - 0.5, sram_bytes / KIB, f"SRAM {sram_bytes / KIB:,.0f} kB",
+                ha="right", va="bottom", fontsize=8)
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_xlim(-0.7, len(names) - 0.3)
+    ax.set_ylabel(f"SRAM live during the step (kB, {reordered.memory_model.value})")
+    ax.set_title(f"{reordered.graph}: one training step, {reordered.scheme.describe()}",
+                 fontsize=8)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -59,10 +59,14 @@ def _var_dir() -> Path:
 @click.option("--predictor-samples", type=click.IntRange(8, 10_000), default=60,
               show_default=True, help="subnets measured to fit the accuracy predictor")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--contributions/--no-contributions", "with_contributions", default=True,
+              show_default=True,
+              help="run the contribution analysis (on-device training) at the end")
 @click.option("--json", "as_json", is_flag=True, help="print the family manifest as JSON")
 def train_supernet(data: str, epochs: int | None, out_dir: Path | None, resume: bool,
                    space_name: str, resolutions: tuple[int, ...] | None, batch_size: int,
-                   predictor_samples: int, seed: int, as_json: bool) -> None:
+                   predictor_samples: int, seed: int, with_contributions: bool,
+                   as_json: bool) -> None:
     """Train a weight-sharing supernet on DATA and write it as a model family."""
     import torch
 
@@ -109,6 +113,12 @@ def train_supernet(data: str, epochs: int | None, out_dir: Path | None, resume: 
     training = {**asdict(config), "elapsed_s": summary.elapsed_s,
                 "resumed_from_epoch": summary.resumed_from_epoch}
     family = save_family(out, supernet, dataset.name, dataset, training, metrics, predictor)
+    if with_contributions:
+        from service.cli.finetune import run_contributions
+
+        found = run_contributions(out)
+        click.echo(f"contribution analysis in {found.elapsed_s:.0f} s: classifier only "
+                   f"{found.classifier_accuracy:.1%} on the held-out shifted split", err=True)
     if as_json:
         click.echo(json.dumps(family.to_dict(), indent=2))
         return
@@ -136,8 +146,10 @@ def hardware_class(target: TargetSpec, layout: OtaLayout, personalize: bool,
               default="ab", show_default=True, help="OTA layout: ab (two slots) or single")
 @click.option("--no-patches", is_flag=True, help="layer-based inference only (for comparison)")
 @click.option("--personalize", is_flag=True,
-              help="reserve SRAM for on-device training (refused until the training memory "
-                   "model exists)")
+              help="reserve SRAM for on-device training and plan its sparse-update scheme")
+@click.option("--train-gain", type=click.FloatRange(0.0, 1.0), default=0.9, show_default=True,
+              help="with --personalize: reserve for the cheapest scheme predicted to reach this "
+                   "share of the best sparse update's gain")
 @click.option("--objective", type=click.Choice(["predicted", "measured"]),
               default="predicted", show_default=True)
 @click.option("--population", type=click.IntRange(2, 10_000), default=48, show_default=True)
@@ -148,9 +160,9 @@ def hardware_class(target: TargetSpec, layout: OtaLayout, personalize: bool,
 @click.option("--export-onnx", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="write the chosen subnet (BN re-calibrated) as ONNX")
 def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | None,
-           cpu: str | None, layout: str, no_patches: bool, personalize: bool, objective: str,
-           population: int, generations: int, seed: int, no_cache: bool, as_json: bool,
-           export_onnx: Path | None) -> None:
+           cpu: str | None, layout: str, no_patches: bool, personalize: bool,
+           train_gain: float, objective: str, population: int, generations: int, seed: int,
+           no_cache: bool, as_json: bool, export_onnx: Path | None) -> None:
     """Find the subnet of FAMILY and its patch schedule that fit an MCU best."""
     from firmware.errors import DoesNotFitError, FirmwareError
     from firmware.nas.family import read_manifest
@@ -158,15 +170,25 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
 
     target = resolve_target(mcu, sram, flash, cpu)
     ota = OtaLayout(layout)
+    term = contributions = None
     try:
-        constraints = Constraints.for_target(target, ota, patches=not no_patches,
-                                             personalize=personalize)
         family = read_manifest(family_dir)
+        if personalize:
+            from firmware.personalize import load_contributions, training_term
+
+            contributions = load_contributions(_var_dir(), family)
+            term = training_term(family.space, contributions, train_gain)
+        constraints = Constraints.for_target(
+            target, ota, patches=not no_patches, personalize=personalize,
+            **({} if term is None else {"training_memory": term}))
     except FirmwareError as exc:
         raise click.ClickException(str(exc)) from None
     settings = EvolutionSettings(population=population, generations=generations,
                                  parents=max(1, population // 4), seed=seed)
-    key = {"format": SEARCH_FORMAT, "objective": objective, "settings": asdict(settings)}
+    key: dict[str, Any] = {"format": SEARCH_FORMAT, "objective": objective,
+                           "settings": asdict(settings)}
+    if term is not None:
+        key["training"] = {"template": term.template.to_dict(), "scheme": term.base.to_dict()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     cache = (_var_dir() / "cache" / "search" / family.version
              / f"{hardware_class(target, ota, personalize, not no_patches)}-{digest}.json")
@@ -196,6 +218,11 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
                 click.echo(json.dumps({"error": str(exc), "target": target.name}))
             raise click.ClickException(str(exc)) from None
         result = {**found.to_dict(), "target": target.name, "cached": False}
+        if term is not None and contributions is not None:
+            try:
+                result["personalization"] = personalization(result, term, contributions)
+            except FirmwareError as exc:
+                raise click.ClickException(str(exc)) from None
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=2))
@@ -207,6 +234,28 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(human_result(result, target, constraints.patches))
+
+
+def personalization(result: dict[str, Any], term: Any, contributions: Any) -> dict[str, Any]:
+    """The pick's sparse-update scheme, planned for the SRAM its inference account leaves."""
+    from firmware.nas.specialize import config_from_dict
+    from firmware.personalize import pick_scheme
+
+    mem = result["memory"]
+    inference = mem["sram_needed_bytes"] - mem["training_bytes"]
+    split = mem.get("split_after") if mem.get("patches", 1) > 1 else None
+    planned = pick_scheme(config_from_dict(result["config"]), term, contributions,
+                          mem["sram_bytes"], inference, split)
+    return {
+        "scheme": planned.scheme.to_dict(), "describe": planned.scheme.describe(),
+        "predicted_gain": planned.predicted_gain, "training_bytes": planned.training_bytes,
+        "training_budget_bytes": mem["sram_bytes"] - inference, "inference_bytes": inference,
+        "reserved_training_bytes": mem["training_bytes"],
+        "reference_template": term.template.to_dict(),
+        "reference_predicted_gain": term.predicted_gain,
+        "contributions": {"family_version": contributions.family_version,
+                          "classifier_accuracy": contributions.classifier_accuracy},
+    }
 
 
 def _export(result: dict[str, Any], supernet: Any, dataset: Any, path: Path) -> None:
@@ -257,6 +306,18 @@ def human_result(result: dict[str, Any], target: TargetSpec, patches: bool) -> s
         f"  search: {result['search']['evaluated']} subnets planned, "
         f"{result['search']['feasible']} fit, {result['search']['total_s']:.1f} s",
     ]
+    if "personalization" in result:
+        p = result["personalization"]
+        lines += [
+            f"  on-device training: {p['describe']}",
+            f"    predicted gain {p['predicted_gain']:+.1%} on the held-out shifted split; "
+            f"training memory {kb(p['training_bytes'])} of the {kb(p['training_budget_bytes'])}"
+            f" the inference account leaves (reserved in the search: "
+            f"{kb(p['reserved_training_bytes'])})",
+            f"    accounts: inference {kb(p['inference_bytes'])} + training "
+            f"{kb(p['training_bytes'])} = {kb(p['inference_bytes'] + p['training_bytes'])} of "
+            f"{kb(mem['sram_bytes'])} SRAM",
+        ]
     if "onnx" in result:
         lines.append(f"  ONNX: {result['onnx']}")
     return "\n".join(lines)

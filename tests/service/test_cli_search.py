@@ -11,30 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from service.cli import main
-from tests.firmware.tiny_family import small_digits
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A family trained by the CLI on 400 digits for 1 epoch at 16 and 24 px."""
-    root = tmp_path_factory.mktemp("family")
-    data = small_digits()
-    images = np.concatenate([data.train.images, data.val.images, data.test.images])
-    labels = np.concatenate([data.train.labels, data.val.labels, data.test.labels])
-    np.savez(root / "digits.npz", x=images, y=labels)
-    out = root / "fam"
-    result = CliRunner().invoke(main, [
-        "train-supernet", "--data", str(root / "digits.npz"), "--epochs", "1",
-        "--batch-size", "64", "--resolutions", "16,24", "--predictor-samples", "8",
-        "--out", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    manifest = json.loads(result.stdout)
-    assert manifest["space"]["resolutions"] == [16, 24]
-    assert manifest["classes"] == [str(i) for i in range(10)]
-    assert (out / "supernet.pt").is_file() and (out / "checkpoint.pt").is_file()
-    return out
+def family(digits_family: Path) -> Path:
+    """The session's CLI-trained digits family (tests/service/conftest.py)."""
+    return digits_family
 
 
 def _search(args: list[str], var: Path) -> tuple[int, str]:
@@ -85,11 +69,13 @@ def test_search_nothing_fits_names_the_needs(family: Path, tmp_path: Path) -> No
     assert "arena" in out and "stack" in out and "one slot has 7.0 kB" in out
 
 
-def test_search_refuses_personalization_without_a_training_memory_model(
+def test_search_personalize_needs_the_family_contribution_analysis(
         family: Path, tmp_path: Path) -> None:
+    # The training term comes from the family's analysis (tests/service/test_cli_training.py
+    # runs one and searches with it); without one the search stops and says how to make it.
     code, out = _search([str(family), "--mcu", "stm32f746", "--personalize"], tmp_path)
     assert code == 1
-    assert "training memory model" in out and "without personalization" in out
+    assert "no contribution analysis" in out and "tinyfleet contributions" in out
     assert not (tmp_path / "cache").exists()
 
 
