@@ -49,6 +49,7 @@ from firmware.training.analysis.planner import (
     default_base,
     plan_scheme,
 )
+from firmware.training.engine.blas import one_blas_thread
 from firmware.training.memory import StepModel
 from firmware.training.model_version import is_version_dir, load_version
 from firmware.training.samples import Samples
@@ -101,6 +102,12 @@ def family_contributions(family_dir: Path, settings: AnalysisSettings = DEFAULT_
                          progress: Progress | None = None, workers: int = 1) -> Contributions:
     """Analyse a family (module docstring): train on the analysis half's train split,
     measure on its val and test splits."""
+    with one_blas_thread():
+        return _family_contributions(family_dir, settings, progress, workers)
+
+
+def _family_contributions(family_dir: Path, settings: AnalysisSettings,
+                          progress: Progress | None, workers: int) -> Contributions:
     family, supernet = load_family(family_dir)
     dataset = load_dataset(family.data_source)
     arch = analysis_arch(family.space)

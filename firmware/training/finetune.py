@@ -16,6 +16,7 @@ import numpy as np
 
 from firmware.int8.quantize import QuantizedGraph
 from firmware.plan.memory import MemoryModel
+from firmware.training.engine.blas import one_blas_thread
 from firmware.training.engine.trainer import Trainer
 from firmware.training.errors import TrainingError
 from firmware.training.memory import TrainingMemoryReport
@@ -60,6 +61,14 @@ def finetune(qgraph: QuantizedGraph, scheme: SparseUpdateScheme, train: Samples,
              memory_model: MemoryModel = MemoryModel.INPLACE, reorder: bool = True,
              progress: Progress | None = None) -> FinetuneResult:
     """Train `epochs` passes (fractions allowed) over `train`; measure on `test`."""
+    with one_blas_thread():
+        return _finetune(qgraph, scheme, train, test, epochs, seed, memory_model, reorder,
+                         progress)
+
+
+def _finetune(qgraph: QuantizedGraph, scheme: SparseUpdateScheme, train: Samples,
+              test: Samples, epochs: float, seed: int, memory_model: MemoryModel,
+              reorder: bool, progress: Progress | None) -> FinetuneResult:
     if epochs <= 0:
         raise TrainingError(f"epochs {epochs} must be > 0")
     started = time.monotonic()

@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from firmware.int8.quantize import QuantizedGraph
+from firmware.training.engine.blas import one_blas_thread
 from firmware.training.engine.trainer import Trainer
 from firmware.training.errors import TrainingError
 from firmware.training.positions import Position, Role, conv_layers, positions
@@ -274,6 +275,13 @@ def analyze(qgraph: QuantizedGraph, train: Samples, evaluation: Samples,
     Runs are independent and deterministic: `workers` > 1 runs them in forked processes
     with the same results.
     """
+    with one_blas_thread():
+        return _analyze(qgraph, train, evaluation, settings, progress, workers)
+
+
+def _analyze(qgraph: QuantizedGraph, train: Samples, evaluation: Samples,
+             settings: AnalysisSettings, progress: Progress | None,
+             workers: int) -> Contributions:
     started = time.monotonic()
     graph = qgraph.graph
     layers = analysed_layers(qgraph, settings.blocks)

@@ -1,14 +1,16 @@
 """The int8 forward pass of the engine: `firmware.int8.reference`, with the accumulations of
-conv, depthwise and fully connected layers done by float64 BLAS.
+conv, depthwise and fully connected layers done by floating-point BLAS, batched.
 
 This is exact, not approximate: every product (q_x + input_offset) * q_w is an integer of
 magnitude at most 255 * 127 < 2^15, and every partial sum of a layer is an integer of
-magnitude below 2^15 * (inputs per output) < 2^53 for any layer below 2^38 inputs per output,
-so float64 represents each partial sum exactly whatever order BLAS adds in. The accumulator
-is then requantized, offset and clamped by the reference's own integer functions. Every
-other op runs the reference kernel itself. The result equals `reference.run_layer` bit for
-bit (tests/firmware/training/test_engine.py checks it), only faster: the reference's int64
-tensordot has no BLAS behind it.
+magnitude below 2^15 * (inputs per output), so float64 represents each partial sum exactly
+whatever order BLAS adds in (for any layer below 2^38 inputs per output), and float32 does
+for layers of at most 518 inputs per output (depthwise convs, small 1x1s), which use it.
+The accumulator is then requantized, offset and clamped by the reference's own integer
+functions. Every other op runs the reference kernel itself. The result equals
+`reference.run_layer` bit for bit (tests/firmware/training/test_engine.py checks it), only
+faster: the reference's int64 tensordot has no BLAS behind it, and a batch of images costs
+one call per layer.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ def forward_layer(qgraph: QuantizedGraph, ql: QuantLayer, inputs: list[I8]) -> I
     return run_layer(qgraph, ql, inputs)
 
 
+# Largest |(q_x + offset) * q_w| is 255 * 127; a sum of n of them is exact in float32 while
+# below 2^24 (n <= 518), in float64 while below 2^53.
+FLOAT32_EXACT_TERMS = (1 << 24) // (255 * 127)
+
+
+def exact_dtype(terms: int) -> type[np.floating]:
+    """The narrower float type in which `terms` int8 x int8 products sum exactly."""
+    return np.float32 if terms <= FLOAT32_EXACT_TERMS else np.float64
+
+
 def _batched(qgraph: QuantizedGraph, ql: QuantLayer) -> bool:
     layer = ql.layer
     return layer.op is OpKind.FULLY_CONNECTED or (layer.op is OpKind.CONV and (
@@ -62,7 +74,7 @@ def accumulate(x: npt.NDArray[np.floating], weight: npt.NDArray[np.floating],
     n, hp, wp, c = x.shape
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     if depthwise:
-        out = np.zeros((n, ho, wo, c))
+        out = np.zeros((n, ho, wo, c), dtype=x.dtype)
         for i in range(kh):
             for j in range(kw):
                 view = x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
@@ -86,8 +98,9 @@ def forward_batch(qgraph: QuantizedGraph, ql: QuantLayer, inputs: list[I8]) -> I
     layer = ql.layer
     if layer.op is OpKind.CONV and _batched(qgraph, ql):
         assert ql.weight_q is not None and ql.bias_q is not None
-        x = np.asarray(inputs[0], dtype=np.float64) + ql.input_offset
-        acc = accumulate(x, np.asarray(ql.weight_q, dtype=np.float64), layer.kernel,
+        dtype = exact_dtype(int(np.prod(ql.weight_q.shape[1:])))
+        x = np.asarray(inputs[0], dtype=dtype) + dtype(ql.input_offset)
+        acc = accumulate(x, np.asarray(ql.weight_q, dtype=dtype), layer.kernel,
                          layer.stride, layer.padding, layer.groups != 1)
         total = np.rint(acc).astype(np.int64) + np.asarray(ql.bias_q, dtype=np.int64)
         return _finish(total, ql)
