@@ -13,8 +13,7 @@ channel, so that an int8 step moves the real weights as an fp32 step would. SGD 
 momentum) updates the masters; masters are clipped to the int8 range [-127, 127].
 
 The fp32 classifier head keeps real-valued master weights and trains without QAS; on export
-it is quantized again (new per-channel weight scales max|w|/127 and a logits scale from the
-range the head produced), the only layer whose scales change: nothing reads its output.
+(firmware.training.engine.export) it is quantized again, the only layer whose scales change.
 
 Every buffer comes from an `Arena` checked against the memory model (firmware.training.memory),
 so the bytes the engine holds are the model's. `Precision.FP32` runs the same steps on the
@@ -27,7 +26,6 @@ import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
@@ -35,16 +33,18 @@ import numpy.typing as npt
 from firmware.int8.quantize import (
     QuantizedGraph,
     QuantLayer,
-    QuantParams,
-    params_for_range,
-    quantize_multiplier,
-    quantize_weights,
 )
-from firmware.ir import Activation, Graph, Layer, OpKind
+from firmware.ir import Layer, OpKind
 from firmware.plan.memory import MemoryModel, lifetimes
 from firmware.training.engine import kernels as K
 from firmware.training.engine.arena import Arena
 from firmware.training.engine.int8_forward import forward_batch, forward_layer
+from firmware.training.engine.layout import (
+    activation_bounds,
+    fc_from_hwc,
+    fc_to_hwc,
+    hwc_shape,
+)
 from firmware.training.errors import TrainingError
 from firmware.training.memory import (
     BufferKind,
@@ -83,51 +83,6 @@ class StepResult:
 
 def _act(kind: BufferKind, what: str) -> str:
     return buffer_name(kind, what)
-
-
-def hwc_shape(graph: Graph, tensor: str) -> tuple[int, int, int]:
-    """(H, W, C) of an IR tensor, as the runtime stores it."""
-    t = graph.tensor(tensor)
-    return (t.height, t.width, t.channels)
-
-
-def fc_source_shape(graph: Graph, layer: Layer) -> tuple[int, int, int]:
-    """(C, H, W) of the tensor a fully connected layer flattens (through reshapes)."""
-    source = graph.tensor(layer.inputs[0])
-    producer = graph.producer(source.name)
-    while producer is not None and producer.op is OpKind.RESHAPE:
-        source = graph.tensor(producer.inputs[0])
-        producer = graph.producer(source.name)
-    return source.shape
-
-
-def fc_to_hwc(graph: Graph, layer: Layer, weight: npt.NDArray[np.generic]
-              ) -> npt.NDArray[np.generic]:
-    """Fully connected weights (out, in in CHW order) -> (out, in in HWC order)."""
-    c, h, w = fc_source_shape(graph, layer)
-    if h * w == 1:
-        return weight
-    return weight.reshape(weight.shape[0], c, h, w).transpose(0, 2, 3, 1).reshape(
-        weight.shape[0], -1)
-
-
-def fc_from_hwc(graph: Graph, layer: Layer, weight: F32) -> F32:
-    """The inverse of fc_to_hwc."""
-    c, h, w = fc_source_shape(graph, layer)
-    if h * w == 1:
-        return weight
-    out: F32 = weight.reshape(weight.shape[0], h, w, c).transpose(0, 3, 1, 2).reshape(
-        weight.shape[0], -1)
-    return out
-
-
-def activation_bounds(activation: Activation) -> tuple[float, float]:
-    """Real clamp of a fused activation (fp32 baseline)."""
-    if activation is Activation.RELU:
-        return 0.0, math.inf
-    if activation is Activation.RELU6:
-        return 0.0, 6.0
-    return -math.inf, math.inf
 
 
 class Trainer:
@@ -671,47 +626,6 @@ class Trainer:
 
     def export(self) -> QuantizedGraph:
         """The trained int8 graph (see the module docstring for the classifier's scales)."""
-        if self.precision is Precision.FP32:
-            raise TrainingError("the fp32 baseline has no int8 graph to export")
-        layers = dict(self.current)
-        params = dict(self.graph.params)
-        tensors = dict(self.qgraph.tensors)
-        for name in self.resolved.trainable:
-            layer = self.graph.layers[self.index[name]]
-            if name == self.resolved.classifier and self.fp32_head:
-                layers[name], tensors[layer.output] = self._requantized_head(layer)
-            ql = layers[name]
-            assert ql.weight_q is not None and ql.weight_scale is not None
-            assert ql.bias_q is not None
-            shape = (-1,) + (1,) * (ql.weight_q.ndim - 1)
-            params[str(layer.weight)] = (ql.weight_q.astype(np.float64)
-                                         * ql.weight_scale.reshape(shape)).astype(np.float32)
-            params[str(layer.bias)] = (ql.bias_q.astype(np.float64) * ql.weight_scale
-                                       * ql.inputs[0].scale).astype(np.float32)
-        graph = replace(self.graph, params=MappingProxyType(params))
-        fixed = {name: replace(ql, layer=graph.layers[self.index[name]])
-                 for name, ql in layers.items()}
-        return QuantizedGraph(graph=graph, tensors=MappingProxyType(tensors),
-                              layers=MappingProxyType(fixed),
-                              calibration=self.qgraph.calibration, notes=self.qgraph.notes)
+        from firmware.training.engine.export import export_trained
 
-    def _requantized_head(self, layer: Layer) -> tuple[QuantLayer, QuantParams]:
-        """The fp32 head as int8: new weight scales, logits scale from the range seen."""
-        ql = self.current[layer.name]
-        weight = np.asarray(self.arena[self._master(layer.name, "weight")], dtype=np.float64)
-        bias = np.asarray(self.arena[self._master(layer.name, "bias")], dtype=np.float64)
-        weight_q, w_scale = quantize_weights(weight)
-        inp = ql.inputs[0]
-        if math.isfinite(self.logit_low):
-            out = params_for_range(self.logit_low, self.logit_high)
-        else:
-            out = ql.output
-        w_scale = np.where(w_scale > 0, w_scale, out.scale / inp.scale)
-        bias_q = np.clip(np.rint(bias / (inp.scale * w_scale)), -INT32_LIMIT, INT32_LIMIT)
-        pairs = [quantize_multiplier(float(r)) for r in inp.scale * w_scale / out.scale]
-        new = replace(ql, output=out, output_offset=out.zero_point, act_min=-128, act_max=127,
-                      weight_q=weight_q, weight_scale=w_scale,
-                      bias_q=bias_q.astype(np.int32),
-                      multiplier=np.array([m for m, _ in pairs], dtype=np.int32),
-                      shift=np.array([s for _, s in pairs], dtype=np.int32))
-        return new, out
+        return export_trained(self)
