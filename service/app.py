@@ -9,7 +9,7 @@ from typing import Any
 
 from flask import Blueprint, Flask
 
-from service import db
+from service import db, limits
 from service.config import load_config
 from service.private_files import private_dir
 from service.problems import register_error_handlers
@@ -47,6 +47,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         db.upgrade(settings["DATABASE_URL"])
     db.init_app(app, settings["DATABASE_URL"])
     register_error_handlers(app)
+    limits.install(app)
     for blueprint in _blueprints():
         app.register_blueprint(blueprint)
     return app

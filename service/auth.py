@@ -6,7 +6,7 @@ import functools
 import hashlib
 import secrets
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any, TypeVar, cast
 
 from flask import g, request
@@ -29,11 +29,17 @@ def hash_token(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(session: Session, role: Role, name: str = "api") -> tuple[ApiToken, str]:
-    """A new token row (added, not committed) and its secret, which is not stored."""
+def create_token(session: Session, role: Role, name: str = "api",
+                 expires_in_s: int | None = None) -> tuple[ApiToken, str]:
+    """A new token row (added, not committed) and its secret, which is not stored.
+
+    With `expires_in_s`, the token is refused from that many seconds after now.
+    """
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now = utcnow()
+    expires_at = None if expires_in_s is None else now + timedelta(seconds=expires_in_s)
     token = ApiToken(name=name, role=role, token_hash=hash_token(secret),
-                     prefix=secret[:10], created_at=utcnow())
+                     prefix=secret[:10], created_at=now, expires_at=expires_at)
     session.add(token)
     return token, secret
 
@@ -43,9 +49,13 @@ def list_tokens(session: Session) -> list[ApiToken]:
     return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
 
+MAX_TOKEN_ID = 2**31 - 1  # ids are 32-bit integers on every database
+
+
 def revoke_token(session: Session, token_id: int) -> ApiToken:
     """Mark a token revoked (not committed); 404 when there is none with that id."""
-    token = session.get(ApiToken, token_id)
+    # Checked before the query: PostgreSQL rejects an integer parameter out of range.
+    token = session.get(ApiToken, token_id) if 1 <= token_id <= MAX_TOKEN_ID else None
     if token is None:
         raise ApiError(404, f"no API token with id {token_id}",
                        [FieldError("id", f"no API token with id {token_id}")])
@@ -66,11 +76,13 @@ def authenticate(session: Session, header: str | None) -> ApiToken:
                        [FieldError("Authorization", "must be 'Bearer <token>'")], challenge)
     token = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(
         secret.strip())))
-    if token is None or token.revoked_at is not None:
-        why = "revoked" if token is not None else "unknown"
+    now = utcnow()
+    why = ("unknown" if token is None else "revoked" if token.revoked_at is not None else
+           "expired" if token.expires_at is not None and _aware(token.expires_at) <= now
+           else None)
+    if why is not None or token is None:
         raise ApiError(401, f"{why} API token", [FieldError("Authorization", f"{why} token")],
                        challenge)
-    now = utcnow()
     last = token.last_used_at
     if last is None or now - _aware(last) > LAST_USED_RESOLUTION:
         token.last_used_at = now
@@ -80,8 +92,6 @@ def authenticate(session: Session, header: str | None) -> ApiToken:
 
 def _aware(moment: Any) -> Any:
     # SQLite hands back naive datetimes even for timezone=True columns.
-    from datetime import UTC
-
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from pathlib import Path
 
@@ -12,7 +13,11 @@ from sqlalchemy.orm import Session
 
 from firmware.image import generate_signing_key, load_private_key, private_key_pem, public_key_pem
 from service.models import Device, DeviceState, Fleet, utcnow
+from service.parsing import shown
 from service.problems import ApiError, FieldError, invalid
+from service.schemas import FLEET_NAME_RE
+
+_FLEET_NAME = re.compile(FLEET_NAME_RE)
 
 
 def write_signing_key(key_dir: Path, fleet_name: str) -> tuple[Path, str]:
@@ -60,10 +65,12 @@ def list_fleets(session: Session) -> list[tuple[Fleet, int]]:
 
 def get_fleet(session: Session, name: str) -> tuple[Fleet, int]:
     """The fleet called `name` with its active device count; 404 when none."""
-    fleet = session.scalar(select(Fleet).where(Fleet.name == name))
+    # A name no fleet can have (bad characters, a NUL byte) never reaches the database.
+    fleet = (session.scalar(select(Fleet).where(Fleet.name == name))
+             if _FLEET_NAME.fullmatch(name) else None)
     if fleet is None:
-        raise ApiError(404, f"no fleet named {name!r}",
-                       [FieldError("name", f"no fleet named {name!r}")])
+        message = f"no fleet named {shown(name)}"
+        raise ApiError(404, message, [FieldError("name", message)])
     n = session.scalar(select(func.count()).select_from(Device).where(
         Device.fleet_id == fleet.id, Device.state == DeviceState.ACTIVE))
     return fleet, int(n or 0)

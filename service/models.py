@@ -1,4 +1,4 @@
-"""The registry's tables: fleets, devices (with tags) and API tokens."""
+"""The registry's tables: fleets, devices (with tags), API tokens and idempotency keys."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -97,13 +98,17 @@ class Device(Base):
     tag_rows: Mapped[list[DeviceTag]] = relationship(
         cascade="all, delete-orphan", lazy="selectin", order_by="DeviceTag.tag")
 
+    # One index per combination of the list filters, each ending in `id`: a filtered page
+    # (ordered by id, after a cursor) is one range of one index, never a sort of every match.
     __table_args__ = (
-        Index("ix_devices_fleet_state", "fleet_id", "state"),
-        Index("ix_devices_fleet_mcu", "fleet_id", "mcu"),
-        Index("ix_devices_mcu", "mcu"),
-        Index("ix_devices_state", "state"),
+        Index("ix_devices_fleet_id", "fleet_id", "id"),
+        Index("ix_devices_mcu_id", "mcu", "id"),
+        Index("ix_devices_state_id", "state", "id"),
+        Index("ix_devices_fleet_mcu_id", "fleet_id", "mcu", "id"),
+        Index("ix_devices_fleet_state_id", "fleet_id", "state", "id"),
+        Index("ix_devices_mcu_state_id", "mcu", "state", "id"),
+        Index("ix_devices_fleet_mcu_state_id", "fleet_id", "mcu", "state", "id"),
     )
-
     @property
     def fleet_name(self) -> str:
         """The name of the device's fleet."""
@@ -146,3 +151,35 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # None: never
+
+
+class IdempotencyState(enum.Enum):
+    """Progress of a request sent with an Idempotency-Key."""
+
+    IN_PROGRESS = "in_progress"
+    DONE = "done"
+
+
+class IdempotencyKey(Base):
+    """A bulk request's Idempotency-Key and what it did (kept 24 h).
+
+    Only device ids are kept, never passwords: a retry gets the same devices with passwords
+    rotated again.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(32))  # the route, e.g. "devices.bulk"
+    key: Mapped[str] = mapped_column(String(255))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    state: Mapped[IdempotencyState] = mapped_column(_enum(IdempotencyState, "idempotency_state"))
+    device_ids: Mapped[str | None] = mapped_column(Text)  # JSON list, in answer order
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("scope", "key", name="uq_idempotency_keys_scope_key"),
+        Index("ix_idempotency_keys_created_at", "created_at"),
+    )

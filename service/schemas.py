@@ -1,272 +1,398 @@
-"""Request and response schemas of the API (validated and documented from one place)."""
+"""Request and response schemas of the API: pydantic v2 models, validated and documented from
+one place (service.api.openapi builds the OpenAPI document from these models).
+
+Request models reject what their JSON Schema rejects: every constraint is a JSON Schema
+keyword (`pattern`, `minimum`, `maxItems`, `enum`, `not`) checked by pydantic itself, or a
+validator whose rule the same keyword states. Patterns are anchored and use only syntax that
+ECMA-262 (JSON Schema), Rust's regex (pydantic-core) and Python's `re` read alike.
+Strings are strict (no number -> string coercion), integers are JSON integers (no floats, no
+booleans), and a size is an integer or a string of digits with a binary unit.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from firmware.targets import (
     CATALOG,
+    KIB,
     MAX_FLASH_BYTES,
     MAX_SRAM_BYTES,
+    MIB,
     MIN_FLASH_BYTES,
     MIN_SRAM_BYTES,
     Cpu,
     OtaLayout,
 )
 from service.models import DeviceState, Role
-from service.validation import meta
 
-FLEET_NAME_RE = r"[a-z0-9][a-z0-9._-]{0,63}"
-DEVICE_NAME_RE = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
-TAG_RE = r"[A-Za-z0-9][A-Za-z0-9._:=-]{0,63}"
+FLEET_NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+DEVICE_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+DEVICE_ID_RE = r"^dev-[0-9a-f]{16}$"
+# A name of this form could be mistaken for another device's id (any letter case).
+ID_FORM_RE = r"^[dD][eE][vV]-[0-9a-fA-F]{16}$"
+TAG_RE = r"^[A-Za-z0-9][A-Za-z0-9._:=-]{0,63}$"
+TOKEN_NAME_RE = r"^[A-Za-z0-9._ -]{1,64}$"
+# Free text: any Unicode except control characters (tab, newline and CR allowed).
+TEXT_RE = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+# 262144, 256KiB, 256kB, 256K, 1MiB, 1MB, 1M, 512B: whole numbers, 1024-based units.
+SIZE_RE = r"^([0-9]{1,12})([KkMm](?:[iI]?[bB])?|[bB])?$"
+IDEMPOTENCY_KEY_RE = r"^[\x21-\x7e]{1,255}$"  # visible ASCII
+
 MAX_TAGS = 32
 MAX_BULK_DEVICES = 10_000
 MAX_PAGE_LIMIT = 1000
-_field = field
+MAX_TOKEN_LIFETIME_S = 10 * 365 * 86400
+MIN_TOKEN_LIFETIME_S = 60
+MCU_FILTER_VALUES = (*sorted(CATALOG), "custom")
+
+_SIZE = re.compile(SIZE_RE)
+_ID_FORM = re.compile(ID_FORM_RE)
+_UNITS = {"": 1, "b": 1, "k": KIB, "kb": KIB, "kib": KIB, "m": MIB, "mb": MIB, "mib": MIB}
+
+
+def _fail(message: str) -> PydanticCustomError:
+    """A validation error whose message is `message` as written."""
+    return PydanticCustomError("tinyfleet", "{message}", {"message": message})
+
+
+def parse_size_value(value: Any) -> Any:
+    """Bytes from an integer or a size string; other types are left to the int validator."""
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match is None or value != value.strip():
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            raise _fail(f"{shown!r} is not a size such as 262144, 256KiB or 1MiB "
+                        f"(whole numbers; units B, K/KB/KiB, M/MB/MiB, 1024-based)")
+        return int(match[1]) * _UNITS[(match[2] or "").lower()]
+    return value
+
+
+def _size_schema(minimum: int, maximum: int) -> WithJsonSchema:
+    return WithJsonSchema({"oneOf": [
+        {"type": "integer", "minimum": minimum, "maximum": maximum},
+        {"type": "string", "pattern": SIZE_RE}]})
+
+
+def _not_id_form(value: str) -> str:
+    if _ID_FORM.fullmatch(value):
+        raise _fail(f"{value!r} has the form of a device id (dev-<16 hex digits>); "
+                    "pick a name that does not")
+    return value
+
+
+def _catalog_mcu(value: Any) -> Any:
+    if isinstance(value, str) and value not in CATALOG:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise _fail(f"unknown MCU {shown!r}; known: {', '.join(sorted(CATALOG))}")
+    return value
+
+
+def _mcu_filter(value: Any) -> Any:
+    if isinstance(value, str) and value not in MCU_FILTER_VALUES:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise _fail(f"unknown MCU {shown!r}; known: {', '.join(MCU_FILTER_VALUES)}")
+    return value
+
+
+def _query_int(value: Any) -> Any:
+    # Query strings are text: digits only (no sign, spaces, '_' or exponent).
+    if isinstance(value, str):
+        if not re.fullmatch(r"[0-9]{1,9}", value):
+            shown = value if len(value) <= 40 else value[:40] + "..."
+            raise _fail(f"must be an integer, got {shown!r}")
+        return int(value)
+    return value
+
+
+FleetName = Annotated[str, Field(strict=True, pattern=FLEET_NAME_RE)]
+DeviceName = Annotated[str, Field(strict=True, pattern=DEVICE_NAME_RE,
+                                  json_schema_extra={"not": {"pattern": ID_FORM_RE}}),
+                       AfterValidator(_not_id_form)]
+DeviceKey = Annotated[str, Field(strict=True, pattern=DEVICE_NAME_RE)]
+Tag = Annotated[str, Field(strict=True, pattern=TAG_RE)]
+CatalogMcu = Annotated[str, Field(strict=True, json_schema_extra={"enum": sorted(CATALOG)}),
+                       BeforeValidator(_catalog_mcu)]
+McuFilter = Annotated[str, Field(strict=True, json_schema_extra={
+    "enum": list(MCU_FILTER_VALUES)}), BeforeValidator(_mcu_filter)]
+# Bytes as a JSON integer or a size string; the limits apply to the number of bytes.
+SramSize = Annotated[int, BeforeValidator(parse_size_value),
+                     Field(strict=True, ge=MIN_SRAM_BYTES, le=MAX_SRAM_BYTES),
+                     _size_schema(MIN_SRAM_BYTES, MAX_SRAM_BYTES)]
+FlashSize = Annotated[int, BeforeValidator(parse_size_value),
+                      Field(strict=True, ge=MIN_FLASH_BYTES, le=MAX_FLASH_BYTES),
+                      _size_schema(MIN_FLASH_BYTES, MAX_FLASH_BYTES)]
+
+
+class RequestModel(BaseModel):
+    """A request body or query: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # ---- requests ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class FleetCreate:
+class FleetCreate(RequestModel):
     """A new fleet; it gets its own Ed25519 firmware-signing key pair."""
 
-    name: str = field(metadata=meta("fleet name, unique", pattern=FLEET_NAME_RE,
-                                    example="greenhouse"))
-    description: str = field(default="", metadata=meta("free text", max_length=500))
+    name: FleetName = Field(description="fleet name, unique", examples=["greenhouse"])
+    description: Annotated[str, Field(strict=True, pattern=TEXT_RE, max_length=500)] = Field(
+        default="", description="free text (no control characters)")
 
 
-@dataclass(frozen=True)
-class DeviceCreate:
+class DeviceCreate(RequestModel):
     """One device: a catalog `mcu`, or explicit `sram_bytes`, `flash_bytes` and `cpu`."""
 
-    name: str = field(metadata=meta("device name, unique across the registry",
-                                    pattern=DEVICE_NAME_RE, example="gh-sensor-001"))
-    fleet: str = field(metadata=meta("name of an existing fleet", pattern=FLEET_NAME_RE))
-    mcu: str | None = field(default=None, metadata=meta(
-        "catalog MCU name (GET /api/v1/mcus)", enum_values=tuple(sorted(CATALOG)),
-        example="stm32f746"))
-    sram_bytes: int | None = field(default=None, metadata=meta(
-        "SRAM usable by the firmware, bytes (or '320KiB'); instead of mcu", size=True,
-        minimum=MIN_SRAM_BYTES, maximum=MAX_SRAM_BYTES))
-    flash_bytes: int | None = field(default=None, metadata=meta(
-        "Flash size, bytes (or '1MiB'); instead of mcu", size=True,
-        minimum=MIN_FLASH_BYTES, maximum=MAX_FLASH_BYTES))
-    cpu: Cpu | None = field(default=None, metadata=meta("core; instead of mcu"))
-    tags: list[str] = field(default_factory=list, metadata=meta(
-        "free-form labels for selecting devices", pattern=TAG_RE, max_items=MAX_TAGS))
-    ota_layout: OtaLayout = field(default=OtaLayout.AB, metadata=meta(
+    name: DeviceName = Field(description="device name, unique across the registry; not of "
+                                         "the form dev-<16 hex> (that is an id)",
+                             examples=["gh-sensor-001"])
+    fleet: FleetName = Field(description="name of an existing fleet")
+    mcu: CatalogMcu | None = Field(default=None, description="catalog MCU name "
+                                   "(GET /api/v1/mcus)", examples=["stm32f746"])
+    sram_bytes: SramSize | None = Field(default=None, description=(
+        "SRAM usable by the firmware, bytes (or '320KiB'); instead of mcu"))
+    flash_bytes: FlashSize | None = Field(default=None, description=(
+        "Flash size, bytes (or '1MiB'); instead of mcu"))
+    cpu: Cpu | None = Field(default=None, description="core; instead of mcu")
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS,
+                            description="free-form labels for selecting devices")
+    ota_layout: OtaLayout = Field(default=OtaLayout.AB, description=(
         "ab: two firmware slots (each gets half the Flash after the bootloader); "
         "single: one slot, no rollback"))
 
 
-@dataclass(frozen=True)
-class DeviceBulkCreate:
+class DeviceBulkCreate(RequestModel):
     """Up to 10,000 devices registered all-or-nothing in one transaction."""
 
-    devices: list[DeviceCreate] = field(metadata=meta(
-        "the devices; more than 10,000 is answered 413", max_items=MAX_BULK_DEVICES))
-    create_fleets: bool = field(default=False, metadata=meta(
+    devices: list[DeviceCreate] = Field(max_length=MAX_BULK_DEVICES, description=(
+        "the devices; more than 10,000 is answered 413"))
+    create_fleets: bool = Field(default=False, strict=True, description=(
         "create fleets named by rows that do not exist yet (otherwise 422)"))
 
 
-@dataclass(frozen=True)
-class DeviceBulkEnvelope:
-    """DeviceBulkCreate before its rows are parsed one by one (not in the OpenAPI document)."""
-
-    devices: list[dict[str, object]] = field(metadata=meta("the rows", max_items=MAX_BULK_DEVICES))
-    create_fleets: bool = field(default=False, metadata=meta("create missing fleets"))
-
-
-@dataclass(frozen=True)
-class DeviceUpdate:
+class DeviceUpdate(RequestModel):
     """New tags of a device (they replace the old ones)."""
 
-    tags: list[str] = field(metadata=meta("the device's tags", pattern=TAG_RE,
-                                          max_items=MAX_TAGS))
+    tags: list[Tag] = Field(max_length=MAX_TAGS, description="the device's tags")
 
 
-@dataclass(frozen=True)
-class DeviceQuery:
+class DeviceQuery(RequestModel):
     """Filters and paging of GET /api/v1/devices (query string)."""
 
-    fleet: str | None = field(default=None, metadata=meta("fleet name"))
-    tag: list[str] = field(default_factory=list, metadata=meta(
-        "a tag; repeat to require several", max_items=MAX_TAGS))
-    mcu: str | None = field(default=None, metadata=meta("catalog MCU name or 'custom'"))
-    state: DeviceState | None = field(default=None, metadata=meta("registry state"))
-    limit: int = field(default=100, metadata=meta("page size", minimum=1,
-                                                  maximum=MAX_PAGE_LIMIT))
-    cursor: str | None = field(default=None, metadata=meta(
-        "`next_cursor` of the previous page", max_length=64))
+    fleet: FleetName | None = Field(default=None, description="fleet name")
+    tag: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS,
+                           description="a tag; repeat to require several")
+    mcu: McuFilter | None = Field(default=None, description="catalog MCU name or 'custom'")
+    state: DeviceState | None = Field(default=None, description="registry state")
+    limit: Annotated[int, BeforeValidator(_query_int)] = Field(
+        default=100, ge=1, le=MAX_PAGE_LIMIT, strict=True, description="page size")
+    cursor: Annotated[str, Field(strict=True, pattern=DEVICE_ID_RE)] | None = Field(
+        default=None, description="`next_cursor` of the previous page")
 
 
-@dataclass(frozen=True)
-class TokenCreate:
+class CredentialRotation(RequestModel):
+    """Devices whose MQTT passwords are replaced: listed by id or name, or selected by
+    filters (active devices only); at most 10,000 per request."""
+
+    devices: list[DeviceKey] | None = Field(default=None, max_length=MAX_BULK_DEVICES,
+                                            description="device ids or names")
+    fleet: FleetName | None = Field(default=None, description="every device of this fleet")
+    tag: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS,
+                           description="devices with all of these tags")
+    mcu: McuFilter | None = Field(default=None, description="catalog MCU name or 'custom'")
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> CredentialRotation:
+        filters = self.fleet is not None or bool(self.tag) or self.mcu is not None
+        if (self.devices is None) == (not filters):
+            raise _fail("give either devices (ids or names) or filters (fleet, tag, mcu), "
+                        "not both and not neither")
+        if self.devices is not None and not self.devices:
+            raise _fail("devices: the list is empty")
+        return self
+
+
+class TokenCreate(RequestModel):
     """A new API token; the secret is shown once."""
 
-    role: Role = field(metadata=meta("viewer: read; operator: register devices, start "
-                                     "campaigns; admin: tokens and deletion"))
-    name: str = field(default="api", metadata=meta("label", pattern=r"[A-Za-z0-9._ -]{1,64}"))
+    role: Role = Field(description="viewer: read; operator: register devices, start "
+                                   "campaigns; admin: tokens and deletion")
+    name: Annotated[str, Field(strict=True, pattern=TOKEN_NAME_RE)] = Field(
+        default="api", description="label")
+    expires_in_s: int | None = Field(
+        default=None, strict=True, ge=MIN_TOKEN_LIFETIME_S, le=MAX_TOKEN_LIFETIME_S,
+        description="lifetime in seconds; the token is refused after it (default: never)")
 
 
 # ---- responses (documentation; views build these shapes) -----------------------------------
 
-@dataclass(frozen=True)
-class FieldErrorOut:
+class FieldErrorOut(BaseModel):
     """One field at fault; `index` is the row of a bulk request."""
 
-    # `field` is also the attribute's name here, hence the alias.
-    field: str = _field(metadata=meta("the field, e.g. 'sram_bytes' or 'tags[2]'"))
-    message: str = _field(metadata=meta("what is wrong, with the value and the limit"))
-    index: int | None = _field(default=None, metadata=meta("0-based row of a bulk request"))
+    field: str = Field(description="the field, e.g. 'sram_bytes' or 'tags[2]'")
+    message: str = Field(description="what is wrong, with the value and the limit")
+    index: int | None = Field(default=None, description="0-based row of a bulk request")
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(BaseModel):
     """An RFC 9457 problem document (application/problem+json)."""
 
-    type: str = field(metadata=meta("URI naming the kind of problem"))
-    title: str = field(metadata=meta("the HTTP status phrase"))
-    status: int = field(metadata=meta("HTTP status"))
-    detail: str = field(metadata=meta("what went wrong, naming the first field"))
-    errors: list[FieldErrorOut] = field(metadata=meta("every field at fault"))
+    type: str = Field(description="URI naming the kind of problem")
+    title: str = Field(description="the HTTP status phrase")
+    status: int = Field(description="HTTP status")
+    detail: str = Field(description="what went wrong, naming the first field")
+    errors: list[FieldErrorOut] = Field(description="every field at fault")
 
 
-@dataclass(frozen=True)
-class McuOut:
+class McuOut(BaseModel):
     """A catalog MCU with datasheet figures."""
 
-    name: str = field(metadata=meta("catalog key"))
-    vendor: str = field(metadata=meta("manufacturer"))
-    cpu: Cpu = field(metadata=meta("core"))
-    sram_bytes: int = field(metadata=meta("largest contiguous SRAM region, bytes"))
-    flash_bytes: int = field(metadata=meta("Flash, bytes"))
-    clock_hz: int = field(metadata=meta("maximum core clock, Hz"))
-    fpu: bool = field(metadata=meta("has a floating-point unit"))
-    dsp: bool = field(metadata=meta("has the Arm DSP extension"))
-    qemu_board: str | None = field(metadata=meta("QEMU machine emulating the core"))
-    slot_bytes_ab: int = field(metadata=meta("Flash per firmware slot with A/B OTA"))
-    slot_bytes_single: int = field(metadata=meta("Flash for the firmware with one slot"))
-    note: str = field(metadata=meta("datasheet remarks"))
+    name: str = Field(description="catalog key")
+    vendor: str = Field(description="manufacturer")
+    cpu: Cpu = Field(description="core")
+    sram_bytes: int = Field(description="largest contiguous SRAM region, bytes")
+    flash_bytes: int = Field(description="Flash, bytes")
+    clock_hz: int = Field(description="maximum core clock, Hz")
+    fpu: bool = Field(description="has a floating-point unit")
+    dsp: bool = Field(description="has the Arm DSP extension")
+    qemu_board: str | None = Field(description="QEMU machine emulating the core")
+    slot_bytes_ab: int = Field(description="Flash per firmware slot with A/B OTA")
+    slot_bytes_single: int = Field(description="Flash for the firmware with one slot")
+    note: str = Field(description="datasheet remarks")
 
 
-@dataclass(frozen=True)
-class McuList:
+class McuList(BaseModel):
     """The MCU catalog."""
 
-    items: list[McuOut] = field(metadata=meta("catalog entries, by name"))
+    items: list[McuOut] = Field(description="catalog entries, by name")
 
 
-@dataclass(frozen=True)
-class FleetOut:
+class FleetOut(BaseModel):
     """A fleet; the private signing key never leaves the server."""
 
-    name: str = field(metadata=meta("fleet name"))
-    description: str = field(metadata=meta("free text"))
-    signing_public_key: str = field(metadata=meta("Ed25519 public key, PEM"))
-    device_count: int = field(metadata=meta("active devices"))
-    created_at: str = field(metadata=meta("ISO 8601 UTC"))
+    name: str = Field(description="fleet name")
+    description: str = Field(description="free text")
+    signing_public_key: str = Field(description="Ed25519 public key, PEM")
+    device_count: int = Field(description="active devices")
+    created_at: str = Field(description="ISO 8601 UTC")
 
 
-@dataclass(frozen=True)
-class FleetList:
+class FleetList(BaseModel):
     """All fleets."""
 
-    items: list[FleetOut] = field(metadata=meta("fleets, by name"))
+    items: list[FleetOut] = Field(description="fleets, by name")
 
 
-@dataclass(frozen=True)
-class DeviceOut:
+class DeviceOut(BaseModel):
     """A registered device."""
 
-    id: str = field(metadata=meta("device id, also its MQTT username"))
-    name: str = field(metadata=meta("device name"))
-    fleet: str = field(metadata=meta("fleet name"))
-    mcu: str = field(metadata=meta("catalog MCU name or 'custom'"))
-    cpu: Cpu = field(metadata=meta("core"))
-    sram_bytes: int = field(metadata=meta("SRAM, bytes"))
-    flash_bytes: int = field(metadata=meta("Flash, bytes"))
-    slot_bytes: int = field(metadata=meta("Flash one firmware image may use, bytes"))
-    ota_layout: OtaLayout = field(metadata=meta("OTA slot layout"))
-    tags: list[str] = field(metadata=meta("tags, sorted"))
-    state: DeviceState = field(metadata=meta("registry state"))
-    mqtt_username: str = field(metadata=meta("MQTT username (= id)"))
-    created_at: str = field(metadata=meta("ISO 8601 UTC"))
+    id: str = Field(description="device id (dev-<16 hex>), also its MQTT username")
+    name: str = Field(description="device name")
+    fleet: str = Field(description="fleet name")
+    mcu: str = Field(description="catalog MCU name or 'custom'")
+    cpu: Cpu = Field(description="core")
+    sram_bytes: int = Field(description="SRAM, bytes")
+    flash_bytes: int = Field(description="Flash, bytes")
+    slot_bytes: int = Field(description="Flash one firmware image may use, bytes")
+    ota_layout: OtaLayout = Field(description="OTA slot layout")
+    tags: list[str] = Field(description="tags, sorted")
+    state: DeviceState = Field(description="registry state")
+    mqtt_username: str = Field(description="MQTT username (= id)")
+    created_at: str = Field(description="ISO 8601 UTC")
 
 
-@dataclass(frozen=True)
-class MqttCredentials:
+class MqttCredentials(BaseModel):
     """MQTT login of one device; the password is shown once."""
 
-    host: str = field(metadata=meta("broker host"))
-    port: int = field(metadata=meta("broker port"))
-    username: str = field(metadata=meta("the device id"))
-    password: str = field(metadata=meta("shown only in this response"))
+    host: str = Field(description="broker host")
+    port: int = Field(description="broker port")
+    username: str = Field(description="the device id")
+    password: str = Field(description="shown only in this response")
 
 
-@dataclass(frozen=True)
-class DeviceRegistered:
-    """A new device with its credentials (returned once)."""
+class DeviceRegistered(BaseModel):
+    """A device with new credentials (returned once)."""
 
-    device: DeviceOut = field(metadata=meta("the device"))
-    mqtt: MqttCredentials = field(metadata=meta("broker credentials, shown once"))
-    fleet_signing_public_key: str = field(metadata=meta("Ed25519 public key, PEM"))
-
-
-@dataclass(frozen=True)
-class BulkRow:
-    """One row of a bulk registration result."""
-
-    id: str = field(metadata=meta("device id = MQTT username"))
-    name: str = field(metadata=meta("device name"))
-    fleet: str = field(metadata=meta("fleet name"))
-    mqtt_password: str = field(metadata=meta("shown only in this response"))
+    device: DeviceOut = Field(description="the device")
+    mqtt: MqttCredentials = Field(description="broker credentials, shown once")
+    fleet_signing_public_key: str = Field(description="Ed25519 public key, PEM")
 
 
-@dataclass(frozen=True)
-class BulkRegistered:
+class BulkRow(BaseModel):
+    """One device of a bulk result, with its new MQTT password."""
+
+    id: str = Field(description="device id = MQTT username")
+    name: str = Field(description="device name")
+    fleet: str = Field(description="fleet name")
+    mqtt_password: str | None = Field(description=(
+        "shown only in this response; null in a replay for a device decommissioned since"))
+
+
+class BulkRegistered(BaseModel):
     """The result of a bulk registration."""
 
-    count: int = field(metadata=meta("devices registered"))
-    mqtt_host: str = field(metadata=meta("broker host"))
-    mqtt_port: int = field(metadata=meta("broker port"))
-    fleet_signing_public_keys: dict[str, str] = field(metadata=meta(
+    count: int = Field(description="devices registered")
+    mqtt_host: str = Field(description="broker host")
+    mqtt_port: int = Field(description="broker port")
+    fleet_signing_public_keys: dict[str, str] = Field(description=(
         "fleet name -> Ed25519 public key, PEM"))
-    devices: list[BulkRow] = field(metadata=meta("in request order"))
+    devices: list[BulkRow] = Field(description="in request order")
+    replayed: bool = Field(description=(
+        "true when this answers a retry with the same Idempotency-Key: the devices of the "
+        "first request, with passwords rotated again (the first answer's stop working)"))
 
 
-@dataclass(frozen=True)
-class DeviceList:
+class CredentialsRotated(BaseModel):
+    """New MQTT passwords of several devices (shown once; the old ones stop working)."""
+
+    count: int = Field(description="devices whose password was replaced")
+    mqtt_host: str = Field(description="broker host")
+    mqtt_port: int = Field(description="broker port")
+    devices: list[BulkRow] = Field(description="by id, or in request order")
+    replayed: bool = Field(description="true when this answers a retry with the same "
+                                       "Idempotency-Key (passwords rotated again)")
+
+
+class DeviceList(BaseModel):
     """One page of devices."""
 
-    items: list[DeviceOut] = field(metadata=meta("devices, ordered by id"))
-    next_cursor: str | None = field(metadata=meta("pass as `cursor` for the next page; "
-                                                  "null on the last page"))
+    items: list[DeviceOut] = Field(description="devices, ordered by id")
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; "
+                                                "null on the last page")
 
 
-@dataclass(frozen=True)
-class TokenOut:
+class TokenOut(BaseModel):
     """An API token (without its secret)."""
 
-    id: int = field(metadata=meta("token id"))
-    name: str = field(metadata=meta("label"))
-    role: Role = field(metadata=meta("role"))
-    prefix: str = field(metadata=meta("first characters of the secret"))
-    created_at: str = field(metadata=meta("ISO 8601 UTC"))
-    revoked_at: str | None = field(metadata=meta("ISO 8601 UTC, null while valid"))
+    id: int = Field(description="token id")
+    name: str = Field(description="label")
+    role: Role = Field(description="role")
+    prefix: str = Field(description="first characters of the secret")
+    created_at: str = Field(description="ISO 8601 UTC")
+    expires_at: str | None = Field(description="ISO 8601 UTC; null: never expires")
+    revoked_at: str | None = Field(description="ISO 8601 UTC, null while valid")
 
 
-@dataclass(frozen=True)
-class TokenCreated:
+class TokenCreated(BaseModel):
     """A new token with its secret (shown once)."""
 
-    token: TokenOut = field(metadata=meta("the token"))
-    secret: str = field(metadata=meta("the bearer token; shown only in this response"))
+    token: TokenOut = Field(description="the token")
+    secret: str = Field(description="the bearer token; shown only in this response")
 
 
-@dataclass(frozen=True)
-class TokenList:
+class TokenList(BaseModel):
     """All API tokens."""
 
-    items: list[TokenOut] = field(metadata=meta("tokens, by id"))
+    items: list[TokenOut] = Field(description="tokens, by id")

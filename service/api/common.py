@@ -8,15 +8,17 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from flask import current_app, request
+from pydantic import BaseModel
 
 from firmware.targets import OtaLayout, TargetSpec
+from service.device_list import DeviceRow
 from service.models import ApiToken, Device, Fleet
+from service.parsing import validate
 from service.problems import ApiError, FieldError
-from service.registry import DeviceRow, RegistryContext
-from service.validation import parse
+from service.registry import RegistryContext
 
 API_PREFIX = "/api/v1"
-T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 def json_body() -> Any:
@@ -31,24 +33,27 @@ def json_body() -> Any:
     except UnicodeDecodeError as err:
         message = f"the body is not UTF-8: {err.reason} at byte {err.start}"
         raise ApiError(400, message, [FieldError("body", message)]) from None
+    except RecursionError:
+        message = "the JSON document is nested too deeply"
+        raise ApiError(400, message, [FieldError("body", message)]) from None
     except ValueError as err:
         message = f"malformed JSON: {err}" if raw.strip() else "the body is empty"
         raise ApiError(400, message, [FieldError("body", message)]) from None
     return data
 
 
-def parse_body(cls: type[T]) -> T:
-    """The JSON body parsed into schema `cls` (422 naming every bad field)."""
-    return parse(cls, json_body())
+def parse_body(model: type[M]) -> M:
+    """The JSON body validated as `model` (422 naming every bad field)."""
+    return validate(model, json_body())
 
 
-def parse_query(cls: type[T], multi: tuple[str, ...] = ()) -> T:
-    """The query string parsed into schema `cls`; `multi` names repeatable parameters."""
+def parse_query(model: type[M], multi: tuple[str, ...] = ()) -> M:
+    """The query string validated as `model`; `multi` names repeatable parameters."""
     data: dict[str, Any] = {}
     for key in request.args:
         values = request.args.getlist(key)
         data[key] = values if key in multi else values[-1]
-    return parse(cls, data, from_text=True)
+    return validate(model, data)
 
 
 def registry_context() -> RegistryContext:
@@ -96,7 +101,7 @@ def token_json(token: ApiToken) -> dict[str, Any]:
     """A token without its secret (schema TokenOut)."""
     return {"id": token.id, "name": token.name, "role": token.role.value,
             "prefix": token.prefix, "created_at": iso(token.created_at),
-            "revoked_at": iso(token.revoked_at)}
+            "expires_at": iso(token.expires_at), "revoked_at": iso(token.revoked_at)}
 
 
 def mqtt_endpoint() -> tuple[str, int]:

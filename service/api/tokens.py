@@ -25,14 +25,14 @@ def list_view() -> dict[str, Any]:
 
 
 @bp.post("")
-@doc("Create an API token; the secret is returned once", body=TokenCreate,
+@doc("Create an API token (optionally expiring); the secret is returned once", body=TokenCreate,
      response=TokenCreated, status=201, tag="tokens")
 @require(Role.ADMIN)
 def create_view() -> tuple[dict[str, Any], int]:
     """Create a token."""
     spec = parse_body(TokenCreate)
     session = request_session()
-    token, secret = create_token(session, spec.role, spec.name)
+    token, secret = create_token(session, spec.role, spec.name, spec.expires_in_s)
     session.commit()
     return {"token": token_json(token), "secret": secret}, 201
 

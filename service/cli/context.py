@@ -73,14 +73,3 @@ def fail(err: ApiError, as_json: bool, first_line: int | None = None) -> NoRetur
         if len(err.errors) > 50:
             click.echo(f"  ... and {len(err.errors) - 50} more", err=True)
     raise SystemExit(1)
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    """A plain left-aligned text table."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                 for r in rows)
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""`tinyfleet devices import|list|show|decommission`, straight on the database.
+"""`tinyfleet devices import|list|show|rotate-credentials|decommission`, on the database.
 
 CSV columns for `import` (a header row is required; empty cells mean "not given"):
   name         device name, unique (required)
@@ -22,19 +22,22 @@ from typing import Any
 import click
 
 from service.api.common import device_json
-from service.cli.context import app_session, echo_json, fail, registry_context, table
+from service.cli.context import app_session, echo_json, fail, registry_context
+from service.cli.ui import print_table, progress_bar
+from service.device_list import list_devices
 from service.models import DeviceState
+from service.parsing import validate
 from service.problems import ApiError, FieldError
 from service.registry import (
-    Registration,
+    Registered,
     decommission,
     find_device,
-    list_devices,
     parse_rows,
     register_devices,
+    rotate_credentials,
+    select_for_rotation,
 )
-from service.schemas import MAX_BULK_DEVICES, DeviceCreate, DeviceQuery
-from service.validation import parse
+from service.schemas import MAX_BULK_DEVICES, CredentialRotation, DeviceCreate, DeviceQuery
 
 CSV_COLUMNS = ("name", "fleet", "mcu", "sram_bytes", "flash_bytes", "cpu", "tags",
                "ota_layout")
@@ -42,7 +45,7 @@ CSV_COLUMNS = ("name", "fleet", "mcu", "sram_bytes", "flash_bytes", "cpu", "tags
 
 @click.group()
 def devices() -> None:
-    """Register (from CSV), list, show and decommission devices."""
+    """Register (from CSV), list, show, rotate credentials of and decommission devices."""
 
 
 def read_csv(path: Path, fleet: str | None) -> list[DeviceCreate]:
@@ -69,13 +72,15 @@ def read_csv(path: Path, fleet: str | None) -> list[DeviceCreate]:
         row: dict[str, Any] = dict(data)
         if "tags" in data:
             row["tags"] = data["tags"].replace(";", " ").split()
+        if "mcu" in data:  # catalog names are lower case; a spreadsheet may not be
+            row["mcu"] = data["mcu"].lower()
         data_rows.append(row)
-    return parse_rows(data_rows, from_text=True)
+    return parse_rows(data_rows)
 
 
-def write_credentials(cred_dir: Path, label: str, result: Registration, host: str,
+def write_credentials(cred_dir: Path, label: str, devices: list[Registered], host: str,
                       port: int) -> Path:
-    """The new devices' MQTT credentials as CSV, mode 0600 (they are shown only once)."""
+    """New MQTT credentials as CSV, mode 0600 (they are shown only once)."""
     cred_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     path = cred_dir / f"{label}-{stamp}.csv"
@@ -84,9 +89,10 @@ def write_credentials(cred_dir: Path, label: str, result: Registration, host: st
         writer = csv.writer(f)
         writer.writerow(["device_id", "name", "fleet", "mqtt_host", "mqtt_port",
                          "mqtt_username", "mqtt_password"])
-        for r in result.devices:
-            writer.writerow([r.device_id, r.name, r.fleet, host, port, r.device_id,
-                             r.mqtt_password])
+        for r in devices:
+            if r.mqtt_password is not None:
+                writer.writerow([r.device_id, r.name, r.fleet, host, port, r.device_id,
+                                 r.mqtt_password])
     return path
 
 
@@ -102,14 +108,15 @@ def import_cmd(csv_file: Path, fleet: str | None, create_fleet: bool, as_json: b
             rows = read_csv(csv_file, fleet)
             if not rows:
                 raise ApiError(422, f"{csv_file} has no rows", [FieldError("rows", "none")])
-            result = register_devices(session, rows, registry_context(app),
-                                      create_fleets=create_fleet)
+            with progress_bar(f"hashing {len(rows)} passwords", len(rows)) as update:
+                result = register_devices(session, rows, registry_context(app),
+                                          create_fleets=create_fleet, progress=update)
         except ApiError as err:
             fail(err, as_json, first_line=2)
         host, port = str(app.config["MQTT_HOST"]), int(app.config["MQTT_PORT"])
         label = fleet or (rows[0].fleet if len({r.fleet for r in rows}) == 1 else "import")
-        path = write_credentials(Path(app.config["VAR_DIR"]) / "credentials", label, result,
-                                 host, port)
+        path = write_credentials(Path(app.config["VAR_DIR"]) / "credentials", label,
+                                 result.devices, host, port)
     summary = {"count": len(result.devices), "created_fleets": result.created_fleets,
                "credentials_file": str(path.resolve()), "mqtt_host": host, "mqtt_port": port}
     if as_json:
@@ -136,7 +143,7 @@ def list_cmd(fleet: str | None, tags: tuple[str, ...], mcu: str | None, state: s
                             "limit": limit, "cursor": cursor}
     with app_session() as (_app, session):
         try:
-            query = parse(DeviceQuery, {k: v for k, v in args.items() if v is not None})
+            query = validate(DeviceQuery, {k: v for k, v in args.items() if v is not None})
             items, next_cursor = list_devices(session, query)
         except ApiError as err:
             fail(err, as_json)
@@ -144,10 +151,10 @@ def list_cmd(fleet: str | None, tags: tuple[str, ...], mcu: str | None, state: s
     if as_json:
         echo_json({"items": data, "next_cursor": next_cursor})
         return
-    click.echo(table(["ID", "NAME", "FLEET", "MCU", "SRAM", "FLASH", "SLOT", "STATE", "TAGS"],
-                     [[d["id"], d["name"], d["fleet"], d["mcu"], str(d["sram_bytes"]),
-                       str(d["flash_bytes"]), str(d["slot_bytes"]), d["state"],
-                       " ".join(d["tags"])] for d in data]))
+    print_table(["ID", "NAME", "FLEET", "MCU", "SRAM", "FLASH", "SLOT", "STATE", "TAGS"],
+                [[d["id"], d["name"], d["fleet"], d["mcu"], str(d["sram_bytes"]),
+                  str(d["flash_bytes"]), str(d["slot_bytes"]), d["state"],
+                  " ".join(d["tags"])] for d in data], right={4, 5, 6})
     if next_cursor:
         click.echo(f"more: --cursor {next_cursor}")
 
@@ -183,3 +190,39 @@ def decommission_cmd(key: str, as_json: bool) -> None:
         echo_json(data)
     else:
         click.echo(f"decommissioned {data['id']} ({data['name']})")
+
+
+@devices.command("rotate-credentials")
+@click.argument("keys", nargs=-1)
+@click.option("--fleet", default=None, help="every active device of this fleet")
+@click.option("--tag", "tags", multiple=True, help="active devices with this tag (repeatable)")
+@click.option("--mcu", default=None, help="active devices of this catalog MCU (or 'custom')")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def rotate_cmd(keys: tuple[str, ...], fleet: str | None, tags: tuple[str, ...],
+               mcu: str | None, as_json: bool) -> None:
+    """New MQTT passwords for devices KEYS (ids or names), or for those the filters select;
+    the old passwords stop working at once. The new ones go to a 0600 file."""
+    spec_data: dict[str, Any] = {"fleet": fleet, "tag": list(tags) or None, "mcu": mcu,
+                                 "devices": list(keys) or None}
+    with app_session() as (app, session):
+        try:
+            spec = validate(CredentialRotation,
+                            {k: v for k, v in spec_data.items() if v is not None})
+            selected = select_for_rotation(session, spec)
+            with progress_bar(f"hashing {len(selected)} passwords", len(selected)) as update:
+                done = rotate_credentials(session, selected, registry_context(app),
+                                          progress=update)
+        except ApiError as err:
+            fail(err, as_json)
+        host, port = str(app.config["MQTT_HOST"]), int(app.config["MQTT_PORT"])
+        label = f"{fleet or 'devices'}-rotated"
+        path = write_credentials(Path(app.config["VAR_DIR"]) / "credentials", label, done,
+                                 host, port)
+    summary = {"count": len(done), "credentials_file": str(path.resolve()),
+               "devices": [d.device_id for d in done], "mqtt_host": host, "mqtt_port": port}
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(f"rotated the MQTT credentials of {len(done)} device(s); the old passwords "
+               "no longer work")
+    click.echo(f"new credentials (shown only here, mode 0600): {summary['credentials_file']}")

@@ -6,7 +6,8 @@ import click
 
 from firmware.targets import CATALOG, KIB
 from service.api.common import mcu_json
-from service.cli.context import echo_json, table
+from service.cli.context import echo_json
+from service.cli.ui import print_table
 
 
 def _kib(n: int) -> str:
@@ -25,5 +26,5 @@ def mcus(as_json: bool) -> None:
              _kib(m["sram_bytes"]), _kib(m["flash_bytes"]), _kib(m["slot_bytes_ab"]),
              "yes" if m["fpu"] else "no", "yes" if m["dsp"] else "no",
              m["qemu_board"] or "-"] for m in items]
-    click.echo(table(["NAME", "VENDOR", "CORE", "CLOCK", "SRAM", "FLASH", "A/B SLOT", "FPU",
-                      "DSP", "QEMU"], rows))
+    print_table(["NAME", "VENDOR", "CORE", "CLOCK", "SRAM", "FLASH", "A/B SLOT", "FPU", "DSP",
+                 "QEMU"], rows, right={3, 4, 5, 6})
