@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from firmware.targets import OtaLayout, TargetSpec
 from service.device_list import DeviceRow
+from service.limits import read_body
 from service.models import ApiToken, Device, Fleet
 from service.parsing import validate
 from service.problems import ApiError, FieldError
@@ -27,7 +28,7 @@ def json_body() -> Any:
         raise ApiError(415, f"the body must be application/json, got "
                             f"{request.mimetype or 'no Content-Type'}",
                        [FieldError("Content-Type", "must be application/json")])
-    raw = request.get_data(cache=True)
+    raw = read_body()
     try:
         data = json.loads(raw)
     except UnicodeDecodeError as err:

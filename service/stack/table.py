@@ -85,7 +85,8 @@ def mosquitto_spec(plan: StackPlan, files: MosquittoFiles) -> ProcessSpec:
 
 def web_spec(plan: StackPlan, env: Env) -> ProcessSpec:
     """gunicorn serving the app factory."""
-    argv = (sys.executable, "-m", "gunicorn", "--bind", f"{plan.host}:{plan.http_port}",
+    argv = (sys.executable, "-m", "gunicorn", "--config", "python:service.gunicorn_conf",
+            "--bind", f"{plan.host}:{plan.http_port}",
             "--workers", str(plan.web_workers), "--timeout", "120", "--graceful-timeout", "5",
             "--access-logfile", str(plan.log_dir / "web-access.log"),
             "--error-logfile", "-", "service.app:create_app()")
