@@ -7,6 +7,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from service.cli.options import (
     target_options,
 )
 from service.cli.search import sram_parts
+from service.cli.ui import progress_bar, stderr_is_terminal
 
 KEY_FILE = "signing-key.pem"
 PUBKEY_FILE = "signing-key.pub.pem"
@@ -64,15 +67,23 @@ def _write_key(key: Any, out: Path) -> None:
     (out / PUBKEY_FILE).write_bytes(public_key_pem(key.public_key()))
 
 
-def _stage_printer(total: int) -> Any:
+@contextmanager
+def _stage_progress(total: int) -> Iterator[Any]:
+    """A progress bar over the compile stages on a terminal; one line per stage otherwise."""
     from firmware.pipeline import Stage
 
     order = list(Stage)
+    bar = stderr_is_terminal()
+    with progress_bar("compiling", total) as update:
+        def show(stage: Stage, message: str) -> None:
+            n = order.index(stage) + 1
+            if bar:
+                update(n - 1, label=f"[{n}/{total}] {stage.value}: {message}")
+            else:
+                click.echo(f"[{n}/{total}] {stage.value:<8} {message}", err=True)
 
-    def show(stage: Stage, message: str) -> None:
-        click.echo(f"[{order.index(stage) + 1}/{total}] {stage.value:<8} {message}", err=True)
-
-    return show
+        yield show
+        update(total, label="compiled")
 
 
 @click.command("compile")
@@ -141,9 +152,10 @@ def compile_cmd(model: str | None, builtin: str | None, width: float, resolution
             layout=OtaLayout(ota_layout), dsp=not no_dsp, test_vectors=test_vectors,
             model_id=model_id or (Path(model).stem if model else graph.name),
             model_version=model_version)
-        with tempfile.TemporaryDirectory(prefix="tf-compile-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="tf-compile-") as tmp, \
+                _stage_progress(len(Stage)) as show:
             result = compile_model(graph, target, key, Path(tmp), calib_set, test_set, options,
-                                   progress=_stage_printer(len(Stage)), quantized=quantized)
+                                   progress=show, quantized=quantized)
             # Only a finished, signed result reaches the output directory.
             out_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(Path(tmp) / "model", out_dir / "model", dirs_exist_ok=True)

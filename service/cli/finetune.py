@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import click
 
 from firmware.errors import FirmwareError
 from service.cli.options import SIZE, kb
+from service.cli.ui import progress_bar
 
 
 def _var_dir() -> Path:
@@ -79,10 +79,9 @@ def finetune(model: Path, data: str, scheme_path: Path | None, budget: int | Non
             base = None if lr is None else SparseUpdateScheme(lr=lr)
             scheme = plan_scheme(qgraph.graph, contributions, budget, base).scheme
         steps = max(1, round(epochs * len(train)))
-        with click.progressbar(length=steps, label="fine-tuning", file=sys.stderr) as bar:
+        with progress_bar("fine-tuning", steps) as update:
             def progress(step: int, total: int, loss: float) -> None:
-                bar.label = f"fine-tuning, loss {loss:.3f}"
-                bar.update(1)
+                update(step, total, label=f"fine-tuning, loss {loss:.3f}")
 
             result = run_finetune(qgraph, scheme, train, test, epochs, seed, progress=progress)
         metrics = {**result.metrics(), "data": dataset.source, "origin": origin}
@@ -180,12 +179,9 @@ def run_contributions(family_dir: Path, blocks: int = 3, steps: int = 300,
     settings = AnalysisSettings(blocks=blocks, steps=steps,
                                 **({"lrs": tuple(sorted(lrs))} if lrs else {}))
     try:
-        with click.progressbar(length=1, label="contribution analysis",
-                               file=sys.stderr) as bar:
+        with progress_bar("contribution analysis", 1) as update:
             def progress(done: int, total: int, label: str) -> None:
-                bar.length = total
-                bar.label = f"contribution analysis: {label}"
-                bar.update(done - bar.pos)
+                update(done, total, label=f"contribution analysis: {label}")
 
             found = family_contributions(family_dir, settings, progress, workers)
     except FirmwareError as exc:

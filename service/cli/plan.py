@@ -17,6 +17,7 @@ from firmware.plan.patch import PatchPlan, best_schedule, plan_patches
 from firmware.targets import Cpu
 from firmware.training.memory import TrainingMemoryReport
 from service.cli.options import SIZE, kb, load_graph, parse_patches
+from service.cli.ui import render_table
 
 
 def _resolution(ctx: click.Context, param: click.Parameter,
@@ -103,16 +104,6 @@ def plan_json(report: MemoryReport, plan: PatchPlan, account: SramAccount | None
     return doc
 
 
-def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def _sram_need(plan: PatchPlan, account: SramAccount | None) -> int:
     return plan.peak_bytes if account is None else account.total_bytes
 
@@ -138,8 +129,8 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan,
     out = [f"{graph.name}: {report.macs / 1e6:.1f} M MACs, weights {kb(report.weights_bytes)} "
            f"(int8 + int32 bias + requant; code not counted), memory model "
            f"{report.memory_model.value}, {report.bytes_per_element:g} byte(s)/element", "",
-           _table(["LAYER", "OP", "OUT CxHxW", "IN", "OUT", "LIVE", "PATCH-BASED", "MACS", ""],
-                  rows, {3, 4, 5, 6, 7}), "",
+           render_table(["LAYER", "OP", "OUT CxHxW", "IN", "OUT", "LIVE", "PATCH-BASED", "MACS",
+                         ""], rows, {3, 4, 5, 6, 7}), "",
            f"layer-based peak: {kb(report.peak_bytes)} ({report.peak_bytes} bytes) at "
            f"{report.peak_layer}"]
     s = plan.schedule

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import click
 
 from firmware.targets import OtaLayout, TargetSpec
 from service.cli.options import kb, resolve_target, target_options
+from service.cli.ui import progress_bar
 
 DEFAULT_RESOLUTIONS: dict[str, tuple[int, ...]] = {
     "digits": (24, 32, 40, 48),
@@ -92,12 +92,14 @@ def train_supernet(data: str, epochs: int | None, out_dir: Path | None, resume: 
     torch.manual_seed(seed)
     supernet = Supernet(space)
     steps = config.epochs * -(-len(dataset.train) // batch_size)
-    # With --json, stdout carries only the JSON document: the bar goes to stderr.
-    with click.progressbar(length=steps, label="training",
-                           file=sys.stderr if as_json else None) as bar:
+    # The bar goes to stderr (stdout carries only results, the JSON document with --json).
+    with progress_bar("training", steps) as update:
+        done = 0
+
         def progress(p: TrainProgress) -> None:
-            bar.label = f"epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}"
-            bar.update(1)
+            nonlocal done
+            done += 1
+            update(done, label=f"epoch {p.epoch}/{p.epochs} loss {p.loss:.3f}")
 
         try:
             summary = train_supernet(supernet, dataset, config, out / CHECKPOINT_NAME,
@@ -211,8 +213,9 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
 
         assert supernet is not None and dataset is not None
         try:
-            found = specialize(family, supernet, dataset, constraints, settings,
-                               ObjectiveKind(objective))
+            with progress_bar(f"searching for {target.name}", None):
+                found = specialize(family, supernet, dataset, constraints, settings,
+                                   ObjectiveKind(objective))
         except DoesNotFitError as exc:
             if as_json:
                 click.echo(json.dumps({"error": str(exc), "target": target.name}))

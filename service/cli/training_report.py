@@ -11,6 +11,7 @@ from firmware.errors import FirmwareError
 from firmware.training.memory import TrainingMemoryReport
 from firmware.training.scheme import SparseUpdateScheme
 from service.cli.options import kb
+from service.cli.ui import render_table
 
 
 def load_scheme(path: Path) -> SparseUpdateScheme:
@@ -44,16 +45,6 @@ def training_json(reordered: TrainingMemoryReport, plain: TrainingMemoryReport
             "reorder": summary(reordered), "no_reorder": summary(plain), "layers": rows}
 
 
-def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def training_table(reordered: TrainingMemoryReport, plain: TrainingMemoryReport) -> str:
     """Per-layer table and summary of a scheme's training memory."""
     rows = []
@@ -66,8 +57,9 @@ def training_table(reordered: TrainingMemoryReport, plain: TrainingMemoryReport)
                      kb(a.weight_grad_bytes), kb(a.master_bytes)])
     r, p = reordered, plain
     out = [f"training step (batch 1): {r.scheme.describe()}", "",
-           _table(["LAYER", "OP", "POS", "TRAINS", "FWD", "KEPT", "BWD", "BWD NO-REORDER",
-                   "GRADS", "MASTER"], rows, {4, 5, 6, 7, 8, 9}) if rows else "(no layer)",
+           render_table(["LAYER", "OP", "POS", "TRAINS", "FWD", "KEPT", "BWD",
+                         "BWD NO-REORDER", "GRADS", "MASTER"], rows, {4, 5, 6, 7, 8, 9})
+           if rows else "(no layer)",
            "",
            f"inference (layer-based) peak: {kb(r.inference_peak_bytes)}",
            f"training buffers (the account's training term): {kb(r.training_bytes)} at "

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import click
 from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -53,13 +54,25 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
                 right: set[int] | frozenset[int] = frozenset()) -> None:
     """Print a table to stdout (styled on a terminal, plain text otherwise)."""
     if sys.stdout.isatty():
-        Console(file=sys.stdout, highlight=False).print(make_table(headers, rows, right))
+        table = make_table(headers, rows, right)
+        console = Console(file=sys.stdout, highlight=False)
+        # Never shrink a table to the terminal (ids would be cut with an ellipsis): a
+        # wider one wraps as plain text does.
+        natural = Measurement.get(console, console.options.update(width=PLAIN_WIDTH),
+                                  table).maximum
+        console.width = max(console.width, natural)
+        console.print(table)
     else:
         click.echo(render_table(headers, rows, right))
 
 
 def _stderr_console() -> Console:
     return Console(file=sys.stderr, highlight=False)
+
+
+def stderr_is_terminal() -> bool:
+    """Whether progress bars are shown (stderr is a terminal)."""
+    return _stderr_console().is_terminal
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from service.cli.ui import render_table
 from service.demo.api import ApiClient
 from service.demo.compile_step import compile_step
 from service.demo.runner import DemoContext, DemoError, Step
@@ -90,9 +91,8 @@ def list_step(ctx: DemoContext) -> None:
     rows = [[d["name"], d["id"], d["fleet"], d["mcu"], d["cpu"], _kib(d["sram_bytes"]),
              _kib(d["flash_bytes"]), f"{_kib(d['slot_bytes'])} ({d['ota_layout']})",
              ",".join(d["tags"])] for d in sorted(items, key=lambda d: (d["fleet"], d["name"]))]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    for row in [headers, ["-" * w for w in widths], *rows]:
-        ctx.say("    " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for line in render_table(headers, rows, right={5, 6}).splitlines():
+        ctx.say("    " + line)
     broker_dir = ctx.plan.broker_dir
     system = set(SYSTEM_USERNAMES)
     base = sum(line.split(":", 1)[0] not in system

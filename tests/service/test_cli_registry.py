@@ -127,3 +127,50 @@ def test_db_upgrade(var: Path) -> None:
     result = run("db", "upgrade")
     assert result.exit_code == 0 and head_revision() in result.stdout
     assert run("db", "current").stdout.strip() == head_revision()
+
+
+def _credentials(path: Path) -> dict[str, str]:
+    with path.open() as f:
+        return {row["name"]: row["mqtt_password"] for row in csv.DictReader(f)}
+
+
+def test_rotate_credentials(var: Path, tmp_path: Path) -> None:
+    from service.mqtt_passwords import verify_password
+
+    src = _write_csv(tmp_path / "fleet.csv", ["name,mcu,tags", "r-1,rp2040,a", "r-2,rp2040,b",
+                                              "r-3,STM32F746,a"])
+    imported = json.loads(run("devices", "import", str(src), "--fleet", "gh", "--create-fleet",
+                              "--json").stdout)
+    first = _credentials(Path(imported["credentials_file"]))
+    result = run("devices", "rotate-credentials", "--tag", "a", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["count"] == 2
+    cred = Path(summary["credentials_file"])
+    assert stat.S_IMODE(cred.stat().st_mode) == 0o600
+    rotated = _credentials(cred)
+    assert set(rotated) == {"r-1", "r-3"}
+    hashes = dict(rows(var, "SELECT name, mqtt_password_hash FROM devices"))
+    for name in ("r-1", "r-3"):
+        assert verify_password(rotated[name], str(hashes[name]))
+        assert not verify_password(first[name], str(hashes[name]))
+    assert verify_password(first["r-2"], str(hashes["r-2"]))
+    assert run("devices", "rotate-credentials", "r-2").exit_code == 0
+    assert run("devices", "rotate-credentials").exit_code == 1  # nothing selected
+    assert run("devices", "decommission", "r-2").exit_code == 0
+    refused = run("devices", "rotate-credentials", "r-2", "--json")
+    assert refused.exit_code == 1 and "decommissioned" in refused.stdout
+
+
+def test_token_expiry_option(var: Path) -> None:
+    created = run("tokens", "create", "--role", "viewer", "--expires-in", "2h", "--json")
+    assert created.exit_code == 0, created.output
+    token = json.loads(created.stdout)["token"]
+    from datetime import datetime
+
+    lifetime = (datetime.fromisoformat(token["expires_at"])
+                - datetime.fromisoformat(token["created_at"]))
+    assert lifetime.total_seconds() == 7200
+    assert "EXPIRES" in run("tokens", "list").stdout.splitlines()[0]
+    assert run("tokens", "create", "--role", "viewer", "--expires-in", "5").exit_code == 2
+    assert run("tokens", "create", "--role", "viewer", "--expires-in", "soon").exit_code == 2
