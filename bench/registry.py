@@ -1,15 +1,17 @@
-"""Fleet registry benchmark: bulk registration, filtered listing through gunicorn, and the
-broker keeping up with the registry, at 10,000 devices; and the broker alone at 100,000.
+"""Fleet registry benchmark: bulk registration, every list filter and a walk over all pages
+through gunicorn, the broker keeping up with the registry; and the broker alone at 100,000.
 
-    .venv/bin/python -m bench.registry [--devices 10000] [--requests 200] [--json]
-        [--database-url postgresql://...]
+    .venv/bin/python -m bench.registry [--devices 10000|100000] [--requests 200] [--json]
+        [--postgres | --database-url postgresql://...]
     .venv/bin/python -m bench.registry --broker-scale 100000 [--postgres] [--json]
+    .venv/bin/python -m bench.registry validation   # the 10k bulk body: pydantic vs main's
 
 Everything runs for real: gunicorn (2 workers, the stack's command line) serving the app on
 a fresh SQLite file (or the given database), and a Mosquitto of our own with the generated
-config. Peers measured in the same run: single-device POSTs (per device), GET /api/v1/mcus
-(the WSGI floor: auth, no registry query), and `mosquitto_passwd -U` hashing the same number
-of passwords (what an operator would run without a registry).
+config. More than 10,000 devices are registered by several bulk requests of 10,000 (the
+API's limit). Peers measured in the same run: single-device POSTs (per device), GET
+/api/v1/mcus (the WSGI floor: auth, no registry query), and `mosquitto_passwd -U` hashing
+the same number of passwords (what an operator would run without a registry).
 """
 
 from __future__ import annotations
@@ -48,7 +50,20 @@ from service.stack.table import mosquitto_spec, web_spec
 
 MCUS = ("stm32f412", "stm32f746", "stm32h743", "nrf52840", "rp2040", "esp32s3")
 FLEETS = 5
+BULK = 10_000  # rows per bulk request (the API's limit)
 LIST_QUERY = "/api/v1/devices?fleet=fleet-2&tag=batch-3&mcu=stm32f746&limit=100"
+# Every documented filter of GET /api/v1/devices, alone and combined (limit 100).
+LIST_FILTERS = {
+    "none": "",
+    "fleet": "fleet=fleet-2",
+    "mcu": "mcu=stm32f746",
+    "state": "state=active",
+    "tag": "tag=batch-3",
+    "fleet+mcu+state": "fleet=fleet-2&mcu=stm32f746&state=active",
+    "two tags+state": "tag=batch-3&tag=bench&state=active",
+    "fleet+tag+mcu": "fleet=fleet-2&tag=batch-3&mcu=stm32f746",
+    "tag+decommissioned": "tag=bench&state=decommissioned",
+}
 
 
 def request(port: int, method: str, path: str, token: str,
@@ -68,6 +83,13 @@ def request(port: int, method: str, path: str, token: str,
         conn.close()
 
 
+def summary_ms(times: list[float]) -> dict[str, float]:
+    """p50 / p99 / mean / max of latencies in ms."""
+    times = sorted(times)
+    return {"p50_ms": statistics.median(times), "p99_ms": times[int(0.99 * (len(times) - 1))],
+            "mean_ms": statistics.fmean(times), "max_ms": times[-1]}
+
+
 def latencies_ms(port: int, path: str, token: str, n: int) -> dict[str, float]:
     """p50 / p99 / mean of `n` GETs of `path`, in ms (each checked for 200)."""
     times = []
@@ -77,9 +99,28 @@ def latencies_ms(port: int, path: str, token: str, n: int) -> dict[str, float]:
         times.append((time.perf_counter() - start) * 1000)
         if status != 200:
             raise RuntimeError(f"GET {path} -> {status}")
-    times.sort()
-    return {"p50_ms": statistics.median(times), "p99_ms": times[int(0.99 * (n - 1))],
-            "mean_ms": statistics.fmean(times)}
+    return summary_ms(times)
+
+
+def walk_pages(port: int, query: str, limit: int, token: str) -> dict[str, Any]:
+    """Follow next_cursor from the first page to the last: per-page latency and total."""
+    times, items, cursor = [], 0, None
+    start = time.perf_counter()
+    while True:
+        path = f"/api/v1/devices?limit={limit}" + (f"&{query}" if query else "") + (
+            f"&cursor={cursor}" if cursor else "")
+        t = time.perf_counter()
+        status, body = request(port, "GET", path, token)
+        times.append((time.perf_counter() - t) * 1000)
+        if status != 200:
+            raise RuntimeError(f"GET {path} -> {status}: {body[:300]!r}")
+        page = json.loads(body)
+        items += len(page["items"])
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    return {"pages": len(times), "items": items, "total_s": time.perf_counter() - start,
+            **summary_ms(times)}
 
 
 def bulk_rows(n: int, prefix: str) -> list[dict[str, Any]]:
@@ -121,18 +162,23 @@ def start_servers(plan: StackPlan, env: dict[str, str],
 
 
 def measure_http(port: int, token: str, devices: int, requests: int) -> dict[str, Any]:
-    """Bulk vs single registration, then filtered and unfiltered lists vs GET /mcus."""
+    """Bulk vs single registration, then every list filter and page walks vs GET /mcus."""
     out: dict[str, Any] = {}
     for f in range(FLEETS):
         status, body = request(port, "POST", "/api/v1/fleets", token, {"name": f"fleet-{f}"})
         assert status == 201, body
-    start = time.perf_counter()
-    status, body = request(port, "POST", "/api/v1/devices/bulk", token,
-                           {"devices": bulk_rows(devices, "bulk")})
-    out["bulk_s"] = time.perf_counter() - start
-    assert status == 201, body[:500]
+    rows = bulk_rows(devices, "bulk")
+    bulk_times = []
+    for first in range(0, devices, BULK):
+        start = time.perf_counter()
+        status, body = request(port, "POST", "/api/v1/devices/bulk", token,
+                               {"devices": rows[first:first + BULK]})
+        bulk_times.append(time.perf_counter() - start)
+        assert status == 201, body[:500]
+    out["bulk_s"] = sum(bulk_times)
+    out["bulk_requests_s"] = bulk_times
     out["bulk_ms_per_device"] = out["bulk_s"] * 1000 / devices
-    singles = 100
+    singles = 100 if devices <= BULK else 10  # each reloads the broker: ~1 s at 100k
     start = time.perf_counter()
     for row in bulk_rows(singles, "single"):
         status, body = request(port, "POST", "/api/v1/devices", token, row)
@@ -141,6 +187,15 @@ def measure_http(port: int, token: str, devices: int, requests: int) -> dict[str
     out["list_items"] = len(json.loads(request(port, "GET", LIST_QUERY, token)[1])["items"])
     out["list"] = latencies_ms(port, LIST_QUERY, token, requests)
     out["list_unfiltered"] = latencies_ms(port, "/api/v1/devices?limit=100", token, requests)
+    out["filters"] = {}
+    for name, query in LIST_FILTERS.items():
+        path = "/api/v1/devices?limit=100" + (f"&{query}" if query else "")
+        items = len(json.loads(request(port, "GET", path, token)[1])["items"])
+        out["filters"][name] = {"query": query, "items": items,
+                                **latencies_ms(port, path, token, requests)}
+    out["walk_all_limit_1000"] = walk_pages(port, "", 1000, token)
+    out["walk_two_tags_state_limit_100"] = walk_pages(
+        port, LIST_FILTERS["two tags+state"], 100, token)
     out["peer_mcus"] = latencies_ms(port, "/api/v1/mcus", token, requests)
     return out
 
@@ -195,7 +250,8 @@ def report(r: dict[str, Any]) -> str:
     """The numbers as text."""
     peer = r["peer_mosquitto_passwd_s"]
     lines = [
-        f"bulk register {r['devices']} devices (one POST, gunicorn, {r['database']}): "
+        f"bulk register {r['devices']} devices ({len(r['bulk_requests_s'])} POST(s) of up to "
+        f"{BULK}, gunicorn, {r['database']}): "
         f"{r['bulk_s']:.2f} s ({r['bulk_ms_per_device']:.3f} ms/device; single POSTs "
         f"{r['single_post_ms_per_device']:.1f} ms/device, "
         f"{r['single_post_ms_per_device'] / r['bulk_ms_per_device']:.0f}x)",
@@ -203,6 +259,13 @@ def report(r: dict[str, Any]) -> str:
         f"p50 {r['list']['p50_ms']:.1f} ms, p99 {r['list']['p99_ms']:.1f} ms",
         f"list unfiltered limit=100: p50 {r['list_unfiltered']['p50_ms']:.1f} ms, "
         f"p99 {r['list_unfiltered']['p99_ms']:.1f} ms",
+        *(f"  filter {name:<20} ({f['items']:>3} items): p50 {f['p50_ms']:.1f} ms, "
+          f"p99 {f['p99_ms']:.1f} ms, max {f['max_ms']:.1f} ms"
+          for name, f in r["filters"].items()),
+        *(f"walk {name}: {w['pages']} pages, {w['items']} devices in {w['total_s']:.1f} s; "
+          f"per page p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms"
+          for name, w in (("all, limit 1000", r["walk_all_limit_1000"]),
+                          ("two tags+state, limit 100", r["walk_two_tags_state_limit_100"]))),
         f"peer GET /api/v1/mcus: p50 {r['peer_mcus']['p50_ms']:.1f} ms, "
         f"p99 {r['peer_mcus']['p99_ms']:.1f} ms",
         f"broker base rewritten ({r['broker_password_lines']} lines) + SIGHUP, reload "
@@ -215,8 +278,79 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+OLD_VALIDATION_REV = "f0b9652"  # main before pydantic: service/validation.py, hand-rolled
+
+
+def _old_validation() -> tuple[Any, Any] | None:
+    """main's hand-rolled validator and its schemas, loaded from git (None without git)."""
+    import sys
+    import types
+
+    try:
+        sources = [subprocess.run(["git", "show", f"{OLD_VALIDATION_REV}:service/{name}.py"],
+                                  check=True, capture_output=True).stdout
+                   for name in ("validation", "schemas")]
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    modules = []
+    saved = sys.modules.get("service.validation")
+    for name, source in zip(("service.validation", "old_schemas"), sources, strict=True):
+        module = types.ModuleType(name)
+        sys.modules[name] = module  # dataclasses and type hints look their module up
+        exec(compile(source, f"{OLD_VALIDATION_REV}:{name}", "exec"), module.__dict__)
+        modules.append(module)
+    sys.modules["old_validation"] = sys.modules.pop("service.validation")
+    if saved is not None:
+        sys.modules["service.validation"] = saved
+    return modules[0], modules[1]
+
+
+def measure_validation(repeats: int = 7) -> dict[str, Any]:
+    """Parse + validate the body of a 10,000-row bulk request: pydantic (now) vs main's
+    hand-rolled validator, same body, same process, best and median of `repeats`."""
+    from service.schemas import DeviceBulkCreate
+
+    rows = bulk_rows(BULK, "bulk")
+    for row in rows[::7]:  # some rows with explicit sizes: the size parser runs too
+        del row["mcu"]
+        row.update(sram_bytes="256KiB", flash_bytes=1048576, cpu="cortex-m4")
+    raw = json.dumps({"devices": rows}).encode()
+
+    def timed(parse: Any) -> dict[str, float]:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            parse()
+            times.append((time.perf_counter() - start) * 1000)
+        return {"best_ms": min(times), "median_ms": statistics.median(times)}
+
+    out: dict[str, Any] = {"rows": BULK, "body_bytes": len(raw),
+                           "pydantic": timed(lambda: DeviceBulkCreate.model_validate(
+                               json.loads(raw)))}
+    old = _old_validation()
+    if old is not None:
+        validation, schemas = old
+
+        def parse_old() -> None:
+            data = json.loads(raw)
+            spec = validation.parse(schemas.DeviceBulkEnvelope, data)
+            errors: list[Any] = []
+            for i, row in enumerate(spec.devices):
+                validation.parse_into(schemas.DeviceCreate, row, errors, index=i)
+            assert not errors
+
+        out["hand_rolled"] = timed(parse_old)
+    return out
+
+
 def main() -> None:
     """Command-line entry point."""
+    import sys
+
+    if sys.argv[1:2] == ["validation"]:
+        result = measure_validation()
+        print(json.dumps(result, indent=2))
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--requests", type=int, default=200)

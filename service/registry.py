@@ -391,7 +391,7 @@ def select_for_rotation(session: Session, spec: CredentialRotation) -> list[Sele
         return _select_keys(session, spec.devices)
     filters = device_filters(session, spec.fleet, spec.mcu, DeviceState.ACTIVE)
     stmt = select(Device.id).where(*filters.indexed())
-    for tag in dict.fromkeys(spec.tag):
+    for tag in dict.fromkeys(spec.tag or []):
         stmt = stmt.where(Device.id.in_(select(DeviceTag.device_id).where(DeviceTag.tag == tag)))
     ids = list(session.scalars(stmt.order_by(Device.id).limit(MAX_BULK_DEVICES + 1)))
     if len(ids) > MAX_BULK_DEVICES:

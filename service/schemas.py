@@ -202,25 +202,36 @@ class DeviceQuery(RequestModel):
         default=None, description="`next_cursor` of the previous page")
 
 
-class CredentialRotation(RequestModel):
-    """Devices whose MQTT passwords are replaced: listed by id or name, or selected by
-    filters (active devices only); at most 10,000 per request."""
+_SELECTION = ("devices", "fleet", "tag", "mcu")
+_FILTERS = [{"required": [name]} for name in _SELECTION[1:]]
 
-    devices: list[DeviceKey] | None = Field(default=None, max_length=MAX_BULK_DEVICES,
-                                            description="device ids or names")
-    fleet: FleetName | None = Field(default=None, description="every device of this fleet")
-    tag: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS,
-                           description="devices with all of these tags")
-    mcu: McuFilter | None = Field(default=None, description="catalog MCU name or 'custom'")
+
+class CredentialRotation(RequestModel):
+    """Devices whose MQTT passwords are replaced: listed by id or name (`devices`), or
+    selected by filters (`fleet`, `tag`, `mcu`; active devices only); at most 10,000."""
+
+    # Given means present: no field takes null, so the document's oneOf says the same.
+    model_config = ConfigDict(json_schema_extra={"oneOf": [
+        {"required": ["devices"], "not": {"anyOf": _FILTERS}},
+        {"not": {"required": ["devices"]}, "anyOf": _FILTERS}]})
+
+    devices: list[DeviceKey] = Field(default=None, min_length=1,  # type: ignore[assignment]
+                                     max_length=MAX_BULK_DEVICES,
+                                     description="device ids or names")
+    fleet: FleetName = Field(default=None,  # type: ignore[assignment]
+                             description="every active device of this fleet")
+    tag: list[Tag] = Field(default=None, min_length=1,  # type: ignore[assignment]
+                           max_length=MAX_TAGS, description="devices with all these tags")
+    mcu: McuFilter = Field(default=None,  # type: ignore[assignment]
+                           description="catalog MCU name or 'custom'")
 
     @model_validator(mode="after")
     def _one_selection(self) -> CredentialRotation:
-        filters = self.fleet is not None or bool(self.tag) or self.mcu is not None
-        if (self.devices is None) == (not filters):
+        listed = self.devices is not None
+        filtered = any(getattr(self, name) is not None for name in _SELECTION[1:])
+        if listed == filtered:
             raise _fail("give either devices (ids or names) or filters (fleet, tag, mcu), "
                         "not both and not neither")
-        if self.devices is not None and not self.devices:
-            raise _fail("devices: the list is empty")
         return self
 
 

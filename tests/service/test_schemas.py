@@ -127,6 +127,16 @@ def test_tokens_agree(role: str, name: str, expires: Any) -> None:
     assert document_accepts(TokenCreate, body) == model_accepts(TokenCreate, body), body
 
 
+@settings(max_examples=300, deadline=None)
+@given(body=st.dictionaries(st.sampled_from(["devices", "fleet", "tag", "mcu", "x"]),
+                            st.one_of(JSONISH, st.sampled_from(
+                                ["gh-1", "rp2040", ["gh-1"], ["a", "b"], [], "custom"])),
+                            max_size=3))
+def test_rotation_selections_agree(body: dict[str, Any]) -> None:
+    assert document_accepts(CredentialRotation, body) == model_accepts(CredentialRotation,
+                                                                        body), body
+
+
 def test_known_cases() -> None:
     ok = {"name": "a", "fleet": "f", "sram_bytes": "256KiB", "flash_bytes": 1 << 20,
           "cpu": "cortex-m4"}
