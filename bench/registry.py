@@ -40,9 +40,10 @@ from bench.registry_broker import (
 from service import db
 from service.auth import create_token
 from service.broker_sync import BrokerTarget, full_sync, prepare_start
+from service.device_list import list_devices
 from service.models import Role
 from service.registry import RegistryContext, register_devices
-from service.schemas import DeviceCreate
+from service.schemas import DeviceCreate, DeviceQuery
 from service.stack.config import LOOPBACK, StackPlan, free_port, plan_stack
 from service.stack.mosquitto import MosquittoFiles
 from service.stack.procs import Started, spawn, stop_group, tcp_open, wait_until
@@ -200,6 +201,35 @@ def measure_http(port: int, token: str, devices: int, requests: int) -> dict[str
     return out
 
 
+def measure_queries(session: Session, requests: int) -> dict[str, Any]:
+    """The registry's own share of each list: `list_devices` in this process (no HTTP, no
+    JSON), each filter `requests` times, and a walk over every page of 100."""
+    from urllib.parse import parse_qs
+
+    out: dict[str, Any] = {}
+    for name, query in LIST_FILTERS.items():
+        args: dict[str, Any] = {k: v if k == "tag" else v[-1]
+                                for k, v in parse_qs(query).items()}
+        spec = DeviceQuery.model_validate({**args, "limit": 100})
+        times = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            list_devices(session, spec)
+            times.append((time.perf_counter() - start) * 1000)
+        out[name] = summary_ms(times)
+    times, cursor = [], None
+    while True:
+        start = time.perf_counter()
+        _page, cursor = list_devices(session, DeviceQuery.model_validate(
+            {"limit": 100, **({"cursor": cursor} if cursor else {})}))
+        times.append((time.perf_counter() - start) * 1000)
+        if cursor is None:
+            break
+    out["walk_all_limit_100"] = {"pages": len(times), "total_s": sum(times) / 1000,
+                                 **summary_ms(times)}
+    return out
+
+
 def measure_broker(engine: Engine, session: Session, plan: StackPlan,
                    files: MosquittoFiles) -> dict[str, Any]:
     """A full sync (base rewrite + SIGHUP, reload confirmed), and registration -> connect."""
@@ -235,6 +265,8 @@ def run(devices: int, requests: int, database_url: str | None) -> dict[str, Any]
                                "database": plan.database_url.split(":")[0]}
         out.update(measure_http(plan.http_port, token, devices, requests))
         with maker() as session:
+            out["in_process"] = measure_queries(session, requests)
+        with maker() as session:
             engine = session.get_bind()
             assert isinstance(engine, Engine)
             out.update(measure_broker(engine, session, plan, files))
@@ -266,6 +298,8 @@ def report(r: dict[str, Any]) -> str:
           f"per page p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms"
           for name, w in (("all, limit 1000", r["walk_all_limit_1000"]),
                           ("two tags+state, limit 100", r["walk_two_tags_state_limit_100"]))),
+        *(f"  in process {name:<20}: p50 {q['p50_ms']:.2f} ms, p99 {q['p99_ms']:.2f} ms"
+          for name, q in r["in_process"].items()),
         f"peer GET /api/v1/mcus: p50 {r['peer_mcus']['p50_ms']:.1f} ms, "
         f"p99 {r['peer_mcus']['p99_ms']:.1f} ms",
         f"broker base rewritten ({r['broker_password_lines']} lines) + SIGHUP, reload "

@@ -237,7 +237,7 @@ def plan_page(session: Session, query: DeviceQuery) -> ListPlan:
 
 def list_devices(session: Session, query: DeviceQuery) -> tuple[list[DeviceRow], str | None]:
     """One page of devices matching the filters, by id, and the cursor of the next page."""
-    page = session.execute(plan_page(session, query).statement).all()
+    page: list[Any] = list(session.execute(plan_page(session, query).statement).all())
     next_cursor = str(page[query.limit - 1][0]) if len(page) > query.limit else None
     page = page[:query.limit]
     if not page:
@@ -246,6 +246,6 @@ def list_devices(session: Session, query: DeviceQuery) -> tuple[list[DeviceRow],
     names = {fleet_id: name for fleet_id, name in
              session.execute(select(Fleet.id, Fleet.name).where(Fleet.id.in_(fleet_ids)))}
     # Tags contain no spaces (schemas.TAG_RE): joined with one, split back here.
-    return [DeviceRow(row[0], row[1], names[row[2]], *row[3:-1],
-                      tags=sorted(row[-1].split(" ")) if row[-1] else [])
+    return [DeviceRow(row[0], row[1], names[row[2]], row[3], row[4], row[5], row[6], row[7],
+                      row[8], row[9], row[10], sorted(row[11].split(" ")) if row[11] else [])
             for row in page], next_cursor

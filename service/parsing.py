@@ -66,10 +66,10 @@ def field_errors(err: ValidationError, model: type[BaseModel], *,
     """
     out: list[FieldError] = []
     for e in err.errors(include_url=False, include_context=True, include_input=True):
-        loc = list(e["loc"])
+        loc: list[int | str] = list(e["loc"])
         index: int | None = None
         if rows and loc and isinstance(loc[0], int):
-            index = loc.pop(0)
+            index = int(loc.pop(0))
         elif len(loc) >= 2 and isinstance(loc[1], int) and _is_row_list(model, loc[0]):
             index = int(loc[1])
             loc = loc[2:] if len(loc) > 2 else [f"{loc[0]}[{index}]"]

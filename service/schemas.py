@@ -203,7 +203,7 @@ class DeviceQuery(RequestModel):
 
 
 _SELECTION = ("devices", "fleet", "tag", "mcu")
-_FILTERS = [{"required": [name]} for name in _SELECTION[1:]]
+_FILTERS: list[Any] = [{"required": [name]} for name in _SELECTION[1:]]
 
 
 class CredentialRotation(RequestModel):
@@ -215,12 +215,12 @@ class CredentialRotation(RequestModel):
         {"required": ["devices"], "not": {"anyOf": _FILTERS}},
         {"not": {"required": ["devices"]}, "anyOf": _FILTERS}]})
 
-    devices: list[DeviceKey] = Field(default=None, min_length=1,  # type: ignore[assignment]
+    devices: list[DeviceKey] = Field(default=None, min_length=1,  # type: ignore[arg-type]
                                      max_length=MAX_BULK_DEVICES,
                                      description="device ids or names")
     fleet: FleetName = Field(default=None,  # type: ignore[assignment]
                              description="every active device of this fleet")
-    tag: list[Tag] = Field(default=None, min_length=1,  # type: ignore[assignment]
+    tag: list[Tag] = Field(default=None, min_length=1,  # type: ignore[arg-type]
                            max_length=MAX_TAGS, description="devices with all these tags")
     mcu: McuFilter = Field(default=None,  # type: ignore[assignment]
                            description="catalog MCU name or 'custom'")

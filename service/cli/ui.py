@@ -92,8 +92,6 @@ def progress_bar(label: str, total: int | None) -> Iterator[Callable[..., None]]
 
         def update(completed: float, total: float | None = None,
                    label: str | None = None) -> None:
-            progress.update(task, completed=completed,
-                            **({"total": total} if total is not None else {}),
-                            **({"description": label} if label is not None else {}))
+            progress.update(task, completed=completed, total=total, description=label)
 
         yield update
