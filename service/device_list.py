@@ -5,20 +5,26 @@ served by walking one index in id order and stopping after `limit + 1` matches, 
 sorting all matches:
 
 - fleet / mcu / state (any combination): the devices index on (those columns..., id);
-- tags: device_tags' (tag, device_id) index lists a tag's devices in id order.
+- tags: device_tags' (tag, device_id) index lists a tag's devices in id order; the other
+  filters are checked on each device found (a primary-key lookup).
 
-With tags and other filters, the walk starts from whichever of them selects the fewest
-devices after the cursor. Those counts are capped at COUNT_CAP index entries (cheap:
-index-only), which bounds a page's work: when every candidate selects more than COUNT_CAP of
-N devices, each filter keeps at least COUNT_CAP / N of the rows it sees, so the walk reads
-about (limit + 1) * N / COUNT_CAP entries (5,050 at 100k devices and limit 100) if the
-filters are independent. Filters that are strongly anti-correlated (a tag that never meets
-that fleet) can still make one page walk a whole range; tests/service/test_list_plans.py
-shows the plans.
+With tags, the walk may start from a tag or from the devices index. PostgreSQL's planner
+chooses (its statistics make it merge the two ordered indexes). SQLite has no statistics,
+so the choice is made here, in one small query (`_estimates`): for each candidate walk, its
+size (counted up to COUNT_CAP index entries) and how many of its first SAMPLE entries pass
+the other filters; the walk expected to read the fewest entries wins, and is remembered for
+CHOICE_TTL_S per filter (a listing's pages share it). The SQLite statement
+then states the other filters in a form no index serves (Filters.opaque), so that its
+planner follows the chosen walk instead of walking a devices index and sorting.
+
+A walk reads about (limit + 1) / (share of its entries that pass), at most its size. Filters
+that never meet (a tag no device of that fleet has) make a page read a whole range:
+tests/service/test_list_plans.py shows the plans at 100k devices; BENCHMARKS.md the times.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,8 +36,13 @@ from service.models import Device, DeviceState, DeviceTag, Fleet
 from service.problems import ApiError, FieldError
 from service.schemas import DeviceQuery
 
-COUNT_CAP = 2000  # entries counted per candidate walk, at most
-SAMPLE = 200  # first entries of a candidate walk checked against the other filters
+COUNT_CAP = 1000  # entries counted per candidate walk, at most
+SAMPLE = 100  # first entries of a candidate walk checked against the other filters
+# SQLite's choice of walk is remembered per filter for a while: the pages of one listing
+# (and repeated listings) share it. Any walk returns the right page; only speed depends on it.
+CHOICE_TTL_S = 10.0
+CHOICES_KEPT = 1024
+_CHOICES: dict[tuple[object, ...], tuple[str, float]] = {}
 
 _TAGS = (select(func.aggregate_strings(DeviceTag.tag, " "))
          .where(DeviceTag.device_id == Device.id).correlate(Device).scalar_subquery())
@@ -204,9 +215,18 @@ def choose_driver(session: Session, filters: Filters, tags: list[str], after: st
     if session.get_bind().dialect.name != "sqlite" or (not filters.indexed()
                                                         and len(tags) == 1):
         return f"tag:{tags[0]}"
+    key = (str(session.get_bind().engine.url), filters, tuple(tags), limit)
+    now = time.monotonic()
+    remembered = _CHOICES.get(key)
+    if remembered is not None and remembered[1] > now:
+        return remembered[0]
     drivers = [f"tag:{t}" for t in tags] + (["devices"] if filters.indexed() else [])
     estimates = _estimates(session, filters, tags, after, drivers, limit)
-    return min(drivers, key=lambda d: estimates[d])  # ties: the first tag given
+    driver = min(drivers, key=lambda d: estimates[d])  # ties: the first tag given
+    if len(_CHOICES) >= CHOICES_KEPT:
+        _CHOICES.clear()
+    _CHOICES[key] = (driver, now + CHOICE_TTL_S)
+    return driver
 
 
 def plan_page(session: Session, query: DeviceQuery) -> ListPlan:

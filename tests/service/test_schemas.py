@@ -87,7 +87,7 @@ JSONISH = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70),
 SIZE_TEXT = st.from_regex(r"\A[ 0-9.eE+-]{0,6}[0-9]{1,13}(KiB|kB|K|M|MB|MiB|B|GiB| KiB|)?[ \n]?\Z")
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(name=st.one_of(TEXT, st.just("dev-0123456789abcdef"), st.just("DEV-0123456789ABCDEF")),
        fleet=TEXT, tags=st.lists(TEXT, max_size=3), layout=st.sampled_from(
            ["ab", "single", "AB", "", "x"]), extra=st.dictionaries(
@@ -98,7 +98,7 @@ def test_device_rows_agree(name: str, fleet: str, tags: list[str], layout: str,
     assert document_accepts(DeviceCreate, row) == model_accepts(DeviceCreate, row), row
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(size=st.one_of(SIZE_TEXT, JSONISH))
 def test_sizes_agree_where_the_document_can_say(size: Any) -> None:
     row = {"name": "a", "fleet": "f", "sram_bytes": size, "flash_bytes": "1MiB",
@@ -112,14 +112,14 @@ def test_sizes_agree_where_the_document_can_say(size: Any) -> None:
         assert not MIN_SRAM_BYTES <= parse_size_value(size) <= MAX_SRAM_BYTES
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(name=TEXT, description=st.one_of(TEXT, st.text(max_size=600)))
 def test_fleets_agree(name: str, description: str) -> None:
     body = {"name": name, "description": description}
     assert document_accepts(FleetCreate, body) == model_accepts(FleetCreate, body), body
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(role=st.sampled_from(["viewer", "admin", "root", ""]), name=TEXT,
        expires=st.one_of(st.none(), st.integers(-10, 10**10), st.booleans(), TEXT))
 def test_tokens_agree(role: str, name: str, expires: Any) -> None:
@@ -127,7 +127,7 @@ def test_tokens_agree(role: str, name: str, expires: Any) -> None:
     assert document_accepts(TokenCreate, body) == model_accepts(TokenCreate, body), body
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(body=st.dictionaries(st.sampled_from(["devices", "fleet", "tag", "mcu", "x"]),
                             st.one_of(JSONISH, st.sampled_from(
                                 ["gh-1", "rp2040", ["gh-1"], ["a", "b"], [], "custom"])),
