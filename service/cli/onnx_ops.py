@@ -6,7 +6,8 @@ import textwrap
 
 import click
 
-from service.cli.context import echo_json, table
+from service.cli.context import echo_json
+from service.cli.ui import print_table
 
 FOLDING = ("A node of a refused operator is still accepted when all its inputs are constants "
            "(evaluated at import by onnx's reference implementation), except the random ones.")
@@ -23,7 +24,7 @@ def onnx_ops(as_json: bool) -> None:
         echo_json({"supported": dict(SUPPORTED_OPS), "refused": refused, "note": FOLDING})
         return
     click.echo("Supported (anything outside these conditions is refused, naming the node):")
-    click.echo(table(["OP", "CONDITIONS"], [[op, text] for op, text in SUPPORTED_OPS.items()]))
+    print_table(["OP", "CONDITIONS"], [[op, text] for op, text in SUPPORTED_OPS.items()])
     click.echo(f"\nRefused ({len(refused)} standard operators):")
     click.echo(textwrap.fill(", ".join(refused), width=100))
     click.echo("\n" + textwrap.fill(FOLDING, width=100))
