@@ -21,7 +21,7 @@ from service.auth import create_token
 from service.models import Role
 from tests.service.postgres import PostgresServer, start_postgres
 
-TABLES = ("device_tags", "devices", "fleets", "api_tokens")
+TABLES = ("device_tags", "devices", "fleets", "api_tokens", "idempotency_keys")
 
 
 @pytest.fixture(scope="session")
