@@ -68,8 +68,17 @@ def _fail(message: str) -> PydanticCustomError:
     return PydanticCustomError("tinyfleet", "{message}", {"message": message})
 
 
+def json_integer(value: Any) -> Any:
+    """A JSON number without a fraction (2048.0) as the integer it is in JSON Schema;
+    anything else is left to the strict int validator (2048.5, inf, true: refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def parse_size_value(value: Any) -> Any:
     """Bytes from an integer or a size string; other types are left to the int validator."""
+    value = json_integer(value)
     if isinstance(value, str):
         match = _SIZE.fullmatch(value)
         if match is None or value != value.strip():
@@ -242,8 +251,11 @@ class TokenCreate(RequestModel):
                                    "campaigns; admin: tokens and deletion")
     name: Annotated[str, Field(strict=True, pattern=TOKEN_NAME_RE)] = Field(
         default="api", description="label")
-    expires_in_s: int | None = Field(
-        default=None, strict=True, ge=MIN_TOKEN_LIFETIME_S, le=MAX_TOKEN_LIFETIME_S,
+    # Constraints before the validator: so they reach the JSON Schema as minimum/maximum.
+    expires_in_s: Annotated[int, Field(strict=True, ge=MIN_TOKEN_LIFETIME_S,
+                                       le=MAX_TOKEN_LIFETIME_S),
+                            BeforeValidator(json_integer)] | None = Field(
+        default=None,
         description="lifetime in seconds; the token is refused after it (default: never)")
 
 
