@@ -176,8 +176,8 @@ def run_contributions(family_dir: Path, blocks: int = 3, steps: int = 300,
     from firmware.personalize import family_contributions, save_contributions
     from firmware.training.analysis.contributions import AnalysisSettings
 
-    settings = AnalysisSettings(blocks=blocks, steps=steps,
-                                **({"lrs": tuple(sorted(lrs))} if lrs else {}))
+    settings = (AnalysisSettings(blocks=blocks, steps=steps, lrs=tuple(sorted(lrs))) if lrs
+                else AnalysisSettings(blocks=blocks, steps=steps))
     try:
         with progress_bar("contribution analysis", 1) as update:
             def progress(done: int, total: int, label: str) -> None:
