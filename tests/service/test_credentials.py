@@ -14,7 +14,7 @@ from flask import Flask
 from sqlalchemy import select, text, update
 
 from service.app import create_app
-from service.broker_files import sync_broker_files
+from service.broker_sync import full_sync
 from service.models import ApiToken, Device, Role
 from service.mqtt_passwords import verify_password
 from tests.mqtt_probe import connack
@@ -35,10 +35,8 @@ def app(db_url: str, tmp_path: Path, mosquitto_server: MosquittoServer) -> Itera
         "BROKER_DIR": str(files.broker_dir), "MOSQUITTO_PID_FILE": str(files.pid_file),
         "MQTT_HOST": mosquitto_server.host, "MQTT_PORT": mosquitto_server.port})
     application.testing = True
-    with application.app_context():
-        session = application.extensions["tinyfleet.sessionmaker"]()
-        sync_broker_files(session, files.broker_dir, files.pid_file)
-        session.close()
+    # As `tinyfleet up` does: the broker's base from this registry.
+    full_sync(application.extensions["tinyfleet.engine"], mosquitto_server.target)
     yield application
     application.extensions["tinyfleet.engine"].dispose()
 
