@@ -40,7 +40,9 @@ TESTS = [
     "tests/firmware/test_pipeline.py::test_torch_model_to_verified_image"
     "[patch-stm32f746-Cpu.CORTEX_M7]",
 ]
-TIMEOUT_S = 110.0
+# A guard against a hung subprocess, not a speed target (~30 s each on a quiet machine; the
+# 2-minute figure is measured in BENCHMARKS): generous, so a loaded machine does not fail it.
+TIMEOUT_S = 400.0
 
 
 @dataclass(frozen=True)
