@@ -22,9 +22,11 @@ DEFAULTS: dict[str, Any] = {
     "AUTO_MIGRATE": True,  # run Alembic migrations when the app starts
     "SYNC_BROKER_FILES": True,  # regenerate Mosquitto's password file and ACL on change
     "MAX_CONTENT_LENGTH": 32 * 1024 * 1024,  # 10,000 bulk rows are about 2 MB of JSON
+    "OTA_BLOCK_SIZE": 4096,  # bytes of image per OTA block frame (workers/bridge.py)
+    "BRIDGE_METRICS_PORT": 0,  # the bridge's Prometheus counters on 127.0.0.1:PORT; 0: off
 }
 
-_INT_KEYS = {"MQTT_PORT", "MAX_CONTENT_LENGTH"}
+_INT_KEYS = {"MQTT_PORT", "MAX_CONTENT_LENGTH", "OTA_BLOCK_SIZE", "BRIDGE_METRICS_PORT"}
 _BOOL_KEYS = {"AUTO_MIGRATE", "SYNC_BROKER_FILES"}
 ENV_PREFIX = "TINYFLEET_"
 
