@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import selectors
+import socket
 import tempfile
 import threading
 import time
@@ -43,7 +44,10 @@ from firmware.image import verify_image
 log = logging.getLogger(__name__)
 
 WINDOW_BLOCKS = 64  # blocks asked for and not yet received, at most
-RETRY_S = 2.0  # re-ask for outstanding blocks when none arrived for this long
+# Re-ask for outstanding blocks when none arrived for this long. QoS 1 loses nothing on a
+# live connection (a reconnect re-asks at once), so this only catches a broker that dropped
+# a queued message; short, it would re-ask for blocks still queued behind other devices'.
+RETRY_S = 15.0
 RECONNECT_S = 0.5
 KEEPALIVE_S = 30
 
@@ -410,8 +414,61 @@ def _peek_index(frame: bytes) -> int | None:
     return index
 
 
+class _BufferedSocket:
+    """A client's socket with read and write buffers, so that its packets cost few syscalls.
+
+    paho reads a packet with three `recv` calls (type, length, body) and writes each packet
+    with its own `send`; on a loaded VM those syscalls were most of a simulated device's
+    CPU. Reads here take up to 64 kB at once and serve paho from the buffer; writes collect
+    until the loop flushes them in one `send`. The loop keeps reading while data is buffered
+    (the selector cannot see it).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.rbuf = bytearray()
+        self.wbuf = bytearray()
+
+    def recv(self, n: int) -> bytes:
+        if not self.rbuf:
+            data = self.sock.recv(65536)  # BlockingIOError when empty: what paho expects
+            if not data:
+                return b""
+            self.rbuf += data
+        out = bytes(self.rbuf[:n])
+        del self.rbuf[:n]
+        return out
+
+    def send(self, data: bytes | bytearray) -> int:
+        self.wbuf += data
+        return len(data)
+
+    def flush(self) -> bool:
+        """Write what is buffered; False while the kernel's buffer is full."""
+        while self.wbuf:
+            try:
+                sent = self.sock.send(self.wbuf)
+            except BlockingIOError:
+                return False
+            except OSError:  # the connection is gone: paho's next read finds out
+                self.wbuf.clear()
+                return True
+            del self.wbuf[:sent]
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
 class DeviceLoop:
-    """Drives many ReferenceDevices' MQTT clients on one thread with one selector."""
+    """Drives many ReferenceDevices' MQTT clients on one thread with one selector.
+
+    Each client's socket is buffered (_BufferedSocket): a ready socket is read until its
+    buffer is empty, then everything the client queued (PUBACKs, requests, events) leaves in
+    one write. A socket is watched for writability only while the kernel's buffer is full.
+    The buffering reaches into paho's `_sock` (paho 2.x, pinned in requirements.lock); a
+    single device can run on paho's own loop instead.
+    """
 
     def __init__(self, host: str, port: int, *, reconnect_s: float = RECONNECT_S) -> None:
         self.host = host
@@ -420,6 +477,8 @@ class DeviceLoop:
         self.devices: list[ReferenceDevice] = []
         self._selector = selectors.DefaultSelector()
         self._retry_at: dict[int, float] = {}  # device index -> when to reconnect
+        self._dirty: set[int] = set()  # devices with packets queued to write
+        self._blocked: set[int] = set()  # devices watched for writability
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -434,23 +493,27 @@ class DeviceLoop:
         index = len(self.devices)
         self.devices.append(device)
         client = device.client
-        client.on_socket_open = lambda _c, _u, sock: self._watch(sock, index, False)
-        client.on_socket_close = lambda _c, _u, sock: self._unwatch(sock)
-        client.on_socket_register_write = lambda _c, _u, sock: self._watch(sock, index, True)
-        client.on_socket_unregister_write = lambda _c, _u, sock: self._watch(sock, index, False)
+        client.on_socket_open = lambda _c, _u, sock: self._open(sock, index)
+        client.on_socket_close = lambda _c, _u, sock: self._close(sock, index)
+        client.on_socket_register_write = lambda _c, _u, _s: self._dirty.add(index)
+        client.on_socket_unregister_write = lambda _c, _u, _s: None
         self._connect(index)
 
-    def _watch(self, sock: Any, index: int, write: bool) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
-        try:
-            self._selector.modify(sock, events, index)
-        except KeyError:
-            self._selector.register(sock, events, index)
+    def _open(self, sock: Any, index: int) -> None:
+        client = self.devices[index].client
+        if isinstance(sock, socket.socket):
+            sock = _BufferedSocket(sock)
+            client._sock = sock  # see the class docstring
+        self._selector.register(sock, selectors.EVENT_READ, index)
+        self._blocked.discard(index)
+        self._dirty.add(index)  # the CONNECT packet
 
-    def _unwatch(self, sock: Any) -> None:
+    def _close(self, sock: Any, index: int) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(sock)
-        # Reconnect later: the loop notices the client has no socket.
+        self._blocked.discard(index)
+        self._dirty.discard(index)
+        # Reconnect later: housekeeping notices the client has no socket.
 
     def _connect(self, index: int) -> None:
         client = self.devices[index].client
@@ -466,7 +529,7 @@ class DeviceLoop:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the loop and disconnect every device (its last will is not sent)."""
+        """Stop the loop and disconnect every device."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10.0)
@@ -483,15 +546,46 @@ class DeviceLoop:
                 client = self.devices[key.data].client
                 if mask & selectors.EVENT_READ:
                     client.loop_read()
-                if mask & selectors.EVENT_WRITE and client.socket() is not None:
-                    client.loop_write()
+                    sock = client.socket()
+                    while isinstance(sock, _BufferedSocket) and sock.rbuf:
+                        client.loop_read()
+                        sock = client.socket()
+                if mask & selectors.EVENT_WRITE:
+                    self._dirty.add(key.data)
+            self._flush()
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + 0.1
                 self._housekeeping(now)
+                self._flush()
         for device in self.devices:
             device.client.disconnect()
             device.client.loop_write()
+            sock = device.client.socket()
+            if isinstance(sock, _BufferedSocket):
+                sock.flush()
+
+    def _flush(self) -> None:
+        """Write what every dirty client has queued, one send each."""
+        dirty, self._dirty = self._dirty, set()
+        for index in dirty:
+            client = self.devices[index].client
+            sock = client.socket()
+            if sock is None:
+                continue
+            if client.want_write():
+                client.loop_write()  # into the buffer
+            sock = client.socket()
+            if sock is None:
+                continue
+            blocked = isinstance(sock, _BufferedSocket) and not sock.flush()
+            if blocked != (index in self._blocked):
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if blocked else 0)
+                self._selector.modify(sock, events, index)
+                if blocked:
+                    self._blocked.add(index)
+                else:
+                    self._blocked.discard(index)
 
     def _housekeeping(self, now: float) -> None:
         for index, device in enumerate(self.devices):
@@ -503,5 +597,5 @@ class DeviceLoop:
                 continue
             if client.loop_misc() is MQTTErrorCode.MQTT_ERR_SUCCESS:
                 device.tick(now)
-                if client.want_write():
-                    self._watch(client.socket(), index, True)
+            if client.want_write():
+                self._dirty.add(index)

@@ -134,6 +134,11 @@ def render_mosquitto_conf(files: MosquittoFiles, port: int, host: str = LOOPBACK
     lines += [
         # Queued QoS 1 messages for offline devices survive a broker restart.
         "persistence true",
+        # Mosquitto drops QoS 1 messages past 1,000 queued per client by default, also for a
+        # connected one: the bridge (one client for every device's events and block
+        # requests) needs more during a campaign's bursts. Bytes bound each queue instead.
+        "max_queued_messages 1000000",
+        "max_queued_bytes 67108864",
         f"persistence_location {files.broker_dir}/",
         f"log_dest file {files.log_file}",
         "log_type error",
