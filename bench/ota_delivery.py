@@ -168,7 +168,7 @@ def profile_network_thread(client: Any, out: Path) -> None:
 
 
 def run(devices: int, procs: int, image_kb: int, window: int, timeout_s: float,
-        profile: Path | None = None) -> dict[str, Any]:
+        profile: Path | None = None, block_size: int = p.DEFAULT_BLOCK_SIZE) -> dict[str, Any]:
     """One delivery run; the measurements as a dict."""
     from tests.ota_fleet import OtaFleet, signed_image
     from tests.servers import start_mosquitto
@@ -192,10 +192,11 @@ def run(devices: int, procs: int, image_kb: int, window: int, timeout_s: float,
         store = ArtifactStore(root / "var" / "artifacts")
         images = {mcu: signed_image(key, mcu, image_kb * 1024, seed=7) for mcu in CLASSES}
         shas = {mcu: store.put(image) for mcu, image in images.items()}
-        offers = {mcu: p.make_offer(f"bench-{mcu}", image) for mcu, image in images.items()}
+        offers = {mcu: p.make_offer(f"bench-{mcu}", image, block_size=block_size)
+                  for mcu, image in images.items()}
         sink = BenchSink({d.device_id: shas[d.mcu] for d in identities}, expected=devices)
         login = BrokerLogin.from_config(fleet.config)
-        bridge = Bridge(sink, store, login)
+        bridge = Bridge(sink, store, login, block_size=block_size)
         if profile is not None:
             profile_network_thread(bridge.client, profile)
         bridge.start()
@@ -243,7 +244,7 @@ def run(devices: int, procs: int, image_kb: int, window: int, timeout_s: float,
         installed = len(latencies)
         return {
             "devices": devices, "procs": procs, "image_bytes": image_kb * 1024,
-            "block_size": p.DEFAULT_BLOCK_SIZE, "window_blocks": window, "nofile": nofile,
+            "block_size": block_size, "window_blocks": window, "nofile": nofile,
             "all_finished": finished, "installed": installed, "device_states": dict(states),
             "crc_refusals": crc, "wall_s": round(wall, 2),
             "devices_per_min": round(installed / wall * 60) if wall > 0 else 0,
@@ -278,13 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=4, help="simulator processes")
     parser.add_argument("--image-kb", type=int, default=200)
     parser.add_argument("--window", type=int, default=64, help="blocks a device asks ahead")
+    parser.add_argument("--block-size", type=int, default=p.DEFAULT_BLOCK_SIZE)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--profile", type=Path, help="cProfile stats of the bridge's network "
                         "thread to this file")
     args = parser.parse_args(argv)
     result = run(args.devices, args.procs, args.image_kb, args.window, args.timeout,
-                 args.profile)
+                 args.profile, args.block_size)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -92,6 +92,7 @@ class _Download:
     stalled_until: float = 0.0
     stalled: bool = False
     progress_sent: float = 0.0
+    retry_after_s: float = RETRY_S  # doubles after each retry that brought nothing
 
 
 class ReferenceDevice:
@@ -206,7 +207,8 @@ class ReferenceDevice:
         if refusal is not None:
             self._finish(offer.update_id, p.UpdateState.REFUSED, refusal)
             return
-        self.download = download = _Download(offer, last_block_at=self.clock())
+        self.download = download = _Download(offer, last_block_at=self.clock(),
+                                             retry_after_s=self.retry_s)
         self._send_event(offer.update_id, p.UpdateState.ACCEPTED)
         self._send_event(offer.update_id, p.UpdateState.DOWNLOADING, progress=0.0)
         self._top_up(download)
@@ -263,6 +265,7 @@ class ReferenceDevice:
         download.blocks[block.index] = block.data
         download.outstanding.discard(block.index)
         download.last_block_at = self.clock()
+        download.retry_after_s = self.retry_s
         received = len(download.blocks)
         if received == offer.block_count:
             self._complete(download)
@@ -323,7 +326,9 @@ class ReferenceDevice:
                 download.stalled = False
                 self._top_up(download)
             return
-        if download.outstanding and now - download.last_block_at > self.retry_s:
+        if download.outstanding and now - download.last_block_at > download.retry_after_s:
+            # Backing off: under load, silence is more often a queue than a loss.
+            download.retry_after_s *= 2
             self._request(download, sorted(download.outstanding))
 
     # --- verify and install -------------------------------------------------------------

@@ -48,6 +48,28 @@ def test_device_agent_imports_no_backend() -> None:
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
+def test_the_wire_protocol_is_pure() -> None:
+    """device_agent/protocol.py is shared by both sides: encode/decode only, no I/O."""
+    path = ROOT / "device_agent" / "protocol.py"
+    bad = _imports(path) & (IO_FRAMEWORKS | {"paho", "socket", "service", "workers"})
+    assert not bad, f"device_agent/protocol.py imports {sorted(bad)}"
+
+
+def test_workers_use_only_the_protocol_of_device_agent() -> None:
+    for path in _sources("workers"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                if name == "device_agent":
+                    assert isinstance(node, ast.ImportFrom)
+                    imported = {a.name for a in node.names}
+                    assert imported == {"protocol"}, f"{path.relative_to(ROOT)}: {imported}"
+                elif name.startswith("device_agent."):
+                    assert name == "device_agent.protocol", f"{path.relative_to(ROOT)}: {name}"
+
+
 # firmware/ as its pipeline: each part may import the ground floor, the parts listed for it,
 # and itself. `pipeline` (ground floor, top of the order) runs every stage.
 GROUND = {"ir", "errors", "arch", "targets", "data", "float_exec", "image"}

@@ -492,12 +492,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          "workers.bridge:LogSink"),
                         help="MODULE:CALLABLE taking the settings, returning the BridgeSink "
                              "(default: $TINYFLEET_BRIDGE_SINK, else one that only logs)")
+    parser.add_argument("--client-id", default=BRIDGE_CLIENT_ID,
+                        help="MQTT client id (its persistent session): one per bridge")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = load_config()
     bridge = Bridge(load_sink(args.sink, config), ArtifactStore.from_config(config),
-                    BrokerLogin.from_config(config), block_size=int(config["OTA_BLOCK_SIZE"]))
+                    BrokerLogin.from_config(config), block_size=int(config["OTA_BLOCK_SIZE"]),
+                    client_id=args.client_id)
     if config["BRIDGE_METRICS_PORT"]:
         start_http_server(int(config["BRIDGE_METRICS_PORT"]), addr="127.0.0.1",
                           registry=bridge.metrics.registry)

@@ -5,9 +5,14 @@ job state machine goes."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,7 @@ from device_agent.reference_client import (
     ReferenceDevice,
 )
 from firmware.image import generate_signing_key
+from service.stack.config import free_port
 from service.stack.procs import spawn, stop_group, tcp_open, wait_until
 from service.stack.runner import mosquitto_spec
 from tests.ota_fleet import OtaFleet, signed_image
@@ -333,3 +339,42 @@ def test_the_broker_restarted_mid_transfer_the_device_resumes_with_missing_block
         if restarted is not None:
             restarted.stop()
         shutil.rmtree(var, ignore_errors=True)
+
+
+def test_the_bridge_process_runs_from_the_environment(
+        rig: Rig, mosquitto_server: MosquittoServer) -> None:
+    """`python -m workers.bridge` with TINYFLEET_* settings: validates, logs, exports counters,
+    stops on SIGTERM."""
+    metrics_port = free_port()
+    env = {**os.environ, "TINYFLEET_VAR_DIR": str(rig.fleet.config["VAR_DIR"]),
+           "TINYFLEET_BROKER_DIR": str(mosquitto_server.files.broker_dir),
+           "TINYFLEET_MQTT_HOST": mosquitto_server.host,
+           "TINYFLEET_MQTT_PORT": str(mosquitto_server.port),
+           "TINYFLEET_BRIDGE_METRICS_PORT": str(metrics_port)}
+    proc = subprocess.Popen([sys.executable, "-m", "workers.bridge", "--client-id",
+                             "bridge-process-test"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: any("bridge connected" in line for line in lines), 15), lines
+        identity = rig.fleet.register(1, "stm32f746", "process")[0]
+        raw = RawDevice(mosquitto_server, identity)
+        raw.publish(p.evt_topic(identity.device_id), b'{"state": "installed", "x": 1}')
+        raw.publish(p.evt_topic(identity.device_id), p.encode(
+            p.DeviceEvent(update_id="u-9", state=p.UpdateState.ACCEPTED)))
+        raw.close()
+        assert wait_for(lambda: any(f"event device={identity.device_id} update=u-9 state="
+                                    "accepted" in line for line in lines), 10), lines
+        assert any(f"rejected device={identity.device_id} channel=evt kind=invalid" in line
+                   for line in lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            exported = response.read().decode()
+        assert 'tinyfleet_bridge_rejected_total{channel="evt",kind="invalid"} 1.0' in exported
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
