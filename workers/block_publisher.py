@@ -172,6 +172,9 @@ class BlockPublisher:
             if not data:
                 if not self._closing.is_set():
                     log.warning("block connection to %s closed by the broker", self.endpoint)
+                if self._sock is sock:  # the next write reconnects
+                    self._sock = None
+                    sock.close()
                 return
             pending += data
             acks = 0
