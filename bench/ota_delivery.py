@@ -70,7 +70,8 @@ def simulate(conn: Connection, host: str, port: int, identities: list[tuple[str,
              public_pem: bytes, window: int, profile: str | None = None) -> None:
     """One simulator process: connect its devices, report ready, run until told to stop."""
     raise_nofile()
-    from device_agent.reference_client import DeviceIdentity, DeviceLoop, ReferenceDevice
+    from device_agent.device_loop import DeviceLoop
+    from device_agent.reference_client import DeviceIdentity, ReferenceDevice
     from firmware.image import load_public_key
 
     key = load_public_key(public_pem)

@@ -303,6 +303,16 @@ class Bridge:
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
+            self._handle(client, msg)
+        except Exception:
+            # Not acknowledged: the broker gives it again after a reconnect. paho re-raises,
+            # which ends this connection's loop (and `run_forever`, so the supervisor
+            # restarts the bridge).
+            log.exception("the bridge failed on a message on %s", msg.topic)
+            raise
+
+    def _handle(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        try:
             topic = p.parse_topic(msg.topic)
         except (p.ProtocolError, UnicodeDecodeError) as exc:
             self._reject(None, "unknown", RejectKind.TOPIC, str(exc))

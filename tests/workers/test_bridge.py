@@ -22,13 +22,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import protocol as p
-from device_agent.reference_client import (
-    DeviceIdentity,
-    DeviceLoop,
-    Faults,
-    Outcome,
-    ReferenceDevice,
-)
+from device_agent.device_loop import DeviceLoop
+from device_agent.reference_client import DeviceIdentity, Faults, Outcome, ReferenceDevice
 from firmware.image import generate_signing_key
 from service.stack.config import free_port
 from service.stack.procs import spawn, stop_group, tcp_open, wait_until
