@@ -60,6 +60,10 @@ ASSIGNMENT_CACHE = 100_000  # (device, update) -> artifact entries kept
 # bench/ota_delivery.py at 1,000 devices); the broker acknowledges as fast as it reads, so
 # what is in flight stays near a socket buffer's worth.
 INFLIGHT = 0
+# Blocks one device may be served for one update, as a multiple of the image's block count:
+# resuming after drops, CRC failures and reconnects stays far below it; a device that asks
+# for the image again and again (amplifying its small requests) is refused past it.
+SERVE_BUDGET = 4
 
 CommandMessage = p.OtaOffer | p.PersonalizeCommand | p.RollbackCommand
 
@@ -113,6 +117,7 @@ class RejectKind:
     TOO_LARGE = "too_large"  # over the channel's byte cap
     INVALID = "invalid"  # failed its schema
     UNKNOWN_UPDATE = "unknown_update"  # a block request for an update with no artifact
+    OVER_BUDGET = "over_budget"  # a device asked for more than SERVE_BUDGET images' blocks
 
 
 class BridgeMetrics:
@@ -243,6 +248,7 @@ class Bridge:
         self.metrics = metrics or BridgeMetrics()
         self.frames = _FrameCache(store, frame_cache_bytes)
         self._assigned: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._served: dict[tuple[str, str], int] = {}  # blocks served per (device, update)
         self._inbox: queue.Queue[_Delivery | None] = queue.Queue()
         self._subscribed = threading.Event()
         self._stopping = threading.Event()
@@ -360,7 +366,8 @@ class Bridge:
         if sha256 is not None:  # an update's artifact never changes: remember it
             self._assigned[key] = sha256
             if len(self._assigned) > ASSIGNMENT_CACHE:
-                self._assigned.popitem(last=False)
+                old, _ = self._assigned.popitem(last=False)
+                self._served.pop(old, None)
         return sha256
 
     def _serve(self, device_id: str, update_id: str, payload: bytes) -> None:
@@ -376,6 +383,14 @@ class Bridge:
             self._reject(device_id, "req", RejectKind.UNKNOWN_UPDATE, str(exc))
             return
         indices = request.indices(len(frames))
+        key = (device_id, update_id)
+        served = self._served.get(key, 0) + len(indices)
+        if served > SERVE_BUDGET * len(frames):
+            self._reject(device_id, "req", RejectKind.OVER_BUDGET,
+                         f"update {update_id}: {served} blocks asked in all, over "
+                         f"{SERVE_BUDGET} x the image's {len(frames)}")
+            return
+        self._served[key] = served
         self.blocks.send(p.blk_topic(device_id, update_id), [frames[i] for i in indices])
         self.metrics.blocks_sent.inc(len(indices))
 

@@ -249,6 +249,10 @@ def test_bad_device_messages_are_rejected_logged_counted_and_never_reach_the_sin
         (p.req_topic(device_id, "nothing-here"), b'{"ranges": [[0, 4]]}'),  # no artifact
         (p.req_topic(device_id, "nothing-here"), b'{"ranges": [[4, 0]]}'),
     ]
+    # A device that asks for its image again and again is served 4 images' worth, no more.
+    small = signed_image(rig.fleet.signing_key(), "stm32f746", 5000, seed=9)  # 2 blocks
+    rig.sink.assigned[(device_id, "flood")] = rig.store.put(small)
+    bad += [(p.req_topic(device_id, "flood"), b'{"ranges": [[0, 2]]}')] * 5
     caplog.set_level(logging.WARNING, logger="workers.bridge")
     for topic, payload in bad:
         raw.publish(topic, payload)
@@ -258,10 +262,13 @@ def test_bad_device_messages_are_rejected_logged_counted_and_never_reach_the_sin
         rig.sink.everything_from(device_id)
     raw.close()
     after = {ch: metrics.rejections(ch) - before[ch] for ch in before}
-    assert after == {"evt": 4, "metrics": 1, "presence": 1, "req": 2}
+    assert after == {"evt": 4, "metrics": 1, "presence": 1, "req": 3}
     assert metrics.value("tinyfleet_bridge_rejected", channel="evt", kind="too_large") >= 1
+    assert metrics.value("tinyfleet_bridge_rejected", channel="req", kind="over_budget") >= 1
     logged = [r.getMessage() for r in caplog.records if f"device={device_id}" in r.getMessage()]
-    assert len(logged) == 8 and all(m.startswith("rejected ") for m in logged)
+    assert len(logged) == 9 and all(m.startswith("rejected ") for m in logged)
+    assert any("update flood: 10 blocks asked in all, over 4 x the image's 2" in m
+               for m in logged)
     assert any("secret: unknown field" in m for m in logged)
     assert any("progress" in m and "kind=invalid" in m for m in logged)
     assert any("over the 1024-byte cap" in m for m in logged)
