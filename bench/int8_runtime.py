@@ -100,23 +100,31 @@ def conv3x3(h: int, w: int, cin: int, cout: int, stride: int, seed: int = 1) -> 
                       src, want.tobytes())
 
 
-def depthwise(h: int, w: int, c: int, seed: int = 2) -> KernelCase:
-    """A 3x3 depthwise conv, stride 1, in place (tf_depthwise_conv2d_s8)."""
+def depthwise(h: int, w: int, c: int, seed: int = 2, k: int = 3, stride: int = 1,
+              fast: bool = False) -> KernelCase:
+    """A k x k depthwise conv, 'same' padding, in place: the generic tf_depthwise_conv2d_s8
+    or, with `fast`, the specialized tf_depthwise_conv2d_fast_s8."""
     rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, size=(h, w, c)).astype(np.int8)
-    wt = rng.integers(-127, 128, size=(3, 3, c)).astype(np.int8)
+    wt = rng.integers(-127, 128, size=(k, k, c)).astype(np.int8)
     b = rng.integers(-1000, 1000, size=c).astype(np.int32)
     q = _quant(rng, c)
-    want = ref.depthwise_conv2d_s8(x, wt, b, q, (1, 1), (1, 1, 1, 1))
+    p = k // 2
+    pads = (p, p, p - (stride - 1), p - (stride - 1)) if stride == 2 else (p,) * 4
+    want = ref.depthwise_conv2d_s8(x, wt, b, q, (stride, stride), pads)
+    ho, wo, _ = want.shape
+    fn = "tf_depthwise_conv2d_fast_s8" if fast else "tf_depthwise_conv2d_s8"
     src = _common(x, wt, b, q, want.size, h, w, c).replace(
         "static const int8_t x[", "static int8_t x[") + (
-        "static const tf_window win = {3, 3, 1, 1, 1, 1, 1, 1};\n"
+        f"static const tf_window win = {{{k}, {k}, {stride}, {stride}, {', '.join(map(str, pads))}}};\n"
+        f"static const tf_dims out = {{{ho}, {wo}, {c}}};\n"
         "static tf_status run(void)\n{\n"
         "    /* in place: the output overwrites x */\n"
         "    (void)y;\n"
-        "    return tf_depthwise_conv2d_s8(&in, x, &win, &in, w, b, &q, x, (int8_t *)buf);\n"
+        f"    return {fn}(&in, x, &win, &out, w, b, &q, x, (int8_t *)buf);\n"
         "}\n").replace("static int8_t y[OUT_BYTES];", "static int8_t y[1];")
-    return KernelCase(f"3x3 depthwise {h}x{w}x{c} in place", h * w * c * 9, src,
+    name = f"{k}x{k} depthwise{' s2' if stride == 2 else ''} {h}x{w}x{c} in place"
+    return KernelCase(name + (" (specialized)" if fast else ""), ho * wo * c * k * k, src,
                       want.tobytes())
 
 
@@ -161,11 +169,19 @@ def main() -> None:
     """Measure every kernel on M4 plain, M4 SMLAD and M7 SMLAD; print a markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", default="", help="run the kernels whose name contains this")
+    parser.add_argument("--m7", action="store_true", help="the M7 SMLAD build only")
     args = parser.parse_args()
     cases = [pointwise(28, 28, 16, 96), pointwise(28, 28, 32, 64), pointwise(14, 14, 96, 24),
              pointwise(14, 14, 192, 32), conv3x3(32, 32, 3, 16, 2),
-             depthwise(72, 72, 16), depthwise(28, 28, 48)]
+             depthwise(72, 72, 16), depthwise(28, 28, 48),
+             depthwise(72, 72, 16, fast=True), depthwise(28, 28, 48, fast=True),
+             depthwise(28, 28, 48, stride=2, fast=True), depthwise(14, 14, 96, k=5, fast=True),
+             depthwise(14, 14, 96, k=7, fast=True)]
+    cases = [case for case in cases if args.only in case.name]
     builds = [(Cpu.CORTEX_M4, False), (Cpu.CORTEX_M4, True), (Cpu.CORTEX_M7, True)]
+    if args.m7:
+        builds = [(Cpu.CORTEX_M7, True)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:

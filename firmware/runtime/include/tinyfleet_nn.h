@@ -123,6 +123,18 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
                                  const int32_t *bias, const tf_conv_quant *q, int8_t *output,
                                  int8_t *buffer);
 
+/* Specialized depthwise conv for square 3x3 / 5x5 / 7x7 windows with stride 1 or 2
+ * (tf_depthwise_conv2d_fast_supported; TF_ERR_ARG otherwise): one zero-point-padded channel
+ * plane at a time, kernel size and stride compiled in, two outputs per loaded row on the DSP
+ * path. Same results as tf_depthwise_conv2d_s8; output may equal input. buffer:
+ * tf_depthwise_conv2d_fast_get_buffer_size() bytes, (h + pads) * (w + pads) + 8. */
+int32_t tf_depthwise_conv2d_fast_supported(const tf_window *win);
+size_t tf_depthwise_conv2d_fast_get_buffer_size(const tf_dims *in, const tf_window *win);
+tf_status tf_depthwise_conv2d_fast_s8(const tf_dims *in, const int8_t *input,
+                                      const tf_window *win, const tf_dims *out,
+                                      const int8_t *weights, const int32_t *bias,
+                                      const tf_conv_quant *q, int8_t *output, int8_t *buffer);
+
 /* Fully connected: (in_features) -> (out_features), weights (out, in); buffer: one column. */
 size_t tf_fully_connected_get_buffer_size(int32_t in_features);
 tf_status tf_fully_connected_s8(int32_t in_features, const int8_t *input, int32_t out_features,

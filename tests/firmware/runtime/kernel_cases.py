@@ -17,7 +17,7 @@ from firmware.int8 import reference as ref
 from firmware.int8.quantize import AddParams
 
 OP_CONV, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP = range(1, 9)
-OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL = 9, 10, 11, 12
+OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST = 9, 10, 11, 12, 13
 
 
 @dataclass(frozen=True)
@@ -108,19 +108,32 @@ def conv_case(seed: int, h: int, w: int, cin: int, cout: int, k: int, s: int,
 
 
 def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
-            pad: tuple[int, int, int, int] | None = None) -> Case:
-    """Depthwise conv, 'same' padding (as MobileNet) unless given, optionally in place."""
+            pad: tuple[int, int, int, int] | None = None, fast: bool = False,
+            wide_quant: bool = False) -> Case:
+    """Depthwise conv, 'same' padding (as MobileNet) unless given, optionally in place.
+
+    `fast` runs the specialized kernel (tf_depthwise_conv2d_fast_s8); `wide_quant` gives
+    some channels biases around +-2**30 and shifts in [-31, 1], outside the fast
+    requantization, so that both of its per-channel paths run.
+    """
     rng = np.random.default_rng(seed)
     if pad is None:
         pad = (k // 2, k // 2, (k - 1) // 2, (k - 1) // 2) if s == 2 else (k // 2,) * 4
     x, wt = _i8(rng, h, w, c), _w8(rng, k, k, c)
     b = rng.integers(-5000, 5000, size=c).astype(np.int32)
     q = _quant(rng, c, relu=True)
+    if wide_quant:
+        odd = rng.integers(0, 2, size=c).astype(bool)
+        big = rng.choice([-1, 1], size=c) * (2**30 + rng.integers(-40000, 40000, size=c))
+        b = np.where(odd, big, b).astype(np.int32)
+        shift = np.where(odd, rng.integers(-31, -27, size=c), rng.integers(-3, 2, size=c))
+        q = dataclasses.replace(q, shift=shift.astype(np.int32))
     y = ref.depthwise_conv2d_s8(x, wt, b, q, (s, s), pad)
-    payload = (_ints(OP_DW, h, w, c, *y.shape) + _window_ints(k, s, pad)
+    payload = (_ints(OP_DW_FAST if fast else OP_DW, h, w, c, *y.shape) + _window_ints(k, s, pad)
                + _ints(q.input_offset, q.output_offset, q.act_min, q.act_max, int(in_place))
                + _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier) + _arr(q.shift))
-    return Case(f"dw{k}x{k}s{s} {h}x{w}x{c} inplace={in_place}", payload, y.tobytes())
+    name = f"dw{'-fast' if fast else ''}{k}x{k}s{s} {h}x{w}x{c} inplace={in_place}"
+    return Case(name + (" wide quant" if wide_quant else ""), payload, y.tobytes())
 
 
 def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bool,
@@ -241,7 +254,7 @@ seeds = st.integers(0, 2**32 - 1)
 @st.composite
 def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
     """One kernel case of any kind, with Hypothesis-chosen shapes."""
-    kind = draw(st.sampled_from(["conv", "dw", "pw", "pw_add", "fc", "add", "pool", "patch",
+    kind = draw(st.sampled_from(["conv", "dw", "dw_fast", "pw", "pw_add", "fc", "add", "pool", "patch",
                                  "requant"]))
     seed = draw(seeds)
     h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
@@ -253,13 +266,14 @@ def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
         h, w = max(h, k), max(w, k)
         return conv_case(seed, h, w, draw(st.integers(1, 8)), c, k, s,
                          (pad[0], pad[1], pad[2], pad[3]))
-    if kind == "dw":
+    if kind in ("dw", "dw_fast"):
         k = draw(st.sampled_from([3, 5, 7]))
         # Patch tiles pad only the sides at the image border: any pads below the kernel.
         pads = (None if draw(st.booleans()) else
                 tuple(draw(st.integers(0, k // 2)) for _ in range(4)))
         return dw_case(seed, max(h, k), max(w, k), c, k, draw(st.integers(1, 2)),
-                       draw(st.booleans()), pads)  # type: ignore[arg-type]
+                       draw(st.booleans()), pads,  # type: ignore[arg-type]
+                       fast=kind == "dw_fast", wide_quant=draw(st.integers(0, 3)) == 0)
     if kind == "pw" and draw(st.integers(0, 4)) == 0:
         return pointwise_huge_bias_case(seed)
     if kind in ("pw", "pw_add"):

@@ -9,7 +9,7 @@
 #include "tinyfleet_nn.h"
 
 enum { OP_CONV = 1, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP,
-       OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL };
+       OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST };
 
 typedef struct {
     const uint8_t *p;
@@ -138,6 +138,9 @@ static int32_t run_window_op(int32_t op, tf_reader *r, tf_sink *k)
         memcpy(dst, x, n);
         x = dst;
     }
+    if (op == OP_DW_FAST) {
+        return tf_depthwise_conv2d_fast_s8(&in, x, &win, &out, w, b, &q, dst, k->scratch8);
+    }
     return tf_depthwise_conv2d_s8(&in, x, &win, &out, w, b, &q, dst, k->scratch8);
 }
 
@@ -254,6 +257,7 @@ static int32_t run_case(tf_reader *r, tf_sink *k)
     switch (op) {
     case OP_CONV:
     case OP_DW:
+    case OP_DW_FAST:
     case OP_AVGPOOL:
     case OP_MAXPOOL:
         return run_window_op(op, r, k);

@@ -70,6 +70,9 @@ def test_mobilenet_like_shapes_are_bit_exact(lib: ctypes.CDLL) -> None:
     cases = [kc.conv_case(1, 24, 24, 3, 16, 3, 2, (1, 1, 1, 1)),
              kc.dw_case(2, 24, 24, 32, 3, 1, True), kc.dw_case(3, 24, 24, 32, 3, 2, True),
              kc.dw_case(4, 13, 11, 40, 5, 2, True), kc.dw_case(5, 9, 9, 8, 7, 1, True),
+             *[kc.dw_case(20 + k + s, 23, 21, 20, k, s, True, fast=True)
+               for k in (3, 5, 7) for s in (1, 2)],
+             kc.dw_case(30, 12, 13, 24, 3, 1, True, fast=True, wide_quant=True),
              kc.pointwise_case(5, 12, 12, 16, 96, False),
              kc.pointwise_case(6, 12, 12, 96, 16, True), kc.pointwise_huge_bias_case(11),
              kc.fc_case(7, 320, 10),

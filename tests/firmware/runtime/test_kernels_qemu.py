@@ -67,6 +67,9 @@ def test_kernels_in_qemu_are_bit_exact_against_the_reference(runner: BuildResult
 def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
     cases = [kc.conv_case(1, 20, 20, 3, 16, 3, 2, (1, 1, 1, 1)),
              kc.dw_case(2, 20, 20, 32, 3, 1, True), kc.dw_case(3, 20, 20, 32, 3, 2, True),
+             *[kc.dw_case(20 + k + s, 19, 17, 20, k, s, True, fast=True)
+               for k in (3, 5, 7) for s in (1, 2)],
+             kc.dw_case(30, 12, 13, 24, 3, 1, True, fast=True, wide_quant=True),
              kc.pointwise_case(5, 10, 10, 16, 96, False),
              kc.pointwise_case(6, 10, 10, 96, 16, True), kc.pointwise_huge_bias_case(11),
              kc.fc_case(7, 320, 10),

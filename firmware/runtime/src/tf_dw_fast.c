@@ -1,0 +1,323 @@
+/* Specialized depthwise conv: square 3x3 / 5x5 / 7x7 windows, stride 1 or 2.
+ *
+ * TinyEngine's in-place scheme: one channel at a time is copied into a zero-point-padded
+ * plane, then every output of that channel is computed from the plane and written over the
+ * input (the channel is saved whole before any of its outputs is written). Kernel size and
+ * stride are compile-time constants of each instantiation, so the tap loops unroll. On the
+ * DSP path two horizontally adjacent outputs share every loaded word: four input bytes give
+ * the pairs (x0, x2) and (x1, x3) by SXTB16, which SMLAD multiplies with weight pairs
+ * (w0, w2), (w1, w3) precomputed per channel (taps past the kernel have weight 0). The
+ * requantization is folded into the output loop with the channel's multiplier, shift and
+ * rounding constant in registers: SMMULR of 2 * acc (= SaturatingRoundingDoublingHighMul
+ * while |acc| < 2^30, checked per channel from its weights and bias), then the rounding
+ * shift. A channel outside that bound (or with a left shift) takes the exact generic path.
+ * The results are bit-identical to tf_depthwise_conv2d_s8 and firmware.int8.reference.
+ */
+#include "tf_internal.h"
+
+/* Bytes read past the last padded row by the last (discarded) output pair. */
+#define TF_DWF_SLACK 8
+#define TF_DWF_MAX_K 7
+
+static size_t tf_dwf_plane_bytes(const tf_dims *in, const tf_window *win)
+{
+    return (size_t)(in->h + win->pad_top + win->pad_bottom) *
+           (size_t)(in->w + win->pad_left + win->pad_right);
+}
+
+int32_t tf_depthwise_conv2d_fast_supported(const tf_window *win)
+{
+    if (win == NULL) {
+        return 0;
+    }
+    const int32_t k = win->kh;
+    const int32_t s = win->stride_h;
+    return win->kw == k && (k == 3 || k == 5 || k == 7) && win->stride_w == s &&
+           (s == 1 || s == 2);
+}
+
+size_t tf_depthwise_conv2d_fast_get_buffer_size(const tf_dims *in, const tf_window *win)
+{
+    if (in == NULL || win == NULL) {
+        return 0;
+    }
+    return tf_dwf_plane_bytes(in, win) + TF_DWF_SLACK;
+}
+
+/* One channel's constants. */
+typedef struct {
+    int32_t acc0;  /* bias + input_offset * sum(w): the plane holds raw int8 values */
+    int32_t m;     /* Q31 multiplier */
+    int32_t shift; /* as in tf_conv_quant */
+    int32_t right; /* -shift, >= 1 on the fast path */
+    int32_t half;  /* 2^(right - 1) + output_offset * 2^right: the offset folded in */
+} tf_dwf_ch;
+
+typedef struct {
+    int32_t out_off;
+    int32_t lo;
+    int32_t hi;
+} tf_dwf_clamp;
+
+/* tf_rq_right + output_offset for |acc| < 2^30 and 1 <= right <= 22: adding the offset
+ * times 2^right before the arithmetic shift adds it after, and nothing overflows. */
+static inline __attribute__((always_inline)) int32_t tf_dwf_scale(int32_t acc,
+                                                                  const tf_dwf_ch *ch)
+{
+    int32_t x;
+#if TF_USE_DSP
+    __asm__("smmulr %0, %1, %2" : "=r"(x) : "r"(acc * 2), "r"(ch->m));
+#else
+    x = (int32_t)(((int64_t)(acc * 2) * ch->m + ((int64_t)1 << 31)) >> 32);
+#endif
+    return (x + ch->half + (x >> 31)) >> ch->right;
+}
+
+static inline __attribute__((always_inline)) int8_t tf_dwf_out(int32_t acc, const tf_dwf_ch *ch,
+                                                               const tf_dwf_clamp *cl, int fast)
+{
+    int32_t v = fast ? tf_dwf_scale(acc, ch) : tf_rq(acc, ch->m, ch->shift) + cl->out_off;
+    v = v < cl->lo ? cl->lo : v;
+    v = v > cl->hi ? cl->hi : v;
+    return (int8_t)v;
+}
+
+/* Plain C over the plane (also the exact path for channels outside the fast bound). */
+static inline __attribute__((always_inline)) void
+tf_dwf_plain(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_t k,
+             const int32_t s, const int8_t *w, const tf_dwf_ch *ch, const tf_dwf_clamp *cl,
+             int fast, int8_t *dst, size_t step)
+{
+    for (int32_t oy = 0; oy < oh; oy++) {
+        const int8_t *row = plane + (size_t)(oy * s) * (size_t)wp;
+        for (int32_t ox = 0; ox < ow; ox++) {
+            const int8_t *p = row + ox * s;
+            int32_t acc = ch->acc0;
+            for (int32_t i = 0; i < k; i++) {
+                for (int32_t j = 0; j < k; j++) {
+                    acc += p[(size_t)i * (size_t)wp + (size_t)j] * w[i * k + j];
+                }
+            }
+            *dst = tf_dwf_out(acc, ch, cl, fast);
+            dst += step;
+        }
+    }
+}
+
+#if TF_USE_DSP
+static inline __attribute__((always_inline)) uint32_t tf_dwf_read(const int8_t *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v); /* an unaligned LDR on M4/M7/M33 */
+    return v;
+}
+
+static inline __attribute__((always_inline)) int16x2_t tf_dwf_odd(uint32_t b)
+{
+    int16x2_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(b));
+    return r;
+}
+
+#define TF_DWF_GROUPS(k) (((k) + 3) / 4)
+
+/* Two adjacent outputs per step; wq holds, per kernel row r and group g of four taps,
+ * (w[4g], w[4g+2]) and (w[4g+1], w[4g+3]) as int16 pairs. */
+static inline __attribute__((always_inline)) int32_t
+tf_dwf_pair(const int8_t *p, int32_t wp, const int32_t k, const int32_t s,
+            const uint32_t *wq, int32_t acc0, int32_t *second)
+{
+    const int32_t groups = TF_DWF_GROUPS(k);
+    int32_t a0 = acc0, a1 = acc0;
+#pragma GCC unroll 8
+    for (int32_t r = 0; r < k; r++) {
+        const int8_t *x = p + (size_t)r * (size_t)wp;
+#pragma GCC unroll 2
+        for (int32_t g = 0; g < groups; g++) {
+            const uint32_t v0 = tf_dwf_read(x + 4 * g);
+            const uint32_t v2 = tf_dwf_read(x + 4 * g + 2);
+            const int16x2_t even = __sxtb16((int8x4_t)v0); /* x0, x2 */
+            const int16x2_t odd = tf_dwf_odd(v0);          /* x1, x3 */
+            const int16x2_t w02 = (int16x2_t)wq[(r * groups + g) * 2];
+            const int16x2_t w13 = (int16x2_t)wq[(r * groups + g) * 2 + 1];
+            a0 = __smlad(even, w02, a0);
+            a0 = __smlad(odd, w13, a0);
+            if (s == 1) { /* the second window starts at x1 */
+                a1 = __smlad(odd, w02, a1);
+                a1 = __smlad(__sxtb16((int8x4_t)v2), w13, a1); /* x2, x4 */
+            } else {      /* at x2 */
+                a1 = __smlad(__sxtb16((int8x4_t)v2), w02, a1);
+                a1 = __smlad(tf_dwf_odd(v2), w13, a1); /* x3, x5 */
+            }
+        }
+    }
+    *second = a1;
+    return a0;
+}
+
+static inline __attribute__((always_inline)) void
+tf_dwf_dsp(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_t k,
+           const int32_t s, const uint32_t *wq, const tf_dwf_ch *ch, const tf_dwf_clamp *cl,
+           int8_t *dst, size_t step)
+{
+    /* The weights in locals: with k constant they stay in registers where they fit. */
+    uint32_t w[TF_DWF_MAX_K * TF_DWF_GROUPS(TF_DWF_MAX_K) * 2];
+    const int32_t n = k * TF_DWF_GROUPS(k) * 2;
+    for (int32_t i = 0; i < n; i++) {
+        w[i] = wq[i];
+    }
+    const tf_dwf_ch c = *ch;
+    const tf_dwf_clamp l = *cl;
+    for (int32_t oy = 0; oy < oh; oy++) {
+        const int8_t *p = plane + (size_t)(oy * s) * (size_t)wp;
+        int32_t ox = 0;
+        for (; ox + 2 <= ow; ox += 2) {
+            int32_t a1;
+            const int32_t a0 = tf_dwf_pair(p, wp, k, s, w, c.acc0, &a1);
+            dst[0] = tf_dwf_out(a0, &c, &l, 1);
+            dst[step] = tf_dwf_out(a1, &c, &l, 1);
+            dst += 2 * step;
+            p += 2 * s;
+        }
+        if (ox < ow) { /* the second output reads past the row: into the next or the slack */
+            int32_t a1;
+            const int32_t a0 = tf_dwf_pair(p, wp, k, s, w, c.acc0, &a1);
+            (void)a1;
+            *dst = tf_dwf_out(a0, &c, &l, 1);
+            dst += step;
+        }
+    }
+}
+#endif
+
+/* All channels with kernel k and stride s (constants after inlining). */
+static inline __attribute__((always_inline)) void
+tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,
+           const int8_t *weights, const int32_t *bias, const tf_conv_quant *q, int8_t *output,
+           int8_t *plane, const int32_t k, const int32_t s)
+{
+    const int32_t wp = in->w + win->pad_left + win->pad_right;
+    const size_t cs = (size_t)in->c;
+    const tf_dwf_clamp cl = {q->output_offset, q->act_min, q->act_max};
+    const int32_t off = q->input_offset;
+    const int32_t oh = out->h, ow = out->w;
+    int8_t w[TF_DWF_MAX_K * TF_DWF_MAX_K];
+#if TF_USE_DSP
+    uint32_t wq[TF_DWF_MAX_K * TF_DWF_GROUPS(TF_DWF_MAX_K) * 2];
+#endif
+    memset(plane, (int8_t)(-off), tf_dwf_plane_bytes(in, win) + TF_DWF_SLACK);
+    for (int32_t c = 0; c < in->c; c++) {
+        int8_t *row = plane + (size_t)win->pad_top * (size_t)wp + (size_t)win->pad_left;
+        const int8_t *src = input + c;
+        for (int32_t y = 0; y < in->h; y++) {
+            int32_t x = 0;
+            for (; x + 4 <= in->w; x += 4) {
+                row[x] = src[0];
+                row[x + 1] = src[cs];
+                row[x + 2] = src[2 * cs];
+                row[x + 3] = src[3 * cs];
+                src += 4 * cs;
+            }
+            for (; x < in->w; x++) {
+                row[x] = *src;
+                src += cs;
+            }
+            row += wp;
+        }
+        int32_t wsum = 0, wabs = 0;
+        for (int32_t t = 0; t < k * k; t++) {
+            w[t] = weights[(size_t)t * cs + (size_t)c];
+            wsum += w[t];
+            wabs += w[t] < 0 ? -w[t] : w[t];
+        }
+        tf_dwf_ch ch = {bias[c] + off * wsum, q->multiplier[c], q->shift[c], -q->shift[c], 0};
+        /* |acc| <= |acc0| + 128 * sum |w|: the fast requantization needs it under 2^30. */
+        const int64_t acc0 = (int64_t)bias[c] + (int64_t)off * wsum;
+        const int64_t bound = (acc0 < 0 ? -acc0 : acc0) + 128 * (int64_t)wabs;
+        const int fast = bound < ((int64_t)1 << 30) && ch.right >= 1 && ch.right <= 22 &&
+                         ch.m != INT32_MIN;
+        if (fast) {
+            ch.half = (int32_t)(1u << (ch.right - 1)) + cl.out_off * (1 << ch.right);
+        }
+        int8_t *dst = output + c;
+#if TF_USE_DSP
+        if (fast) {
+            const int32_t groups = TF_DWF_GROUPS(k);
+            for (int32_t r = 0; r < k; r++) {
+                for (int32_t g = 0; g < groups; g++) {
+                    int32_t t4[4];
+                    for (int32_t j = 0; j < 4; j++) {
+                        const int32_t col = 4 * g + j;
+                        t4[j] = col < k ? w[r * k + col] : 0;
+                    }
+                    wq[(r * groups + g) * 2] =
+                        (uint32_t)(uint16_t)t4[0] | ((uint32_t)(uint16_t)t4[2] << 16);
+                    wq[(r * groups + g) * 2 + 1] =
+                        (uint32_t)(uint16_t)t4[1] | ((uint32_t)(uint16_t)t4[3] << 16);
+                }
+            }
+            tf_dwf_dsp(plane, wp, oh, ow, k, s, wq, &ch, &cl, dst, cs);
+            continue;
+        }
+        tf_dwf_plain(plane, wp, oh, ow, k, s, w, &ch, &cl, 0, dst, cs);
+#else
+        if (fast) {
+            tf_dwf_plain(plane, wp, oh, ow, k, s, w, &ch, &cl, 1, dst, cs);
+        } else {
+            tf_dwf_plain(plane, wp, oh, ow, k, s, w, &ch, &cl, 0, dst, cs);
+        }
+#endif
+    }
+}
+
+#define TF_DWF_INSTANCE(K, S)                                                              \
+    static void tf_dwf_k##K##s##S(const tf_dims *in, const int8_t *input,                  \
+                                  const tf_window *win, const tf_dims *out,                 \
+                                  const int8_t *weights, const int32_t *bias,              \
+                                  const tf_conv_quant *q, int8_t *output, int8_t *plane)   \
+    {                                                                                      \
+        tf_dwf_run(in, input, win, out, weights, bias, q, output, plane, K, S);            \
+    }
+
+TF_DWF_INSTANCE(3, 1)
+TF_DWF_INSTANCE(3, 2)
+TF_DWF_INSTANCE(5, 1)
+TF_DWF_INSTANCE(5, 2)
+TF_DWF_INSTANCE(7, 1)
+TF_DWF_INSTANCE(7, 2)
+
+tf_status tf_depthwise_conv2d_fast_s8(const tf_dims *in, const int8_t *input,
+                                      const tf_window *win, const tf_dims *out,
+                                      const int8_t *weights, const int32_t *bias,
+                                      const tf_conv_quant *q, int8_t *output, int8_t *buffer)
+{
+    tf_status st;
+    if (input == NULL || weights == NULL || bias == NULL || output == NULL || buffer == NULL) {
+        return TF_ERR_NULL;
+    }
+    if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_dims(out)) != TF_OK ||
+        (st = tf_check_window(win)) != TF_OK ||
+        (st = tf_check_conv_quant(q, in->c)) != TF_OK) {
+        return st;
+    }
+    if (!tf_depthwise_conv2d_fast_supported(win)) {
+        return TF_ERR_ARG;
+    }
+    if (out->c != in->c ||
+        out->h != tf_window_out(in->h, win->kh, win->stride_h, win->pad_top, win->pad_bottom) ||
+        out->w != tf_window_out(in->w, win->kw, win->stride_w, win->pad_left, win->pad_right)) {
+        return TF_ERR_SHAPE;
+    }
+    if ((const int8_t *)output == input && out->h * out->w > in->h * in->w) {
+        return TF_ERR_ALIAS;
+    }
+    switch (win->kh * 10 + win->stride_h) {
+    case 31: tf_dwf_k3s1(in, input, win, out, weights, bias, q, output, buffer); break;
+    case 32: tf_dwf_k3s2(in, input, win, out, weights, bias, q, output, buffer); break;
+    case 51: tf_dwf_k5s1(in, input, win, out, weights, bias, q, output, buffer); break;
+    case 52: tf_dwf_k5s2(in, input, win, out, weights, bias, q, output, buffer); break;
+    case 71: tf_dwf_k7s1(in, input, win, out, weights, bias, q, output, buffer); break;
+    default: tf_dwf_k7s2(in, input, win, out, weights, bias, q, output, buffer); break;
+    }
+    return TF_OK;
+}
