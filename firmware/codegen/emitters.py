@@ -24,6 +24,7 @@ from firmware.int8.reference import (
     is_depthwise,
 )
 from firmware.ir import Graph, Layer, OpKind
+from firmware.plan.kernels import fast_depthwise
 
 
 class Kind(enum.Enum):
@@ -105,6 +106,10 @@ def _pointwise(c: Call) -> list[str]:
 
 def _depthwise(c: Call) -> list[str]:
     x, y, p = c.inputs[0], c.output, c.prefix
+    layer = c.ql.layer
+    if fast_depthwise(layer.kernel, layer.stride):  # the specialized kernel for its window
+        return [check(f"tf_depthwise_conv2d_fast_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, "
+                      f"{p}_w, {p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
     return [check(f"tf_depthwise_conv2d_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, "
                   f"{p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
 

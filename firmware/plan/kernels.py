@@ -10,8 +10,11 @@ declared, linked and touched agree.
   per pass) unless the output has a single pixel.
 - 1x1 conv (stride 1, no padding): the same with k = 1.
 - Fully connected: one int16 column of the input features (one output pixel).
-- Depthwise: the smaller of a ring of kh zero-point-padded input rows ((w + pads) * c bytes
-  each) and one padded channel plane ((h + pads) * (w + pads) bytes).
+- Depthwise with a square 3x3 / 5x5 / 7x7 window and stride 1 or 2 runs the specialized
+  kernel (tf_depthwise_conv2d_fast_s8): one padded channel plane plus 8 bytes of slack
+  ((h + pads) * (w + pads) + 8). Other depthwise windows run the generic kernel: the smaller
+  of a ring of kh zero-point-padded input rows ((w + pads) * c bytes each) and one padded
+  channel plane ((h + pads) * (w + pads) bytes).
 - Add, pooling, reshape, patch load/store: none.
 
 In a patch stage a layer runs on tiles: the figure is taken for every tile (its own input
@@ -53,6 +56,23 @@ def depthwise_scratch_bytes(in_h: int, in_w: int, channels: int, kernel_h: int,
     return min(ring, plane)
 
 
+FAST_DEPTHWISE_KERNELS = (3, 5, 7)
+FAST_DEPTHWISE_STRIDES = (1, 2)
+FAST_DEPTHWISE_SLACK = 8  # bytes the last output pair reads past the plane
+
+
+def fast_depthwise(kernel: tuple[int, int], stride: tuple[int, int]) -> bool:
+    """tf_depthwise_conv2d_fast_supported: the window has a specialized depthwise kernel."""
+    return (kernel[0] == kernel[1] and kernel[0] in FAST_DEPTHWISE_KERNELS
+            and stride[0] == stride[1] and stride[0] in FAST_DEPTHWISE_STRIDES)
+
+
+def fast_depthwise_scratch_bytes(in_h: int, in_w: int, pads: Pads) -> int:
+    """tf_depthwise_conv2d_fast_get_buffer_size: one padded channel plane and the slack."""
+    top, left, bottom, right = pads
+    return (in_h + top + bottom) * (in_w + left + right) + FAST_DEPTHWISE_SLACK
+
+
 def is_depthwise(graph: Graph, layer: Layer) -> bool:
     """True for a conv with one filter per channel (groups == in == out channels)."""
     if layer.op is not OpKind.CONV or layer.groups == 1:
@@ -79,6 +99,8 @@ def layer_scratch_bytes(graph: Graph, layer: Layer, tile: LayerTile | None = Non
         out_pixels = ((tile.out_rows[1] - tile.out_rows[0])
                       * (tile.out_cols[1] - tile.out_cols[0]))
     if is_depthwise(graph, layer):
+        if fast_depthwise(layer.kernel, layer.stride):
+            return fast_depthwise_scratch_bytes(in_h, in_w, pads)
         return depthwise_scratch_bytes(in_h, in_w, x.channels, layer.kernel[0], pads)
     return conv_scratch_bytes(x.channels // layer.groups, layer.kernel, out_pixels)
 

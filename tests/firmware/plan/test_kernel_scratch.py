@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from firmware.plan.kernels import (
     conv_scratch_bytes,
     depthwise_scratch_bytes,
+    fast_depthwise,
+    fast_depthwise_scratch_bytes,
     fully_connected_scratch_bytes,
 )
 from firmware.toolchain.build import build_host_library
@@ -32,7 +34,8 @@ def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     library = ctypes.CDLL(str(build_host_library(tmp_path_factory.mktemp("host"),
                                                  name="libtf_scratch.so")))
     for name in ("tf_conv2d_get_buffer_size", "tf_conv2d_1x1_get_buffer_size",
-                 "tf_depthwise_conv2d_get_buffer_size", "tf_fully_connected_get_buffer_size"):
+                 "tf_depthwise_conv2d_get_buffer_size", "tf_fully_connected_get_buffer_size",
+                 "tf_depthwise_conv2d_fast_get_buffer_size"):
         getattr(library, name).restype = ctypes.c_size_t
     return library
 
@@ -57,6 +60,11 @@ def test_conv_and_depthwise_scratch_equal_the_kernels(lib: ctypes.CDLL, h: int, 
         conv_scratch_bytes(c, (k, k), pixels)
     assert lib.tf_depthwise_conv2d_get_buffer_size(ctypes.byref(dims), ctypes.byref(win)) == \
         depthwise_scratch_bytes(h, w, c, k, pads)
+    assert lib.tf_depthwise_conv2d_fast_get_buffer_size(ctypes.byref(dims),
+                                                        ctypes.byref(win)) == \
+        fast_depthwise_scratch_bytes(h, w, pads)
+    assert lib.tf_depthwise_conv2d_fast_supported(ctypes.byref(win)) == \
+        fast_depthwise((k, k), (stride, stride))
     assert lib.tf_conv2d_1x1_get_buffer_size(ctypes.byref(dims)) == \
         conv_scratch_bytes(c, (1, 1), h * w)
     assert lib.tf_fully_connected_get_buffer_size(h * w * c) == \
