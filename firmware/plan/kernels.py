@@ -11,8 +11,8 @@ declared, linked and touched agree.
 - 1x1 conv (stride 1, no padding): the same with k = 1.
 - Fully connected: one int16 column of the input features (one output pixel).
 - Depthwise with a square 3x3 / 5x5 / 7x7 window and stride 1 or 2 runs the specialized
-  kernel (tf_depthwise_conv2d_fast_s8): one padded channel plane plus 8 bytes of slack
-  ((h + pads) * (w + pads) + 8). Other depthwise windows run the generic kernel: the smaller
+  kernel (tf_depthwise_conv2d_fast_s8): one padded channel plane plus 16 bytes of slack
+  ((h + pads) * (w + pads) + 16). Other depthwise windows run the generic kernel: the smaller
   of a ring of kh zero-point-padded input rows ((w + pads) * c bytes each) and one padded
   channel plane ((h + pads) * (w + pads) bytes).
 - Add, pooling, reshape, patch load/store: none.
@@ -58,7 +58,7 @@ def depthwise_scratch_bytes(in_h: int, in_w: int, channels: int, kernel_h: int,
 
 FAST_DEPTHWISE_KERNELS = (3, 5, 7)
 FAST_DEPTHWISE_STRIDES = (1, 2)
-FAST_DEPTHWISE_SLACK = 8  # bytes the last output pair reads past the plane
+FAST_DEPTHWISE_SLACK = 16  # bytes the last group of 4 outputs may read past the plane
 
 
 def fast_depthwise(kernel: tuple[int, int], stride: tuple[int, int]) -> bool:

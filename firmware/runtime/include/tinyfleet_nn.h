@@ -127,7 +127,7 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
  * (tf_depthwise_conv2d_fast_supported; TF_ERR_ARG otherwise): one zero-point-padded channel
  * plane at a time, kernel size and stride compiled in, two outputs per loaded row on the DSP
  * path. Same results as tf_depthwise_conv2d_s8; output may equal input. buffer:
- * tf_depthwise_conv2d_fast_get_buffer_size() bytes, (h + pads) * (w + pads) + 8. */
+ * tf_depthwise_conv2d_fast_get_buffer_size() bytes, (h + pads) * (w + pads) + 16. */
 int32_t tf_depthwise_conv2d_fast_supported(const tf_window *win);
 size_t tf_depthwise_conv2d_fast_get_buffer_size(const tf_dims *in, const tf_window *win);
 tf_status tf_depthwise_conv2d_fast_s8(const tf_dims *in, const int8_t *input,

@@ -15,8 +15,9 @@
  */
 #include "tf_internal.h"
 
-/* Bytes read past the last padded row by the last (discarded) output pair. */
-#define TF_DWF_SLACK 8
+/* Bytes read past the last padded row by the last (discarded) outputs of a group of four:
+ * at most 4 * groups + 11 - k (stride 2), 14 for these kernels. */
+#define TF_DWF_SLACK 16
 #define TF_DWF_MAX_K 7
 
 static size_t tf_dwf_plane_bytes(const tf_dims *in, const tf_window *win)
@@ -61,16 +62,22 @@ typedef struct {
 
 /* tf_rq_right + output_offset for |acc| < 2^30 and 1 <= right <= 22: adding the offset
  * times 2^right before the arithmetic shift adds it after, and nothing overflows. */
+static inline __attribute__((always_inline)) int32_t tf_dwf_scale2(int32_t acc2,
+                                                                   const tf_dwf_ch *ch)
+{
+    int32_t x; /* acc2 = 2 * acc */
+#if TF_USE_DSP
+    __asm__("smmulr %0, %1, %2" : "=r"(x) : "r"(acc2), "r"(ch->m));
+#else
+    x = (int32_t)(((int64_t)acc2 * ch->m + ((int64_t)1 << 31)) >> 32);
+#endif
+    return (x + ch->half + (x >> 31)) >> ch->right;
+}
+
 static inline __attribute__((always_inline)) int32_t tf_dwf_scale(int32_t acc,
                                                                   const tf_dwf_ch *ch)
 {
-    int32_t x;
-#if TF_USE_DSP
-    __asm__("smmulr %0, %1, %2" : "=r"(x) : "r"(acc * 2), "r"(ch->m));
-#else
-    x = (int32_t)(((int64_t)(acc * 2) * ch->m + ((int64_t)1 << 31)) >> 32);
-#endif
-    return (x + ch->half + (x >> 31)) >> ch->right;
+    return tf_dwf_scale2(acc * 2, ch);
 }
 
 static inline __attribute__((always_inline)) int8_t tf_dwf_out(int32_t acc, const tf_dwf_ch *ch,
@@ -121,70 +128,95 @@ static inline __attribute__((always_inline)) int16x2_t tf_dwf_odd(uint32_t b)
 
 #define TF_DWF_GROUPS(k) (((k) + 3) / 4)
 
-/* Two adjacent outputs per step; wq holds, per kernel row r and group g of four taps,
- * (w[4g], w[4g+2]) and (w[4g+1], w[4g+3]) as int16 pairs. */
-static inline __attribute__((always_inline)) int32_t
-tf_dwf_pair(const int8_t *p, int32_t wp, const int32_t k, const int32_t s,
-            const uint32_t *wq, int32_t acc0, int32_t *second)
+/* Four adjacent outputs per step; wq holds, per kernel row r and group g of four taps,
+ * (w[4g], w[4g+2]) and (w[4g+1], w[4g+3]) as int16 pairs. Output i's window starts at
+ * x[i * s]: stride 1 reads the words at x0, x2, x4 of each group (five SXTB16 give (x0, x2),
+ * (x1, x3), (x2, x4), (x3, x5), (x4, x6)), stride 2 the words at x0, x2, x4, x6. */
+static inline __attribute__((always_inline)) void
+tf_dwf_quad(const int8_t *p, int32_t wp, const int32_t k, const int32_t s,
+            const uint32_t *wq, int32_t acc0, int32_t *acc)
 {
     const int32_t groups = TF_DWF_GROUPS(k);
-    int32_t a0 = acc0, a1 = acc0;
+    /* Opaque to the optimizer: the weights are then loaded (LDRD) where they are used
+     * instead of being hoisted out of the output loop into registers it does not have. */
+    __asm__("" : "+r"(wq));
+    int32_t a0 = acc0, a1 = acc0, a2 = acc0, a3 = acc0;
 #pragma GCC unroll 8
     for (int32_t r = 0; r < k; r++) {
         const int8_t *x = p + (size_t)r * (size_t)wp;
 #pragma GCC unroll 2
         for (int32_t g = 0; g < groups; g++) {
+            uint64_t wpair; /* one LDRD */
+            memcpy(&wpair, wq + (r * groups + g) * 2, sizeof wpair);
+            const int16x2_t w02 = (int16x2_t)(uint32_t)wpair;
+            const int16x2_t w13 = (int16x2_t)(uint32_t)(wpair >> 32);
             const uint32_t v0 = tf_dwf_read(x + 4 * g);
             const uint32_t v2 = tf_dwf_read(x + 4 * g + 2);
-            const int16x2_t even = __sxtb16((int8x4_t)v0); /* x0, x2 */
-            const int16x2_t odd = tf_dwf_odd(v0);          /* x1, x3 */
-            const int16x2_t w02 = (int16x2_t)wq[(r * groups + g) * 2];
-            const int16x2_t w13 = (int16x2_t)wq[(r * groups + g) * 2 + 1];
-            a0 = __smlad(even, w02, a0);
-            a0 = __smlad(odd, w13, a0);
-            if (s == 1) { /* the second window starts at x1 */
-                a1 = __smlad(odd, w02, a1);
-                a1 = __smlad(__sxtb16((int8x4_t)v2), w13, a1); /* x2, x4 */
-            } else {      /* at x2 */
-                a1 = __smlad(__sxtb16((int8x4_t)v2), w02, a1);
-                a1 = __smlad(tf_dwf_odd(v2), w13, a1); /* x3, x5 */
+            const uint32_t v4 = tf_dwf_read(x + 4 * g + 4);
+            const int16x2_t e0 = __sxtb16((int8x4_t)v0), o0 = tf_dwf_odd(v0);
+            const int16x2_t e2 = __sxtb16((int8x4_t)v2), o2 = tf_dwf_odd(v2);
+            const int16x2_t e4 = __sxtb16((int8x4_t)v4);
+            a0 = __smlad(e0, w02, a0);
+            a0 = __smlad(o0, w13, a0);
+            if (s == 1) {
+                a1 = __smlad(o0, w02, a1);
+                a1 = __smlad(e2, w13, a1);
+                a2 = __smlad(e2, w02, a2);
+                a2 = __smlad(o2, w13, a2);
+                a3 = __smlad(o2, w02, a3);
+                a3 = __smlad(e4, w13, a3);
+            } else {
+                const uint32_t v6 = tf_dwf_read(x + 4 * g + 6);
+                a1 = __smlad(e2, w02, a1);
+                a1 = __smlad(o2, w13, a1);
+                a2 = __smlad(e4, w02, a2);
+                a2 = __smlad(tf_dwf_odd(v4), w13, a2);
+                a3 = __smlad(__sxtb16((int8x4_t)v6), w02, a3);
+                a3 = __smlad(tf_dwf_odd(v6), w13, a3);
             }
         }
     }
-    *second = a1;
-    return a0;
+    acc[0] = a0;
+    acc[1] = a1;
+    acc[2] = a2;
+    acc[3] = a3;
 }
+
+/* Outputs are computed in chunks: the MAC loop leaves a chunk's accumulators in a small
+ * array, then a separate loop requantizes them, so neither loop runs out of registers. */
+#define TF_DWF_CHUNK 8
 
 static inline __attribute__((always_inline)) void
 tf_dwf_dsp(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_t k,
            const int32_t s, const uint32_t *wq, const tf_dwf_ch *ch, const tf_dwf_clamp *cl,
            int8_t *dst, size_t step)
 {
-    /* The weights in locals: with k constant they stay in registers where they fit. */
-    uint32_t w[TF_DWF_MAX_K * TF_DWF_GROUPS(TF_DWF_MAX_K) * 2];
-    const int32_t n = k * TF_DWF_GROUPS(k) * 2;
-    for (int32_t i = 0; i < n; i++) {
-        w[i] = wq[i];
-    }
+    int32_t acc[TF_DWF_CHUNK];
     const tf_dwf_ch c = *ch;
-    const tf_dwf_clamp l = *cl;
+    const int full = cl->lo == -128 && cl->hi == 127; /* the clamp is the int8 saturation */
     for (int32_t oy = 0; oy < oh; oy++) {
         const int8_t *p = plane + (size_t)(oy * s) * (size_t)wp;
-        int32_t ox = 0;
-        for (; ox + 2 <= ow; ox += 2) {
-            int32_t a1;
-            const int32_t a0 = tf_dwf_pair(p, wp, k, s, w, c.acc0, &a1);
-            dst[0] = tf_dwf_out(a0, &c, &l, 1);
-            dst[step] = tf_dwf_out(a1, &c, &l, 1);
-            dst += 2 * step;
-            p += 2 * s;
-        }
-        if (ox < ow) { /* the second output reads past the row: into the next or the slack */
-            int32_t a1;
-            const int32_t a0 = tf_dwf_pair(p, wp, k, s, w, c.acc0, &a1);
-            (void)a1;
-            *dst = tf_dwf_out(a0, &c, &l, 1);
-            dst += step;
+        for (int32_t ox = 0; ox < ow; ox += TF_DWF_CHUNK) {
+            const int32_t n = ow - ox < TF_DWF_CHUNK ? ow - ox : TF_DWF_CHUNK;
+            /* n not a multiple of 4 computes up to 3 outputs more (reading past the row,
+             * into the next row or the slack) and drops them. */
+            for (int32_t j = 0; j < n; j += 4) {
+                tf_dwf_quad(p, wp, k, s, wq, c.acc0 * 2, acc + j);
+                p += 4 * s;
+            }
+            if (full) {
+                for (int32_t j = 0; j < n; j++) {
+                    *dst = (int8_t)__ssat(tf_dwf_scale2(acc[j], &c), 8);
+                    dst += step;
+                }
+            } else {
+                for (int32_t j = 0; j < n; j++) {
+                    int32_t v = tf_dwf_scale2(acc[j], &c);
+                    v = v < cl->lo ? cl->lo : v;
+                    *dst = (int8_t)(v > cl->hi ? cl->hi : v);
+                    dst += step;
+                }
+            }
         }
     }
 }
@@ -200,25 +232,35 @@ tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const t
     const size_t cs = (size_t)in->c;
     const tf_dwf_clamp cl = {q->output_offset, q->act_min, q->act_max};
     const int32_t off = q->input_offset;
-    const int32_t oh = out->h, ow = out->w;
+    const int32_t oh = out->h, ow = out->w, ih = in->h, iw = in->w;
     int8_t w[TF_DWF_MAX_K * TF_DWF_MAX_K];
 #if TF_USE_DSP
-    uint32_t wq[TF_DWF_MAX_K * TF_DWF_GROUPS(TF_DWF_MAX_K) * 2];
+    uint32_t wq[TF_DWF_MAX_K * TF_DWF_GROUPS(TF_DWF_MAX_K) * 2] __attribute__((aligned(8)));
 #endif
     memset(plane, (int8_t)(-off), tf_dwf_plane_bytes(in, win) + TF_DWF_SLACK);
     for (int32_t c = 0; c < in->c; c++) {
         int8_t *row = plane + (size_t)win->pad_top * (size_t)wp + (size_t)win->pad_left;
         const int8_t *src = input + c;
-        for (int32_t y = 0; y < in->h; y++) {
+        for (int32_t y = 0; y < ih; y++) {
             int32_t x = 0;
-            for (; x + 4 <= in->w; x += 4) {
+#if TF_USE_DSP
+            for (; x + 4 <= iw; x += 4) { /* four bytes, one (unaligned) word store */
+                const uint32_t b0 = (uint8_t)src[0], b1 = (uint8_t)src[cs];
+                const uint32_t b2 = (uint8_t)src[2 * cs], b3 = (uint8_t)src[3 * cs];
+                const uint32_t word = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
+                memcpy(row + x, &word, sizeof word);
+                src += 4 * cs;
+            }
+#else
+            for (; x + 4 <= iw; x += 4) {
                 row[x] = src[0];
                 row[x + 1] = src[cs];
                 row[x + 2] = src[2 * cs];
                 row[x + 3] = src[3 * cs];
                 src += 4 * cs;
             }
-            for (; x < in->w; x++) {
+#endif
+            for (; x < iw; x++) {
                 row[x] = *src;
                 src += cs;
             }
@@ -248,7 +290,7 @@ tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const t
                     int32_t t4[4];
                     for (int32_t j = 0; j < 4; j++) {
                         const int32_t col = 4 * g + j;
-                        t4[j] = col < k ? w[r * k + col] : 0;
+                        t4[j] = col < k ? 2 * w[r * k + col] : 0; /* sums 2 * acc */
                     }
                     wq[(r * groups + g) * 2] =
                         (uint32_t)(uint16_t)t4[0] | ((uint32_t)(uint16_t)t4[2] << 16);
@@ -271,7 +313,8 @@ tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const t
 }
 
 #define TF_DWF_INSTANCE(K, S)                                                              \
-    static void tf_dwf_k##K##s##S(const tf_dims *in, const int8_t *input,                  \
+    static __attribute__((noinline)) void tf_dwf_k##K##s##S(                               \
+        const tf_dims *in, const int8_t *input,                                           \
                                   const tf_window *win, const tf_dims *out,                 \
                                   const int8_t *weights, const int32_t *bias,              \
                                   const tf_conv_quant *q, int8_t *output, int8_t *plane)   \
