@@ -184,7 +184,7 @@ tf_dwf_quad(const int8_t *p, int32_t wp, const int32_t k, const int32_t s,
 
 /* Outputs are computed in chunks: the MAC loop leaves a chunk's accumulators in a small
  * array, then a separate loop requantizes them, so neither loop runs out of registers. */
-#define TF_DWF_CHUNK 8
+#define TF_DWF_CHUNK 32
 
 static inline __attribute__((always_inline)) void
 tf_dwf_dsp(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_t k,
