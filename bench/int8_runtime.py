@@ -67,8 +67,9 @@ def _common(x: np.ndarray, w: np.ndarray, b: np.ndarray, q: ref.ConvQuant, out_b
     ])
 
 
-def pointwise(h: int, w: int, cin: int, cout: int, seed: int = 0) -> KernelCase:
-    """A 1x1 conv (tf_conv2d_1x1_s8)."""
+def pointwise(h: int, w: int, cin: int, cout: int, seed: int = 0,
+              fast: bool = False) -> KernelCase:
+    """A 1x1 conv (tf_conv2d_1x1_s8, or with `fast` tf_conv2d_1x1_fast_s8)."""
     rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, size=(h, w, cin)).astype(np.int8)
     wt = rng.integers(-127, 128, size=(cout, 1, 1, cin)).astype(np.int8)
@@ -77,9 +78,10 @@ def pointwise(h: int, w: int, cin: int, cout: int, seed: int = 0) -> KernelCase:
     want = ref.conv2d_s8(x, wt, b, q)
     src = _common(x, wt, b, q, want.size, h, w, cin) + (
         "static tf_status run(void)\n{\n"
-        f"    return tf_conv2d_1x1_s8(&in, x, {cout}, w, b, &q, y, buf);\n}}\n")
-    return KernelCase(f"1x1 conv {h}x{w}x{cin}->{cout}", h * w * cin * cout, src,
-                      want.tobytes())
+        f"    return tf_conv2d_1x1{'_fast' if fast else ''}_s8(&in, x, {cout}, w, b, &q, y, buf);"
+        "\n}\n")
+    return KernelCase(f"1x1 conv {h}x{w}x{cin}->{cout}{' (specialized)' if fast else ''}",
+                      h * w * cin * cout, src, want.tobytes())
 
 
 def conv3x3(h: int, w: int, cin: int, cout: int, stride: int, seed: int = 1) -> KernelCase:
@@ -175,6 +177,8 @@ def main() -> None:
     cases = [pointwise(28, 28, 16, 96), pointwise(28, 28, 32, 64), pointwise(14, 14, 96, 24),
              pointwise(14, 14, 192, 32), conv3x3(32, 32, 3, 16, 2),
              depthwise(72, 72, 16), depthwise(28, 28, 48),
+             pointwise(28, 28, 16, 96, fast=True), pointwise(28, 28, 32, 64, fast=True),
+             pointwise(14, 14, 96, 24, fast=True), pointwise(14, 14, 192, 32, fast=True),
              depthwise(72, 72, 16, fast=True), depthwise(28, 28, 48, fast=True),
              depthwise(28, 28, 48, stride=2, fast=True), depthwise(14, 14, 96, k=5, fast=True),
              depthwise(14, 14, 96, k=7, fast=True)]

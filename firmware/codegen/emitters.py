@@ -100,16 +100,17 @@ def _pointwise(c: Call) -> list[str]:
     if c.fused_add:
         return [check(f"tf_conv2d_1x1_add_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
                       f"{p}_b, &{p}_q, &{c.fused_add}, {y.ptr}, tf_scratch)")]
-    return [check(f"tf_conv2d_1x1_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, {p}_b, "
-                  f"&{p}_q, {y.ptr}, tf_scratch)")]
+    return [check(f"tf_conv2d_1x1_fast_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
+                  f"{p}_b, &{p}_q, {y.ptr}, tf_scratch)")]
 
 
 def _depthwise(c: Call) -> list[str]:
     x, y, p = c.inputs[0], c.output, c.prefix
     layer = c.ql.layer
-    if fast_depthwise(layer.kernel, layer.stride):  # the specialized kernel for its window
-        return [check(f"tf_depthwise_conv2d_fast_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, "
-                      f"{p}_w, {p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
+    if fast_depthwise(layer.kernel, layer.stride):  # the specialized kernel of its window
+        k, s = layer.kernel[0], layer.stride[0]
+        return [check(f"tf_depthwise_conv2d_{k}x{k}s{s}_s8({x.dims}, {x.ptr}, {c.window}, "
+                      f"{y.dims}, {p}_w, {p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
     return [check(f"tf_depthwise_conv2d_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, "
                   f"{p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
 

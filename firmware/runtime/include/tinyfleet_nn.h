@@ -104,6 +104,13 @@ tf_status tf_conv2d_1x1_s8(const tf_dims *in, const int8_t *input, int32_t out_c
                            const int8_t *weights, const int32_t *bias, const tf_conv_quant *q,
                            int8_t *output, int16_t *buffer);
 
+/* Specialized 1x1 conv: same arguments, buffer and results as tf_conv2d_1x1_s8, which it
+ * runs itself unless the DSP path applies and every channel's requantization can be folded
+ * (doubled columns into SMMULR, rounding and output offset one addend; see tf_pw_fast.c). */
+tf_status tf_conv2d_1x1_fast_s8(const tf_dims *in, const int8_t *input, int32_t out_c,
+                                const int8_t *weights, const int32_t *bias,
+                                const tf_conv_quant *q, int8_t *output, int16_t *buffer);
+
 /* 1x1 conv whose int8 result y (requantized with q) is added to the residual tensor
  * (in->h, in->w, out_c) with `add` (input 1 = y, input 2 = residual) and written over the
  * residual: the fused projection + add of the `inplace` memory model. */
@@ -126,7 +133,8 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
 /* Specialized depthwise conv for square 3x3 / 5x5 / 7x7 windows with stride 1 or 2
  * (tf_depthwise_conv2d_fast_supported; TF_ERR_ARG otherwise): one zero-point-padded channel
  * plane at a time, kernel size and stride compiled in, two outputs per loaded row on the DSP
- * path. Same results as tf_depthwise_conv2d_s8; output may equal input. buffer:
+ * path (the plain C path runs tf_depthwise_conv2d_s8). Same results as
+ * tf_depthwise_conv2d_s8; output may equal input. buffer:
  * tf_depthwise_conv2d_fast_get_buffer_size() bytes, (h + pads) * (w + pads) + 16. */
 int32_t tf_depthwise_conv2d_fast_supported(const tf_window *win);
 size_t tf_depthwise_conv2d_fast_get_buffer_size(const tf_dims *in, const tf_window *win);
@@ -134,6 +142,19 @@ tf_status tf_depthwise_conv2d_fast_s8(const tf_dims *in, const int8_t *input,
                                       const tf_window *win, const tf_dims *out,
                                       const int8_t *weights, const int32_t *bias,
                                       const tf_conv_quant *q, int8_t *output, int8_t *buffer);
+/* The same for one window each (TF_ERR_ARG for another): generated code calls these, so a
+ * model links only the sizes it uses. */
+#define TF_DW_FAST_DECL(name)                                                              \
+    tf_status name(const tf_dims *in, const int8_t *input, const tf_window *win,           \
+                   const tf_dims *out, const int8_t *weights, const int32_t *bias,         \
+                   const tf_conv_quant *q, int8_t *output, int8_t *buffer)
+TF_DW_FAST_DECL(tf_depthwise_conv2d_3x3s1_s8);
+TF_DW_FAST_DECL(tf_depthwise_conv2d_3x3s2_s8);
+TF_DW_FAST_DECL(tf_depthwise_conv2d_5x5s1_s8);
+TF_DW_FAST_DECL(tf_depthwise_conv2d_5x5s2_s8);
+TF_DW_FAST_DECL(tf_depthwise_conv2d_7x7s1_s8);
+TF_DW_FAST_DECL(tf_depthwise_conv2d_7x7s2_s8);
+#undef TF_DW_FAST_DECL
 
 /* Fully connected: (in_features) -> (out_features), weights (out, in); buffer: one column. */
 size_t tf_fully_connected_get_buffer_size(int32_t in_features);

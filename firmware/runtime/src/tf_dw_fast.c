@@ -89,28 +89,6 @@ static inline __attribute__((always_inline)) int8_t tf_dwf_out(int32_t acc, cons
     return (int8_t)v;
 }
 
-/* Plain C over the plane (also the exact path for channels outside the fast bound). */
-static inline __attribute__((always_inline)) void
-tf_dwf_plain(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_t k,
-             const int32_t s, const int8_t *w, const tf_dwf_ch *ch, const tf_dwf_clamp *cl,
-             int fast, int8_t *dst, size_t step)
-{
-    for (int32_t oy = 0; oy < oh; oy++) {
-        const int8_t *row = plane + (size_t)(oy * s) * (size_t)wp;
-        for (int32_t ox = 0; ox < ow; ox++) {
-            const int8_t *p = row + ox * s;
-            int32_t acc = ch->acc0;
-            for (int32_t i = 0; i < k; i++) {
-                for (int32_t j = 0; j < k; j++) {
-                    acc += p[(size_t)i * (size_t)wp + (size_t)j] * w[i * k + j];
-                }
-            }
-            *dst = tf_dwf_out(acc, ch, cl, fast);
-            dst += step;
-        }
-    }
-}
-
 #if TF_USE_DSP
 static inline __attribute__((always_inline)) uint32_t tf_dwf_read(const int8_t *p)
 {
@@ -222,6 +200,96 @@ tf_dwf_dsp(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_
 }
 #endif
 
+#if TF_USE_DSP
+/* Channel c of the HWC input into the interior of the padded plane (its margins keep the
+ * zero point). Shared by every kernel size. */
+static __attribute__((noinline)) void tf_dwf_load(const tf_dims *in, const int8_t *input,
+                                                  int32_t c, int32_t wp, int8_t *row)
+{
+    const size_t cs = (size_t)in->c;
+    const int32_t ih = in->h, iw = in->w;
+    const int8_t *src = input + c;
+    for (int32_t y = 0; y < ih; y++) {
+        int32_t x = 0;
+        for (; x + 4 <= iw; x += 4) { /* four bytes, one (unaligned) word store */
+            const uint32_t b0 = (uint8_t)src[0], b1 = (uint8_t)src[cs];
+            const uint32_t b2 = (uint8_t)src[2 * cs], b3 = (uint8_t)src[3 * cs];
+            const uint32_t word = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
+            memcpy(row + x, &word, sizeof word);
+            src += 4 * cs;
+        }
+        for (; x < iw; x++) {
+            row[x] = *src;
+            src += cs;
+        }
+        row += wp;
+    }
+}
+
+/* Channel c's constants and, on the fast path, its doubled weight pairs; returns fast. */
+static __attribute__((noinline)) int tf_dwf_prepare(const int8_t *weights, const int32_t *bias,
+                                                    const tf_conv_quant *q, int32_t c,
+                                                    int32_t channels, int32_t k, uint32_t *wq,
+                                                    tf_dwf_ch *ch)
+{
+    const size_t cs = (size_t)channels;
+    const int8_t *w = weights + c; /* tap t at w[t * cs] */
+    int32_t wsum = 0, wabs = 0;
+    for (int32_t t = 0; t < k * k; t++) {
+        const int32_t v = w[(size_t)t * cs];
+        wsum += v;
+        wabs += v < 0 ? -v : v;
+    }
+    const int32_t off = q->input_offset;
+    *ch = (tf_dwf_ch){bias[c] + off * wsum, q->multiplier[c], q->shift[c], -q->shift[c], 0};
+    /* |acc| <= |acc0| + 128 * sum |w|: the fast requantization needs it under 2^30. */
+    const int64_t acc0 = (int64_t)bias[c] + (int64_t)off * wsum;
+    const int64_t bound = (acc0 < 0 ? -acc0 : acc0) + 128 * (int64_t)wabs;
+    if (bound >= ((int64_t)1 << 30) || ch->right < 1 || ch->right > 22 || ch->m == INT32_MIN) {
+        return 0;
+    }
+    ch->half = (int32_t)(1u << (ch->right - 1)) + q->output_offset * (1 << ch->right);
+    const int32_t groups = TF_DWF_GROUPS(k);
+    for (int32_t r = 0; r < k; r++) {
+        for (int32_t g = 0; g < groups; g++) {
+            int32_t t4[4];
+            for (int32_t j = 0; j < 4; j++) {
+                const int32_t col = 4 * g + j;
+                t4[j] = col < k ? 2 * w[(size_t)(r * k + col) * cs] : 0; /* sums 2 * acc */
+            }
+            wq[(r * groups + g) * 2] =
+                (uint32_t)(uint16_t)t4[0] | ((uint32_t)(uint16_t)t4[2] << 16);
+            wq[(r * groups + g) * 2 + 1] =
+                (uint32_t)(uint16_t)t4[1] | ((uint32_t)(uint16_t)t4[3] << 16);
+        }
+    }
+    return 1;
+}
+
+/* A channel outside the fast requantization: plain C, exact tf_rq. Shared by every size;
+ * w: the channel's taps at stride `step` (HWC weights). */
+static __attribute__((noinline)) void tf_dwf_exact(const int8_t *plane, int32_t wp, int32_t oh,
+                                                   int32_t ow, int32_t k, int32_t s,
+                                                   const int8_t *w, const tf_dwf_ch *ch,
+                                                   const tf_dwf_clamp *cl, int8_t *dst,
+                                                   size_t step)
+{
+    for (int32_t oy = 0; oy < oh; oy++) {
+        const int8_t *row = plane + (size_t)(oy * s) * (size_t)wp;
+        for (int32_t ox = 0; ox < ow; ox++) {
+            const int8_t *p = row + ox * s;
+            int32_t acc = ch->acc0;
+            for (int32_t i = 0; i < k; i++) {
+                for (int32_t j = 0; j < k; j++) {
+                    acc += p[(size_t)i * (size_t)wp + (size_t)j] * w[(size_t)(i * k + j) * step];
+                }
+            }
+            *dst = tf_dwf_out(acc, ch, cl, 0);
+            dst += step;
+        }
+    }
+}
+
 /* All channels with kernel k and stride s (constants after inlining). */
 static inline __attribute__((always_inline)) void
 tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,
@@ -229,110 +297,29 @@ tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const t
            int8_t *plane, const int32_t k, const int32_t s)
 {
     const int32_t wp = in->w + win->pad_left + win->pad_right;
-    const size_t cs = (size_t)in->c;
     const tf_dwf_clamp cl = {q->output_offset, q->act_min, q->act_max};
-    const int32_t off = q->input_offset;
-    const int32_t oh = out->h, ow = out->w, ih = in->h, iw = in->w;
-    int8_t w[TF_DWF_MAX_K * TF_DWF_MAX_K];
-#if TF_USE_DSP
+    const int32_t oh = out->h, ow = out->w;
     uint32_t wq[TF_DWF_MAX_K * TF_DWF_GROUPS(TF_DWF_MAX_K) * 2] __attribute__((aligned(8)));
-#endif
-    memset(plane, (int8_t)(-off), tf_dwf_plane_bytes(in, win) + TF_DWF_SLACK);
+    memset(plane, (int8_t)(-q->input_offset), tf_dwf_plane_bytes(in, win) + TF_DWF_SLACK);
+    int8_t *interior = plane + (size_t)win->pad_top * (size_t)wp + (size_t)win->pad_left;
     for (int32_t c = 0; c < in->c; c++) {
-        int8_t *row = plane + (size_t)win->pad_top * (size_t)wp + (size_t)win->pad_left;
-        const int8_t *src = input + c;
-        for (int32_t y = 0; y < ih; y++) {
-            int32_t x = 0;
-#if TF_USE_DSP
-            for (; x + 4 <= iw; x += 4) { /* four bytes, one (unaligned) word store */
-                const uint32_t b0 = (uint8_t)src[0], b1 = (uint8_t)src[cs];
-                const uint32_t b2 = (uint8_t)src[2 * cs], b3 = (uint8_t)src[3 * cs];
-                const uint32_t word = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
-                memcpy(row + x, &word, sizeof word);
-                src += 4 * cs;
-            }
-#else
-            for (; x + 4 <= iw; x += 4) {
-                row[x] = src[0];
-                row[x + 1] = src[cs];
-                row[x + 2] = src[2 * cs];
-                row[x + 3] = src[3 * cs];
-                src += 4 * cs;
-            }
-#endif
-            for (; x < iw; x++) {
-                row[x] = *src;
-                src += cs;
-            }
-            row += wp;
-        }
-        int32_t wsum = 0, wabs = 0;
-        for (int32_t t = 0; t < k * k; t++) {
-            w[t] = weights[(size_t)t * cs + (size_t)c];
-            wsum += w[t];
-            wabs += w[t] < 0 ? -w[t] : w[t];
-        }
-        tf_dwf_ch ch = {bias[c] + off * wsum, q->multiplier[c], q->shift[c], -q->shift[c], 0};
-        /* |acc| <= |acc0| + 128 * sum |w|: the fast requantization needs it under 2^30. */
-        const int64_t acc0 = (int64_t)bias[c] + (int64_t)off * wsum;
-        const int64_t bound = (acc0 < 0 ? -acc0 : acc0) + 128 * (int64_t)wabs;
-        const int fast = bound < ((int64_t)1 << 30) && ch.right >= 1 && ch.right <= 22 &&
-                         ch.m != INT32_MIN;
-        if (fast) {
-            ch.half = (int32_t)(1u << (ch.right - 1)) + cl.out_off * (1 << ch.right);
-        }
-        int8_t *dst = output + c;
-#if TF_USE_DSP
-        if (fast) {
-            const int32_t groups = TF_DWF_GROUPS(k);
-            for (int32_t r = 0; r < k; r++) {
-                for (int32_t g = 0; g < groups; g++) {
-                    int32_t t4[4];
-                    for (int32_t j = 0; j < 4; j++) {
-                        const int32_t col = 4 * g + j;
-                        t4[j] = col < k ? 2 * w[r * k + col] : 0; /* sums 2 * acc */
-                    }
-                    wq[(r * groups + g) * 2] =
-                        (uint32_t)(uint16_t)t4[0] | ((uint32_t)(uint16_t)t4[2] << 16);
-                    wq[(r * groups + g) * 2 + 1] =
-                        (uint32_t)(uint16_t)t4[1] | ((uint32_t)(uint16_t)t4[3] << 16);
-                }
-            }
-            tf_dwf_dsp(plane, wp, oh, ow, k, s, wq, &ch, &cl, dst, cs);
-            continue;
-        }
-        tf_dwf_plain(plane, wp, oh, ow, k, s, w, &ch, &cl, 0, dst, cs);
-#else
-        if (fast) {
-            tf_dwf_plain(plane, wp, oh, ow, k, s, w, &ch, &cl, 1, dst, cs);
+        tf_dwf_load(in, input, c, wp, interior);
+        tf_dwf_ch ch;
+        if (tf_dwf_prepare(weights, bias, q, c, in->c, k, wq, &ch)) {
+            tf_dwf_dsp(plane, wp, oh, ow, k, s, wq, &ch, &cl, output + c, (size_t)in->c);
         } else {
-            tf_dwf_plain(plane, wp, oh, ow, k, s, w, &ch, &cl, 0, dst, cs);
+            tf_dwf_exact(plane, wp, oh, ow, k, s, weights + c, &ch, &cl, output + c,
+                         (size_t)in->c);
         }
-#endif
     }
 }
+#endif
 
-#define TF_DWF_INSTANCE(K, S)                                                              \
-    static __attribute__((noinline)) void tf_dwf_k##K##s##S(                               \
-        const tf_dims *in, const int8_t *input,                                           \
-                                  const tf_window *win, const tf_dims *out,                 \
-                                  const int8_t *weights, const int32_t *bias,              \
-                                  const tf_conv_quant *q, int8_t *output, int8_t *plane)   \
-    {                                                                                      \
-        tf_dwf_run(in, input, win, out, weights, bias, q, output, plane, K, S);            \
-    }
-
-TF_DWF_INSTANCE(3, 1)
-TF_DWF_INSTANCE(3, 2)
-TF_DWF_INSTANCE(5, 1)
-TF_DWF_INSTANCE(5, 2)
-TF_DWF_INSTANCE(7, 1)
-TF_DWF_INSTANCE(7, 2)
-
-tf_status tf_depthwise_conv2d_fast_s8(const tf_dims *in, const int8_t *input,
-                                      const tf_window *win, const tf_dims *out,
-                                      const int8_t *weights, const int32_t *bias,
-                                      const tf_conv_quant *q, int8_t *output, int8_t *buffer)
+/* The checks of every entry point. */
+static __attribute__((noinline)) tf_status
+tf_dwf_check(const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,
+             const int8_t *weights, const int32_t *bias, const tf_conv_quant *q,
+             const int8_t *output, const int8_t *buffer, int32_t k, int32_t s)
 {
     tf_status st;
     if (input == NULL || weights == NULL || bias == NULL || output == NULL || buffer == NULL) {
@@ -343,7 +330,7 @@ tf_status tf_depthwise_conv2d_fast_s8(const tf_dims *in, const int8_t *input,
         (st = tf_check_conv_quant(q, in->c)) != TF_OK) {
         return st;
     }
-    if (!tf_depthwise_conv2d_fast_supported(win)) {
+    if (win->kh != k || win->kw != k || win->stride_h != s || win->stride_w != s) {
         return TF_ERR_ARG;
     }
     if (out->c != in->c ||
@@ -351,16 +338,61 @@ tf_status tf_depthwise_conv2d_fast_s8(const tf_dims *in, const int8_t *input,
         out->w != tf_window_out(in->w, win->kw, win->stride_w, win->pad_left, win->pad_right)) {
         return TF_ERR_SHAPE;
     }
-    if ((const int8_t *)output == input && out->h * out->w > in->h * in->w) {
+    if (output == input && out->h * out->w > in->h * in->w) {
         return TF_ERR_ALIAS;
     }
-    switch (win->kh * 10 + win->stride_h) {
-    case 31: tf_dwf_k3s1(in, input, win, out, weights, bias, q, output, buffer); break;
-    case 32: tf_dwf_k3s2(in, input, win, out, weights, bias, q, output, buffer); break;
-    case 51: tf_dwf_k5s1(in, input, win, out, weights, bias, q, output, buffer); break;
-    case 52: tf_dwf_k5s2(in, input, win, out, weights, bias, q, output, buffer); break;
-    case 71: tf_dwf_k7s1(in, input, win, out, weights, bias, q, output, buffer); break;
-    default: tf_dwf_k7s2(in, input, win, out, weights, bias, q, output, buffer); break;
-    }
     return TF_OK;
+}
+
+/* One exported entry point per size (the code generator calls the one a layer needs, so a
+ * model links only those). The plain C path runs the generic kernel: the buffer is at least
+ * the padded plane, which is at least what tf_depthwise_conv2d_s8 asks for. */
+#if TF_USE_DSP
+#define TF_DWF_BODY(K, S)                                                                  \
+    tf_dwf_run(in, input, win, out, weights, bias, q, output, buffer, K, S);               \
+    return TF_OK;
+#else
+#define TF_DWF_BODY(K, S)                                                                  \
+    return tf_depthwise_conv2d_s8(in, input, win, out, weights, bias, q, output, buffer);
+#endif
+#define TF_DWF_ENTRY(K, S)                                                                 \
+    tf_status tf_depthwise_conv2d_##K##x##K##s##S##_s8(                                    \
+        const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,  \
+        const int8_t *weights, const int32_t *bias, const tf_conv_quant *q, int8_t *output, \
+        int8_t *buffer)                                                                    \
+    {                                                                                      \
+        const tf_status st =                                                               \
+            tf_dwf_check(in, input, win, out, weights, bias, q, output, buffer, K, S);     \
+        if (st != TF_OK) {                                                                 \
+            return st;                                                                     \
+        }                                                                                  \
+        TF_DWF_BODY(K, S)                                                                  \
+    }
+
+TF_DWF_ENTRY(3, 1)
+TF_DWF_ENTRY(3, 2)
+TF_DWF_ENTRY(5, 1)
+TF_DWF_ENTRY(5, 2)
+TF_DWF_ENTRY(7, 1)
+TF_DWF_ENTRY(7, 2)
+
+tf_status tf_depthwise_conv2d_fast_s8(const tf_dims *in, const int8_t *input,
+                                      const tf_window *win, const tf_dims *out,
+                                      const int8_t *weights, const int32_t *bias,
+                                      const tf_conv_quant *q, int8_t *output, int8_t *buffer)
+{
+    if (win == NULL) {
+        return TF_ERR_NULL;
+    }
+    if (!tf_depthwise_conv2d_fast_supported(win)) {
+        return TF_ERR_ARG;
+    }
+    switch (win->kh * 10 + win->stride_h) {
+    case 31: return tf_depthwise_conv2d_3x3s1_s8(in, input, win, out, weights, bias, q, output, buffer);
+    case 32: return tf_depthwise_conv2d_3x3s2_s8(in, input, win, out, weights, bias, q, output, buffer);
+    case 51: return tf_depthwise_conv2d_5x5s1_s8(in, input, win, out, weights, bias, q, output, buffer);
+    case 52: return tf_depthwise_conv2d_5x5s2_s8(in, input, win, out, weights, bias, q, output, buffer);
+    case 71: return tf_depthwise_conv2d_7x7s1_s8(in, input, win, out, weights, bias, q, output, buffer);
+    default: return tf_depthwise_conv2d_7x7s2_s8(in, input, win, out, weights, bias, q, output, buffer);
+    }
 }

@@ -18,6 +18,7 @@ from firmware.int8.quantize import AddParams
 
 OP_CONV, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP = range(1, 9)
 OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST = 9, 10, 11, 12, 13
+OP_CONV1X1_FAST = 14
 
 
 @dataclass(frozen=True)
@@ -137,16 +138,17 @@ def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
 
 
 def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bool,
-                   huge_bias: bool = False) -> Case:
+                   huge_bias: bool = False, fast: bool = False) -> Case:
     """1x1 conv, optionally accumulating into a residual buffer.
 
     `huge_bias` puts accumulators around +-2**30, where the kernels leave their SMMULR fast
-    path for the 64-bit one, with tiny scales so that the outputs still vary.
+    path for the 64-bit one, with tiny scales so that the outputs still vary. `fast` runs
+    the specialized kernel (tf_conv2d_1x1_fast_s8), with a ReLU clamp on odd seeds.
     """
     rng = np.random.default_rng(seed)
     x, wt = _i8(rng, h, w, cin), _w8(rng, cout, 1, 1, cin)
     b = rng.integers(-5000, 5000, size=cout).astype(np.int32)
-    q = _quant(rng, cout, relu=False)
+    q = _quant(rng, cout, relu=fast and bool(seed % 2))
     if huge_bias:
         b = (rng.choice([-1, 1], size=cout) * (2**30 + rng.integers(-40000, 40000, size=cout))
              ).astype(np.int32)
@@ -155,8 +157,9 @@ def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bo
     tail = _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier) + _arr(q.shift)
     if not fused_add:
         y = ref.conv2d_s8(x, wt, b, q)
-        return Case(f"pw {h}x{w}x{cin}->{cout}", _ints(OP_CONV1X1, h, w, cin, cout) + head
-                    + tail, y.tobytes())
+        op, name = (OP_CONV1X1_FAST, "pw-fast") if fast else (OP_CONV1X1, "pw")
+        return Case(f"{name} {h}x{w}x{cin}->{cout}{' huge bias' if huge_bias else ''}",
+                    _ints(op, h, w, cin, cout) + head + tail, y.tobytes())
     res = _i8(rng, h, w, cout)
     p, lo, hi = _add_params(rng)
     y = ref.conv2d_1x1_add_s8(x, wt, b, q, res, p, lo, hi)
@@ -165,9 +168,9 @@ def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bo
     return Case(f"pw+add {h}x{w}x{cin}->{cout}", payload, y.tobytes())
 
 
-def pointwise_huge_bias_case(seed: int) -> Case:
+def pointwise_huge_bias_case(seed: int, fast: bool = False) -> Case:
     """A 1x1 conv whose accumulators straddle +-2**30 (both requantization paths)."""
-    return pointwise_case(seed, 4, 5, 24, 6, False, huge_bias=True)
+    return pointwise_case(seed, 4, 5, 24, 6, False, huge_bias=True, fast=fast)
 
 
 def fc_case(seed: int, cin: int, cout: int) -> Case:
@@ -254,7 +257,7 @@ seeds = st.integers(0, 2**32 - 1)
 @st.composite
 def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
     """One kernel case of any kind, with Hypothesis-chosen shapes."""
-    kind = draw(st.sampled_from(["conv", "dw", "dw_fast", "pw", "pw_add", "fc", "add", "pool", "patch",
+    kind = draw(st.sampled_from(["conv", "dw", "dw_fast", "pw", "pw_fast", "pw_add", "fc", "add", "pool", "patch",
                                  "requant"]))
     seed = draw(seeds)
     h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
@@ -274,10 +277,11 @@ def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
         return dw_case(seed, max(h, k), max(w, k), c, k, draw(st.integers(1, 2)),
                        draw(st.booleans()), pads,  # type: ignore[arg-type]
                        fast=kind == "dw_fast", wide_quant=draw(st.integers(0, 3)) == 0)
-    if kind == "pw" and draw(st.integers(0, 4)) == 0:
-        return pointwise_huge_bias_case(seed)
-    if kind in ("pw", "pw_add"):
-        return pointwise_case(seed, h, w, c, draw(st.integers(1, max_c)), kind == "pw_add")
+    if kind in ("pw", "pw_fast") and draw(st.integers(0, 4)) == 0:
+        return pointwise_huge_bias_case(seed, fast=kind == "pw_fast")
+    if kind in ("pw", "pw_add", "pw_fast"):
+        return pointwise_case(seed, h, w, c, draw(st.integers(1, max_c)), kind == "pw_add",
+                              fast=kind == "pw_fast")
     if kind == "fc":
         return fc_case(seed, draw(st.integers(1, 4 * max_c)), c)
     if kind == "add":

@@ -9,7 +9,8 @@
 #include "tinyfleet_nn.h"
 
 enum { OP_CONV = 1, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP,
-       OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST };
+       OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST,
+       OP_CONV1X1_FAST };
 
 typedef struct {
     const uint8_t *p;
@@ -175,6 +176,9 @@ static int32_t run_pointwise(int32_t op, tf_reader *r, tf_sink *k)
     if (!r->ok || k->bytes > k->cap) {
         return -1;
     }
+    if (op == OP_CONV1X1_FAST) {
+        return tf_conv2d_1x1_fast_s8(&in, x, cout, w, b, &q, dst, k->scratch16);
+    }
     return op == OP_FC ? tf_fully_connected_s8(in.c, x, cout, w, b, &q, dst, k->scratch16)
                        : tf_conv2d_1x1_s8(&in, x, cout, w, b, &q, dst, k->scratch16);
 }
@@ -262,6 +266,7 @@ static int32_t run_case(tf_reader *r, tf_sink *k)
     case OP_MAXPOOL:
         return run_window_op(op, r, k);
     case OP_CONV1X1:
+    case OP_CONV1X1_FAST:
     case OP_CONV1X1_ADD:
     case OP_FC:
         return run_pointwise(op, r, k);

@@ -75,6 +75,9 @@ def test_mobilenet_like_shapes_are_bit_exact(lib: ctypes.CDLL) -> None:
              kc.dw_case(30, 12, 13, 24, 3, 1, True, fast=True, wide_quant=True),
              kc.pointwise_case(5, 12, 12, 16, 96, False),
              kc.pointwise_case(6, 12, 12, 96, 16, True), kc.pointwise_huge_bias_case(11),
+             kc.pointwise_huge_bias_case(12, fast=True),
+             *[kc.pointwise_case(40 + i, 7, 5, cin, cout, False, fast=True)
+               for i, (cin, cout) in enumerate([(16, 96), (32, 64), (96, 24), (19, 7)])],
              kc.fc_case(7, 320, 10),
              kc.pool_case(8, 7, 7, 320, 0, 1, 0), kc.requant_case(9, 4096)]
     check(run_cases(lib, cases), cases)

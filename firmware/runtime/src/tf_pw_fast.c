@@ -1,0 +1,327 @@
+/* Specialized 1x1 conv (stride 1, no padding) for the DSP path.
+ *
+ * The generic 1x1 (tf_conv2d_1x1_s8) pays, per output, a requantization that re-derives its
+ * rounding constants and checks the accumulator's range; on thin layers (16 -> 96: 16 MACs
+ * per output) that costs as much as the MACs. Here the layer is checked once per call:
+ * when every accumulator provably stays under 2^30 in magnitude (|bias| + 255 * 128 * k)
+ * and every shift is a right shift of 1..22 bits, each column is expanded to
+ * 2 * (x + input_offset) (int16), the bias doubled, so SMLAD sums 2 * acc, which SMMULR takes
+ * directly (= SaturatingRoundingDoublingHighMul); the rounding constant of
+ * RoundingDivideByPOT and the output offset are one per-channel addend, and the clamp is one
+ * SSAT where the activation range is all of int8. Otherwise (or on the plain C path) the
+ * generic kernel runs. Same buffer, same results.
+ */
+#include "tf_internal.h"
+
+#if TF_USE_DSP
+static inline __attribute__((always_inline)) uint32_t tf_pwf_read(const void *p)
+{
+    uint32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) uint32_t tf_pwf_ror8(uint32_t v)
+{
+    return (v >> 8) | (v << 24);
+}
+
+static inline __attribute__((always_inline)) int16x2_t tf_pwf_odd(uint32_t w)
+{
+    int16x2_t r;
+    __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(w));
+    return r;
+}
+
+/* 2 * (x + offset) as int16, every group of four stored (x0, x2, x1, x3) as tf_dot_* pair
+ * them with SXTB16-expanded weights; the tail in natural order. */
+static void tf_pwf_fill(const int8_t *src, int16_t *dst, int32_t n, int32_t offset)
+{
+    const int16x2_t off2 =
+        (int16x2_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const uint32_t in = tf_pwf_read(src + i);
+        int16x2_t even = __sxtab16(off2, (int8x4_t)in);
+        int16x2_t odd = __sxtab16(off2, (int8x4_t)tf_pwf_ror8(in));
+        even = __sadd16(even, even);
+        odd = __sadd16(odd, odd);
+        memcpy(dst + i, &even, 4);
+        memcpy(dst + i + 2, &odd, 4);
+    }
+    for (; i < n; i++) {
+        dst[i] = (int16_t)(2 * (src[i] + offset));
+    }
+}
+
+/* The same for two pixels into one interleaved buffer (k % 4 == 0): per group of four
+ * input channels, pixel 0's (x0, x2, x1, x3) then pixel 1's, so one pointer and two LDRD
+ * read both columns. */
+static void tf_pwf_fill2(const int8_t *src0, const int8_t *src1, int16_t *dst, int32_t n,
+                         int32_t offset)
+{
+    const int16x2_t off2 =
+        (int16x2_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
+    for (int32_t i = 0; i < n; i += 4) {
+        const uint32_t in0 = tf_pwf_read(src0 + i);
+        const uint32_t in1 = tf_pwf_read(src1 + i);
+        int16x2_t v[4] = {__sxtab16(off2, (int8x4_t)in0),
+                          __sxtab16(off2, (int8x4_t)tf_pwf_ror8(in0)),
+                          __sxtab16(off2, (int8x4_t)in1),
+                          __sxtab16(off2, (int8x4_t)tf_pwf_ror8(in1))};
+        for (int j = 0; j < 4; j++) {
+            v[j] = __sadd16(v[j], v[j]);
+        }
+        memcpy(dst + 2 * i, v, sizeof v);
+    }
+}
+
+/* 2 pixels x 2 channels over an interleaved column pair: per 4-deep step two LDRD, two LDR,
+ * four SXTB16 and eight SMLAD (16 MACs); `steps` = k / 4 >= 1. */
+static inline __attribute__((always_inline)) void
+tf_pwf_2x2_il(const int16_t *col, const int8_t *wa, const int8_t *wb, int32_t steps,
+              int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
+{
+    int32_t x00 = *a00, x01 = *a01, x10 = *a10, x11 = *a11;
+    uint32_t c0e, c0o, c1e, c1o, w, t;
+    __asm__("1:\n\t"
+            "ldrd %[c0e], %[c0o], [%[p]], #8\n\t"
+            "ldrd %[c1e], %[c1o], [%[p]], #8\n\t"
+            "ldr %[w], [%[qa]], #4\n\t"
+            "sxtb16 %[t], %[w]\n\t"
+            "sxtb16 %[w], %[w], ror #8\n\t"
+            "smlad %[x00], %[c0e], %[t], %[x00]\n\t"
+            "smlad %[x10], %[c1e], %[t], %[x10]\n\t"
+            "smlad %[x00], %[c0o], %[w], %[x00]\n\t"
+            "smlad %[x10], %[c1o], %[w], %[x10]\n\t"
+            "ldr %[w], [%[qb]], #4\n\t"
+            "sxtb16 %[t], %[w]\n\t"
+            "sxtb16 %[w], %[w], ror #8\n\t"
+            "smlad %[x01], %[c0e], %[t], %[x01]\n\t"
+            "smlad %[x11], %[c1e], %[t], %[x11]\n\t"
+            "smlad %[x01], %[c0o], %[w], %[x01]\n\t"
+            "smlad %[x11], %[c1o], %[w], %[x11]\n\t"
+            "subs %[n], %[n], #1\n\t"
+            "bne 1b"
+            : [x00] "+r"(x00), [x01] "+r"(x01), [x10] "+r"(x10), [x11] "+r"(x11),
+              [p] "+r"(col), [qa] "+r"(wa), [qb] "+r"(wb), [n] "+r"(steps),
+              [c0e] "=&r"(c0e), [c0o] "=&r"(c0o), [c1e] "=&r"(c1e), [c1o] "=&r"(c1o),
+              [w] "=&r"(w), [t] "=&r"(t)
+            :
+            : "cc", "memory");
+    *a00 = x00;
+    *a01 = x01;
+    *a10 = x10;
+    *a11 = x11;
+}
+
+typedef struct {
+    int32_t lo;
+    int32_t hi;
+    int full; /* lo == -128 && hi == 127: the clamp is SSAT */
+} tf_pwf_clamp;
+
+/* acc2 = 2 * acc; addend = 2^(right-1) + output_offset * 2^right. */
+static inline __attribute__((always_inline)) int8_t tf_pwf_out(int32_t acc2, int32_t m,
+                                                               int32_t right, int32_t addend,
+                                                               const tf_pwf_clamp *cl)
+{
+    int32_t x;
+    __asm__("smmulr %0, %1, %2" : "=r"(x) : "r"(acc2), "r"(m));
+    int32_t v = (x + addend + (x >> 31)) >> right;
+    if (cl->full) {
+        return (int8_t)__ssat(v, 8);
+    }
+    v = v < cl->lo ? cl->lo : v;
+    return (int8_t)(v > cl->hi ? cl->hi : v);
+}
+
+/* Two int16 pairs of a column in one LDRD (columns are 4-byte aligned where k is even). */
+typedef uint64_t __attribute__((may_alias, aligned(4))) tf_pwf_u64;
+
+/* Two pixels x two channels: 16 MACs per 4-deep step (two LDRD for the columns, two LDR
+ * for the weights, four SXTB16, eight SMLAD), unrolled twice. */
+static inline __attribute__((always_inline)) void
+tf_pwf_2x2(const int16_t *ca, const int16_t *cb, const int8_t *wa, const int8_t *wb,
+           int32_t n, int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
+{
+    int32_t x00 = *a00, x01 = *a01, x10 = *a10, x11 = *a11;
+    int32_t i = 0;
+    if ((n & 1) == 0) {
+        const tf_pwf_u64 *pa = (const tf_pwf_u64 *)ca;
+        const tf_pwf_u64 *pb = (const tf_pwf_u64 *)cb;
+        const int8_t *qa = wa, *qb = wb;
+#define TF_PWF_STEP()                                                                    \
+    do {                                                                                 \
+        const uint64_t c0 = *pa++, c1 = *pb++;                                           \
+        const int16x2_t c0e = (int16x2_t)(uint32_t)c0, c0o = (int16x2_t)(c0 >> 32);      \
+        const int16x2_t c1e = (int16x2_t)(uint32_t)c1, c1o = (int16x2_t)(c1 >> 32);      \
+        uint32_t w = tf_pwf_read(qa);                                                    \
+        qa += 4;                                                                         \
+        int16x2_t we = __sxtb16((int8x4_t)w), wo = tf_pwf_odd(w);                       \
+        x00 = __smlad(c0e, we, x00);                                                     \
+        x10 = __smlad(c1e, we, x10);                                                     \
+        x00 = __smlad(c0o, wo, x00);                                                     \
+        x10 = __smlad(c1o, wo, x10);                                                     \
+        w = tf_pwf_read(qb);                                                             \
+        qb += 4;                                                                         \
+        we = __sxtb16((int8x4_t)w);                                                      \
+        wo = tf_pwf_odd(w);                                                              \
+        x01 = __smlad(c0e, we, x01);                                                     \
+        x11 = __smlad(c1e, we, x11);                                                     \
+        x01 = __smlad(c0o, wo, x01);                                                     \
+        x11 = __smlad(c1o, wo, x11);                                                     \
+    } while (0)
+        int32_t steps = n >> 2;
+        for (; steps >= 2; steps -= 2) {
+            TF_PWF_STEP();
+            TF_PWF_STEP();
+        }
+        if (steps) {
+            TF_PWF_STEP();
+        }
+#undef TF_PWF_STEP
+        i = n & ~3;
+    } else {
+        for (; i + 4 <= n; i += 4) {
+            const int16x2_t c0e = (int16x2_t)tf_pwf_read(ca + i);
+            const int16x2_t c0o = (int16x2_t)tf_pwf_read(ca + i + 2);
+            const int16x2_t c1e = (int16x2_t)tf_pwf_read(cb + i);
+            const int16x2_t c1o = (int16x2_t)tf_pwf_read(cb + i + 2);
+            uint32_t w = tf_pwf_read(wa + i);
+            int16x2_t we = __sxtb16((int8x4_t)w), wo = tf_pwf_odd(w);
+            x00 = __smlad(c0e, we, x00);
+            x10 = __smlad(c1e, we, x10);
+            x00 = __smlad(c0o, wo, x00);
+            x10 = __smlad(c1o, wo, x10);
+            w = tf_pwf_read(wb + i);
+            we = __sxtb16((int8x4_t)w);
+            wo = tf_pwf_odd(w);
+            x01 = __smlad(c0e, we, x01);
+            x11 = __smlad(c1e, we, x11);
+            x01 = __smlad(c0o, wo, x01);
+            x11 = __smlad(c1o, wo, x11);
+        }
+    }
+    for (; i < n; i++) {
+        x00 += ca[i] * wa[i];
+        x01 += ca[i] * wb[i];
+        x10 += cb[i] * wa[i];
+        x11 += cb[i] * wb[i];
+    }
+    *a00 = x00;
+    *a01 = x01;
+    *a10 = x10;
+    *a11 = x11;
+}
+
+/* The per-call check: the fast requantization is exact for every channel. */
+static __attribute__((noinline)) int tf_pwf_applies(int32_t k, int32_t out_c, const int32_t *bias, const tf_conv_quant *q)
+{
+    /* |acc| <= |bias| + 255 * 128 * k must stay under 2^30. */
+    const int64_t room = ((int64_t)1 << 30) - (int64_t)255 * 128 * k;
+    if (room <= 0) {
+        return 0;
+    }
+    for (int32_t o = 0; o < out_c; o++) {
+        const int64_t b = bias[o];
+        const int32_t right = -q->shift[o];
+        if ((b < 0 ? -b : b) >= room || right < 1 || right > 22 ||
+            q->multiplier[o] == INT32_MIN) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static __attribute__((noinline)) void tf_pwf_run(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
+                       const int8_t *weights, const int32_t *bias, const tf_conv_quant *q,
+                       int8_t *output, int16_t *buffer)
+{
+    const int32_t *mult = q->multiplier;
+    const int32_t *shift = q->shift;
+    const int32_t off_in = q->input_offset, off_out = q->output_offset;
+    const tf_pwf_clamp cl = {q->act_min, q->act_max, q->act_min == -128 && q->act_max == 127};
+    int16_t *c0 = buffer;
+    int16_t *c1 = buffer + k;
+    int32_t p = 0;
+    const int il = (k & 3) == 0 && ((uintptr_t)buffer & 3) == 0; /* LDRD: word aligned */
+    for (; p + 2 <= pixels; p += 2) {
+        if (il) {
+            tf_pwf_fill2(input + (size_t)p * (size_t)k, input + (size_t)(p + 1) * (size_t)k,
+                         c0, k, off_in);
+        } else {
+            tf_pwf_fill(input + (size_t)p * (size_t)k, c0, k, off_in);
+            tf_pwf_fill(input + (size_t)(p + 1) * (size_t)k, c1, k, off_in);
+        }
+        int8_t *out0 = output + (size_t)p * (size_t)out_c;
+        int8_t *out1 = out0 + out_c;
+        const int8_t *w = weights;
+        int32_t o = 0;
+        for (; o + 2 <= out_c; o += 2) {
+            int32_t a00 = 2 * bias[o], a01 = 2 * bias[o + 1];
+            int32_t a10 = a00, a11 = a01;
+            if (il) {
+                tf_pwf_2x2_il(c0, w, w + k, k >> 2, &a00, &a01, &a10, &a11);
+            } else {
+                tf_pwf_2x2(c0, c1, w, w + k, k, &a00, &a01, &a10, &a11);
+            }
+            w += 2 * k;
+            const int32_t r0 = -shift[o], r1 = -shift[o + 1];
+            const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
+            const int32_t h1 = (int32_t)(1u << (r1 - 1)) + off_out * (1 << r1);
+            const int32_t m0 = mult[o], m1 = mult[o + 1];
+            out0[o] = tf_pwf_out(a00, m0, r0, h0, &cl);
+            out0[o + 1] = tf_pwf_out(a01, m1, r1, h1, &cl);
+            out1[o] = tf_pwf_out(a10, m0, r0, h0, &cl);
+            out1[o + 1] = tf_pwf_out(a11, m1, r1, h1, &cl);
+        }
+        if (o < out_c) {
+            int32_t a00 = 2 * bias[o], a10 = a00, u0 = 0, u1 = 0; /* u: a second channel */
+            if (il) {
+                tf_pwf_2x2_il(c0, w, w, k >> 2, &a00, &u0, &a10, &u1);
+            } else {
+                tf_pwf_2x2(c0, c1, w, w, k, &a00, &u0, &a10, &u1);
+            }
+            const int32_t r0 = -shift[o];
+            const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
+            out0[o] = tf_pwf_out(a00, mult[o], r0, h0, &cl);
+            out1[o] = tf_pwf_out(a10, mult[o], r0, h0, &cl);
+        }
+    }
+    if (p < pixels) { /* the last odd pixel: its column twice */
+        tf_pwf_fill(input + (size_t)p * (size_t)k, c0, k, off_in);
+        int8_t *out0 = output + (size_t)p * (size_t)out_c;
+        for (int32_t o = 0; o < out_c; o++) {
+            int32_t a = 2 * bias[o], u = 0, v = 0, z = 0;
+            tf_pwf_2x2(c0, c0, weights + (size_t)o * (size_t)k, weights, k, &a, &u, &v, &z);
+            const int32_t r0 = -shift[o];
+            const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
+            out0[o] = tf_pwf_out(a, mult[o], r0, h0, &cl);
+        }
+    }
+}
+#endif
+
+tf_status tf_conv2d_1x1_fast_s8(const tf_dims *in, const int8_t *input, int32_t out_c,
+                                const int8_t *weights, const int32_t *bias,
+                                const tf_conv_quant *q, int8_t *output, int16_t *buffer)
+{
+#if TF_USE_DSP
+    tf_status st;
+    if (input == NULL || weights == NULL || bias == NULL || output == NULL || buffer == NULL) {
+        return TF_ERR_NULL;
+    }
+    if (out_c <= 0 || out_c > 65535) {
+        return TF_ERR_ARG;
+    }
+    if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_conv_quant(q, out_c)) != TF_OK) {
+        return st;
+    }
+    if (tf_pwf_applies(in->c, out_c, bias, q)) {
+        tf_pwf_run(in->h * in->w, in->c, out_c, input, weights, bias, q, output, buffer);
+        return TF_OK;
+    }
+#endif
+    return tf_conv2d_1x1_s8(in, input, out_c, weights, bias, q, output, buffer);
+}
