@@ -98,7 +98,7 @@ def _conv(c: Call) -> list[str]:
 def _pointwise(c: Call) -> list[str]:
     x, y, p = c.inputs[0], c.output, c.prefix
     if c.fused_add:
-        return [check(f"tf_conv2d_1x1_add_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
+        return [check(f"tf_conv2d_1x1_add_fast_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
                       f"{p}_b, &{p}_q, &{c.fused_add}, {y.ptr}, tf_scratch)")]
     return [check(f"tf_conv2d_1x1_fast_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
                   f"{p}_b, &{p}_q, {y.ptr}, tf_scratch)")]

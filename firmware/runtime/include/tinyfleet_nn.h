@@ -110,6 +110,11 @@ tf_status tf_conv2d_1x1_s8(const tf_dims *in, const int8_t *input, int32_t out_c
 tf_status tf_conv2d_1x1_fast_s8(const tf_dims *in, const int8_t *input, int32_t out_c,
                                 const int8_t *weights, const int32_t *bias,
                                 const tf_conv_quant *q, int8_t *output, int16_t *buffer);
+/* The same for tf_conv2d_1x1_add_s8 (the residual add's requantizations folded too). */
+tf_status tf_conv2d_1x1_add_fast_s8(const tf_dims *in, const int8_t *input, int32_t out_c,
+                                    const int8_t *weights, const int32_t *bias,
+                                    const tf_conv_quant *q, const tf_add_quant *add,
+                                    int8_t *residual, int16_t *buffer);
 
 /* 1x1 conv whose int8 result y (requantized with q) is added to the residual tensor
  * (in->h, in->w, out_c) with `add` (input 1 = y, input 2 = residual) and written over the

@@ -136,6 +136,53 @@ static inline __attribute__((always_inline)) int8_t tf_pwf_out(int32_t acc2, int
     return (int8_t)(v > cl->hi ? cl->hi : v);
 }
 
+/* The fused residual add (tf_add_one) with its three requantizations folded like the
+ * conv's: every operand stays under 2^30 when left_shift <= 21, so SMMULR applies. */
+typedef struct {
+    int32_t off1, off2, ls1; /* ls1 = left_shift + 1: the operands enter doubled */
+    int32_t m1, r1, h1;
+    int32_t m2, r2, h2;
+    int32_t mo, ro, ho; /* ho = 2^(ro-1) + output_offset * 2^ro */
+    tf_pwf_clamp cl;
+} tf_pwf_add;
+
+static inline __attribute__((always_inline)) int32_t tf_pwf_rq2(int32_t v2, int32_t m,
+                                                                int32_t right, int32_t h)
+{
+    int32_t x;
+    __asm__("smmulr %0, %1, %2" : "=r"(x) : "r"(v2), "r"(m));
+    return (x + h + (x >> 31)) >> right;
+}
+
+static inline __attribute__((always_inline)) int8_t tf_pwf_add_one(int32_t y, int32_t res,
+                                                                   const tf_pwf_add *a)
+{
+    const int32_t sum = tf_pwf_rq2((y + a->off1) * (1 << a->ls1), a->m1, a->r1, a->h1) +
+                        tf_pwf_rq2((res + a->off2) * (1 << a->ls1), a->m2, a->r2, a->h2);
+    const int32_t v = tf_pwf_rq2(sum * 2, a->mo, a->ro, a->ho);
+    if (a->cl.full) {
+        return (int8_t)__ssat(v, 8);
+    }
+    return (int8_t)(v < a->cl.lo ? a->cl.lo : (v > a->cl.hi ? a->cl.hi : v));
+}
+
+static int tf_pwf_add_applies(const tf_add_quant *q, tf_pwf_add *a)
+{
+    const int32_t r1 = -q->input1_shift, r2 = -q->input2_shift, ro = -q->output_shift;
+    if (q->left_shift > 21 || r1 < 1 || r1 > 30 || r2 < 1 || r2 > 30 || ro < 1 || ro > 22 ||
+        q->input1_multiplier == INT32_MIN || q->input2_multiplier == INT32_MIN ||
+        q->output_multiplier == INT32_MIN) {
+        return 0;
+    }
+    *a = (tf_pwf_add){q->input1_offset, q->input2_offset, q->left_shift + 1,
+                      q->input1_multiplier, r1, (int32_t)(1u << (r1 - 1)),
+                      q->input2_multiplier, r2, (int32_t)(1u << (r2 - 1)),
+                      q->output_multiplier, ro,
+                      (int32_t)(1u << (ro - 1)) + q->output_offset * (1 << ro),
+                      {q->act_min, q->act_max, q->act_min == -128 && q->act_max == 127}};
+    return 1;
+}
+
 /* Two int16 pairs of a column in one LDRD (columns are 4-byte aligned where k is even). */
 typedef uint64_t __attribute__((may_alias, aligned(4))) tf_pwf_u64;
 
@@ -234,9 +281,17 @@ static __attribute__((noinline)) int tf_pwf_applies(int32_t k, int32_t out_c, co
     return 1;
 }
 
-static __attribute__((noinline)) void tf_pwf_run(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
+/* One output: the conv's int8 result, or that added into the residual it replaces. */
+#define TF_PWF_PUT(dst, y)                                                                 \
+    do {                                                                                   \
+        const int8_t y_ = (y);                                                             \
+        (dst) = ad != NULL ? tf_pwf_add_one(y_, (dst), ad) : y_;                           \
+    } while (0)
+
+static inline __attribute__((always_inline)) void
+tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
                        const int8_t *weights, const int32_t *bias, const tf_conv_quant *q,
-                       int8_t *output, int16_t *buffer)
+                       int8_t *output, int16_t *buffer, const tf_pwf_add *ad)
 {
     const int32_t *mult = q->multiplier;
     const int32_t *shift = q->shift;
@@ -271,10 +326,10 @@ static __attribute__((noinline)) void tf_pwf_run(int32_t pixels, int32_t k, int3
             const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
             const int32_t h1 = (int32_t)(1u << (r1 - 1)) + off_out * (1 << r1);
             const int32_t m0 = mult[o], m1 = mult[o + 1];
-            out0[o] = tf_pwf_out(a00, m0, r0, h0, &cl);
-            out0[o + 1] = tf_pwf_out(a01, m1, r1, h1, &cl);
-            out1[o] = tf_pwf_out(a10, m0, r0, h0, &cl);
-            out1[o + 1] = tf_pwf_out(a11, m1, r1, h1, &cl);
+            TF_PWF_PUT(out0[o], tf_pwf_out(a00, m0, r0, h0, &cl));
+            TF_PWF_PUT(out0[o + 1], tf_pwf_out(a01, m1, r1, h1, &cl));
+            TF_PWF_PUT(out1[o], tf_pwf_out(a10, m0, r0, h0, &cl));
+            TF_PWF_PUT(out1[o + 1], tf_pwf_out(a11, m1, r1, h1, &cl));
         }
         if (o < out_c) {
             int32_t a00 = 2 * bias[o], a10 = a00, u0 = 0, u1 = 0; /* u: a second channel */
@@ -285,8 +340,8 @@ static __attribute__((noinline)) void tf_pwf_run(int32_t pixels, int32_t k, int3
             }
             const int32_t r0 = -shift[o];
             const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
-            out0[o] = tf_pwf_out(a00, mult[o], r0, h0, &cl);
-            out1[o] = tf_pwf_out(a10, mult[o], r0, h0, &cl);
+            TF_PWF_PUT(out0[o], tf_pwf_out(a00, mult[o], r0, h0, &cl));
+            TF_PWF_PUT(out1[o], tf_pwf_out(a10, mult[o], r0, h0, &cl));
         }
     }
     if (p < pixels) { /* the last odd pixel: its column twice */
@@ -297,11 +352,63 @@ static __attribute__((noinline)) void tf_pwf_run(int32_t pixels, int32_t k, int3
             tf_pwf_2x2(c0, c0, weights + (size_t)o * (size_t)k, weights, k, &a, &u, &v, &z);
             const int32_t r0 = -shift[o];
             const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
-            out0[o] = tf_pwf_out(a, mult[o], r0, h0, &cl);
+            TF_PWF_PUT(out0[o], tf_pwf_out(a, mult[o], r0, h0, &cl));
         }
     }
 }
+
+static __attribute__((noinline)) void tf_pwf_run(int32_t pixels, int32_t k, int32_t out_c,
+                                                 const int8_t *input, const int8_t *weights,
+                                                 const int32_t *bias, const tf_conv_quant *q,
+                                                 int8_t *output, int16_t *buffer)
+{
+    tf_pwf_body(pixels, k, out_c, input, weights, bias, q, output, buffer, NULL);
+}
+
+/* Runs the fused layer and returns 1 where the folded requantizations apply (its frame is
+ * gone before the caller falls back to the generic kernel). */
+static __attribute__((noinline)) int tf_pwf_run_add(int32_t pixels, int32_t k, int32_t out_c,
+                                                    const int8_t *input,
+                                                    const int8_t *weights,
+                                                    const int32_t *bias,
+                                                    const tf_conv_quant *q,
+                                                    const tf_add_quant *add, int8_t *residual,
+                                                    int16_t *buffer)
+{
+    tf_pwf_add ad;
+    if (!tf_pwf_applies(k, out_c, bias, q) || !tf_pwf_add_applies(add, &ad)) {
+        return 0;
+    }
+    tf_pwf_body(pixels, k, out_c, input, weights, bias, q, residual, buffer, &ad);
+    return 1;
+}
 #endif
+
+tf_status tf_conv2d_1x1_add_fast_s8(const tf_dims *in, const int8_t *input, int32_t out_c,
+                                    const int8_t *weights, const int32_t *bias,
+                                    const tf_conv_quant *q, const tf_add_quant *add,
+                                    int8_t *residual, int16_t *buffer)
+{
+#if TF_USE_DSP
+    tf_status st;
+    if (input == NULL || weights == NULL || bias == NULL || residual == NULL ||
+        buffer == NULL || add == NULL) {
+        return TF_ERR_NULL;
+    }
+    if (out_c <= 0 || out_c > 65535) {
+        return TF_ERR_ARG;
+    }
+    if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_conv_quant(q, out_c)) != TF_OK ||
+        (st = tf_check_add_quant(add)) != TF_OK) {
+        return st;
+    }
+    if (tf_pwf_run_add(in->h * in->w, in->c, out_c, input, weights, bias, q, add, residual,
+                       buffer)) {
+        return TF_OK;
+    }
+#endif
+    return tf_conv2d_1x1_add_s8(in, input, out_c, weights, bias, q, add, residual, buffer);
+}
 
 tf_status tf_conv2d_1x1_fast_s8(const tf_dims *in, const int8_t *input, int32_t out_c,
                                 const int8_t *weights, const int32_t *bias,

@@ -77,7 +77,7 @@ def test_rendering_is_deterministic_and_readable(qgraph: QuantizedGraph) -> None
     assert a == b
     model_c = render_model(qgraph).files["model.c"]
     assert "static const int8_t l0_w[216]" in model_c  # stem 8x3x3x3, in Flash
-    assert "l5_dw_out" in model_c and "tf_conv2d_1x1_add_s8" in model_c
+    assert "l5_dw_out" in model_c and "tf_conv2d_1x1_add_fast_s8" in model_c
 
 
 @pytest.mark.unit

@@ -18,7 +18,7 @@ from firmware.int8.quantize import AddParams
 
 OP_CONV, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP = range(1, 9)
 OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST = 9, 10, 11, 12, 13
-OP_CONV1X1_FAST = 14
+OP_CONV1X1_FAST, OP_CONV1X1_ADD_FAST = 14, 15
 
 
 @dataclass(frozen=True)
@@ -163,9 +163,9 @@ def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bo
     res = _i8(rng, h, w, cout)
     p, lo, hi = _add_params(rng)
     y = ref.conv2d_1x1_add_s8(x, wt, b, q, res, p, lo, hi)
-    payload = (_ints(OP_CONV1X1_ADD, h, w, cin, cout) + head + _add_ints(p, lo, hi) + tail
-               + _arr(res))
-    return Case(f"pw+add {h}x{w}x{cin}->{cout}", payload, y.tobytes())
+    payload = (_ints(OP_CONV1X1_ADD_FAST if fast else OP_CONV1X1_ADD, h, w, cin, cout) + head
+               + _add_ints(p, lo, hi) + tail + _arr(res))
+    return Case(f"pw{'-fast' if fast else ''}+add {h}x{w}x{cin}->{cout}", payload, y.tobytes())
 
 
 def pointwise_huge_bias_case(seed: int, fast: bool = False) -> Case:
@@ -257,7 +257,7 @@ seeds = st.integers(0, 2**32 - 1)
 @st.composite
 def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
     """One kernel case of any kind, with Hypothesis-chosen shapes."""
-    kind = draw(st.sampled_from(["conv", "dw", "dw_fast", "pw", "pw_fast", "pw_add", "fc", "add", "pool", "patch",
+    kind = draw(st.sampled_from(["conv", "dw", "dw_fast", "pw", "pw_fast", "pw_add_fast", "pw_add", "fc", "add", "pool", "patch",
                                  "requant"]))
     seed = draw(seeds)
     h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
@@ -279,9 +279,9 @@ def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
                        fast=kind == "dw_fast", wide_quant=draw(st.integers(0, 3)) == 0)
     if kind in ("pw", "pw_fast") and draw(st.integers(0, 4)) == 0:
         return pointwise_huge_bias_case(seed, fast=kind == "pw_fast")
-    if kind in ("pw", "pw_add", "pw_fast"):
-        return pointwise_case(seed, h, w, c, draw(st.integers(1, max_c)), kind == "pw_add",
-                              fast=kind == "pw_fast")
+    if kind in ("pw", "pw_add", "pw_fast", "pw_add_fast"):
+        return pointwise_case(seed, h, w, c, draw(st.integers(1, max_c)),
+                              kind in ("pw_add", "pw_add_fast"), fast=kind.endswith("fast"))
     if kind == "fc":
         return fc_case(seed, draw(st.integers(1, 4 * max_c)), c)
     if kind == "add":

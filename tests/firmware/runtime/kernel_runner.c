@@ -10,7 +10,7 @@
 
 enum { OP_CONV = 1, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP,
        OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST,
-       OP_CONV1X1_FAST };
+       OP_CONV1X1_FAST, OP_CONV1X1_ADD_FAST };
 
 typedef struct {
     const uint8_t *p;
@@ -154,7 +154,7 @@ static int32_t run_pointwise(int32_t op, tf_reader *r, tf_sink *k)
     rd_dims(r, &in);
     const int32_t cout = rd_i32(r);
     rd_quant(r, &q);
-    if (op == OP_CONV1X1_ADD) {
+    if (op == OP_CONV1X1_ADD || op == OP_CONV1X1_ADD_FAST) {
         rd_add(r, &add);
     }
     const int8_t *x = rd_arr(r, NULL);
@@ -164,14 +164,16 @@ static int32_t run_pointwise(int32_t op, tf_reader *r, tf_sink *k)
     q.shift = rd_arr(r, NULL);
     k->bytes = (uint32_t)(in.h * in.w * cout);
     int8_t *dst = (int8_t *)k->out;
-    if (op == OP_CONV1X1_ADD) {
+    if (op == OP_CONV1X1_ADD || op == OP_CONV1X1_ADD_FAST) {
         uint32_t n = 0;
         const int8_t *res = rd_arr(r, &n);
         if (!r->ok || n != k->bytes || n > k->cap) {
             return -1;
         }
         memcpy(dst, res, n);
-        return tf_conv2d_1x1_add_s8(&in, x, cout, w, b, &q, &add, dst, k->scratch16);
+        return op == OP_CONV1X1_ADD_FAST
+                   ? tf_conv2d_1x1_add_fast_s8(&in, x, cout, w, b, &q, &add, dst, k->scratch16)
+                   : tf_conv2d_1x1_add_s8(&in, x, cout, w, b, &q, &add, dst, k->scratch16);
     }
     if (!r->ok || k->bytes > k->cap) {
         return -1;
@@ -267,6 +269,7 @@ static int32_t run_case(tf_reader *r, tf_sink *k)
         return run_window_op(op, r, k);
     case OP_CONV1X1:
     case OP_CONV1X1_FAST:
+    case OP_CONV1X1_ADD_FAST:
     case OP_CONV1X1_ADD:
     case OP_FC:
         return run_pointwise(op, r, k);

@@ -78,6 +78,8 @@ def test_mobilenet_like_shapes_are_bit_exact(lib: ctypes.CDLL) -> None:
              kc.pointwise_huge_bias_case(12, fast=True),
              *[kc.pointwise_case(40 + i, 7, 5, cin, cout, False, fast=True)
                for i, (cin, cout) in enumerate([(16, 96), (32, 64), (96, 24), (19, 7)])],
+             *[kc.pointwise_case(50 + i, 5, 7, cin, cout, True, fast=True)
+               for i, (cin, cout) in enumerate([(96, 16), (24, 8), (13, 5)])],
              kc.fc_case(7, 320, 10),
              kc.pool_case(8, 7, 7, 320, 0, 1, 0), kc.requant_case(9, 4096)]
     check(run_cases(lib, cases), cases)

@@ -75,6 +75,8 @@ def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
              kc.pointwise_huge_bias_case(12, fast=True),
              *[kc.pointwise_case(40 + i, 7, 5, cin, cout, False, fast=True)
                for i, (cin, cout) in enumerate([(16, 96), (32, 64), (96, 24), (19, 7)])],
+             *[kc.pointwise_case(50 + i, 5, 7, cin, cout, True, fast=True)
+               for i, (cin, cout) in enumerate([(96, 16), (24, 8), (13, 5)])],
              kc.fc_case(7, 320, 10),
              kc.pool_case(8, 5, 5, 320, 0, 1, 0), kc.requant_case(9, 2048)]
     for (status, got), case in zip(run_batch(runner, cases), cases, strict=True):

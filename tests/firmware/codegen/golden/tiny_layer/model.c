@@ -540,7 +540,7 @@ tf_status tf_model_run(tf_input_fn read_input, void *ctx, int8_t *output)
     TF_CHECK(tf_depthwise_conv2d_3x3s1_s8(&l0_conv_out_dims, l0_conv_out, &l1_win, &l1_dw_out_dims, l1_w, l1_b, &l1_q, l1_dw_out, (int8_t *)tf_scratch));
     /* l2: b0.project (pw) */
     /* accumulates into l0_conv_out, = l3's output */
-    TF_CHECK(tf_conv2d_1x1_add_s8(&l1_dw_out_dims, l1_dw_out, 8, l2_w, l2_b, &l2_q, &l2_fused_add, l0_conv_out, tf_scratch));
+    TF_CHECK(tf_conv2d_1x1_add_fast_s8(&l1_dw_out_dims, l1_dw_out, 8, l2_w, l2_b, &l2_q, &l2_fused_add, l0_conv_out, tf_scratch));
     /* l3: b0.add (add) */
     /* fused into its projection (inplace residual) */
     /* l4: b1.expand (pw) */
@@ -555,7 +555,7 @@ tf_status tf_model_run(tf_input_fn read_input, void *ctx, int8_t *output)
     TF_CHECK(tf_depthwise_conv2d_3x3s1_s8(&l7_pw_out_dims, l7_pw_out, &l8_win, &l8_dw_out_dims, l8_w, l8_b, &l8_q, l8_dw_out, (int8_t *)tf_scratch));
     /* l9: b2.project (pw) */
     /* accumulates into l6_pw_out, = l10's output */
-    TF_CHECK(tf_conv2d_1x1_add_s8(&l8_dw_out_dims, l8_dw_out, 12, l9_w, l9_b, &l9_q, &l9_fused_add, l6_pw_out, tf_scratch));
+    TF_CHECK(tf_conv2d_1x1_add_fast_s8(&l8_dw_out_dims, l8_dw_out, 12, l9_w, l9_b, &l9_q, &l9_fused_add, l6_pw_out, tf_scratch));
     /* l10: b2.add (add) */
     /* fused into its projection (inplace residual) */
     /* l11: b3.expand (pw) */
@@ -564,7 +564,7 @@ tf_status tf_model_run(tf_input_fn read_input, void *ctx, int8_t *output)
     TF_CHECK(tf_depthwise_conv2d_5x5s1_s8(&l11_pw_out_dims, l11_pw_out, &l12_win, &l12_dw_out_dims, l12_w, l12_b, &l12_q, l12_dw_out, (int8_t *)tf_scratch));
     /* l13: b3.project (pw) */
     /* accumulates into l10_add_out, = l14's output */
-    TF_CHECK(tf_conv2d_1x1_add_s8(&l12_dw_out_dims, l12_dw_out, 12, l13_w, l13_b, &l13_q, &l13_fused_add, l10_add_out, tf_scratch));
+    TF_CHECK(tf_conv2d_1x1_add_fast_s8(&l12_dw_out_dims, l12_dw_out, 12, l13_w, l13_b, &l13_q, &l13_fused_add, l10_add_out, tf_scratch));
     /* l14: b3.add (add) */
     /* fused into its projection (inplace residual) */
     /* l15: head (pw) */
