@@ -91,7 +91,7 @@ def check(expr: str) -> str:
 def _conv(c: Call) -> list[str]:
     x, y = c.inputs[0], c.output
     p = c.prefix
-    return [check(f"tf_conv2d_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, {p}_b, "
+    return [check(f"tf_conv2d_fast_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, {p}_b, "
                   f"&{p}_q, {y.ptr}, tf_scratch)")]
 
 

@@ -98,6 +98,12 @@ tf_status tf_conv2d_s8(const tf_dims *in, const int8_t *input, const tf_window *
                        const tf_dims *out, const int8_t *weights, const int32_t *bias,
                        const tf_conv_quant *q, int8_t *output, int16_t *buffer);
 
+/* Specialized dense conv: same arguments, buffer and results as tf_conv2d_s8 (which it runs
+ * itself unless the folded requantization of tf_conv2d_1x1_fast_s8 applies). */
+tf_status tf_conv2d_fast_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
+                            const tf_dims *out, const int8_t *weights, const int32_t *bias,
+                            const tf_conv_quant *q, int8_t *output, int16_t *buffer);
+
 /* 1x1 conv, stride 1, no padding: out is (in->h, in->w, out_c). */
 size_t tf_conv2d_1x1_get_buffer_size(const tf_dims *in);
 tf_status tf_conv2d_1x1_s8(const tf_dims *in, const int8_t *input, int32_t out_c,

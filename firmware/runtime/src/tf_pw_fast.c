@@ -1,4 +1,4 @@
-/* Specialized 1x1 conv (stride 1, no padding) for the DSP path.
+/* Specialized 1x1 conv (stride 1, no padding), fused 1x1 + add and dense conv, DSP path.
  *
  * The generic 1x1 (tf_conv2d_1x1_s8) pays, per output, a requantization that re-derives its
  * rounding constants and checks the accumulator's range; on thin layers (16 -> 96: 16 MACs
@@ -281,6 +281,52 @@ static __attribute__((noinline)) int tf_pwf_applies(int32_t k, int32_t out_c, co
     return 1;
 }
 
+/* A dense k x k conv's im2col source (the same body runs it with these columns). */
+typedef struct {
+    const tf_dims *in;
+    const int8_t *input;
+    const tf_window *win;
+    int32_t out_w;
+    int32_t offset;
+} tf_pwf_conv;
+
+/* Column of output pixel `pixel`: 2 * (x + offset) per (kh, kw, cin) tap, 0 for padding,
+ * then in the DSP pairing order (tf_reorder_column). */
+static void tf_pwf_im2col(const tf_pwf_conv *cv, int32_t pixel, int16_t *col)
+{
+    const tf_dims *in = cv->in;
+    const tf_window *win = cv->win;
+    const int32_t c_n = in->c;
+    const int32_t oy = pixel / cv->out_w, ox = pixel % cv->out_w;
+    const int32_t y0 = oy * win->stride_h - win->pad_top;
+    const int32_t x0 = ox * win->stride_w - win->pad_left;
+    const int32_t off2 = 2 * cv->offset;
+    int16_t *dst = col;
+    for (int32_t i = 0; i < win->kh; i++) {
+        const int32_t y = y0 + i;
+        for (int32_t j = 0; j < win->kw; j++) {
+            const int32_t x = x0 + j;
+            if (y < 0 || y >= in->h || x < 0 || x >= in->w) {
+                memset(dst, 0, (size_t)c_n * sizeof(int16_t));
+            } else {
+                const int8_t *src = cv->input + ((size_t)y * (size_t)in->w + (size_t)x) *
+                                                    (size_t)c_n;
+                if (c_n == 3) { /* an RGB input layer: no loop */
+                    dst[0] = (int16_t)(2 * src[0] + off2);
+                    dst[1] = (int16_t)(2 * src[1] + off2);
+                    dst[2] = (int16_t)(2 * src[2] + off2);
+                } else {
+                    for (int32_t c = 0; c < c_n; c++) {
+                        dst[c] = (int16_t)(2 * src[c] + off2);
+                    }
+                }
+            }
+            dst += c_n;
+        }
+    }
+    tf_reorder_column(col, win->kh * win->kw * c_n);
+}
+
 /* One output: the conv's int8 result, or that added into the residual it replaces. */
 #define TF_PWF_PUT(dst, y)                                                                 \
     do {                                                                                   \
@@ -291,7 +337,8 @@ static __attribute__((noinline)) int tf_pwf_applies(int32_t k, int32_t out_c, co
 static inline __attribute__((always_inline)) void
 tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
                        const int8_t *weights, const int32_t *bias, const tf_conv_quant *q,
-                       int8_t *output, int16_t *buffer, const tf_pwf_add *ad)
+                       int8_t *output, int16_t *buffer, const tf_pwf_add *ad,
+                       const tf_pwf_conv *cv)
 {
     const int32_t *mult = q->multiplier;
     const int32_t *shift = q->shift;
@@ -300,9 +347,13 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
     int16_t *c0 = buffer;
     int16_t *c1 = buffer + k;
     int32_t p = 0;
-    const int il = (k & 3) == 0 && ((uintptr_t)buffer & 3) == 0; /* LDRD: word aligned */
+    /* LDRD needs word alignment; a dense conv fills its columns one by one. */
+    const int il = cv == NULL && (k & 3) == 0 && ((uintptr_t)buffer & 3) == 0;
     for (; p + 2 <= pixels; p += 2) {
-        if (il) {
+        if (cv != NULL) {
+            tf_pwf_im2col(cv, p, c0);
+            tf_pwf_im2col(cv, p + 1, c1);
+        } else if (il) {
             tf_pwf_fill2(input + (size_t)p * (size_t)k, input + (size_t)(p + 1) * (size_t)k,
                          c0, k, off_in);
         } else {
@@ -345,7 +396,11 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
         }
     }
     if (p < pixels) { /* the last odd pixel: its column twice */
-        tf_pwf_fill(input + (size_t)p * (size_t)k, c0, k, off_in);
+        if (cv != NULL) {
+            tf_pwf_im2col(cv, p, c0);
+        } else {
+            tf_pwf_fill(input + (size_t)p * (size_t)k, c0, k, off_in);
+        }
         int8_t *out0 = output + (size_t)p * (size_t)out_c;
         for (int32_t o = 0; o < out_c; o++) {
             int32_t a = 2 * bias[o], u = 0, v = 0, z = 0;
@@ -362,7 +417,17 @@ static __attribute__((noinline)) void tf_pwf_run(int32_t pixels, int32_t k, int3
                                                  const int32_t *bias, const tf_conv_quant *q,
                                                  int8_t *output, int16_t *buffer)
 {
-    tf_pwf_body(pixels, k, out_c, input, weights, bias, q, output, buffer, NULL);
+    tf_pwf_body(pixels, k, out_c, input, weights, bias, q, output, buffer, NULL, NULL);
+}
+
+static __attribute__((noinline)) void tf_pwf_run_conv(const tf_pwf_conv *cv, int32_t pixels,
+                                                      int32_t k, int32_t out_c,
+                                                      const int8_t *weights,
+                                                      const int32_t *bias,
+                                                      const tf_conv_quant *q, int8_t *output,
+                                                      int16_t *buffer)
+{
+    tf_pwf_body(pixels, k, out_c, NULL, weights, bias, q, output, buffer, NULL, cv);
 }
 
 /* Runs the fused layer and returns 1 where the folded requantizations apply (its frame is
@@ -379,10 +444,38 @@ static __attribute__((noinline)) int tf_pwf_run_add(int32_t pixels, int32_t k, i
     if (!tf_pwf_applies(k, out_c, bias, q) || !tf_pwf_add_applies(add, &ad)) {
         return 0;
     }
-    tf_pwf_body(pixels, k, out_c, input, weights, bias, q, residual, buffer, &ad);
+    tf_pwf_body(pixels, k, out_c, input, weights, bias, q, residual, buffer, &ad, NULL);
     return 1;
 }
 #endif
+
+tf_status tf_conv2d_fast_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
+                            const tf_dims *out, const int8_t *weights, const int32_t *bias,
+                            const tf_conv_quant *q, int8_t *output, int16_t *buffer)
+{
+#if TF_USE_DSP
+    tf_status st;
+    if (input == NULL || weights == NULL || bias == NULL || output == NULL || buffer == NULL) {
+        return TF_ERR_NULL;
+    }
+    if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_dims(out)) != TF_OK ||
+        (st = tf_check_window(win)) != TF_OK ||
+        (st = tf_check_conv_quant(q, out->c)) != TF_OK) {
+        return st;
+    }
+    if (out->h != tf_window_out(in->h, win->kh, win->stride_h, win->pad_top, win->pad_bottom) ||
+        out->w != tf_window_out(in->w, win->kw, win->stride_w, win->pad_left, win->pad_right)) {
+        return TF_ERR_SHAPE;
+    }
+    const int32_t k = win->kh * win->kw * in->c;
+    if (tf_pwf_applies(k, out->c, bias, q)) {
+        const tf_pwf_conv cv = {in, input, win, out->w, q->input_offset};
+        tf_pwf_run_conv(&cv, out->h * out->w, k, out->c, weights, bias, q, output, buffer);
+        return TF_OK;
+    }
+#endif
+    return tf_conv2d_s8(in, input, win, out, weights, bias, q, output, buffer);
+}
 
 tf_status tf_conv2d_1x1_add_fast_s8(const tf_dims *in, const int8_t *input, int32_t out_c,
                                     const int8_t *weights, const int32_t *bias,

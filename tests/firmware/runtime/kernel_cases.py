@@ -18,7 +18,7 @@ from firmware.int8.quantize import AddParams
 
 OP_CONV, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP = range(1, 9)
 OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST = 9, 10, 11, 12, 13
-OP_CONV1X1_FAST, OP_CONV1X1_ADD_FAST = 14, 15
+OP_CONV1X1_FAST, OP_CONV1X1_ADD_FAST, OP_CONV_FAST = 14, 15, 16
 
 
 @dataclass(frozen=True)
@@ -95,17 +95,19 @@ def _window_ints(k: int, s: int, pad: tuple[int, int, int, int]) -> bytes:
 
 
 def conv_case(seed: int, h: int, w: int, cin: int, cout: int, k: int, s: int,
-              pad: tuple[int, int, int, int]) -> Case:
-    """Dense kxk conv."""
+              pad: tuple[int, int, int, int], fast: bool = False) -> Case:
+    """Dense kxk conv (`fast`: tf_conv2d_fast_s8)."""
     rng = np.random.default_rng(seed)
     x, wt = _i8(rng, h, w, cin), _w8(rng, cout, k, k, cin)
     b = rng.integers(-5000, 5000, size=cout).astype(np.int32)
     q = _quant(rng, cout, relu=bool(seed % 2))
     y = ref.conv2d_s8(x, wt, b, q, (s, s), pad)
-    payload = (_ints(OP_CONV, h, w, cin, *y.shape) + _window_ints(k, s, pad)
+    payload = (_ints(OP_CONV_FAST if fast else OP_CONV, h, w, cin, *y.shape)
+               + _window_ints(k, s, pad)
                + _ints(q.input_offset, q.output_offset, q.act_min, q.act_max, 0)
                + _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier) + _arr(q.shift))
-    return Case(f"conv{k}x{k}s{s} {h}x{w}x{cin}->{cout}", payload, y.tobytes())
+    return Case(f"conv{'-fast' if fast else ''}{k}x{k}s{s} {h}x{w}x{cin}->{cout}", payload,
+                y.tobytes())
 
 
 def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
@@ -257,18 +259,18 @@ seeds = st.integers(0, 2**32 - 1)
 @st.composite
 def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
     """One kernel case of any kind, with Hypothesis-chosen shapes."""
-    kind = draw(st.sampled_from(["conv", "dw", "dw_fast", "pw", "pw_fast", "pw_add_fast", "pw_add", "fc", "add", "pool", "patch",
+    kind = draw(st.sampled_from(["conv", "conv_fast", "dw", "dw_fast", "pw", "pw_fast", "pw_add_fast", "pw_add", "fc", "add", "pool", "patch",
                                  "requant"]))
     seed = draw(seeds)
     h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
     c = draw(st.integers(1, max_c))
-    if kind == "conv":
+    if kind in ("conv", "conv_fast"):
         k = draw(st.sampled_from([1, 3, 5]))
         s = draw(st.integers(1, 2))
         pad = tuple(draw(st.integers(0, k - 1)) for _ in range(4))
         h, w = max(h, k), max(w, k)
         return conv_case(seed, h, w, draw(st.integers(1, 8)), c, k, s,
-                         (pad[0], pad[1], pad[2], pad[3]))
+                         (pad[0], pad[1], pad[2], pad[3]), fast=kind == "conv_fast")
     if kind in ("dw", "dw_fast"):
         k = draw(st.sampled_from([3, 5, 7]))
         # Patch tiles pad only the sides at the image border: any pads below the kernel.
