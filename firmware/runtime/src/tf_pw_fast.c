@@ -140,8 +140,8 @@ static inline __attribute__((always_inline)) int8_t tf_pwf_out(int32_t acc2, int
  * conv's: every operand stays under 2^30 when left_shift <= 21, so SMMULR applies. */
 typedef struct {
     int32_t off1, off2, ls1; /* ls1 = left_shift + 1: the operands enter doubled */
-    int32_t m1, r1, h1;
-    int32_t m2, r2, h2;
+    int32_t m1, r1, h1, n1; /* n: -1 where right > 0 (the negative-value nudge), else 0 */
+    int32_t m2, r2, h2, n2;
     int32_t mo, ro, ho; /* ho = 2^(ro-1) + output_offset * 2^ro */
     tf_pwf_clamp cl;
 } tf_pwf_add;
@@ -154,11 +154,22 @@ static inline __attribute__((always_inline)) int32_t tf_pwf_rq2(int32_t v2, int3
     return (x + h + (x >> 31)) >> right;
 }
 
+/* The same for right >= 0 (an input at the larger scale has shift 0). */
+static inline __attribute__((always_inline)) int32_t tf_pwf_rq2n(int32_t v2, int32_t m,
+                                                                 int32_t right, int32_t h,
+                                                                 int32_t n)
+{
+    int32_t x;
+    __asm__("smmulr %0, %1, %2" : "=r"(x) : "r"(v2), "r"(m));
+    return (x + h + ((x >> 31) & n)) >> right;
+}
+
 static inline __attribute__((always_inline)) int8_t tf_pwf_add_one(int32_t y, int32_t res,
                                                                    const tf_pwf_add *a)
 {
-    const int32_t sum = tf_pwf_rq2((y + a->off1) * (1 << a->ls1), a->m1, a->r1, a->h1) +
-                        tf_pwf_rq2((res + a->off2) * (1 << a->ls1), a->m2, a->r2, a->h2);
+    const int32_t sum =
+        tf_pwf_rq2n((y + a->off1) * (1 << a->ls1), a->m1, a->r1, a->h1, a->n1) +
+        tf_pwf_rq2n((res + a->off2) * (1 << a->ls1), a->m2, a->r2, a->h2, a->n2);
     const int32_t v = tf_pwf_rq2(sum * 2, a->mo, a->ro, a->ho);
     if (a->cl.full) {
         return (int8_t)__ssat(v, 8);
@@ -169,14 +180,14 @@ static inline __attribute__((always_inline)) int8_t tf_pwf_add_one(int32_t y, in
 static int tf_pwf_add_applies(const tf_add_quant *q, tf_pwf_add *a)
 {
     const int32_t r1 = -q->input1_shift, r2 = -q->input2_shift, ro = -q->output_shift;
-    if (q->left_shift > 21 || r1 < 1 || r1 > 30 || r2 < 1 || r2 > 30 || ro < 1 || ro > 22 ||
+    if (q->left_shift > 21 || r1 < 0 || r1 > 30 || r2 < 0 || r2 > 30 || ro < 1 || ro > 22 ||
         q->input1_multiplier == INT32_MIN || q->input2_multiplier == INT32_MIN ||
         q->output_multiplier == INT32_MIN) {
         return 0;
     }
     *a = (tf_pwf_add){q->input1_offset, q->input2_offset, q->left_shift + 1,
-                      q->input1_multiplier, r1, (int32_t)(1u << (r1 - 1)),
-                      q->input2_multiplier, r2, (int32_t)(1u << (r2 - 1)),
+                      q->input1_multiplier, r1, (int32_t)((1u << r1) >> 1), r1 > 0 ? -1 : 0,
+                      q->input2_multiplier, r2, (int32_t)((1u << r2) >> 1), r2 > 0 ? -1 : 0,
                       q->output_multiplier, ro,
                       (int32_t)(1u << (ro - 1)) + q->output_offset * (1 << ro),
                       {q->act_min, q->act_max, q->act_min == -128 && q->act_max == 127}};

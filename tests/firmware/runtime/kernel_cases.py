@@ -67,7 +67,7 @@ def _quant(rng: np.random.Generator, cout: int, relu: bool) -> ref.ConvQuant:
 
 def _add_params(rng: np.random.Generator) -> tuple[AddParams, int, int]:
     m = rng.integers(2**30, 2**31 - 1, size=3)
-    sh = rng.integers(-3, 0, size=2)
+    sh = rng.integers(-3, 1, size=2)  # 0: the input at the larger scale (multiplier 0.5)
     p = AddParams(left_shift=20, input1_offset=int(rng.integers(-127, 128)),
                   input1_multiplier=int(m[0]), input1_shift=int(sh[0]),
                   input2_offset=int(rng.integers(-127, 128)), input2_multiplier=int(m[1]),
