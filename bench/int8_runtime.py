@@ -121,7 +121,8 @@ def depthwise(h: int, w: int, c: int, seed: int = 2, k: int = 3, stride: int = 1
     fn = "tf_depthwise_conv2d_fast_s8" if fast else "tf_depthwise_conv2d_s8"
     src = _common(x, wt, b, q, want.size, h, w, c).replace(
         "static const int8_t x[", "static int8_t x[") + (
-        f"static const tf_window win = {{{k}, {k}, {stride}, {stride}, {', '.join(map(str, pads))}}};\n"
+        f"static const tf_window win = {{{k}, {k}, {stride}, {stride}, "
+        f"{', '.join(map(str, pads))}}};\n"
         f"static const tf_dims out = {{{ho}, {wo}, {c}}};\n"
         "static tf_status run(void)\n{\n"
         "    /* in place: the output overwrites x */\n"

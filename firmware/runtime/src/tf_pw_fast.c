@@ -8,7 +8,8 @@
  * 2 * (x + input_offset) (int16), the bias doubled, so SMLAD sums 2 * acc, which SMMULR takes
  * directly (= SaturatingRoundingDoublingHighMul); the rounding constant of
  * RoundingDivideByPOT and the output offset are one per-channel addend, and the clamp is one
- * SSAT where the activation range is all of int8. Otherwise (or on the plain C path) the
+ * SSAT where the activation range is all of int8. 1x1 layers need k % 4 == 0 (their two
+ * columns are interleaved and read with LDRD). Otherwise (or on the plain C path) the
  * generic kernel runs. Same buffer, same results.
  */
 #include "tf_internal.h"
@@ -358,8 +359,9 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
     int16_t *c0 = buffer;
     int16_t *c1 = buffer + k;
     int32_t p = 0;
-    /* LDRD needs word alignment; a dense conv fills its columns one by one. */
-    const int il = cv == NULL && (k & 3) == 0 && ((uintptr_t)buffer & 3) == 0;
+    /* 1x1: the interleaved column pair (callers check k % 4 == 0 and a word-aligned buffer
+     * for LDRD); a dense conv fills its columns one by one. */
+    const int il = cv == NULL;
     for (; p + 2 <= pixels; p += 2) {
         if (cv != NULL) {
             tf_pwf_im2col(cv, p, c0);
@@ -409,13 +411,19 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
     if (p < pixels) { /* the last odd pixel: its column twice */
         if (cv != NULL) {
             tf_pwf_im2col(cv, p, c0);
-        } else {
-            tf_pwf_fill(input + (size_t)p * (size_t)k, c0, k, off_in);
+        } else { /* the interleaved layout with the pixel's column twice */
+            tf_pwf_fill2(input + (size_t)p * (size_t)k, input + (size_t)p * (size_t)k, c0, k,
+                         off_in);
         }
         int8_t *out0 = output + (size_t)p * (size_t)out_c;
         for (int32_t o = 0; o < out_c; o++) {
             int32_t a = 2 * bias[o], u = 0, v = 0, z = 0;
-            tf_pwf_2x2(c0, c0, weights + (size_t)o * (size_t)k, weights, k, &a, &u, &v, &z);
+            const int8_t *wo = weights + (size_t)o * (size_t)k;
+            if (il) {
+                tf_pwf_2x2_il(c0, wo, wo, k >> 2, &a, &u, &v, &z);
+            } else {
+                tf_pwf_2x2(c0, c0, wo, wo, k, &a, &u, &v, &z);
+            }
             const int32_t r0 = -shift[o];
             const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
             TF_PWF_PUT(out0[o], tf_pwf_out(a, mult[o], r0, h0, &cl));
@@ -431,6 +439,8 @@ static __attribute__((noinline)) void tf_pwf_run(int32_t pixels, int32_t k, int3
     tf_pwf_body(pixels, k, out_c, input, weights, bias, q, output, buffer, NULL, NULL);
 }
 
+/* The dense conv: its columns come from tf_pwf_im2col (so the interleaved path and its
+ * loop are not compiled in). */
 static __attribute__((noinline)) void tf_pwf_run_conv(const tf_pwf_conv *cv, int32_t pixels,
                                                       int32_t k, int32_t out_c,
                                                       const int8_t *weights,
@@ -452,7 +462,8 @@ static __attribute__((noinline)) int tf_pwf_run_add(int32_t pixels, int32_t k, i
                                                     int16_t *buffer)
 {
     tf_pwf_add ad;
-    if (!tf_pwf_applies(k, out_c, bias, q) || !tf_pwf_add_applies(add, &ad)) {
+    if ((k & 3) != 0 || ((uintptr_t)buffer & 3) != 0 || !tf_pwf_applies(k, out_c, bias, q) ||
+        !tf_pwf_add_applies(add, &ad)) {
         return 0;
     }
     tf_pwf_body(pixels, k, out_c, input, weights, bias, q, residual, buffer, &ad, NULL);
@@ -529,7 +540,8 @@ tf_status tf_conv2d_1x1_fast_s8(const tf_dims *in, const int8_t *input, int32_t 
     if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_conv_quant(q, out_c)) != TF_OK) {
         return st;
     }
-    if (tf_pwf_applies(in->c, out_c, bias, q)) {
+    if ((in->c & 3) == 0 && ((uintptr_t)buffer & 3) == 0 &&
+        tf_pwf_applies(in->c, out_c, bias, q)) {
         tf_pwf_run(in->h * in->w, in->c, out_c, input, weights, bias, q, output, buffer);
         return TF_OK;
     }

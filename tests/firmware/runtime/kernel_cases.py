@@ -259,7 +259,8 @@ seeds = st.integers(0, 2**32 - 1)
 @st.composite
 def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
     """One kernel case of any kind, with Hypothesis-chosen shapes."""
-    kind = draw(st.sampled_from(["conv", "conv_fast", "dw", "dw_fast", "pw", "pw_fast", "pw_add_fast", "pw_add", "fc", "add", "pool", "patch",
+    kind = draw(st.sampled_from(["conv", "conv_fast", "dw", "dw_fast", "pw", "pw_fast",
+                                 "pw_add_fast", "pw_add", "fc", "add", "pool", "patch",
                                  "requant"]))
     seed = draw(seeds)
     h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
