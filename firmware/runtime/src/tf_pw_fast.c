@@ -8,8 +8,8 @@
  * 2 * (x + input_offset) (int16), the bias doubled, so SMLAD sums 2 * acc, which SMMULR takes
  * directly (= SaturatingRoundingDoublingHighMul); the rounding constant of
  * RoundingDivideByPOT and the output offset are one per-channel addend, and the clamp is one
- * SSAT where the activation range is all of int8. 1x1 layers need k % 4 == 0 (their two
- * columns are interleaved and read with LDRD). Otherwise (or on the plain C path) the
+ * SSAT where the activation range is all of int8. 1x1 layers need k % 4 == 0 and two
+ * pixels or more (their two columns are interleaved and read with LDRD). Otherwise (or on the plain C path) the
  * generic kernel runs. Same buffer, same results.
  */
 #include "tf_internal.h"
@@ -462,7 +462,8 @@ static __attribute__((noinline)) int tf_pwf_run_add(int32_t pixels, int32_t k, i
                                                     int16_t *buffer)
 {
     tf_pwf_add ad;
-    if ((k & 3) != 0 || ((uintptr_t)buffer & 3) != 0 || !tf_pwf_applies(k, out_c, bias, q) ||
+    if ((k & 3) != 0 || ((uintptr_t)buffer & 3) != 0 || pixels < 2 ||
+        !tf_pwf_applies(k, out_c, bias, q) ||
         !tf_pwf_add_applies(add, &ad)) {
         return 0;
     }
@@ -540,7 +541,8 @@ tf_status tf_conv2d_1x1_fast_s8(const tf_dims *in, const int8_t *input, int32_t 
     if ((st = tf_check_dims(in)) != TF_OK || (st = tf_check_conv_quant(q, out_c)) != TF_OK) {
         return st;
     }
-    if ((in->c & 3) == 0 && ((uintptr_t)buffer & 3) == 0 &&
+    /* One pixel: the buffer holds one column, the interleaved layout needs two. */
+    if ((in->c & 3) == 0 && ((uintptr_t)buffer & 3) == 0 && in->h * in->w >= 2 &&
         tf_pwf_applies(in->c, out_c, bias, q)) {
         tf_pwf_run(in->h * in->w, in->c, out_c, input, weights, bias, q, output, buffer);
         return TF_OK;

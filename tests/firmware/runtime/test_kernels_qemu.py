@@ -77,6 +77,8 @@ def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
              kc.pointwise_huge_bias_case(12, fast=True),
              *[kc.pointwise_case(40 + i, 7, 5, cin, cout, False, fast=True)
                for i, (cin, cout) in enumerate([(16, 96), (32, 64), (96, 24), (19, 7)])],
+             kc.pointwise_case(57, 1, 1, 16, 24, False, fast=True),  # one column of buffer
+             kc.pointwise_case(58, 1, 1, 16, 24, True, fast=True),
              *[kc.pointwise_case(50 + i, 5, 7, cin, cout, True, fast=True)
                for i, (cin, cout) in enumerate([(96, 16), (24, 8), (13, 5)])],
              kc.fc_case(7, 320, 10),
