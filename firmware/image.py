@@ -113,7 +113,9 @@ class Manifest:
     payload_format: PayloadFormat
     payload_bytes: int
     payload_sha256: str
-    sparse_update: Mapping[str, Any] | None = None  # filled by the training issue
+    sparse_update: Mapping[str, Any] | None = None  # the on-device training scheme
+    # False: built for a core with no QEMU board, never run before signing ("not emulated")
+    emulated: bool = True
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes (sorted keys, no whitespace): what the signature covers."""
@@ -137,13 +139,14 @@ def make_manifest(*, model_id: str, model_version: str, target: ImageTarget,
                   measured: MemoryFigures | None, input: TensorQuant, output: TensorQuant,
                   test_vectors: tuple[TestVector, ...], payload: bytes,
                   payload_format: PayloadFormat,
-                  sparse_update: Mapping[str, Any] | None = None) -> Manifest:
+                  sparse_update: Mapping[str, Any] | None = None,
+                  emulated: bool = True) -> Manifest:
     """A Manifest whose payload size and sha256 are computed from `payload`."""
     return Manifest(model_id=model_id, model_version=model_version, target=target,
                     schedule=schedule, predicted=predicted, measured=measured, input=input,
                     output=output, test_vectors=test_vectors, payload_format=payload_format,
                     payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest(),
-                    sparse_update=sparse_update)
+                    sparse_update=sparse_update, emulated=emulated)
 
 
 def sign_image(manifest: Manifest, payload: bytes, key: Ed25519PrivateKey) -> bytes:
@@ -294,6 +297,8 @@ def _manifest_dict(m: Manifest) -> dict[str, Any]:
         "payload": {"format": m.payload_format.value, "bytes": m.payload_bytes,
                     "sha256": m.payload_sha256},
         "sparse_update": None if m.sparse_update is None else dict(m.sparse_update),
+        # Only written when false: images checked in QEMU keep their canonical bytes.
+        **({} if m.emulated else {"emulated": False}),
     }
 
 
@@ -393,6 +398,7 @@ def parse_manifest(body: bytes) -> Manifest:
         raise ImageError(f"manifest field payload.format {p.obj['format']!r} is not one of "
                          f"{[f.value for f in PayloadFormat]}") from None
     sparse = root._get("sparse_update", (dict,), optional=True)
+    emulated = root._get("emulated", (bool,)) if "emulated" in root.obj else True
     return Manifest(
         model_id=root.text("model_id"), model_version=root.text("model_version"),
         target=ImageTarget(t.text("name"), t.text("cpu"), t.integer("sram_bytes"),
@@ -404,4 +410,5 @@ def parse_manifest(body: bytes) -> Manifest:
         input=_quant(root.need("input")), output=_quant(root.need("output")),
         test_vectors=_vectors(root), payload_format=payload_format,
         payload_bytes=p.integer("bytes"), payload_sha256=p.text("sha256"), sparse_update=sparse,
+        emulated=bool(emulated),
     )

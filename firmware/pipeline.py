@@ -326,17 +326,22 @@ class _Built:
     account: SramAccount
     memory: MemoryReport
     build: BuildResult
-    emulation: EmulationResult
+    emulation: EmulationResult | None  # None: built for a core QEMU cannot run
     inputs_hwc: Int8Array
     expected: Int8Array
 
 
 def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, work_dir: Path,
                      calib: Dataset | None, test: Dataset | None, say: Progress,
-                     quantized: QuantizedGraph | None = None) -> _Built:
-    """Quantize, plan, generate, build, run in QEMU; EmulationError unless bit-exact."""
+                     quantized: QuantizedGraph | None = None, emulate: bool = True) -> _Built:
+    """Quantize, plan, generate, build, run in QEMU; EmulationError unless bit-exact.
+
+    `emulate` False builds without running (a core with no QEMU board): the caller marks
+    the result "not emulated", it is never passed as checked.
+    """
     # No image is signed unchecked: refuse a core QEMU cannot run before any work is done.
-    board_for(target)
+    if emulate:
+        board_for(target)
     if quantized is not None:
         say(Stage.QUANTIZE, "already int8 (a fine-tuned model version)")
         qgraph = quantized
@@ -359,23 +364,25 @@ def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, wor
     _check_linked(build, fit.account)
 
     x_q = _test_batch(graph, qgraph, calib, test, opts.test_vectors)
-    say(Stage.EMULATE, f"QEMU {target.qemu_board} on {len(x_q)} inputs")
     inputs_hwc = np.ascontiguousarray(x_q.transpose(0, 2, 3, 1))
-    emulation = run_firmware(build.elf_path, target, inputs_hwc,
-                             static_ram_bytes=build.ram_bytes,
-                             timeout_s=opts.emulator_timeout_s)
-
-    say(Stage.CHECK, "outputs against the int8 reference")
     expected = reference_outputs(qgraph, x_q)
-    _check_bit_exact(emulation.outputs, expected)
+    emulation = None
+    if emulate:
+        say(Stage.EMULATE, f"QEMU {target.qemu_board} on {len(x_q)} inputs")
+        emulation = run_firmware(build.elf_path, target, inputs_hwc,
+                                 static_ram_bytes=build.ram_bytes,
+                                 timeout_s=opts.emulator_timeout_s)
+        say(Stage.CHECK, "outputs against the int8 reference")
+        _check_bit_exact(emulation.outputs, expected)
     return _Built(graph=graph, target=target, options=opts, qgraph=qgraph, plan=plan,
                   account=fit.account, memory=analyze(graph, opts.memory_model), build=build,
                   emulation=emulation,
                   inputs_hwc=inputs_hwc, expected=expected)
 
 
-def _manifest(b: _Built, payload: bytes) -> Manifest:
-    """The image manifest of a checked build."""
+def _manifest(b: _Built, payload: bytes,
+              sparse_update: Mapping[str, Any] | None = None) -> Manifest:
+    """The image manifest of a build (checked in QEMU unless `b.emulation` is None)."""
     graph, target, opts, qgraph, s = b.graph, b.target, b.options, b.qgraph, b.plan.schedule
     return make_manifest(
         model_id=opts.model_id or graph.name, model_version=opts.model_version,
@@ -385,7 +392,8 @@ def _manifest(b: _Built, payload: bytes) -> Manifest:
                                s.input_patch if s.patches > 1 else None,
                                opts.memory_model.value),
         predicted=MemoryFigures(b.account.total_bytes, b.memory.weights_bytes),
-        measured=MemoryFigures(b.emulation.peak_ram_bytes, b.build.flash_bytes),
+        measured=(None if b.emulation is None else
+                  MemoryFigures(b.emulation.peak_ram_bytes, b.build.flash_bytes)),
         input=TensorQuant(qgraph.input.scale, qgraph.input.zero_point,
                           graph.tensor(graph.input).shape),
         output=TensorQuant(qgraph.output.scale, qgraph.output.zero_point,
@@ -393,7 +401,8 @@ def _manifest(b: _Built, payload: bytes) -> Manifest:
         test_vectors=tuple(TestVector(b.inputs_hwc[i].tobytes(),
                                       tuple(int(v) for v in b.expected[i]))
                            for i in range(len(b.inputs_hwc))),
-        payload=payload, payload_format=PayloadFormat.ELF,
+        payload=payload, payload_format=PayloadFormat.ELF, sparse_update=sparse_update,
+        emulated=b.emulation is not None,
     )
 
 
@@ -401,6 +410,7 @@ def _report(b: _Built, image: bytes, payload: bytes, key: Ed25519PrivateKey,
             calib: Dataset | None, extra: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON-ready report of a signed build (`extra`: onnxruntime, accuracy, warnings)."""
     graph, target, opts, qgraph = b.graph, b.target, b.options, b.qgraph
+    assert b.emulation is not None, "compile_model always emulates"
     per_image = b.emulation.instructions_per_image
     return {
         "model": {"id": opts.model_id or graph.name, "version": opts.model_version,
@@ -445,6 +455,7 @@ def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work
     say = progress or _quiet
     built = _build_and_check(graph, target, opts, work_dir, calib, test, say, quantized)
     qgraph = built.qgraph
+    assert built.emulation is not None
 
     onnx_report = None
     if opts.onnx_check:
@@ -468,6 +479,40 @@ def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work
                          emulation=built.emulation,
                          test_inputs=built.inputs_hwc, expected=built.expected,
                          warnings=warnings)
+
+
+@dataclass(frozen=True)
+class UnsignedBuild:
+    """A built image before signing: one per (model version, hardware class), signed once
+    per fleet (`sign_image(manifest, payload, fleet_key)`)."""
+
+    manifest: Manifest
+    payload: bytes
+    emulated: bool  # False: a core with no QEMU board; built, never run ("not emulated")
+    report: Mapping[str, Any]
+
+
+def build_unsigned(graph: Graph, target: TargetSpec, work_dir: Path,
+                   calib: Dataset | None = None, options: CompileOptions | None = None,
+                   progress: Progress | None = None,
+                   sparse_update: Mapping[str, Any] | None = None) -> UnsignedBuild:
+    """Quantize, plan, generate, build and (where QEMU has a board for the core) run and
+    check bit-exactness; the manifest carries `sparse_update` and whether it was emulated."""
+    opts = options or CompileOptions()
+    emulate = target.qemu_board is not None
+    built = _build_and_check(graph, target, opts, work_dir, calib, None, progress or _quiet,
+                             emulate=emulate)
+    payload = built.build.elf_path.read_bytes()
+    manifest = _manifest(built, payload, sparse_update)
+    report: dict[str, Any] = {
+        "target": target.name, "cpu": target.cpu.value, "emulated": emulate,
+        "schedule": _schedule_dict(built.plan),
+        "predicted": _predicted(built.plan, built.account, built.memory),
+        "linked": _linked(built.build), "payload_bytes": len(payload),
+        "measured": None if built.emulation is None else _measured(built.build,
+                                                                   built.emulation),
+    }
+    return UnsignedBuild(manifest, payload, emulate, MappingProxyType(report))
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,5 @@
-"""The registry's tables: fleets, devices (with tags), API tokens and idempotency keys."""
+"""The tables: fleets, devices (with tags), API tokens, idempotency keys; model versions,
+campaigns, deployment jobs and their events, per-class plans and builds, signed artifacts."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import enum
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
+    Float,
     Enum,
     ForeignKey,
     Index,
@@ -16,6 +19,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.sql.expression import false
 
 from service.db import Base
 
@@ -93,6 +97,14 @@ class Device(Base):
     mqtt_password_hash: Mapped[str | None] = mapped_column(String(160))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     decommissioned_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What OTA put on it (the device's own reports, through the MQTT bridge).
+    installed_model_version: Mapped[str | None] = mapped_column(String(16))
+    installed_artifact: Mapped[str | None] = mapped_column(String(64))  # signed image sha256
+    installed_slot: Mapped[str | None] = mapped_column(String(8))
+    update_state: Mapped[str | None] = mapped_column(String(20))  # last OTA event's state
+    online: Mapped[bool] = mapped_column(Boolean, default=False,  # MQTT presence
+                                         server_default=false())
+    last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     fleet: Mapped[Fleet] = relationship(back_populates="devices", lazy="joined")
     tag_rows: Mapped[list[DeviceTag]] = relationship(
@@ -183,3 +195,223 @@ class IdempotencyKey(Base):
         UniqueConstraint("scope", "key", name="uq_idempotency_keys_scope_key"),
         Index("ix_idempotency_keys_created_at", "created_at"),
     )
+
+
+# ---- OTA: model versions, campaigns, jobs -----------------------------------------------
+
+class ModelKind(enum.Enum):
+    """What a registered model version is (firmware.deploy.ModelKind's values)."""
+
+    FAMILY = "family"
+    ONNX = "onnx"
+
+
+class AnalysisState(enum.Enum):
+    """A family version's contribution analysis (on-device training needs it)."""
+
+    NONE = "none"  # not applicable (a fixed ONNX model)
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ModelVersion(Base):
+    """An immutable, content-addressed model version (`id`: 16 hex digits of sha256)."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[ModelKind] = mapped_column(_enum(ModelKind, "model_kind"))
+    path: Mapped[str] = mapped_column(Text)  # under VAR_DIR/models/<id>
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    analysis_state: Mapped[AnalysisState] = mapped_column(_enum(AnalysisState,
+                                                                "analysis_state"))
+    analysis_reason: Mapped[str | None] = mapped_column(Text)
+    info: Mapped[str] = mapped_column(Text, default="{}")  # JSON summary (space, classes...)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class CampaignState(enum.Enum):
+    """A campaign's life: scheduled -> running -> completed | waiting-offline -> closed;
+    paused / halted (failures over the limit) / aborted / rolled-back on the way."""
+
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    PAUSED = "paused"
+    HALTED = "halted"
+    ABORTED = "aborted"
+    WAITING_OFFLINE = "waiting-offline"
+    COMPLETED = "completed"
+    CLOSED = "closed"
+    ROLLED_BACK = "rolled-back"
+
+
+ACTIVE_CAMPAIGN_STATES = (CampaignState.SCHEDULED, CampaignState.RUNNING,
+                          CampaignState.PAUSED, CampaignState.HALTED,
+                          CampaignState.WAITING_OFFLINE)
+
+
+class Campaign(Base):
+    """One rollout of a model version to a snapshot of devices."""
+
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    state: Mapped[CampaignState] = mapped_column(_enum(CampaignState, "campaign_state"))
+    selector: Mapped[str] = mapped_column(Text)  # JSON, as given
+    canary_percent: Mapped[float] = mapped_column(Float)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    max_failure_percent: Mapped[float] = mapped_column(Float)
+    personalize: Mapped[bool] = mapped_column(Boolean)
+    offer_deadline_s: Mapped[int] = mapped_column(Integer)
+    install_deadline_s: Mapped[int] = mapped_column(Integer)
+    start_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    batch_count: Mapped[int] = mapped_column(Integer)
+    current_batch: Mapped[int] = mapped_column(Integer, default=-1)  # -1: none released
+    halt_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index("ix_campaigns_state", "state"),)
+
+
+class JobState(enum.Enum):
+    """A DeploymentJob's state; see service.campaigns.jobs for the transitions."""
+
+    PENDING = "pending"  # its batch is not released yet
+    QUEUED = "queued"
+    PLANNING = "planning"
+    BUILDING = "building"
+    OFFERING = "offering"
+    WAITING_OFFLINE = "waiting-offline"  # built; offered when the device comes online
+    OFFERED = "offered"
+    ACCEPTED = "accepted"
+    DOWNLOADING = "downloading"
+    INSTALLING = "installing"  # verifying, installing, self-test
+    INSTALLED = "installed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    ABORTED = "aborted"
+    ROLLBACK_SENT = "rollback-sent"
+    ROLLED_BACK = "rolled-back"
+    CLOSED = "closed"  # still offline when the operator closed the campaign
+
+
+class DeploymentJob(Base):
+    """One device's part in one campaign."""
+
+    __tablename__ = "deployment_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    fleet_id: Mapped[int] = mapped_column(ForeignKey("fleets.id"))
+    batch: Mapped[int] = mapped_column(Integer)  # 0: the canary batch
+    hw_class: Mapped[str] = mapped_column(String(96))
+    hw: Mapped[str] = mapped_column(Text)  # JSON of firmware.deploy.HardwareClass
+    state: Mapped[JobState] = mapped_column(_enum(JobState, "job_state"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    emulated: Mapped[bool | None] = mapped_column(Boolean)
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+    update_id: Mapped[str | None] = mapped_column(String(32), unique=True)
+    progress: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    state_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                       default=utcnow)
+    offered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "device_id", name="uq_jobs_campaign_device"),
+        Index("ix_jobs_campaign_state", "campaign_id", "state"),
+        Index("ix_jobs_device_state", "device_id", "state"),
+        Index("ix_jobs_state_changed", "state", "state_changed_at"),
+    )
+
+
+class JobEvent(Base):
+    """Every state change of a job, with its time and who made it."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("deployment_jobs.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16))  # worker, device, operator, reconciler
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_job_events_job", "job_id", "id"),)
+
+
+class WorkState(enum.Enum):
+    """A cached plan's or build's progress."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ClassPlan(Base):
+    """The search for one (model version, hardware class): at most one, ever."""
+
+    __tablename__ = "class_plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    hw_class: Mapped[str] = mapped_column(String(96))
+    state: Mapped[WorkState] = mapped_column(_enum(WorkState, "work_state"))
+    result: Mapped[str | None] = mapped_column(Text)  # JSON of firmware.deploy.plan_class
+    reason: Mapped[str | None] = mapped_column(Text)  # why nothing fits / what failed
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    owner: Mapped[str | None] = mapped_column(String(64))
+    from_cache: Mapped[bool] = mapped_column(Boolean, default=False)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("model_version_id", "hw_class",
+                                       name="uq_class_plans_version_class"),)
+
+
+class ClassBuild(Base):
+    """The unsigned build for one (model version, hardware class): at most one, ever."""
+
+    __tablename__ = "class_builds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    hw_class: Mapped[str] = mapped_column(String(96))
+    state: Mapped[WorkState] = mapped_column(_enum(WorkState, "work_state"))
+    payload_sha256: Mapped[str | None] = mapped_column(String(64))  # in the ArtifactStore
+    manifest: Mapped[str | None] = mapped_column(Text)  # canonical manifest JSON
+    emulated: Mapped[bool | None] = mapped_column(Boolean)
+    report: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    owner: Mapped[str | None] = mapped_column(String(64))
+    from_cache: Mapped[bool] = mapped_column(Boolean, default=False)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("model_version_id", "hw_class",
+                                       name="uq_class_builds_version_class"),)
+
+
+class SignedArtifact(Base):
+    """A build signed with one fleet's key: at most one per (build, fleet)."""
+
+    __tablename__ = "signed_artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    build_id: Mapped[int] = mapped_column(ForeignKey("class_builds.id"))
+    fleet_id: Mapped[int] = mapped_column(ForeignKey("fleets.id"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("build_id", "fleet_id",
+                                       name="uq_signed_artifacts_build_fleet"),)

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -36,7 +37,7 @@ from firmware.targets import (
     Cpu,
     OtaLayout,
 )
-from service.models import DeviceState, Role
+from service.models import AnalysisState, CampaignState, DeviceState, JobState, ModelKind, Role
 
 FLEET_NAME_RE = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 DEVICE_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -419,3 +420,186 @@ class TokenList(BaseModel):
     """All API tokens."""
 
     items: list[TokenOut] = Field(description="tokens, by id")
+
+
+# ---- OTA: model versions, campaigns, jobs ---------------------------------------------------
+
+MODEL_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+MODEL_VERSION_RE = r"^[0-9a-f]{16}$"
+MAX_DEADLINE_S = 30 * 86400
+MAX_SELECTOR_IDS = MAX_BULK_DEVICES
+
+ModelName = Annotated[str, Field(strict=True, pattern=MODEL_NAME_RE)]
+ModelVersionId = Annotated[str, Field(strict=True, pattern=MODEL_VERSION_RE)]
+Percent = Annotated[float, BeforeValidator(json_integer), Field(strict=True, ge=0, le=100)]
+DeadlineS = Annotated[int, Field(strict=True, ge=1, le=MAX_DEADLINE_S),
+                      BeforeValidator(json_integer)]
+
+
+class ModelRegister(RequestModel):
+    """A model version from a path on the server (admin): a `train-supernet` family
+    directory, or an .onnx file. Uploads use multipart/form-data instead (fields `name`,
+    `file`: a .tar.gz/.tgz/.zip of a family directory, or an .onnx file)."""
+
+    name: ModelName = Field(description="a label for the model", examples=["digits"])
+    path: Annotated[str, Field(strict=True, min_length=1, max_length=4096,
+                               pattern=TEXT_RE)] = Field(
+        description="absolute path on the server: a family directory or an .onnx file")
+    analyze: bool = Field(default=True, strict=True, description=(
+        "queue the family's contribution analysis when it has none (on-device training "
+        "needs it)"))
+
+
+class ModelUploadForm(RequestModel):
+    """The form fields of an upload (besides `file`)."""
+
+    name: ModelName = Field(description="a label for the model")
+    analyze: bool = Field(default=True, description="queue the contribution analysis")
+
+
+class DeviceSelector(RequestModel):
+    """Which devices a campaign updates; resolved to a snapshot when it is created. Every
+    given filter must match (fleet AND tags AND ids AND mcu); active devices only."""
+
+    fleet: FleetName | None = Field(default=None, description="fleet name")
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS,
+                            description="devices with all these tags")
+    ids: list[DeviceKey] = Field(default_factory=list, max_length=MAX_SELECTOR_IDS,
+                                 description="device ids or names")
+    mcu: McuFilter | None = Field(default=None, description="catalog MCU name or 'custom'")
+
+    @model_validator(mode="after")
+    def _something(self) -> DeviceSelector:
+        if self.fleet is None and not self.tags and not self.ids and self.mcu is None:
+            raise _fail("give at least one of fleet, tags, ids, mcu (a campaign never "
+                        "selects every device by default)")
+        return self
+
+
+class RolloutPolicy(RequestModel):
+    """How a campaign rolls out."""
+
+    canary_percent: Percent = Field(default=10.0, description=(
+        "share of the devices in the canary batch (batch 0), rounded up"))
+    batch_size: Annotated[int, Field(strict=True, ge=1, le=MAX_BULK_DEVICES),
+                          BeforeValidator(json_integer)] = Field(
+        default=100, description="devices per batch after the canary")
+    max_failure_percent: Percent = Field(default=10.0, description=(
+        "halt when failures exceed this share of finished jobs"))
+    personalize: bool = Field(default=False, strict=True, description=(
+        "reserve SRAM for on-device training and ship the sparse-update scheme"))
+    start_at: AwareDatetime | None = Field(default=None, description=(
+        "ISO 8601 with a time zone; the campaign waits until then"))
+    offer_deadline_s: DeadlineS = Field(default=3600, description=(
+        "an offer unanswered this long fails as timed out"))
+    install_deadline_s: DeadlineS = Field(default=1800, description=(
+        "an install silent this long fails as timed out"))
+
+
+class CampaignCreate(RequestModel):
+    """A new campaign: a model version to a selection of devices."""
+
+    model_version: ModelVersionId = Field(description="a model version id (16 hex)")
+    selector: DeviceSelector = Field(description="which devices")
+    policy: RolloutPolicy = Field(default_factory=RolloutPolicy, description="rollout")
+
+
+class CampaignQuery(RequestModel):
+    """Filters of GET /api/v1/campaigns."""
+
+    state: CampaignState | None = Field(default=None, description="campaign state")
+    limit: Annotated[int, BeforeValidator(_query_int)] = Field(
+        default=100, ge=1, le=MAX_PAGE_LIMIT, strict=True, description="page size")
+
+
+class JobQuery(RequestModel):
+    """Filters and paging of GET /api/v1/jobs."""
+
+    campaign: Annotated[int, BeforeValidator(_query_int)] | None = Field(
+        default=None, ge=1, strict=True, description="campaign id")
+    state: JobState | None = Field(default=None, description="job state")
+    device: Annotated[str, Field(strict=True, pattern=DEVICE_ID_RE)] | None = Field(
+        default=None, description="device id")
+    limit: Annotated[int, BeforeValidator(_query_int)] = Field(
+        default=100, ge=1, le=MAX_PAGE_LIMIT, strict=True, description="page size")
+    cursor: Annotated[int, BeforeValidator(_query_int)] | None = Field(
+        default=None, ge=0, strict=True, description="`next_cursor` of the previous page")
+
+
+class ModelVersionOut(BaseModel):
+    """A registered model version (immutable)."""
+
+    id: str = Field(description="content hash, 16 hex digits")
+    name: str = Field(description="label")
+    kind: ModelKind = Field(description="family (searched per class) or onnx (fixed)")
+    size_bytes: int = Field(description="bytes stored")
+    analysis: AnalysisState = Field(description="contribution analysis (families)")
+    analysis_reason: str | None = Field(description="why the analysis failed")
+    info: dict[str, Any] = Field(description="summary: space, classes, resolutions")
+    created_at: str = Field(description="ISO 8601 UTC")
+
+
+class ModelVersionRegistered(BaseModel):
+    """The answer to a registration."""
+
+    model: ModelVersionOut = Field(description="the version")
+    created: bool = Field(description="false when this content was registered before")
+
+
+class ModelVersionList(BaseModel):
+    """Every model version."""
+
+    items: list[ModelVersionOut] = Field(description="newest first")
+
+
+class JobOut(BaseModel):
+    """One device's job in a campaign."""
+
+    id: int = Field(description="job id")
+    campaign: int = Field(description="campaign id")
+    device: str = Field(description="device id")
+    batch: int = Field(description="0: canary")
+    hw_class: str = Field(description="hardware class key")
+    state: JobState = Field(description="job state")
+    reason: str | None = Field(description="why it failed or was skipped")
+    emulated: bool | None = Field(description="false: built for a core QEMU cannot run")
+    artifact_sha256: str | None = Field(description="signed image offered")
+    update_id: str | None = Field(description="the OTA update id on MQTT")
+    progress: float | None = Field(description="download progress 0..1")
+    attempts: int = Field(description="task attempts")
+    state_changed_at: str = Field(description="ISO 8601 UTC")
+    events: list[dict[str, Any]] | None = Field(default=None, description=(
+        "every state change (GET /jobs/{id} only)"))
+
+
+class JobList(BaseModel):
+    """A page of jobs."""
+
+    items: list[JobOut] = Field(description="jobs by id")
+    next_cursor: int | None = Field(description="pass as `cursor`; null on the last page")
+
+
+class CampaignOut(BaseModel):
+    """A campaign with its progress."""
+
+    id: int = Field(description="campaign id")
+    model_version: str = Field(description="model version id")
+    state: CampaignState = Field(description="campaign state")
+    halt_reason: str | None = Field(description="why it halted")
+    selector: dict[str, Any] = Field(description="as given")
+    policy: dict[str, Any] = Field(description="rollout policy")
+    batch_count: int = Field(description="batches, canary included")
+    current_batch: int = Field(description="the latest released batch (-1: none)")
+    jobs: int = Field(description="jobs (devices selected, skipped included)")
+    counts: dict[str, int] = Field(description="jobs per state")
+    batches: list[dict[str, Any]] = Field(description="per batch: counts per state")
+    failures: list[dict[str, Any]] = Field(description="failed jobs: device and reason")
+    created_at: str = Field(description="ISO 8601 UTC")
+    started_at: str | None = Field(description="ISO 8601 UTC")
+    finished_at: str | None = Field(description="ISO 8601 UTC")
+
+
+class CampaignList(BaseModel):
+    """Campaigns, newest first."""
+
+    items: list[CampaignOut] = Field(description="campaigns")
