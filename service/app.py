@@ -19,13 +19,17 @@ log = logging.getLogger(__name__)
 
 def _blueprints() -> list[Blueprint]:
     """Every blueprint the app serves, one per resource. Add new resources here."""
+    from service.api.campaigns import bp as campaigns_bp
+    from service.api.campaigns import jobs_bp
     from service.api.devices import bp as devices_bp
     from service.api.fleets import bp as fleets_bp
     from service.api.mcus import bp as mcus_bp
+    from service.api.models import bp as models_bp
     from service.api.openapi import bp as openapi_bp
     from service.api.tokens import bp as tokens_bp
 
-    blueprints = [mcus_bp, fleets_bp, devices_bp, tokens_bp, openapi_bp]
+    blueprints = [mcus_bp, fleets_bp, devices_bp, tokens_bp, models_bp, campaigns_bp, jobs_bp,
+                  openapi_bp]
     # The stack's /healthz (service/health.py), when that module is present.
     try:
         from service.health import bp as health_bp

@@ -24,9 +24,20 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CONTENT_LENGTH": 32 * 1024 * 1024,  # 10,000 bulk rows are about 2 MB of JSON
     "OTA_BLOCK_SIZE": 4096,  # bytes of image per OTA block frame (workers/bridge.py)
     "BRIDGE_METRICS_PORT": 0,  # the bridge's Prometheus counters on 127.0.0.1:PORT; 0: off
+    # OTA campaigns (service.campaigns, workers.tasks)
+    "MODEL_UPLOAD_MAX_BYTES": 256 * 1024 * 1024,  # POST /api/v1/models bodies
+    "SEARCH_POPULATION": 48,  # the per-class search's size (firmware.deploy.SearchSettings)
+    "SEARCH_GENERATIONS": 15,
+    "ANALYSIS": "default",  # contribution analysis settings: default | quick
+    "RECONCILE_INTERVAL_S": 10,  # Celery beat runs the reconciler this often
+    "STUCK_AFTER_S": 300,  # a job waiting this long for its task is re-enqueued
+    "LEASE_S": 60,  # a plan/build claim lasts this long unless its worker renews it
+    "VISIBILITY_TIMEOUT_S": 3600,  # Redis: an unacknowledged task returns after this
 }
 
-_INT_KEYS = {"MQTT_PORT", "MAX_CONTENT_LENGTH", "OTA_BLOCK_SIZE", "BRIDGE_METRICS_PORT"}
+_INT_KEYS = {"MQTT_PORT", "MAX_CONTENT_LENGTH", "OTA_BLOCK_SIZE", "BRIDGE_METRICS_PORT",
+             "MODEL_UPLOAD_MAX_BYTES", "SEARCH_POPULATION", "SEARCH_GENERATIONS",
+             "RECONCILE_INTERVAL_S", "STUCK_AFTER_S", "LEASE_S", "VISIBILITY_TIMEOUT_S"}
 _BOOL_KEYS = {"AUTO_MIGRATE", "SYNC_BROKER_FILES"}
 ENV_PREFIX = "TINYFLEET_"
 

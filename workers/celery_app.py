@@ -24,7 +24,11 @@ def celery_init_app(app: Flask) -> Celery:
                 return self.run(*args, **kwargs)
 
     celery = Celery(app.name, task_cls=FlaskTask)
-    celery.conf.update(celery_settings(app.config.get("REDIS_URL")))
+    celery.conf.update(celery_settings(app.config.get("REDIS_URL"),
+                                       int(app.config["VISIBILITY_TIMEOUT_S"])))
+    # The reconciler, run by `celery beat` (a process of its own under `tinyfleet up`).
+    celery.conf.beat_schedule = {"reconcile": {
+        "task": "tinyfleet.reconcile", "schedule": float(app.config["RECONCILE_INTERVAL_S"])}}
     celery.conf.include = ["workers.tasks"]
     celery.set_default()
     app.extensions["celery"] = celery

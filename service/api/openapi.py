@@ -14,7 +14,13 @@ from pydantic.json_schema import models_json_schema
 
 from service.auth import MAX_TOKEN_ID, require
 from service.models import Role
-from service.schemas import DEVICE_NAME_RE, FLEET_NAME_RE, IDEMPOTENCY_KEY_RE, Problem
+from service.schemas import (
+    DEVICE_NAME_RE,
+    FLEET_NAME_RE,
+    IDEMPOTENCY_KEY_RE,
+    MODEL_VERSION_RE,
+    Problem,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -64,6 +70,9 @@ _PATH_SCHEMAS: dict[str, dict[str, Any]] = {
     "/api/v1/devices/{key}": {"type": "string", "pattern": DEVICE_NAME_RE},
     "/api/v1/fleets/{name}": {"type": "string", "pattern": FLEET_NAME_RE},
     "/api/v1/tokens/{token_id}": {"type": "integer", "minimum": 1, "maximum": MAX_TOKEN_ID},
+    "/api/v1/models/{version}": {"type": "string", "pattern": MODEL_VERSION_RE},
+    "/api/v1/campaigns/{campaign_id}": {"type": "integer", "minimum": 0},
+    "/api/v1/jobs/{job_id}": {"type": "integer", "minimum": 0},
 }
 
 
