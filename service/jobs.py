@@ -122,7 +122,7 @@ def release_batch(session: Session, campaign: Campaign, batch: int, enqueue: Enq
         update(Campaign).where(Campaign.id == campaign.id,
                                Campaign.current_batch == batch - 1,
                                Campaign.state == CampaignState.RUNNING)
-        .values(current_batch=batch)).rowcount
+        .values(current_batch=batch)).rowcount  # type: ignore[attr-defined]
     if not won:
         session.rollback()
         return

@@ -81,12 +81,12 @@ def unpack_archive(data: bytes, dest: Path, max_bytes: int, field: str = "file")
         return
     buffer.seek(0)
     try:
-        archive = tarfile.open(fileobj=buffer, mode="r:*")
+        opened = tarfile.open(fileobj=buffer, mode="r:*")  # noqa: SIM115 (closed below)
     except tarfile.TarError:
         raise invalid(field, "not an archive (.tar.gz, .tgz, .tar or .zip of a family "
                              "directory) and not an .onnx file") from None
-    with archive:
-        members = archive.getmembers()
+    with opened as tar:
+        members = tar.getmembers()
         _check_count(len(members), field)
         total = 0
         for member in members:
@@ -97,7 +97,7 @@ def unpack_archive(data: bytes, dest: Path, max_bytes: int, field: str = "file")
             total += member.size
             if total > max_bytes:
                 raise invalid(field, f"the archive unpacks to more than {max_bytes} bytes")
-        archive.extractall(dest, members=members, filter="data")
+        tar.extractall(dest, members=members, filter="data")
 
 
 def _check_count(count: int, field: str) -> None:

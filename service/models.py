@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from sqlalchemy import (
     Boolean,
     DateTime,
-    Float,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,

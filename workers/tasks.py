@@ -1,13 +1,67 @@
-"""Celery tasks. Thin: they take ids, call firmware/, record results, and are idempotent."""
+"""Celery tasks. Thin: they take ids, call firmware/, record results, and are idempotent.
+
+Per deployment job: `plan` -> `build` -> `offer` (service.jobs names them). Plans and builds
+are cached per (model version, hardware class) in class_plans / class_builds (a unique
+constraint each) and, across databases, as files under VAR_DIR/cache/campaigns; a build is
+signed once per (build, fleet) (signed_artifacts, unique). Whoever inserts the class's row
+(or takes over an expired lease) does the work, renewing its lease meanwhile; jobs that find
+the work running wait in their state and are sent on by the owner when it is done (the
+reconciler re-sends anything missed). Every task is `acks_late` with
+`task_reject_on_worker_lost`: a task whose worker died is delivered again.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
 
 from celery import shared_task
 from flask import current_app
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from service import jobs as J
+from service.models import (
+    AnalysisState,
+    Campaign,
+    CampaignState,
+    ClassBuild,
+    ClassPlan,
+    DeploymentJob,
+    Device,
+    Fleet,
+    JobState,
+    ModelKind,
+    ModelVersion,
+    SignedArtifact,
+    WorkState,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+# Errors worth a retry with back-off (a busy database, a broker hiccup); anything else is
+# either a job failure with its reason or a bug.
+TRANSIENT = (OperationalError, ConnectionError, TimeoutError)
+TASK_OPTIONS: dict[str, Any] = {
+    "bind": True, "acks_late": True, "reject_on_worker_lost": True,
+    "autoretry_for": TRANSIENT, "retry_backoff": 2, "retry_backoff_max": 60,
+    "retry_jitter": True, "max_retries": 10, "ignore_result": True,
+}
+CACHE_DIR = "cache/campaigns"
+
+Row = TypeVar("Row", ClassPlan, ClassBuild)
 
 
 @shared_task(name="tinyfleet.ping", ignore_result=False)  # type: ignore[untyped-decorator]
@@ -20,3 +74,445 @@ def ping(payload: str = "ping") -> dict[str, object]:
         "app": current_app.name,  # only set inside the Flask app context
         "time": time.time(),
     }
+
+
+# ---- plumbing --------------------------------------------------------------------------------
+
+@contextmanager
+def _session() -> Iterator[Session]:
+    session: Session = current_app.extensions["tinyfleet.sessionmaker"]()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def enqueue(name: str, args: list[Any]) -> None:
+    """Send a task by name on this worker's Celery app."""
+    current_app.extensions["celery"].send_task(name, args=args)
+
+
+def _var_dir() -> Path:
+    return Path(current_app.config["VAR_DIR"])
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"[:64]
+
+
+def _cache_file(model_version: str, hw_class: str, kind: str) -> Path:
+    return _var_dir() / CACHE_DIR / model_version / f"{hw_class}.{kind}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)
+
+
+def _store() -> Any:
+    from workers.artifacts import ArtifactStore
+
+    return ArtifactStore.from_config(current_app.config)
+
+
+def _load_job(session: Session, job_id: int, states: tuple[JobState, ...]
+              ) -> tuple[DeploymentJob, Campaign] | None:
+    """The job and its campaign when the job waits in one of `states` and the campaign
+    runs; None (nothing to do: a duplicate delivery, or paused/aborted) otherwise."""
+    job = session.get(DeploymentJob, job_id)
+    if job is None or job.state not in states:
+        return None
+    campaign = session.get(Campaign, job.campaign_id)
+    if campaign is None or campaign.state not in (CampaignState.RUNNING,
+                                                  CampaignState.HALTED,
+                                                  CampaignState.WAITING_OFFLINE):
+        return None  # paused: `resume` sends it again; aborted: nothing more to do
+    return job, campaign
+
+
+def claim(session: Session, model: type[Row], version: str, hw_class: str, lease_s: float
+          ) -> tuple[Row, bool]:
+    """The class's row, and True when this worker now owns the work: it inserted the row
+    (the unique constraint lets one insert win) or took over an expired lease (a
+    compare-and-set on lease_until lets one take it)."""
+    now = utcnow()
+    row = session.scalar(select(model).where(model.model_version_id == version,
+                                             model.hw_class == hw_class))
+    if row is None:
+        row = model(model_version_id=version, hw_class=hw_class, state=WorkState.RUNNING,
+                    owner=_owner(), lease_until=now + timedelta(seconds=lease_s))
+        session.add(row)
+        try:
+            session.commit()
+            return row, True
+        except IntegrityError:
+            session.rollback()
+            found = session.scalar(select(model).where(model.model_version_id == version,
+                                                       model.hw_class == hw_class))
+            assert found is not None
+            return found, False
+    lease = J.aware(row.lease_until)
+    if row.state is not WorkState.RUNNING or (lease is not None and lease > now):
+        return row, False
+    won = session.execute(update(model).where(
+        model.id == row.id, model.state == WorkState.RUNNING, model.lease_until < now)
+        .values(owner=_owner(), lease_until=now + timedelta(seconds=lease_s))
+    ).rowcount  # type: ignore[attr-defined]
+    session.commit()
+    if won:
+        log.warning("took over %s %s/%s from an expired lease", model.__tablename__, version,
+                    hw_class)
+    session.refresh(row)
+    return row, bool(won)
+
+
+@contextmanager
+def _lease_renewed(model: type[Row], row_id: int, lease_s: float) -> Iterator[None]:
+    """Renew this worker's lease on a row every third of its length while the body runs."""
+    stop = threading.Event()
+    maker = current_app.extensions["tinyfleet.sessionmaker"]
+    owner = _owner()
+
+    def renew() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                with maker() as s:
+                    s.execute(update(model).where(model.id == row_id, model.owner == owner)
+                              .values(lease_until=utcnow() + timedelta(seconds=lease_s)))
+                    s.commit()
+            except OperationalError as exc:  # a busy database: the next beat tries again
+                log.warning("lease renewal failed: %s", exc)
+
+    thread = threading.Thread(target=renew, name="lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _finish(session: Session, row: Row, **values: Any) -> None:
+    for key, value in values.items():
+        setattr(row, key, value)
+    row.lease_until = None
+    session.commit()
+
+
+def _wake(session: Session, version: str, hw_class: str, state: JobState, task: str) -> None:
+    """Send `task` for every job of the class waiting in `state` (the owner's fan-out)."""
+    ids = session.scalars(select(DeploymentJob.id).join(
+        Campaign, Campaign.id == DeploymentJob.campaign_id).where(
+        Campaign.model_version_id == version, DeploymentJob.hw_class == hw_class,
+        DeploymentJob.state == state)).all()
+    for job_id in ids:
+        enqueue(task, [job_id])
+
+
+def _settings_key() -> dict[str, Any]:
+    cfg = current_app.config
+    return {"population": int(cfg["SEARCH_POPULATION"]),
+            "generations": int(cfg["SEARCH_GENERATIONS"])}
+
+
+# ---- plan ------------------------------------------------------------------------------------
+
+@shared_task(name=J.PLAN_TASK, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
+def plan(self: Any, job_id: int) -> None:
+    """The job's class plan: cached, or searched here; then on to `build`."""
+    with _session() as session:
+        loaded = _load_job(session, job_id, (JobState.QUEUED, JobState.PLANNING))
+        if loaded is None:
+            return
+        job, campaign = loaded
+        job.attempts += 1
+        if job.state is not JobState.PLANNING:
+            J.set_state(session, job, JobState.PLANNING, "worker")
+        session.commit()  # waiting in PLANNING before looking: the owner's fan-out sees it
+        row, mine = claim(session, ClassPlan, campaign.model_version_id, job.hw_class,
+                          float(current_app.config["LEASE_S"]))
+        if mine:
+            row = _run_plan(session, row, campaign.model_version_id, job)
+        _after_plan(session, job, row)
+
+
+def _run_plan(session: Session, row: ClassPlan, version: str, job: DeploymentJob) -> ClassPlan:
+    from firmware.deploy import HardwareClass, SearchSettings, plan_class
+    from firmware.deploy import ModelKind as Kind
+    from firmware.errors import FirmwareError
+    from service.model_versions import model_path
+
+    model = session.get(ModelVersion, version)
+    assert model is not None
+    hw = HardwareClass.from_dict(json.loads(job.hw))
+    cache = _cache_file(version, job.hw_class, "plan-" + _digest(_settings_key()))
+    started = time.monotonic()
+    with _lease_renewed(ClassPlan, row.id, float(current_app.config["LEASE_S"])):
+        if cache.is_file():
+            data = json.loads(cache.read_text())
+            from_cache = True
+        else:
+            from_cache = False
+            try:
+                result = plan_class(Kind(model.kind.value), model_path(model), hw, _var_dir(),
+                                    SearchSettings(**_settings_key()))
+                data = {"ok": True, "result": result}
+            except FirmwareError as exc:  # nothing fits, no toolchain: the class's answer
+                data = {"ok": False, "reason": _short(str(exc))}
+            _write_atomic(cache, json.dumps(data))
+    seconds = time.monotonic() - started
+    if data["ok"]:
+        _finish(session, row, state=WorkState.DONE, result=json.dumps(data["result"]),
+                from_cache=from_cache, seconds=seconds)
+    else:
+        _finish(session, row, state=WorkState.FAILED, reason=data["reason"],
+                from_cache=from_cache, seconds=seconds)
+    log.info("plan %s/%s: %s in %.1f s%s", version, job.hw_class, row.state.value, seconds,
+             " (file cache)" if from_cache else "")
+    _wake(session, version, job.hw_class, JobState.PLANNING, J.PLAN_TASK)
+    return row
+
+
+def _after_plan(session: Session, job: DeploymentJob, row: ClassPlan) -> None:
+    if row.state is WorkState.RUNNING:
+        return  # another worker plans this class; it sends this job on when done
+    if row.state is WorkState.FAILED:
+        J.fail(session, job, row.reason or "the plan failed", "worker", enqueue)
+        return
+    J.set_state(session, job, JobState.BUILDING, "worker")
+    session.commit()
+    enqueue(J.BUILD_TASK, [job.id])
+
+
+def _digest(data: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
+# ---- build + sign ------------------------------------------------------------------------------
+
+@shared_task(name=J.BUILD_TASK, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
+def build(self: Any, job_id: int) -> None:
+    """The job's class build (cached, or compiled + checked here), signed for its fleet;
+    then on to `offer`."""
+    with _session() as session:
+        loaded = _load_job(session, job_id, (JobState.BUILDING,))
+        if loaded is None:
+            return
+        job, campaign = loaded
+        version = campaign.model_version_id
+        plan_row = session.scalar(select(ClassPlan).where(
+            ClassPlan.model_version_id == version, ClassPlan.hw_class == job.hw_class))
+        if plan_row is None or plan_row.state is not WorkState.DONE:
+            J.set_state(session, job, JobState.QUEUED, "worker", "no plan yet")
+            session.commit()
+            enqueue(J.PLAN_TASK, [job.id])
+            return
+        row, mine = claim(session, ClassBuild, version, job.hw_class,
+                          float(current_app.config["LEASE_S"]))
+        if mine:
+            row = _run_build(session, row, version, job, json.loads(plan_row.result or "{}"))
+        if row.state is WorkState.RUNNING:
+            return  # the owner sends this job on
+        if row.state is WorkState.FAILED:
+            J.fail(session, job, row.reason or "the build failed", "worker", enqueue)
+            return
+        sha = sign_for_fleet(session, row, job.fleet_id)
+        job.artifact_sha256 = sha
+        job.emulated = row.emulated
+        J.set_state(session, job, JobState.OFFERING, "worker", None if row.emulated else
+                    "not emulated: the core has no QEMU board; built, never run")
+        session.commit()
+        enqueue(J.OFFER_TASK, [job.id])
+
+
+def _run_build(session: Session, row: ClassBuild, version: str, job: DeploymentJob,
+               plan_result: dict[str, Any]) -> ClassBuild:
+    from firmware.deploy import HardwareClass, build_class
+    from firmware.deploy import ModelKind as Kind
+    from firmware.errors import FirmwareError
+    from service.model_versions import model_path
+
+    model = session.get(ModelVersion, version)
+    assert model is not None
+    hw = HardwareClass.from_dict(json.loads(job.hw))
+    cache = _cache_file(version, job.hw_class, "build-" + _digest(plan_result))
+    store = _store()
+    started = time.monotonic()
+    with _lease_renewed(ClassBuild, row.id, float(current_app.config["LEASE_S"])):
+        data = json.loads(cache.read_text()) if cache.is_file() else None
+        from_cache = data is not None and (not data["ok"] or store.exists(data["payload"]))
+        if not from_cache:
+            try:
+                with tempfile.TemporaryDirectory(prefix="build-") as work:
+                    built = build_class(Kind(model.kind.value), model_path(model), hw,
+                                        plan_result, Path(work), model.name, version)
+                payload_sha = store.put(built.payload)
+                data = {"ok": True, "payload": payload_sha,
+                        "manifest": built.manifest.to_json().decode(),
+                        "emulated": built.emulated, "report": dict(built.report)}
+            except FirmwareError as exc:
+                data = {"ok": False, "reason": _short(str(exc))}
+            _write_atomic(cache, json.dumps(data))
+    assert data is not None
+    seconds = time.monotonic() - started
+    if data["ok"]:
+        _finish(session, row, state=WorkState.DONE, payload_sha256=data["payload"],
+                manifest=data["manifest"], emulated=data["emulated"],
+                report=json.dumps(data["report"]), from_cache=from_cache, seconds=seconds)
+    else:
+        _finish(session, row, state=WorkState.FAILED, reason=data["reason"],
+                from_cache=from_cache, seconds=seconds)
+    log.info("build %s/%s: %s in %.1f s%s", version, job.hw_class, row.state.value, seconds,
+             " (file cache)" if from_cache else "")
+    _wake(session, version, job.hw_class, JobState.BUILDING, J.BUILD_TASK)
+    return row
+
+
+def sign_for_fleet(session: Session, row: ClassBuild, fleet_id: int) -> str:
+    """The build signed with the fleet's key, stored once per (build, fleet); its sha256."""
+    found = session.scalar(select(SignedArtifact).where(
+        SignedArtifact.build_id == row.id, SignedArtifact.fleet_id == fleet_id))
+    store = _store()
+    if found is not None and store.exists(found.sha256):
+        return found.sha256
+    from firmware.image import load_private_key, parse_manifest, sign_image
+
+    fleet = session.get(Fleet, fleet_id)
+    assert fleet is not None and row.manifest is not None and row.payload_sha256 is not None
+    key = load_private_key(Path(fleet.signing_key_path).read_bytes())
+    # Ed25519 signatures are deterministic: a racing signer writes the very same bytes.
+    image = sign_image(parse_manifest(row.manifest.encode()), store.read(row.payload_sha256),
+                       key)
+    sha: str = store.put(image)
+    if found is None:
+        session.add(SignedArtifact(build_id=row.id, fleet_id=fleet_id, sha256=sha,
+                                   size_bytes=len(image)))
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+    return sha
+
+
+# ---- offer -------------------------------------------------------------------------------------
+
+def publisher() -> Any:
+    """This process's MQTT command publisher (workers.bridge)."""
+    from workers.bridge import CommandPublisher
+
+    return CommandPublisher.for_process(current_app.config)
+
+
+def offer_message(job: DeploymentJob, campaign: Campaign, image: bytes) -> Any:
+    """The job's OtaOffer, with its deadlines as unix times."""
+    from device_agent.protocol import make_offer
+
+    now = time.time()
+    return make_offer(job.update_id or f"u{job.id}", image,
+                      block_size=int(current_app.config.get("OTA_BLOCK_SIZE", 4096)),
+                      offer_deadline=now + campaign.offer_deadline_s,
+                      install_deadline=now + campaign.offer_deadline_s
+                      + campaign.install_deadline_s)
+
+
+@shared_task(name=J.OFFER_TASK, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
+def offer(self: Any, job_id: int) -> None:
+    """Offer the job's image to its device, or wait for the device to come online."""
+    with _session() as session:
+        loaded = _load_job(session, job_id, (JobState.OFFERING,))
+        if loaded is None:
+            return
+        job, campaign = loaded
+        if campaign.state is CampaignState.HALTED:
+            return  # halted: no new offers
+        job.update_id = job.update_id or f"u{job.id}"
+        device = session.get(Device, job.device_id)
+        assert device is not None and job.artifact_sha256 is not None
+        if not device.online:
+            J.set_state(session, job, JobState.WAITING_OFFLINE, "worker",
+                        "the device is offline; offered when it comes online")
+            session.commit()
+            J.advance(session, campaign.id, enqueue)
+            return
+        message = offer_message(job, campaign, _store().read(job.artifact_sha256))
+        # Recorded before sending: a device may answer before this task commits.
+        J.set_state(session, job, JobState.OFFERED, "worker")
+        job.offered_at = utcnow()
+        session.commit()
+        publisher().publish(job.device_id, message)
+
+
+@shared_task(name=J.ROLLBACK_TASK, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
+def rollback(self: Any, job_id: int) -> None:
+    """Send the `rollback` command for a job the operator rolled back."""
+    from device_agent.protocol import RollbackCommand
+
+    with _session() as session:
+        job = session.get(DeploymentJob, job_id)
+        if job is None or job.state is not JobState.ROLLBACK_SENT:
+            return
+        publisher().publish(job.device_id, RollbackCommand(
+            update_id=job.update_id, reason=f"campaign {job.campaign_id} rolled back"))
+
+
+# ---- analysis and the reconciler ----------------------------------------------------------
+
+@shared_task(name=J.ANALYZE_TASK, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
+def analyze(self: Any, version: str) -> None:
+    """A family version's contribution analysis (on-device training needs it)."""
+    from firmware.errors import FirmwareError
+    from firmware.personalize import (
+        DEFAULT_ANALYSIS,
+        QUICK_ANALYSIS,
+        family_contributions,
+        save_contributions,
+    )
+    from service.model_versions import model_path
+
+    with _session() as session:
+        won = session.execute(update(ModelVersion).where(
+            ModelVersion.id == version, ModelVersion.kind == ModelKind.FAMILY,
+            ModelVersion.analysis_state == AnalysisState.QUEUED)
+            .values(analysis_state=AnalysisState.RUNNING)).rowcount  # type: ignore[attr-defined]
+        session.commit()
+        model = session.get(ModelVersion, version)
+        if not won or model is None:
+            return  # done, running elsewhere, or not a family: a duplicate delivery
+        settings = QUICK_ANALYSIS if current_app.config["ANALYSIS"] == "quick" else (
+            DEFAULT_ANALYSIS)
+        try:
+            found = family_contributions(model_path(model), settings)
+            save_contributions(_var_dir(), found)
+        except FirmwareError as exc:
+            model.analysis_state = AnalysisState.FAILED
+            model.analysis_reason = _short(str(exc))
+        else:
+            model.analysis_state = AnalysisState.DONE
+        session.commit()
+
+
+@shared_task(name="tinyfleet.reconcile", bind=True, acks_late=True,  # type: ignore[untyped-decorator]
+             ignore_result=True)
+def reconcile(self: Any) -> dict[str, int]:
+    """Start scheduled campaigns, time out offers and installs, re-enqueue stuck jobs."""
+    with _session() as session:
+        done = J.reconcile(session, enqueue, float(current_app.config["STUCK_AFTER_S"]))
+        cut = utcnow() - timedelta(seconds=float(current_app.config["STUCK_AFTER_S"]))
+        stale = session.scalars(select(ModelVersion.id).where(
+            ModelVersion.analysis_state == AnalysisState.QUEUED,
+            ModelVersion.created_at < cut)).all()
+    if any(done.values()):
+        log.info("reconciler: %s", done)
+    for version in stale:  # queued while no queue was reachable, or lost: idempotent
+        enqueue(J.ANALYZE_TASK, [version])
+    return done
+

@@ -17,8 +17,15 @@ from service.jobs import ROLLBACK_TASK
 from service.models import Campaign, DeploymentJob, JobEvent, Role
 from service.problems import ApiError, FieldError
 from service.queue import enqueue
-from service.schemas import CampaignCreate, CampaignList, CampaignOut, CampaignQuery, JobList, \
-    JobOut, JobQuery
+from service.schemas import (
+    CampaignCreate,
+    CampaignList,
+    CampaignOut,
+    CampaignQuery,
+    JobList,
+    JobOut,
+    JobQuery,
+)
 
 bp = Blueprint("campaigns", __name__, url_prefix=f"{API_PREFIX}/campaigns")
 jobs_bp = Blueprint("jobs", __name__, url_prefix=f"{API_PREFIX}/jobs")

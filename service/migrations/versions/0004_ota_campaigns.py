@@ -17,14 +17,29 @@ branch_labels = None
 depends_on = None
 
 
+MODEL_KIND = ('family', 'onnx')
+ANALYSIS_STATE = ('none', 'queued', 'running', 'done', 'failed')
+CAMPAIGN_STATE = ('scheduled', 'running', 'paused', 'halted', 'aborted', 'waiting-offline',
+    'completed', 'closed', 'rolled-back')
+WORK_STATE = ('running', 'done', 'failed')
+JOB_STATE = ('pending', 'queued', 'planning', 'building', 'offering', 'waiting-offline', 'offered',
+    'accepted', 'downloading', 'installing', 'installed', 'failed', 'skipped', 'aborted',
+    'rollback-sent', 'rolled-back', 'closed')
+
+
+def _enum(name: str, values: tuple[str, ...]) -> sa.Enum:
+    return sa.Enum(*values, name=name, native_enum=False, create_constraint=True,
+                   length=20)
+
+
 def upgrade() -> None:
     op.create_table('model_versions',
     sa.Column('id', sa.String(length=16), nullable=False),
     sa.Column('name', sa.String(length=64), nullable=False),
-    sa.Column('kind', sa.Enum('family', 'onnx', name='model_kind', native_enum=False, create_constraint=True, length=20), nullable=False),
+    sa.Column('kind', _enum('model_kind', MODEL_KIND), nullable=False),
     sa.Column('path', sa.Text(), nullable=False),
     sa.Column('size_bytes', sa.Integer(), nullable=False),
-    sa.Column('analysis_state', sa.Enum('none', 'queued', 'running', 'done', 'failed', name='analysis_state', native_enum=False, create_constraint=True, length=20), nullable=False),
+    sa.Column('analysis_state', _enum('analysis_state', ANALYSIS_STATE), nullable=False),
     sa.Column('analysis_reason', sa.Text(), nullable=True),
     sa.Column('info', sa.Text(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
@@ -33,7 +48,7 @@ def upgrade() -> None:
     op.create_table('campaigns',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('model_version_id', sa.String(length=16), nullable=False),
-    sa.Column('state', sa.Enum('scheduled', 'running', 'paused', 'halted', 'aborted', 'waiting-offline', 'completed', 'closed', 'rolled-back', name='campaign_state', native_enum=False, create_constraint=True, length=20), nullable=False),
+    sa.Column('state', _enum('campaign_state', CAMPAIGN_STATE), nullable=False),
     sa.Column('selector', sa.Text(), nullable=False),
     sa.Column('canary_percent', sa.Float(), nullable=False),
     sa.Column('batch_size', sa.Integer(), nullable=False),
@@ -58,7 +73,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('model_version_id', sa.String(length=16), nullable=False),
     sa.Column('hw_class', sa.String(length=96), nullable=False),
-    sa.Column('state', sa.Enum('running', 'done', 'failed', name='work_state', native_enum=False, create_constraint=True, length=20), nullable=False),
+    sa.Column('state', _enum('work_state', WORK_STATE), nullable=False),
     sa.Column('payload_sha256', sa.String(length=64), nullable=True),
     sa.Column('manifest', sa.Text(), nullable=True),
     sa.Column('emulated', sa.Boolean(), nullable=True),
@@ -77,7 +92,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('model_version_id', sa.String(length=16), nullable=False),
     sa.Column('hw_class', sa.String(length=96), nullable=False),
-    sa.Column('state', sa.Enum('running', 'done', 'failed', name='work_state', native_enum=False, create_constraint=True, length=20), nullable=False),
+    sa.Column('state', _enum('work_state', WORK_STATE), nullable=False),
     sa.Column('result', sa.Text(), nullable=True),
     sa.Column('reason', sa.Text(), nullable=True),
     sa.Column('lease_until', sa.DateTime(timezone=True), nullable=True),
@@ -97,7 +112,7 @@ def upgrade() -> None:
     sa.Column('batch', sa.Integer(), nullable=False),
     sa.Column('hw_class', sa.String(length=96), nullable=False),
     sa.Column('hw', sa.Text(), nullable=False),
-    sa.Column('state', sa.Enum('pending', 'queued', 'planning', 'building', 'offering', 'waiting-offline', 'offered', 'accepted', 'downloading', 'installing', 'installed', 'failed', 'skipped', 'aborted', 'rollback-sent', 'rolled-back', 'closed', name='job_state', native_enum=False, create_constraint=True, length=20), nullable=False),
+    sa.Column('state', _enum('job_state', JOB_STATE), nullable=False),
     sa.Column('reason', sa.Text(), nullable=True),
     sa.Column('emulated', sa.Boolean(), nullable=True),
     sa.Column('artifact_sha256', sa.String(length=64), nullable=True),
@@ -145,7 +160,8 @@ def upgrade() -> None:
         batch_op.create_index('ix_job_events_job', ['job_id', 'id'], unique=False)
 
     with op.batch_alter_table('devices', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('installed_model_version', sa.String(length=16), nullable=True))
+        batch_op.add_column(sa.Column('installed_model_version', sa.String(length=16),
+                                      nullable=True))
         batch_op.add_column(sa.Column('installed_artifact', sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column('installed_slot', sa.String(length=8), nullable=True))
         batch_op.add_column(sa.Column('update_state', sa.String(length=20), nullable=True))
