@@ -102,6 +102,19 @@ def worker_spec(plan: StackPlan, env: Env) -> ProcessSpec:
     return ProcessSpec("worker", argv, plan.log_dir / "worker.log", env=env)
 
 
+def beat_spec(plan: StackPlan, env: Env) -> ProcessSpec:
+    """Celery beat: runs the campaign reconciler every RECONCILE_INTERVAL_S."""
+    argv = (sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
+            "--loglevel", "INFO", "--schedule", str(plan.var_dir / "celerybeat-schedule"))
+    return ProcessSpec("beat", argv, plan.log_dir / "beat.log", env=env)
+
+
+def bridge_spec(plan: StackPlan, env: Env) -> ProcessSpec:
+    """The MQTT bridge (workers.bridge) with the database sink (workers.sink)."""
+    argv = (sys.executable, "-m", "workers.bridge", "--sink", "workers.sink:database_sink")
+    return ProcessSpec("bridge", argv, plan.log_dir / "bridge.log", env=env)
+
+
 def healthz(plan: StackPlan, timeout_s: float = 5.0) -> tuple[int, bytes]:
     """(status, body) of GET /healthz; (0, b"") when the server does not answer."""
     try:
@@ -155,6 +168,10 @@ PROCESS_TABLE: tuple[Supervised, ...] = (
     Supervised("web", client=True, spec=web_spec, address=lambda plan: plan.http_url),
     Supervised("worker", client=True, spec=worker_spec,
                address=lambda plan: f"celery on {redact_url(plan.redis_url)}"),
+    Supervised("beat", client=True, spec=beat_spec,
+               address=lambda plan: "celery beat: the campaign reconciler"),
+    Supervised("bridge", client=True, spec=bridge_spec,
+               address=lambda plan: f"MQTT bridge on {plan.mqtt_url}"),
 )
 
 

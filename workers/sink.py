@@ -1,0 +1,139 @@
+"""The BridgeSink against the database: device events drive the deployment-job state machine.
+
+`python -m workers.bridge --sink workers.sink:database_sink` (what `tinyfleet up` runs). The
+bridge has already validated every message (device_agent.protocol); this side decides what
+it means for the job whose update it names:
+
+- an event for an update that is not the device's (another device's id, an old update) is
+  logged and counted, and changes nothing;
+- presence updates the device row; a device coming online gets the offers of its jobs that
+  wait for it (`pending_commands`), which move to `offered`;
+- `installed` records the model version, artifact and slot on the device row; a terminal
+  state lets the campaign move on (service.jobs.advance), with the next batch queued
+  through Celery by task name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery import Celery
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from device_agent import protocol as p
+from service import db
+from service import jobs as J
+from service.models import Campaign, CampaignState, DeploymentJob, Device, JobState, utcnow
+from service.queue import celery_settings
+
+log = logging.getLogger(__name__)
+
+
+def _job_id(update_id: str | None) -> int | None:
+    """The job an update id names (`u<job id>`), or None."""
+    if update_id is None or not update_id.startswith("u") or not update_id[1:].isdigit():
+        return None
+    return int(update_id[1:])
+
+
+class DatabaseSink:
+    """Device messages -> job states, device rows and the campaign's next step."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = config
+        self.engine = db.make_engine(str(config["DATABASE_URL"]))
+        self.sessions: sessionmaker[Session] = db.make_sessionmaker(self.engine)
+        self.celery = Celery("tinyfleet-bridge")
+        self.celery.conf.update(celery_settings(config.get("REDIS_URL"),
+                                                int(config.get("VISIBILITY_TIMEOUT_S", 3600))))
+        self.ignored = 0  # events that named no job of theirs
+
+    def enqueue(self, name: str, args: list[Any]) -> None:
+        """Send a task by name."""
+        self.celery.send_task(name, args=args)
+
+    def _job(self, session: Session, device_id: str, update_id: str | None
+             ) -> DeploymentJob | None:
+        job_id = _job_id(update_id)
+        job = None if job_id is None else session.get(DeploymentJob, job_id)
+        if job is None or job.device_id != device_id or job.update_id != update_id:
+            return None
+        return job
+
+    def on_event(self, device_id: str, event: p.DeviceEvent) -> None:
+        """Apply one OTA event to the job it names."""
+        with self.sessions() as session:
+            job = self._job(session, device_id, event.update_id)
+            if job is None:
+                self.ignored += 1
+                log.warning("event %s from %s names no job of its own (update %r): ignored",
+                            event.state.value, device_id, event.update_id)
+                return
+            slot = None if event.slot is None else str(event.slot)
+            J.device_event(session, job, event.state.value, event.reason, event.progress,
+                           slot, self.enqueue)
+
+    def on_presence(self, device_id: str, online: bool) -> None:
+        """Record presence on the device row."""
+        with self.sessions() as session:
+            device = session.get(Device, device_id)
+            if device is None:
+                return
+            device.online = online
+            device.last_seen_at = utcnow()
+            session.commit()
+
+    def on_metrics(self, device_id: str, report: p.MetricsReport) -> None:
+        """Personalization metrics: logged (their table belongs to the agent's issue)."""
+        log.info("metrics from %s: round %d, accuracy %.3f -> %.3f", device_id, report.round,
+                 report.accuracy_before, report.accuracy_after)
+
+    def artifact_for(self, device_id: str, update_id: str) -> str | None:
+        """The signed image of the device's job for this update."""
+        with self.sessions() as session:
+            job = self._job(session, device_id, update_id)
+            if job is None or job.state not in (JobState.OFFERED, *J.IN_DEVICE):
+                return None
+            return job.artifact_sha256
+
+    def pending_commands(self, device_id: str) -> Sequence[Any]:
+        """Offers of the device's jobs waiting for it to come online (now `offered`)."""
+        from workers.artifacts import ArtifactStore
+
+        store = ArtifactStore.from_config(dict(self.config))
+        commands = []
+        with self.sessions() as session:
+            waiting = session.scalars(select(DeploymentJob).join(
+                Campaign, Campaign.id == DeploymentJob.campaign_id).where(
+                DeploymentJob.device_id == device_id,
+                DeploymentJob.state == JobState.WAITING_OFFLINE,
+                Campaign.state.in_((CampaignState.RUNNING, CampaignState.WAITING_OFFLINE))
+            )).all()
+            for job in waiting:
+                campaign = session.get(Campaign, job.campaign_id)
+                assert campaign is not None and job.artifact_sha256 is not None
+                commands.append(_offer(job, campaign, store.read(job.artifact_sha256),
+                                       int(self.config.get("OTA_BLOCK_SIZE", 4096))))
+                J.set_state(session, job, JobState.OFFERED, "bridge",
+                            now=utcnow())
+                job.offered_at = utcnow()
+            session.commit()
+        return commands
+
+
+def _offer(job: DeploymentJob, campaign: Campaign, image: bytes, block_size: int) -> Any:
+    import time
+
+    now = time.time()
+    return p.make_offer(job.update_id or f"u{job.id}", image, block_size=block_size,
+                        offer_deadline=now + campaign.offer_deadline_s,
+                        install_deadline=now + campaign.offer_deadline_s
+                        + campaign.install_deadline_s)
+
+
+def database_sink(config: Mapping[str, Any]) -> DatabaseSink:
+    """The factory `--sink workers.sink:database_sink` names."""
+    return DatabaseSink(config)
