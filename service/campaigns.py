@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -264,9 +265,9 @@ def _end_jobs(session: Session, campaign: Campaign, state: JobState, reason: str
 
 
 def rollback(session: Session, campaign_id: int,
-             send: Any) -> tuple[Campaign, int]:
-    """Send `rollback` to every device the campaign updated; `send(device_id, update_id)`
-    publishes the command. The campaign's unfinished jobs are aborted first."""
+             send: Callable[[int], None]) -> tuple[Campaign, int]:
+    """Send `rollback` to every device the campaign updated; `send(job_id)` has the command
+    published (the Celery rollback task). The campaign's unfinished jobs are aborted first."""
     campaign = get_campaign(session, campaign_id)
     if campaign.state is CampaignState.ROLLED_BACK:
         raise _conflict(campaign, "rollback", tuple(s for s in CampaignState
@@ -282,7 +283,7 @@ def rollback(session: Session, campaign_id: int,
         set_state(session, job, JobState.ROLLBACK_SENT, "operator")
     session.commit()
     for job in installed:
-        send(job.device_id, job.update_id)
+        send(job.id)
     return campaign, len(installed)
 
 

@@ -121,7 +121,7 @@ def rollback_view(campaign_id: int) -> dict[str, Any]:
     """Roll back (409 when already rolled back)."""
     session = request_session()
     campaign, _ = ops.rollback(session, campaign_id,
-                               lambda _device, job_id: enqueue(ROLLBACK_TASK, [job_id]))
+                               lambda job_id: enqueue(ROLLBACK_TASK, [job_id]))
     return ops.campaign_json(session, campaign)
 
 

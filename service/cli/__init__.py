@@ -16,6 +16,8 @@ COMMANDS: dict[str, str] = {
     "mcus": "service.cli.mcus:mcus",
     "tokens": "service.cli.tokens:tokens",
     "devices": "service.cli.devices:devices",
+    "models": "service.cli.models:models",
+    "campaigns": "service.cli.campaigns:campaigns",
     "db": "service.cli.db:db",
     "plan": "service.cli.plan:plan",
     "compile": "service.cli.compile:compile_cmd",
