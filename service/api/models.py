@@ -11,6 +11,7 @@ from service.api.common import API_PREFIX, json_body
 from service.api.openapi import doc
 from service.auth import require
 from service.db import request_session
+from service.jobs import Enqueue
 from service.limits import body_limit, read_body
 from service.model_versions import (
     find_model,
@@ -38,6 +39,11 @@ def _var_dir() -> Path:
     return Path(current_app.config["VAR_DIR"])
 
 
+def _queue() -> Enqueue | None:
+    """The task queue, or None without one (the reconciler queues the analysis later)."""
+    return enqueue if current_app.config.get("REDIS_URL") else None
+
+
 @bp.post("")
 @doc("Register a model version: multipart/form-data (name, file: a family archive or an "
      ".onnx file) or JSON (name, path on the server; admin)", body=ModelRegister,
@@ -58,14 +64,14 @@ def register_view() -> tuple[dict[str, Any], int]:
         data = upload.read()
         limit = int(current_app.config["MODEL_UPLOAD_MAX_BYTES"])
         result = register_upload(session, _var_dir(), form.name, upload.filename, data,
-                                 form.analyze, enqueue, max_unpacked=4 * limit)
+                                 form.analyze, _queue(), max_unpacked=4 * limit)
     else:
         spec = validate(ModelRegister, json_body())
         if not g.api_token.role.allows(Role.ADMIN):
             raise ApiError(403, "registering a path on the server needs the admin role",
                            [FieldError("path", "needs role admin")])
         result = register_path(session, _var_dir(), spec.name, spec.path, spec.analyze,
-                               enqueue)
+                               _queue())
     body = {"model": model_json(result.model), "created": result.created}
     return body, 201 if result.created else 200
 

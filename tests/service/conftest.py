@@ -21,7 +21,9 @@ from service.auth import create_token
 from service.models import Role
 from tests.service.postgres import PostgresServer, start_postgres
 
-TABLES = ("device_tags", "devices", "fleets", "api_tokens", "idempotency_keys")
+TABLES = ("device_tags", "devices", "fleets", "api_tokens", "idempotency_keys", "job_events",
+          "deployment_jobs", "campaigns", "signed_artifacts", "class_builds", "class_plans",
+          "model_versions")
 
 
 @pytest.fixture(scope="session")
