@@ -384,11 +384,12 @@ def sign_for_fleet(session: Session, row: ClassBuild, fleet_id: int) -> str:
     store = _store()
     if found is not None and store.exists(found.sha256):
         return found.sha256
-    from firmware.image import load_private_key, parse_manifest, sign_image
+    from firmware.image import parse_manifest, sign_image
+    from service.fleets import load_signing_key
 
     fleet = session.get(Fleet, fleet_id)
     assert fleet is not None and row.manifest is not None and row.payload_sha256 is not None
-    key = load_private_key(Path(fleet.signing_key_path).read_bytes())
+    key = load_signing_key(fleet)
     # Ed25519 signatures are deterministic: a racing signer writes the very same bytes.
     image = sign_image(parse_manifest(row.manifest.encode()), store.read(row.payload_sha256),
                        key)

@@ -27,36 +27,6 @@ TABLES = ("device_tags", "devices", "fleets", "api_tokens", "idempotency_keys", 
 
 
 @pytest.fixture(scope="session")
-def digits_family(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A family trained by the CLI on 400 digits for 1 epoch at 16 and 24 px (no contribution
-    analysis: the tests that need one run `tinyfleet contributions` small)."""
-    import json
-
-    import numpy as np
-    from click.testing import CliRunner
-
-    from service.cli import main
-    from tests.firmware.tiny_family import small_digits
-
-    root = tmp_path_factory.mktemp("family")
-    data = small_digits()
-    images = np.concatenate([data.train.images, data.val.images, data.test.images])
-    labels = np.concatenate([data.train.labels, data.val.labels, data.test.labels])
-    np.savez(root / "digits.npz", x=images, y=labels)
-    out = root / "fam"
-    result = CliRunner().invoke(main, [
-        "train-supernet", "--data", str(root / "digits.npz"), "--epochs", "1",
-        "--batch-size", "64", "--resolutions", "16,24", "--predictor-samples", "8",
-        "--no-contributions", "--out", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    manifest = json.loads(result.stdout)
-    assert manifest["space"]["resolutions"] == [16, 24]
-    assert manifest["classes"] == [str(i) for i in range(10)]
-    assert (out / "supernet.pt").is_file() and (out / "checkpoint.pt").is_file()
-    return out
-
-
-@pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL of our own for the whole session."""
     server = start_postgres()
