@@ -93,7 +93,12 @@ def plan_class(kind: ModelKind, path: Path, hw: HardwareClass, var_dir: Path,
                             "(arm-none-eabi-gcc builds Arm cores only)")
     if kind is ModelKind.ONNX:
         return _plan_onnx(path, hw)
-    return _plan_family(path, hw, var_dir, settings)
+    from firmware.nas.accuracy import torch_threads
+    from firmware.training.engine.blas import one_blas_thread
+
+    # One thread each: workers run several of these side by side on few cores.
+    with torch_threads(1), one_blas_thread():
+        return _plan_family(path, hw, var_dir, settings)
 
 
 def _plan_onnx(path: Path, hw: HardwareClass) -> dict[str, Any]:
@@ -158,9 +163,13 @@ def build_class(kind: ModelKind, path: Path, hw: HardwareClass, plan: dict[str, 
         from firmware.frontend.onnx_import import import_onnx
 
         return build_unsigned(import_onnx(path), target, work_dir, options=options)
-    graph, calib = _family_graph(path, plan)
-    return build_unsigned(graph, target, work_dir, calib=calib, options=options,
-                          sparse_update=plan.get("sparse_update"))
+    from firmware.nas.accuracy import torch_threads
+    from firmware.training.engine.blas import one_blas_thread
+
+    with torch_threads(1), one_blas_thread():
+        graph, calib = _family_graph(path, plan)
+        return build_unsigned(graph, target, work_dir, calib=calib, options=options,
+                              sparse_update=plan.get("sparse_update"))
 
 
 def _family_graph(path: Path, plan: dict[str, Any]) -> tuple[Any, Dataset]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
+from celery.signals import worker_init
 from flask import Flask
 
 from service.app import create_app
@@ -33,6 +34,15 @@ def celery_init_app(app: Flask) -> Celery:
     celery.set_default()
     app.extensions["celery"] = celery
     return celery
+
+
+@worker_init.connect  # type: ignore[untyped-decorator]
+def _preload(**_kwargs: Any) -> None:
+    """Import the compiler and the search in the main process, before the pool forks: each
+    pool process then starts its first plan or build at once instead of importing torch."""
+    import firmware.deploy
+    import firmware.nas.specialize
+    import firmware.pipeline  # noqa: F401
 
 
 flask_app = create_app()
