@@ -122,10 +122,12 @@ def release_batch(session: Session, campaign: Campaign, batch: int, enqueue: Enq
         update(Campaign).where(Campaign.id == campaign.id,
                                Campaign.current_batch == batch - 1,
                                Campaign.state == CampaignState.RUNNING)
-        .values(current_batch=batch)).rowcount  # type: ignore[attr-defined]
+        .values(current_batch=batch)
+        .execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
     if not won:
         session.rollback()
         return
+    campaign.current_batch = batch
     jobs = session.scalars(select(DeploymentJob).where(
         DeploymentJob.campaign_id == campaign.id, DeploymentJob.batch == batch,
         DeploymentJob.state == JobState.PENDING).order_by(DeploymentJob.id)).all()
@@ -150,10 +152,16 @@ def device_event(session: Session, job: DeploymentJob, device_state: str, reason
     device = session.get(Device, job.device_id)
     if device is not None:
         device.update_state = device_state
-    if job.state is JobState.ROLLBACK_SENT and target is JobState.ROLLED_BACK:
-        set_state(session, job, JobState.ROLLED_BACK, "device", reason)
-        if device is not None:
-            device.installed_slot = slot or device.installed_slot
+    if job.state is JobState.ROLLBACK_SENT and target in (JobState.ROLLED_BACK,
+                                                           JobState.FAILED):
+        if target is JobState.ROLLED_BACK:
+            set_state(session, job, JobState.ROLLED_BACK, "device", reason)
+            if device is not None:
+                device.installed_slot = slot or device.installed_slot
+                device.installed_artifact = device.installed_model_version = None
+        else:  # the device could not go back (no previous image): it keeps this one
+            set_state(session, job, JobState.FAILED, "device",
+                      f"rollback failed on the device: {reason or device_state}")
         session.commit()
         return True
     if job.state not in (JobState.OFFERED, *IN_DEVICE):

@@ -160,6 +160,8 @@ def claim(session: Session, model: type[Row], version: str, hw_class: str, lease
     won = session.execute(update(model).where(
         model.id == row.id, model.state == WorkState.RUNNING, model.lease_until < now)
         .values(owner=_owner(), lease_until=now + timedelta(seconds=lease_s))
+        # No in-Python evaluation against loaded rows (SQLite hands back naive datetimes).
+        .execution_options(synchronize_session=False)
     ).rowcount  # type: ignore[attr-defined]
     session.commit()
     if won:
@@ -181,7 +183,8 @@ def _lease_renewed(model: type[Row], row_id: int, lease_s: float) -> Iterator[No
             try:
                 with maker() as s:
                     s.execute(update(model).where(model.id == row_id, model.owner == owner)
-                              .values(lease_until=utcnow() + timedelta(seconds=lease_s)))
+                              .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+                              .execution_options(synchronize_session=False))
                     s.commit()
             except OperationalError as exc:  # a busy database: the next beat tries again
                 log.warning("lease renewal failed: %s", exc)
@@ -483,7 +486,9 @@ def analyze(self: Any, version: str) -> None:
         won = session.execute(update(ModelVersion).where(
             ModelVersion.id == version, ModelVersion.kind == ModelKind.FAMILY,
             ModelVersion.analysis_state == AnalysisState.QUEUED)
-            .values(analysis_state=AnalysisState.RUNNING)).rowcount  # type: ignore[attr-defined]
+            .values(analysis_state=AnalysisState.RUNNING)
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
         session.commit()
         model = session.get(ModelVersion, version)
         if not won or model is None:
