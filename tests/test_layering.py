@@ -84,6 +84,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "pipeline": LOWER | {"nas", "codegen", "toolchain", "training"},
     # Joins model families (nas) and on-device training, beside pipeline at the top.
     "personalize": LOWER | {"nas", "training"},
+    # A campaign's per-class plan (search) and build (pipeline): the top of the pipeline.
+    "deploy": LOWER | {"nas", "training", "pipeline", "personalize"},
 }
 
 

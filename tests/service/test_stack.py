@@ -95,7 +95,7 @@ def test_up_detach_is_locked_private_supervised_and_down_leaves_nothing(var_dir:
     try:
         # The loser stopped at the lock, before touching anything of the winner's.
         assert "already running or starting" in loser.stderr, loser.stderr
-        assert set(pids) == {"redis", "mqtt", "web", "worker"}
+        assert set(pids) == {"redis", "mqtt", "web", "worker", "beat", "bridge"}
         assert all(group_alive(pid) for pid in pids.values())
         assert (var_dir / "broker" / "mosquitto.pid").exists()
 
@@ -254,7 +254,7 @@ def test_foreground_up_uses_given_servers_and_stops_everything_on_a_signal(
                 break
         assert get_status(args[5]) == 200, "".join(lines)
         pids = stack_pids(var_dir)
-        assert set(pids) == {"mqtt", "web", "worker"}  # Redis is the given one, not ours
+        assert set(pids) == {"mqtt", "web", "worker", "beat", "bridge"}  # Redis: the given one
         database = get_json(f"http://127.0.0.1:{args[5]}/healthz")[1]["components"]["database"]
         assert database["detail"] == "postgresql"  # migrated at start, then used
         assert not (var_dir / "tinyfleet.db").exists()

@@ -155,8 +155,8 @@ def rig(mosquitto_server: MosquittoServer, redis_server: RedisServer,
             "BROKER_DIR": str(files.broker_dir), "MOSQUITTO_PID_FILE": str(files.pid_file),
             "MQTT_HOST": mosquitto_server.host, "MQTT_PORT": mosquitto_server.port,
             "REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/4",
-            "SEARCH_POPULATION": 8, "SEARCH_GENERATIONS": 2, "LEASE_S": 6,
-            "STUCK_AFTER_S": 8, "RECONCILE_INTERVAL_S": 1}
+            "SEARCH_POPULATION": 8, "SEARCH_GENERATIONS": 2, "LEASE_S": 3,
+            "STUCK_AFTER_S": 4, "RECONCILE_INTERVAL_S": 1}
         app = create_app(settings)
         full_sync(app.extensions["tinyfleet.engine"], mosquitto_server.target)
         with app.app_context():
