@@ -31,6 +31,8 @@ from service.queue import celery_settings
 
 log = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 2.0
+
 
 def _job_id(update_id: str | None) -> int | None:
     """The job an update id names (`u<job id>`), or None."""
@@ -50,6 +52,7 @@ class DatabaseSink:
         self.celery.conf.update(celery_settings(config.get("REDIS_URL"),
                                                 int(config.get("VISIBILITY_TIMEOUT_S", 3600))))
         self.ignored = 0  # events that named no job of theirs
+        self._progress_at: dict[str, float] = {}  # update id -> last progress written
 
     def enqueue(self, name: str, args: list[Any]) -> None:
         """Send a task by name."""
@@ -64,7 +67,17 @@ class DatabaseSink:
         return job
 
     def on_event(self, device_id: str, event: p.DeviceEvent) -> None:
-        """Apply one OTA event to the job it names."""
+        """Apply one OTA event to the job it names (download progress at most every
+        PROGRESS_EVERY_S per update: it only keeps the install deadline from firing)."""
+        import time
+
+        if event.state is p.UpdateState.DOWNLOADING and event.update_id and event.progress:
+            now = time.monotonic()
+            if now - self._progress_at.get(event.update_id, 0.0) < PROGRESS_EVERY_S:
+                return
+            self._progress_at[event.update_id] = now
+        elif event.update_id is not None:
+            self._progress_at.pop(event.update_id, None)
         with self.sessions() as session:
             job = self._job(session, device_id, event.update_id)
             if job is None:

@@ -287,7 +287,7 @@ def _after_plan(session: Session, job: DeploymentJob, row: ClassPlan) -> None:
         return
     J.set_state(session, job, JobState.BUILDING, "worker")
     session.commit()
-    enqueue(J.BUILD_TASK, [job.id])
+    _build_step(session, job.id)  # on at once: a cached build costs no second task
 
 
 def _digest(data: Any) -> str:
@@ -307,34 +307,38 @@ def build(self: Any, job_id: int) -> None:
     """The job's class build (cached, or compiled + checked here), signed for its fleet;
     then on to `offer`."""
     with _session() as session:
-        loaded = _load_job(session, job_id, (JobState.BUILDING,))
-        if loaded is None:
-            return
-        job, campaign = loaded
-        version = campaign.model_version_id
-        plan_row = session.scalar(select(ClassPlan).where(
-            ClassPlan.model_version_id == version, ClassPlan.hw_class == job.hw_class))
-        if plan_row is None or plan_row.state is not WorkState.DONE:
-            J.set_state(session, job, JobState.QUEUED, "worker", "no plan yet")
-            session.commit()
-            enqueue(J.PLAN_TASK, [job.id])
-            return
-        row, mine = claim(session, ClassBuild, version, job.hw_class,
-                          float(current_app.config["LEASE_S"]))
-        if mine:
-            row = _run_build(session, row, version, job, json.loads(plan_row.result or "{}"))
-        if row.state is WorkState.RUNNING:
-            return  # the owner sends this job on
-        if row.state is WorkState.FAILED:
-            J.fail(session, job, row.reason or "the build failed", "worker", enqueue)
-            return
-        sha = sign_for_fleet(session, row, job.fleet_id)
-        job.artifact_sha256 = sha
-        job.emulated = row.emulated
-        J.set_state(session, job, JobState.OFFERING, "worker", None if row.emulated else
-                    "not emulated: the core has no QEMU board; built, never run")
+        _build_step(session, job_id)
+
+
+def _build_step(session: Session, job_id: int) -> None:
+    loaded = _load_job(session, job_id, (JobState.BUILDING,))
+    if loaded is None:
+        return
+    job, campaign = loaded
+    version = campaign.model_version_id
+    plan_row = session.scalar(select(ClassPlan).where(
+        ClassPlan.model_version_id == version, ClassPlan.hw_class == job.hw_class))
+    if plan_row is None or plan_row.state is not WorkState.DONE:
+        J.set_state(session, job, JobState.QUEUED, "worker", "no plan yet")
         session.commit()
-        enqueue(J.OFFER_TASK, [job.id])
+        enqueue(J.PLAN_TASK, [job.id])
+        return
+    row, mine = claim(session, ClassBuild, version, job.hw_class,
+                      float(current_app.config["LEASE_S"]))
+    if mine:
+        row = _run_build(session, row, version, job, json.loads(plan_row.result or "{}"))
+    if row.state is WorkState.RUNNING:
+        return  # the owner sends this job on
+    if row.state is WorkState.FAILED:
+        J.fail(session, job, row.reason or "the build failed", "worker", enqueue)
+        return
+    sha = sign_for_fleet(session, row, job.fleet_id)
+    job.artifact_sha256 = sha
+    job.emulated = row.emulated
+    J.set_state(session, job, JobState.OFFERING, "worker", None if row.emulated else
+                "not emulated: the core has no QEMU board; built, never run")
+    session.commit()
+    _offer_step(session, job.id)
 
 
 def _run_build(session: Session, row: ClassBuild, version: str, job: DeploymentJob,
@@ -432,27 +436,31 @@ def offer_message(job: DeploymentJob, campaign: Campaign, image: bytes) -> Any:
 def offer(self: Any, job_id: int) -> None:
     """Offer the job's image to its device, or wait for the device to come online."""
     with _session() as session:
-        loaded = _load_job(session, job_id, (JobState.OFFERING,))
-        if loaded is None:
-            return
-        job, campaign = loaded
-        if campaign.state is CampaignState.HALTED:
-            return  # halted: no new offers
-        job.update_id = job.update_id or f"u{job.id}"
-        device = session.get(Device, job.device_id)
-        assert device is not None and job.artifact_sha256 is not None
-        if not device.online:
-            J.set_state(session, job, JobState.WAITING_OFFLINE, "worker",
-                        "the device is offline; offered when it comes online")
-            session.commit()
-            J.advance(session, campaign.id, enqueue)
-            return
-        message = offer_message(job, campaign, _store().read(job.artifact_sha256))
-        # Recorded before sending: a device may answer before this task commits.
-        J.set_state(session, job, JobState.OFFERED, "worker")
-        job.offered_at = utcnow()
+        _offer_step(session, job_id)
+
+
+def _offer_step(session: Session, job_id: int) -> None:
+    loaded = _load_job(session, job_id, (JobState.OFFERING,))
+    if loaded is None:
+        return
+    job, campaign = loaded
+    if campaign.state is CampaignState.HALTED:
+        return  # halted: no new offers
+    job.update_id = job.update_id or f"u{job.id}"
+    device = session.get(Device, job.device_id)
+    assert device is not None and job.artifact_sha256 is not None
+    if not device.online:
+        J.set_state(session, job, JobState.WAITING_OFFLINE, "worker",
+                    "the device is offline; offered when it comes online")
         session.commit()
-        publisher().publish(job.device_id, message)
+        J.advance(session, campaign.id, enqueue)
+        return
+    message = offer_message(job, campaign, _store().read(job.artifact_sha256))
+    # Recorded before sending: a device may answer before this task commits.
+    J.set_state(session, job, JobState.OFFERED, "worker")
+    job.offered_at = utcnow()
+    session.commit()
+    publisher().publish(job.device_id, message)
 
 
 @shared_task(name=J.ROLLBACK_TASK, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
