@@ -67,7 +67,8 @@ def simulate(conn: Connection, host: str, port: int,
              identities: list[tuple[str, str, str]], public_pem: bytes) -> None:
     """One simulator process: its devices on one DeviceLoop until told to stop."""
     raise_nofile()
-    from device_agent.reference_client import DeviceIdentity, DeviceLoop, ReferenceDevice
+    from device_agent.device_loop import DeviceLoop
+    from device_agent.reference_client import DeviceIdentity, ReferenceDevice
     from firmware.image import load_public_key
 
     key = load_public_key(public_pem)
@@ -270,8 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = out[label]
         print(f"{label:>6}: {args.devices} devices, {r['state']} {r['counts']} in "
               f"{r['wall_s']:.1f} s = {r['devices_per_min']:.0f} devices/min; offer->installed "
-              f"p50 {r['offer_to_installed_p50_s']:.2f} s p99 {r['offer_to_installed_p99_s']:.2f} s;"
-              f" {r['plans']} plans {r['plan_s']} s, {r['builds']} builds {r['build_s']} s, "
+              f"p50 {r['offer_to_installed_p50_s']:.2f} s "
+              f"p99 {r['offer_to_installed_p99_s']:.2f} s; {r['plans']} plans {r['plan_s']} s, {r['builds']} builds {r['build_s']} s, "
               f"{r['signatures']} signatures; images {r['image_bytes']} B; CPU s {r['cpu_s']}")
     return 0
 

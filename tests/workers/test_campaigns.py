@@ -26,7 +26,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select
 
 from device_agent import protocol as p
-from device_agent.reference_client import DeviceIdentity, DeviceLoop, Faults, ReferenceDevice
+from device_agent.device_loop import DeviceLoop
+from device_agent.reference_client import DeviceIdentity, Faults, ReferenceDevice
 from service.app import create_app
 from service.auth import create_token
 from service.broker_sync import full_sync
