@@ -272,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label:>6}: {args.devices} devices, {r['state']} {r['counts']} in "
               f"{r['wall_s']:.1f} s = {r['devices_per_min']:.0f} devices/min; offer->installed "
               f"p50 {r['offer_to_installed_p50_s']:.2f} s "
-              f"p99 {r['offer_to_installed_p99_s']:.2f} s; {r['plans']} plans {r['plan_s']} s, {r['builds']} builds {r['build_s']} s, "
+              f"p99 {r['offer_to_installed_p99_s']:.2f} s; {r['plans']} plans {r['plan_s']} s, "
+              f"{r['builds']} builds {r['build_s']} s, "
               f"{r['signatures']} signatures; images {r['image_bytes']} B; CPU s {r['cpu_s']}")
     return 0
 
