@@ -35,6 +35,20 @@ MATRIX: list[tuple[str, str, Role]] = [
     ("DELETE", "/api/v1/tokens/1", Role.ADMIN),
     ("GET", "/api/v1/openapi.json", Role.VIEWER),
 ]
+# OTA routes: their success needs a model, devices and a queue (tests/service/
+# test_api_campaigns.py); here, who may reach them.
+OTA_MATRIX: list[tuple[str, str, Role]] = [
+    ("GET", "/api/v1/models", Role.VIEWER),
+    ("POST", "/api/v1/models", Role.OPERATOR),
+    ("GET", "/api/v1/models/1", Role.VIEWER),
+    ("GET", "/api/v1/campaigns", Role.VIEWER),
+    ("POST", "/api/v1/campaigns", Role.OPERATOR),
+    ("GET", "/api/v1/campaigns/1", Role.VIEWER),
+    *[("POST", f"/api/v1/campaigns/1/{action}", Role.OPERATOR)
+      for action in ("pause", "resume", "abort", "close", "rollback")],
+    ("GET", "/api/v1/jobs", Role.VIEWER),
+    ("GET", "/api/v1/jobs/1", Role.VIEWER),
+]
 
 BODIES = {
     ("POST", "/api/v1/fleets"): {"name": "north"},
@@ -48,8 +62,9 @@ BODIES = {
 
 
 def test_every_route_is_in_the_matrix(app: Flask) -> None:
-    listed = {(m, re.sub(r"/(stm32f412|greenhouse|gh-1|1)(/credentials)?$", r"/<>\2", p))
-              for m, p, _ in MATRIX}
+    listed = {(m, re.sub(r"/(stm32f412|greenhouse|gh-1|1)"
+                         r"(/credentials|/pause|/resume|/abort|/close|/rollback)?$", r"/<>\2", p))
+              for m, p, _ in MATRIX + OTA_MATRIX}
     routes = {(m, re.sub(r"<[^>]+>", "<>", rule.rule)) for rule in app.url_map.iter_rules()
               if rule.rule.startswith("/api/v1") for m in rule.methods or ()
               if m not in ("HEAD", "OPTIONS")}
@@ -76,6 +91,18 @@ def test_role_matrix(api: Api, app: Flask, method: str, path: str, needed: Role)
     assert (count_rows(app, "devices"), count_rows(app, "fleets")) == rows_before
     response = api.call(method, path, role=needed, json=body)
     assert response.status_code in (200, 201), response.json
+
+
+@pytest.mark.parametrize(("method", "path", "needed"), OTA_MATRIX,
+                         ids=[f"{m} {p}" for m, p, _ in OTA_MATRIX])
+def test_ota_role_matrix(api: Api, method: str, path: str, needed: Role) -> None:
+    assert api.call(method, path, role=None).status_code == 401
+    for role in Role:
+        status = api.call(method, path, role=role).status_code
+        if role.allows(needed):
+            assert status not in (401, 403), (role, status)
+        else:
+            assert status == 403, (role, status)
 
 
 @pytest.mark.parametrize("header", ["", "Bearer", "Basic abc", "Bearer tf_not-a-token",

@@ -35,7 +35,7 @@ def test_demo_registers_the_fleet_brings_a_device_online_and_stops_cleanly() -> 
         assert out.count("bit-exact in QEMU: True") == 5, out
         assert "patches to" in out  # the 256 kB and smaller boards need a patch schedule
         assert len(list((root / "demo" / "firmware").glob("*/firmware.img"))) == 5
-        assert out.count(" stopped\n") == 4
+        assert out.count(" stopped\n") == 6  # redis, mqtt, web, worker, beat, bridge
         assert not (root / "demo" / "stack.json").exists()
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -16,6 +16,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -306,10 +307,12 @@ def test_pause_holds_offers_resume_finishes_and_rollback_reaches_the_devices(
     assert refused["state"] == "rolled-back" and refused["counts"] == {"rollback-sent": 2}
     assert wait_for(lambda: rig.show(first["id"])["counts"] == {"failed": 2}, 20)
     assert "no previous image" in rig.show(first["id"])["failures"][0]["reason"]
-    c = rig.campaign(rig.keys["model"])
+    start_at = datetime.now(UTC) + timedelta(seconds=1)
+    c = rig.campaign(rig.keys["model"], start_at=start_at.isoformat())
+    assert c["state"] == "scheduled"
     paused = rig.api.post(f"/api/v1/campaigns/{c['id']}/pause").get_json()
     assert paused["state"] == "paused"
-    time.sleep(2.0)
+    time.sleep(2.5)  # past its start time: paused, nothing is released
     held = rig.show(c["id"])["counts"]
     assert not {"offered", "installed"} & set(held), held
     assert rig.api.post(f"/api/v1/campaigns/{c['id']}/resume").get_json()["state"] == (
