@@ -18,14 +18,15 @@ line. The C is rendered by a table from op kind to emitter (`firmware.codegen.em
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 from firmware.codegen.cformat import c_comment
 from firmware.codegen.emitters import emit_params, kind_of
-from firmware.codegen.main_c import MAIN_C
+from firmware.codegen.main_c import main_c
+from firmware.codegen.overlay import OverlayLayout, overlay_c, overlay_layout
 from firmware.codegen.render import Body, hwc, layer_based, layer_prefix, tensor_idents
 from firmware.int8.quantize import QuantizedGraph
 from firmware.plan.memory import MemoryModel
@@ -43,11 +44,18 @@ class GeneratedModel:
     scratch_bytes: int
     patches: int
     buffers: Mapping[str, tuple[int, int]]  # named buffer -> (arena offset, bytes)
+    overlay: OverlayLayout | None = None  # layers a weights overlay may replace
 
 
 def render_model(qgraph: QuantizedGraph, plan: PatchPlan | None = None,
-                 memory_model: MemoryModel = MemoryModel.INPLACE) -> GeneratedModel:
-    """The C sources of a quantized graph under a schedule (see the module docstring)."""
+                 memory_model: MemoryModel = MemoryModel.INPLACE,
+                 overlay_layers: Sequence[str] = ()) -> GeneratedModel:
+    """The C sources of a quantized graph under a schedule (see the module docstring).
+
+    `overlay_layers` (the sparse-update scheme's trainable layers) read their parameters
+    through pointers that `tf_model_use_overlay` may redirect (firmware.codegen.overlay).
+    """
+    overlay = overlay_layout(qgraph, overlay_layers) if overlay_layers else None
     patches = 1 if plan is None or plan.schedule.split_after is None else plan.schedule.patches
     if patches > 1:
         assert plan is not None
@@ -56,25 +64,41 @@ def render_model(qgraph: QuantizedGraph, plan: PatchPlan | None = None,
         body = patch_based(qgraph, plan, memory_model)
     else:
         body = layer_based(qgraph, memory_model)
-    files = {"model.h": _header(qgraph, body), "model.c": _source(qgraph, body, patches,
-                                                                   memory_model),
-             "main.c": MAIN_C}
+    files = {"model.h": _header(qgraph, body, overlay),
+             "model.c": _source(qgraph, body, patches, memory_model, overlay),
+             "main.c": main_c(overlay is not None)}
     return GeneratedModel(files=MappingProxyType(files), arena_bytes=body.arena_bytes,
                           scratch_bytes=body.scratch_bytes, patches=patches,
-                          buffers=MappingProxyType(dict(body.buffers)))
+                          buffers=MappingProxyType(dict(body.buffers)), overlay=overlay)
 
 
 def write_model(qgraph: QuantizedGraph, plan: PatchPlan | None, out_dir: Path,
-                memory_model: MemoryModel = MemoryModel.INPLACE) -> GeneratedModel:
+                memory_model: MemoryModel = MemoryModel.INPLACE,
+                overlay_layers: Sequence[str] = ()) -> GeneratedModel:
     """Render and write model.c, model.h and main.c into `out_dir` (created if needed)."""
-    model = render_model(qgraph, plan, memory_model)
+    model = render_model(qgraph, plan, memory_model, overlay_layers)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in model.files.items():
         (out_dir / name).write_text(text)
     return model
 
 
-def _header(qgraph: QuantizedGraph, body: Body) -> str:
+def _overlay_header(overlay: OverlayLayout | None) -> str:
+    if overlay is None:
+        return ""
+    return f"""
+/* Weights overlay of {len(overlay.entries)} layers (firmware/codegen/overlay.py). */
+#define TF_OVERLAY_LAYOUT_ID {overlay.layout_id:#010x}u
+#define TF_OVERLAY_BODY_BYTES {overlay.body_bytes}u
+#define TF_OVERLAY_BYTES {overlay.total_bytes}u
+/* Points the overlaid layers at `overlay` (NULL: the built-in weights). TF_OK when in use;
+ * TF_ERR_NULL when no overlay is there (blank), TF_ERR_ARG when it is torn or foreign: the
+ * built-in weights stay in use either way. */
+tf_status tf_model_use_overlay(const uint8_t *overlay, uint32_t nbytes);
+"""
+
+
+def _header(qgraph: QuantizedGraph, body: Body, overlay: OverlayLayout | None = None) -> str:
     graph = qgraph.graph
     ih, iw, ic = hwc(graph, graph.input)
     oh, ow, oc = hwc(graph, graph.output)
@@ -105,7 +129,7 @@ extern int16_t tf_scratch[(TF_MODEL_SCRATCH_BYTES + 1u) / 2u];
 
 /* Runs one inference: reads the input through read_input, writes TF_MODEL_OUTPUT_BYTES. */
 tf_status tf_model_run(tf_input_fn read_input, void *ctx, int8_t *output);
-
+{_overlay_header(overlay)}
 #endif /* TF_MODEL_H */
 """
 
@@ -121,9 +145,11 @@ def _output_copy(qgraph: QuantizedGraph, out_ident: str) -> list[str]:
 
 
 def _source(qgraph: QuantizedGraph, body: Body, patches: int,
-            memory_model: MemoryModel) -> str:
+            memory_model: MemoryModel, overlay: OverlayLayout | None = None) -> str:
     graph = qgraph.graph
-    params = [emit_params(graph, layer_prefix(i), ql, kind_of(graph, ql.layer))
+    overlaid = set(overlay.layers) if overlay else set()
+    params = [emit_params(graph, layer_prefix(i), ql, kind_of(graph, ql.layer),
+                          overlaid=ql.name in overlaid)
               for i, ql in enumerate(qgraph.ordered_layers()) if ql.name not in body.param_free]
     out_ident = tensor_idents(qgraph)[graph.output]
     run = [*body.read_input, *body.statements, *_output_copy(qgraph, out_ident),
@@ -159,4 +185,5 @@ def _source(qgraph: QuantizedGraph, body: Body, patches: int,
         "\ntf_status tf_model_run(tf_input_fn read_input, void *ctx, int8_t *output)\n{\n",
         *(f"    {line}\n" for stmt in run for line in stmt.splitlines()),
         "}\n",
+        overlay_c(overlay) if overlay else "",
     ])

@@ -179,8 +179,25 @@ def add_fields(p: AddParams, act_min: int, act_max: int, swap: bool = False) -> 
             p.output_shift, act_min, act_max]
 
 
-def emit_params(graph: Graph, prefix: str, ql: QuantLayer, kind: Kind) -> str:
-    """Flash-resident parameters of one layer: weights, bias, multipliers, shifts, quant."""
+def kernel_weights(graph: Graph, ql: QuantLayer, kind: Kind) -> np.ndarray:
+    """A weighted layer's int8 weights in the layout its kernel reads (see emit_params)."""
+    if kind is Kind.DEPTHWISE:
+        return depthwise_weights_hwc(ql)
+    if kind is Kind.FULLY_CONNECTED:
+        return fc_weights_hwc(graph, ql)
+    return conv_weights_ohwi(ql)
+
+
+_LAYOUTS = {Kind.DEPTHWISE: "HWC", Kind.FULLY_CONNECTED: "(out, in) with in in HWC order"}
+
+
+def emit_params(graph: Graph, prefix: str, ql: QuantLayer, kind: Kind,
+                overlaid: bool = False) -> str:
+    """Flash-resident parameters of one layer: weights, bias, multipliers, shifts, quant.
+
+    `overlaid` names the Flash arrays `<prefix>_w_base` ... and reads them through pointers
+    (and a writable quant struct) that `tf_model_use_overlay` may point at an overlay.
+    """
     layer = ql.layer
     if kind is Kind.ADD:
         if ql.add is None:
@@ -189,25 +206,28 @@ def emit_params(graph: Graph, prefix: str, ql: QuantLayer, kind: Kind) -> str:
                         add_fields(ql.add, ql.act_min, ql.act_max))
     if kind not in (Kind.CONV, Kind.POINTWISE, Kind.DEPTHWISE, Kind.FULLY_CONNECTED):
         return ""
-    if kind is Kind.DEPTHWISE:
-        weights = depthwise_weights_hwc(ql)
-        layout = "HWC"
-    elif kind is Kind.FULLY_CONNECTED:
-        weights = fc_weights_hwc(graph, ql)
-        layout = "(out, in) with in in HWC order"
-    else:
-        weights = conv_weights_ohwi(ql)
-        layout = "OHWI"
+    weights = kernel_weights(graph, ql, kind)
+    layout = _LAYOUTS.get(kind, "OHWI")
     assert ql.bias_q is not None and ql.multiplier is not None and ql.shift is not None
     name = c_comment(layer.name)
-    return "".join([
-        c_array("int8_t", f"{prefix}_w", weights,
+    base = "_base" if overlaid else ""
+    text = "".join([
+        c_array("int8_t", f"{prefix}_w{base}", weights,
                 f"{name}: int8 weights {layout} {list(weights.shape)}"),
-        c_array("int32_t", f"{prefix}_b", np.asarray(ql.bias_q)),
-        c_array("int32_t", f"{prefix}_m", np.asarray(ql.multiplier)),
-        c_array("int32_t", f"{prefix}_s", np.asarray(ql.shift)),
-        c_struct("tf_conv_quant", f"{prefix}_q",
-                 [ql.input_offset, ql.output_offset, ql.act_min, ql.act_max, f"{prefix}_m",
-                  f"{prefix}_s"]),
+        c_array("int32_t", f"{prefix}_b{base}", np.asarray(ql.bias_q)),
+        c_array("int32_t", f"{prefix}_m{base}", np.asarray(ql.multiplier)),
+        c_array("int32_t", f"{prefix}_s{base}", np.asarray(ql.shift)),
+        c_struct("tf_conv_quant", f"{prefix}_q{base}",
+                 [ql.input_offset, ql.output_offset, ql.act_min, ql.act_max,
+                  f"{prefix}_m{base}", f"{prefix}_s{base}"]),
     ])
+    if not overlaid:
+        return text
+    return text + "".join([
+        f"static const int8_t *{prefix}_w = {prefix}_w_base;  /* the overlay may move it */\n",
+        f"static const int32_t *{prefix}_b = {prefix}_b_base;\n",
+        f"static tf_conv_quant {prefix}_q = {{{ql.input_offset}, {ql.output_offset}, "
+        f"{ql.act_min}, {ql.act_max}, {prefix}_m_base, {prefix}_s_base}};\n",
+    ])
+
 

@@ -1,4 +1,10 @@
-"""The main.c of a generated model: firmware.toolchain.emulator's I/O protocol over semihosting."""
+"""The main.c of a generated model: firmware.toolchain.emulator's I/O protocol over semihosting.
+
+A model built with a weights overlay (firmware.codegen.overlay) first looks for one in the
+Flash region the linker script reserves (TF_OVERLAY_ADDR, TF_OVERLAY_REGION_BYTES, defined
+by firmware.toolchain.build): a blank region leaves the built-in weights, a torn or foreign
+overlay stops the program with exit code 6 (the device agent verified it, so this is a bug).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +46,7 @@ static uint32_t static_bytes(void)
 
 int main(void)
 {
-    uint32_t head[3];
+/*OVERLAY*/    uint32_t head[3];
     if (tf_io_read("input.bin", head, sizeof head) != (int32_t)sizeof head ||
         memcmp(head, "TFIN", 4) != 0) {
         return 2;
@@ -81,3 +87,16 @@ int main(void)
     return status == 0 ? 0 : 20 + status;
 }
 """
+
+_OVERLAY_BOOT = """#if defined(TF_OVERLAY_ADDR)
+    if (tf_model_use_overlay((const uint8_t *)TF_OVERLAY_ADDR, TF_OVERLAY_REGION_BYTES) ==
+        TF_ERR_ARG) {
+        return 6;
+    }
+#endif
+"""
+
+
+def main_c(overlay: bool = False) -> str:
+    """main.c; with `overlay` it applies the weights overlay found in Flash before running."""
+    return MAIN_C.replace("/*OVERLAY*/", _OVERLAY_BOOT if overlay else "")

@@ -54,6 +54,7 @@ TRAILER_MAGIC = b"TFST"
 TRAILER = struct.Struct("<4sIQIIIIII")
 EXIT_HARD_FAULT = 127
 EXIT_KERNEL_BASE = 20
+EXIT_BAD_OVERLAY = 6  # main.c: an overlay in Flash that fails its checks
 
 # The SysTick clock of each board (QEMU hw/arm/mps2.c, mps2-tz.c): the divisor from ticks to
 # instructions under -icount shift=0. Boards come from firmware.targets (TargetSpec.qemu_board).
@@ -114,8 +115,13 @@ def ticks_to_instructions(ticks: int, target: TargetSpec) -> int:
 
 
 def run_qemu(elf: Path, target: TargetSpec, files_in: Mapping[str, bytes] | None = None,
-             outputs: Sequence[str] = (), timeout_s: float = DEFAULT_TIMEOUT_S) -> QemuRun:
-    """Boot `elf` on the target's board in a scratch directory; see the module docstring."""
+             outputs: Sequence[str] = (), timeout_s: float = DEFAULT_TIMEOUT_S,
+             flash: Mapping[int, bytes] | None = None) -> QemuRun:
+    """Boot `elf` on the target's board in a scratch directory; see the module docstring.
+
+    `flash` maps addresses to bytes written there after the ELF is loaded (QEMU's generic
+    loader, raw): e.g. a weights overlay in its Flash region.
+    """
     if shutil.which(QEMU) is None:
         raise EmulationError(f"{QEMU} not found on PATH")
     board, _ = board_for(target)
@@ -123,9 +129,14 @@ def run_qemu(elf: Path, target: TargetSpec, files_in: Mapping[str, bytes] | None
         work = Path(tmp)
         for name, data in (files_in or {}).items():
             (work / name).write_bytes(data)
+        loads = []
+        for n, (address, data) in enumerate(sorted((flash or {}).items())):
+            blob = work / f".flash-{n}.bin"
+            blob.write_bytes(data)
+            loads += ["-device", f"loader,file={blob},addr={address:#x},force-raw=on"]
         cmd = [QEMU, "-M", board, "-nographic", "-monitor", "none", "-serial", "none",
                "-semihosting-config", "enable=on,target=native", "-icount", "shift=0",
-               "-kernel", str(Path(elf).resolve())]
+               "-kernel", str(Path(elf).resolve()), *loads]
         start = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=work, capture_output=True, timeout=timeout_s,
@@ -167,7 +178,8 @@ def decode_outputs(data: bytes, n: int) -> tuple[npt.NDArray[np.int8], tuple[int
 
 def run_firmware(elf: Path, target: TargetSpec, inputs: npt.NDArray[np.int8],
                  static_ram_bytes: int | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> EmulationResult:
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 flash: Mapping[int, bytes] | None = None) -> EmulationResult:
     """Run a generated model on a batch of int8 HWC inputs in QEMU; checked exit code 0.
 
     The firmware reports its own static RAM; `static_ram_bytes` (BuildResult.ram_bytes) is
@@ -177,9 +189,11 @@ def run_firmware(elf: Path, target: TargetSpec, inputs: npt.NDArray[np.int8],
         raise EmulationError(f"inputs must be int8 (N, H, W, C), got {inputs.dtype} "
                              f"{inputs.shape}")
     run = run_qemu(elf, target, {"input.bin": encode_inputs(inputs)}, ("output.bin",),
-                   timeout_s)
+                   timeout_s, flash)
     if run.exit_code != 0:
         why = " (hard fault)" if run.exit_code == EXIT_HARD_FAULT else ""
+        if run.exit_code == EXIT_BAD_OVERLAY:
+            why = " (the weights overlay in Flash is torn or for another build)"
         if run.exit_code > EXIT_KERNEL_BASE and run.exit_code < EXIT_HARD_FAULT - 1:
             why = f" (a kernel returned tf_status {run.exit_code - EXIT_KERNEL_BASE})"
         raise EmulationError(f"{Path(elf).name} on {target.name} exited with code "
