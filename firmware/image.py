@@ -98,6 +98,17 @@ class TestVector:
 
 
 @dataclass(frozen=True)
+class OverlayRegion:
+    """Where a slot keeps its weights overlay (firmware.codegen.overlay) and what it covers."""
+
+    address: int  # absolute Flash address of the region (the slot's last `region_bytes`)
+    region_bytes: int
+    body_bytes: int
+    layout_id: int
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a device or operator needs to know about an image, besides its payload."""
 
@@ -116,6 +127,10 @@ class Manifest:
     sparse_update: Mapping[str, Any] | None = None  # the on-device training scheme
     # False: built for a core with no QEMU board, never run before signing ("not emulated")
     emulated: bool = True
+    overlay: OverlayRegion | None = None  # images built for on-device personalization
+    # The int8 graph the device fine-tunes (firmware.int8.serialize bytes), signed with the
+    # rest; present in images built for personalization (their firmware cannot be trained).
+    int8_model: bytes | None = None
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes (sorted keys, no whitespace): what the signature covers."""
@@ -140,13 +155,16 @@ def make_manifest(*, model_id: str, model_version: str, target: ImageTarget,
                   test_vectors: tuple[TestVector, ...], payload: bytes,
                   payload_format: PayloadFormat,
                   sparse_update: Mapping[str, Any] | None = None,
-                  emulated: bool = True) -> Manifest:
+                  emulated: bool = True,
+                  overlay: OverlayRegion | None = None,
+                  int8_model: bytes | None = None) -> Manifest:
     """A Manifest whose payload size and sha256 are computed from `payload`."""
     return Manifest(model_id=model_id, model_version=model_version, target=target,
                     schedule=schedule, predicted=predicted, measured=measured, input=input,
                     output=output, test_vectors=test_vectors, payload_format=payload_format,
                     payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest(),
-                    sparse_update=sparse_update, emulated=emulated)
+                    sparse_update=sparse_update, emulated=emulated, overlay=overlay,
+                    int8_model=int8_model)
 
 
 def sign_image(manifest: Manifest, payload: bytes, key: Ed25519PrivateKey) -> bytes:
@@ -299,6 +317,13 @@ def _manifest_dict(m: Manifest) -> dict[str, Any]:
         "sparse_update": None if m.sparse_update is None else dict(m.sparse_update),
         # Only written when false: images checked in QEMU keep their canonical bytes.
         **({} if m.emulated else {"emulated": False}),
+        # absent rather than null, so that manifests without one keep their bytes
+        **({} if m.overlay is None else {"overlay": {
+            "address": m.overlay.address, "region_bytes": m.overlay.region_bytes,
+            "body_bytes": m.overlay.body_bytes, "layout_id": m.overlay.layout_id,
+            "layers": list(m.overlay.layers)}}),
+        **({} if m.int8_model is None else {
+            "int8_model_b64": base64.b64encode(m.int8_model).decode()}),
     }
 
 
@@ -399,6 +424,13 @@ def parse_manifest(body: bytes) -> Manifest:
                          f"{[f.value for f in PayloadFormat]}") from None
     sparse = root._get("sparse_update", (dict,), optional=True)
     emulated = root._get("emulated", (bool,)) if "emulated" in root.obj else True
+    overlay = _overlay(root.sub("overlay", optional=True) if "overlay" in root.obj else None)
+    int8_model = None
+    if "int8_model_b64" in root.obj:
+        try:
+            int8_model = base64.b64decode(root.text("int8_model_b64"), validate=True)
+        except ValueError as exc:
+            raise ImageError(f"manifest field int8_model_b64: {exc}") from exc
     return Manifest(
         model_id=root.text("model_id"), model_version=root.text("model_version"),
         target=ImageTarget(t.text("name"), t.text("cpu"), t.integer("sram_bytes"),
@@ -410,5 +442,21 @@ def parse_manifest(body: bytes) -> Manifest:
         input=_quant(root.need("input")), output=_quant(root.need("output")),
         test_vectors=_vectors(root), payload_format=payload_format,
         payload_bytes=p.integer("bytes"), payload_sha256=p.text("sha256"), sparse_update=sparse,
-        emulated=bool(emulated),
+        emulated=bool(emulated), overlay=overlay, int8_model=int8_model,
     )
+
+
+def _overlay(f: _Fields | None) -> OverlayRegion | None:
+    if f is None:
+        return None
+    raw = f._get("layers", (list,))
+    if not all(isinstance(v, str) for v in raw):
+        raise ImageError("manifest field overlay.layers must be a list of layer names")
+    region = OverlayRegion(f.integer("address"), f.integer("region_bytes"),
+                           f.integer("body_bytes"), f.integer("layout_id"), tuple(raw))
+    if min(region.address, region.region_bytes, region.body_bytes, region.layout_id) < 0:
+        raise ImageError("manifest field overlay: address and sizes must be >= 0")
+    if region.body_bytes + 24 > region.region_bytes:
+        raise ImageError(f"manifest field overlay: a {region.body_bytes}-byte body does not "
+                         f"fit its {region.region_bytes}-byte region")
+    return region

@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -40,6 +40,7 @@ from firmware.errors import BuildError, DoesNotFitError, EmulationError, Firmwar
 from firmware.float_exec import run_graph
 from firmware.image import (
     FirmwareImage,
+    OverlayRegion,
     ImageSchedule,
     ImageTarget,
     Manifest,
@@ -51,13 +52,16 @@ from firmware.image import (
     make_manifest,
     sign_image,
 )
+from firmware.codegen import GeneratedModel
+from firmware.codegen.overlay import overlay_layout
 from firmware.int8.quantize import QuantizedGraph, quantize_graph
+from firmware.int8.serialize import dump_quantized
 from firmware.ir import Graph
 from firmware.plan.account import Fit, SramAccount, fit_schedule
 from firmware.plan.memory import MemoryModel, MemoryReport, analyze
 from firmware.plan.patch import PatchPlan
 from firmware.targets import OtaLayout, TargetSpec, UnknownMcuError, custom_target, get_target
-from firmware.toolchain.build import BuildResult, build_firmware
+from firmware.toolchain.build import BuildResult, build_firmware, overlay_address
 from firmware.toolchain.emulator import EmulationResult, board_for, run_firmware
 
 FloatArray = npt.NDArray[np.float32]
@@ -104,6 +108,9 @@ class CompileOptions:
     onnx_check: bool = True
     onnx_samples: int = 64  # inputs onnxruntime and the reference both run
     emulator_timeout_s: float = 120.0
+    # A sparse-update scheme (firmware.training.scheme JSON) for on-device personalization:
+    # shipped in the manifest, and its trainable layers become a weights overlay in Flash.
+    sparse_update: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,6 +127,8 @@ class CompileResult:
     test_inputs: Int8Array  # (N, H, W, C) int8, what QEMU ran
     expected: Int8Array  # (N, outputs) int8, the reference's outputs
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    options: CompileOptions = field(default_factory=CompileOptions)
+    overlay: OverlayRegion | None = None
 
 
 def _quiet(stage: Stage, message: str) -> None:
@@ -133,10 +142,12 @@ def reference_outputs(qgraph: QuantizedGraph, x_q: Int8Array) -> Int8Array:
     return np.asarray(run_quantized(qgraph, x_q), dtype=np.int8).reshape(len(x_q), -1)
 
 
-def plan_schedule(graph: Graph, target: TargetSpec, options: CompileOptions) -> Fit:
+def plan_schedule(graph: Graph, target: TargetSpec, options: CompileOptions,
+                  extra_static_bytes: int = 0) -> Fit:
     """The schedule whose SRAM account fits the target; DoesNotFitError names the numbers."""
     fit = fit_schedule(graph, target.sram_bytes, target.cpu, options.memory_model,
-                       patches=options.patches, split_after=options.split_after)
+                       patches=options.patches, split_after=options.split_after,
+                       extra_static_bytes=extra_static_bytes)
     weights = analyze(graph, options.memory_model).weights_bytes
     slot = target.slot_bytes(options.layout)
     if weights > slot:
@@ -193,21 +204,32 @@ def _schedule_dict(plan: PatchPlan) -> dict[str, Any]:
             "mac_overhead": plan.mac_overhead}
 
 
+def overlay_layers(qgraph: QuantizedGraph, options: CompileOptions) -> tuple[str, ...]:
+    """The layers a weights overlay carries: the sparse-update scheme's trainable ones."""
+    if options.sparse_update is None:
+        return ()
+    from firmware.training.scheme import SparseUpdateScheme, resolve
+
+    scheme = SparseUpdateScheme.from_dict(options.sparse_update)
+    return tuple(resolve(scheme, qgraph.graph).trainable)
+
+
 def _generate(qgraph: QuantizedGraph, fit: Fit, options: CompileOptions,
-              out_dir: Path) -> Path:
-    """Write model.c / model.h / main.c for the plan's schedule into `out_dir`; return it.
+              out_dir: Path) -> GeneratedModel:
+    """Write model.c / model.h / main.c for the plan's schedule into `out_dir`.
 
     The arena and scratch the code declares are the account's (one source: firmware.plan).
     """
     from firmware.codegen import write_model
 
-    model = write_model(qgraph, fit.plan, out_dir, memory_model=options.memory_model)
+    model = write_model(qgraph, fit.plan, out_dir, memory_model=options.memory_model,
+                        overlay_layers=overlay_layers(qgraph, options))
     declared = (model.arena_bytes, model.scratch_bytes)
     if declared != (fit.account.arena_bytes, fit.account.scratch_bytes):
         raise FirmwareError(f"generated code declares arena {declared[0]} B and scratch "
                             f"{declared[1]} B, the SRAM account {fit.account.arena_bytes} B and "
                             f"{fit.account.scratch_bytes} B")
-    return out_dir
+    return model
 
 
 def _round8(n: int) -> int:
@@ -329,6 +351,7 @@ class _Built:
     emulation: EmulationResult | None  # None: built for a core QEMU cannot run
     inputs_hwc: Int8Array
     expected: Int8Array
+    overlay: OverlayRegion | None = None
 
 
 def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, work_dir: Path,
@@ -351,16 +374,25 @@ def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, wor
                                 generated_count=opts.generated_calibration)
 
     say(Stage.PLAN, f"schedule whose SRAM account fits {target.sram_bytes / 1024:.1f} kB")
-    fit = plan_schedule(graph, target, opts)
+    layers = overlay_layers(qgraph, opts)
+    fit = plan_schedule(graph, target, opts,
+                        overlay_layout(qgraph, layers).ram_bytes if layers else 0)
     plan = fit.plan
 
     p = plan.schedule.patches
     say(Stage.CODEGEN, f"C for {p}x{p} patches" if p > 1 else "C for layer-based inference")
-    model_dir = _generate(qgraph, fit, opts, work_dir / "model")
+    model_dir = work_dir / "model"
+    generated = _generate(qgraph, fit, opts, model_dir)
+    layout = generated.overlay
+    region_bytes = 0 if layout is None else layout.region_bytes
 
     say(Stage.BUILD, f"arm-none-eabi-gcc for {target.name} ({target.cpu.value})")
     build = build_firmware(model_dir, target, opts.layout, out_dir=work_dir / "build",
-                           dsp=opts.dsp, stack_bytes=fit.account.stack_bytes)
+                           dsp=opts.dsp, stack_bytes=fit.account.stack_bytes,
+                           overlay_bytes=region_bytes)
+    overlay = None if layout is None else OverlayRegion(
+        overlay_address(target, opts.layout, region_bytes), region_bytes, layout.body_bytes,
+        layout.layout_id, layout.layers)
     _check_linked(build, fit.account)
 
     x_q = _test_batch(graph, qgraph, calib, test, opts.test_vectors)
@@ -377,12 +409,12 @@ def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, wor
     return _Built(graph=graph, target=target, options=opts, qgraph=qgraph, plan=plan,
                   account=fit.account, memory=analyze(graph, opts.memory_model), build=build,
                   emulation=emulation,
-                  inputs_hwc=inputs_hwc, expected=expected)
+                  inputs_hwc=inputs_hwc, expected=expected, overlay=overlay)
 
 
-def _manifest(b: _Built, payload: bytes,
-              sparse_update: Mapping[str, Any] | None = None) -> Manifest:
-    """The image manifest of a build (checked in QEMU unless `b.emulation` is None)."""
+def _manifest(b: _Built, payload: bytes) -> Manifest:
+    """The image manifest of a build (checked in QEMU unless `b.emulation` is None); an image
+    built with a sparse-update scheme carries it, its overlay region and its int8 graph."""
     graph, target, opts, qgraph, s = b.graph, b.target, b.options, b.qgraph, b.plan.schedule
     return make_manifest(
         model_id=opts.model_id or graph.name, model_version=opts.model_version,
@@ -401,7 +433,9 @@ def _manifest(b: _Built, payload: bytes,
         test_vectors=tuple(TestVector(b.inputs_hwc[i].tobytes(),
                                       tuple(int(v) for v in b.expected[i]))
                            for i in range(len(b.inputs_hwc))),
-        payload=payload, payload_format=PayloadFormat.ELF, sparse_update=sparse_update,
+        payload=payload, payload_format=PayloadFormat.ELF,
+        sparse_update=opts.sparse_update, overlay=b.overlay,
+        int8_model=None if opts.sparse_update is None else dump_quantized(qgraph),
         emulated=b.emulation is not None,
     )
 
@@ -478,7 +512,7 @@ def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work
                          plan=built.plan, account=built.account, build=built.build,
                          emulation=built.emulation,
                          test_inputs=built.inputs_hwc, expected=built.expected,
-                         warnings=warnings)
+                         warnings=warnings, options=opts, overlay=built.overlay)
 
 
 @dataclass(frozen=True)
@@ -499,11 +533,13 @@ def build_unsigned(graph: Graph, target: TargetSpec, work_dir: Path,
     """Quantize, plan, generate, build and (where QEMU has a board for the core) run and
     check bit-exactness; the manifest carries `sparse_update` and whether it was emulated."""
     opts = options or CompileOptions()
+    if sparse_update is not None:  # the overlay region and the int8 graph come with it
+        opts = replace(opts, sparse_update=dict(sparse_update))
     emulate = target.qemu_board is not None
     built = _build_and_check(graph, target, opts, work_dir, calib, None, progress or _quiet,
                              emulate=emulate)
     payload = built.build.elf_path.read_bytes()
-    manifest = _manifest(built, payload, sparse_update)
+    manifest = _manifest(built, payload)
     report: dict[str, Any] = {
         "target": target.name, "cpu": target.cpu.value, "emulated": emulate,
         "schedule": _schedule_dict(built.plan),
@@ -571,3 +607,51 @@ def rerun_image(image: FirmwareImage, elf_path: Path, inputs: Int8Array | None =
                   else n)
     return RerunResult(vectors=n, mismatched_vectors=mismatched, outputs=emulation.outputs,
                        emulation=emulation)
+
+
+def host_image(result: CompileResult, key: Ed25519PrivateKey, work_dir: Path,
+               machine: str | None = None) -> bytes:
+    """The signed host shared-library image of a compiled artifact (manifest target
+    `host-<machine>`, e.g. host-x86_64), for the device agent's `host` backend.
+
+    The same generated C as `result`'s firmware (same schedule, same weights overlay layout),
+    built with the host gcc (firmware.toolchain.build.build_host_model), run on the same test
+    vectors and signed only if its outputs equal the int8 reference's bit for bit. The
+    manifest keeps the MCU class's memory figures (what the device has), its test vectors and
+    its sparse-update scheme; the payload is the .so. The campaigns build job calls this
+    beside `compile_model` for each artifact.
+    """
+    import platform
+
+    from firmware.codegen import write_model
+    from firmware.toolchain.build import build_host_model
+    from firmware.toolchain.host_run import HostModel
+
+    opts = result.options
+    arch = machine or platform.machine()
+    src = work_dir / "host-model"
+    write_model(result.qgraph, result.plan, src, memory_model=opts.memory_model,
+                overlay_layers=overlay_layers(result.qgraph, opts))
+    library = build_host_model(src, work_dir / "host-build")
+    got = HostModel(library).run(result.test_inputs)
+    _check_bit_exact(got, result.expected)
+    payload = library.read_bytes()
+    manifest = parse_manifest_of(result.image)
+    mcu = manifest.target
+    host_manifest = make_manifest(
+        model_id=manifest.model_id, model_version=manifest.model_version,
+        target=ImageTarget(f"host-{arch}", arch, mcu.sram_bytes, mcu.flash_bytes,
+                           mcu.slot_bytes),
+        schedule=manifest.schedule, predicted=manifest.predicted, measured=manifest.measured,
+        input=manifest.input, output=manifest.output, test_vectors=manifest.test_vectors,
+        payload=payload, payload_format=PayloadFormat.ELF,
+        sparse_update=manifest.sparse_update, overlay=manifest.overlay,
+        int8_model=manifest.int8_model)
+    return sign_image(host_manifest, payload, key)
+
+
+def parse_manifest_of(image: bytes) -> Manifest:
+    """The manifest of signed image bytes (structure checked; the signature is not)."""
+    from firmware.image import parse_image
+
+    return parse_image(image).manifest

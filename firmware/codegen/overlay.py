@@ -38,6 +38,9 @@ OVERLAY_MAGIC = b"TFOV"
 OVERLAY_FORMAT = 1
 OVERLAY_HEADER = struct.Struct("<4sHHIIII")
 ERASE_SECTOR_BYTES = 4096  # the region is whole Flash sectors, so that a rewrite erases it
+# RAM each overlaid layer adds on a 32-bit core: two pointers (weights, bias) and a writable
+# tf_conv_quant (4 int32 + 2 pointers) in .data; the SRAM account counts it.
+RAM_BYTES_PER_LAYER = 32
 WEIGHTED = (Kind.CONV, Kind.POINTWISE, Kind.DEPTHWISE, Kind.FULLY_CONNECTED)
 
 
@@ -96,6 +99,11 @@ class OverlayLayout:
     def layout_id(self) -> int:
         """crc32 of `text()`: an overlay for another layout is refused by the C."""
         return zlib.crc32(self.text().encode())
+
+    @property
+    def ram_bytes(self) -> int:
+        """Static RAM of the overlay's pointers and quant structs (RAM_BYTES_PER_LAYER each)."""
+        return RAM_BYTES_PER_LAYER * len(self.entries)
 
     @property
     def layers(self) -> tuple[str, ...]:

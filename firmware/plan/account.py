@@ -138,17 +138,19 @@ def output_buffer_bytes(graph: Graph) -> int:
     return _round_up(graph.tensor(graph.output).numel, 4)
 
 
-def static_bytes(graph: Graph, cpu: Cpu, arena: int, scratch: int) -> int:
-    """.data + .bss (runtime state + output buffer) and the alignment around arena/scratch."""
-    data = _round_up(runtime_footprint(cpu).static_bytes + output_buffer_bytes(graph),
-                     SECTION_ALIGN)
+def static_bytes(graph: Graph, cpu: Cpu, arena: int, scratch: int,
+                 extra_static_bytes: int = 0) -> int:
+    """.data + .bss (runtime state + output buffer + `extra_static_bytes`, e.g. a weights
+    overlay's pointers) and the alignment around arena/scratch."""
+    data = _round_up(runtime_footprint(cpu).static_bytes + output_buffer_bytes(graph)
+                     + extra_static_bytes, SECTION_ALIGN)
     scratch_array = _round_up(scratch, 2)  # tf_scratch is an int16 array
     return (data + (_round_up(arena, SECTION_ALIGN) - arena)
             + (_round_up(scratch_array, SECTION_ALIGN) - scratch))
 
 
 def sram_account(model: Graph | HasGraph, plan: PatchPlan, cpu: Cpu,
-                 training_bytes: int = 0) -> SramAccount:
+                 training_bytes: int = 0, extra_static_bytes: int = 0) -> SramAccount:
     """The account of running `model` (a graph or a quantized graph) under `plan` on `cpu`."""
     graph = _graph(model)
     if plan.bytes_per_element != 1:
@@ -157,7 +159,8 @@ def sram_account(model: Graph | HasGraph, plan: PatchPlan, cpu: Cpu,
     arena = arena_bytes(graph, plan)
     scratch = scratch_buffer_bytes(graph, plan)
     return SramAccount(arena_bytes=arena, scratch_bytes=scratch,
-                       static_bytes=static_bytes(graph, cpu, arena, scratch),
+                       static_bytes=static_bytes(graph, cpu, arena, scratch,
+                                                 extra_static_bytes),
                        stack_bytes=runtime_footprint(cpu).stack_bytes,
                        training_bytes=training_bytes)
 
@@ -184,7 +187,7 @@ class SramDoesNotFitError(DoesNotFitError):
 def fit_schedule(model: Graph | HasGraph, sram_bytes: int, cpu: Cpu,
                  memory_model: MemoryModel = MemoryModel.INPLACE, training_bytes: int = 0,
                  patches: int | None = None, split_after: str | None = None,
-                 max_patches: int = 8) -> Fit:
+                 max_patches: int = 8, extra_static_bytes: int = 0) -> Fit:
     """The schedule with the fewest MACs whose account fits `sram_bytes` on `cpu`.
 
     Candidates are `firmware.plan.patch.schedule_options` (layer-based and every split and
@@ -199,7 +202,7 @@ def fit_schedule(model: Graph | HasGraph, sram_bytes: int, cpu: Cpu,
         whole = build_option(graph, schedule_options(graph, memory_model, 1, patches=1,
                                                      report=report)[0], memory_model,
                              report=report)
-        account = sram_account(graph, whole, cpu, training_bytes)
+        account = sram_account(graph, whole, cpu, training_bytes, extra_static_bytes)
         if account.fits(sram_bytes):
             return Fit(whole, account)
     options = schedule_options(graph, memory_model, 1, max_patches, patches, split_after,
@@ -208,17 +211,18 @@ def fit_schedule(model: Graph | HasGraph, sram_bytes: int, cpu: Cpu,
     # The arena holds at least the peak, and static is at least the data sections: a cheap
     # lower bound that skips building plans that cannot fit.
     floor = (runtime.stack_bytes + training_bytes
-             + _round_up(runtime.static_bytes + output_buffer_bytes(graph), SECTION_ALIGN))
+             + _round_up(runtime.static_bytes + output_buffer_bytes(graph) + extra_static_bytes,
+                         SECTION_ALIGN))
     for option in sorted(options, key=lambda o: (o.macs, o.peak_bytes)):
         if option.peak_bytes + floor > sram_bytes:
             continue
         plan = build_option(graph, option, memory_model, report=report)
-        account = sram_account(graph, plan, cpu, training_bytes)
+        account = sram_account(graph, plan, cpu, training_bytes, extra_static_bytes)
         if account.fits(sram_bytes):
             return Fit(plan, account)
     smallest = min(options, key=lambda o: (o.peak_bytes, o.macs))
     plan = build_option(graph, smallest, memory_model, report=report)
-    needed = sram_account(graph, plan, cpu, training_bytes)
+    needed = sram_account(graph, plan, cpu, training_bytes, extra_static_bytes)
     layer = graph.layer(plan.peak_layer)
     raise SramDoesNotFitError(
         f"{graph.name} does not fit: needs {needed.total_bytes / KIB:,.1f} kB SRAM "
