@@ -165,12 +165,16 @@ SHIFT_CONTRAST = (0, 170)
 SHIFT_PARTS = ("analysis", "device")
 
 
-def shift_images(images: U8Array, seed: int, size: int | None = None) -> U8Array:
+def shift_images(images: U8Array, seed: int, size: int | None = None,
+                 rotation_deg: tuple[float, float] = SHIFT_ROTATION_DEG, stroke: int = 3,
+                 contrast: tuple[int, int] = SHIFT_CONTRAST) -> U8Array:
     """Rotated, thicker-stroked, lower-contrast copies of uint8 N x C x H x W images.
 
     Images are first upsampled (bilinear) to `size` when they are smaller, so that an 8x8
     digit can rotate and thicken; the result is N x C x size x size. Angles are whole degrees
-    drawn from `seed` (images sharing an angle are rotated together).
+    drawn from `seed` in `rotation_deg` (images sharing an angle are rotated together);
+    strokes grow by a `stroke` x `stroke` grey dilation (1: unchanged); intensities are
+    stretched to `contrast` (low, high) of 255.
     """
     from scipy import ndimage
 
@@ -179,14 +183,15 @@ def shift_images(images: U8Array, seed: int, size: int | None = None) -> U8Array
     stack = images.reshape(n * c, h, w).astype(np.float64)
     if target != h or target != w:
         stack = ndimage.zoom(stack, (1, target / h, target / w), order=1)
-    angles = np.round(np.random.default_rng(seed).uniform(*SHIFT_ROTATION_DEG, size=n))
+    angles = np.round(np.random.default_rng(seed).uniform(*rotation_deg, size=n))
     per_plane = np.repeat(angles, c)
     for angle in np.unique(per_plane):
         sel = per_plane == angle
         stack[sel] = ndimage.rotate(stack[sel], -angle, axes=(1, 2), reshape=False, order=1,
                                     mode="constant", cval=0.0)
-    stack = ndimage.grey_dilation(stack, size=(1, 3, 3))
-    low, high = SHIFT_CONTRAST
+    if stroke > 1:
+        stack = ndimage.grey_dilation(stack, size=(1, stroke, stroke))
+    low, high = contrast
     lo = stack.min(axis=(1, 2), keepdims=True)
     span = np.maximum(stack.max(axis=(1, 2), keepdims=True) - lo, 1e-9)
     out = low + (stack - lo) * ((high - low) / span)
@@ -202,6 +207,15 @@ def shifted(dataset: Dataset, part: str = "device", seed: int = 0,
     "device" is what simulated devices, tests and benchmarks fine-tune and evaluate on. Each
     half is split 60/20/20 like every data set here.
     """
+    images, labels, keep = _shift_half(dataset, part, seed)
+    moved = shift_images(images[keep], seed, size)
+    return from_arrays(f"{dataset.name}-shifted-{part}", moved, labels[keep], dataset.classes,
+                       {"kind": "shifted", "of": dataset.source, "part": part, "seed": seed,
+                        "size": size}, seed)
+
+
+def _shift_half(dataset: Dataset, part: str, seed: int) -> tuple[U8Array, I64Array, I64Array]:
+    """All images and labels of `dataset` and the indices of one stratified half."""
     if part not in SHIFT_PARTS:
         raise DataError(f"shifted part {part!r} is not one of {', '.join(SHIFT_PARTS)}")
     images = np.concatenate([dataset.train.images, dataset.val.images, dataset.test.images])
@@ -213,11 +227,52 @@ def shifted(dataset: Dataset, part: str = "device", seed: int = 0,
         rng.shuffle(idx)
         half = len(idx) // 2
         chosen.append(idx[:half] if part == "analysis" else idx[half:])
-    keep = np.sort(np.concatenate(chosen))
-    moved = shift_images(images[keep], seed, size)
-    return from_arrays(f"{dataset.name}-shifted-{part}", moved, labels[keep], dataset.classes,
-                       {"kind": "shifted", "of": dataset.source, "part": part, "seed": seed,
-                        "size": size}, seed)
+    return images, labels, np.sort(np.concatenate(chosen))
+
+
+@dataclass(frozen=True)
+class DeviceShift:
+    """How one simulated device's data differs from the family's (and from other devices)."""
+
+    rotation_deg: tuple[float, float]
+    stroke: int  # grey dilation size (1: strokes unchanged)
+    contrast: tuple[int, int]
+    rare_classes: tuple[int, ...]  # classes this device sees little of
+    rare_fraction: float  # the share of their samples it keeps
+
+
+def device_shift(index: int) -> DeviceShift:
+    """The shift of simulated device `index`: rotation, stroke width, contrast, imbalance.
+
+    Every device is rotated clockwise (10-35 degrees, a band per device), thickened (3x3 or
+    4x4) and dimmed (its own contrast), and sees two classes at a quarter of their share.
+    """
+    start = 10.0 + 5.0 * (index % 4)
+    return DeviceShift(rotation_deg=(start, start + 12.0), stroke=3 + (index % 2),
+                       contrast=(0, (150, 170, 190)[index % 3]),
+                       rare_classes=((index * 3) % 10, (index * 3 + 5) % 10),
+                       rare_fraction=0.25)
+
+
+def device_slice(dataset: Dataset, index: int, seed: int = 0, size: int | None = 32,
+                 fraction: float = 0.7) -> Dataset:
+    """The local data of simulated device `index`: a seeded `fraction` of the "device" half
+    of `dataset` (never the "analysis" half), shifted by `device_shift(index)`."""
+    images, labels, half = _shift_half(dataset, "device", seed)
+    shift = device_shift(index)
+    rng = np.random.default_rng([seed, index, 11])
+    keep = []
+    for cls in np.unique(labels[half]):
+        idx = half[labels[half] == cls]
+        share = fraction * (shift.rare_fraction if int(cls) in shift.rare_classes else 1.0)
+        keep.append(rng.choice(idx, size=max(3, round(share * len(idx))), replace=False))
+    chosen = np.sort(np.concatenate(keep))
+    moved = shift_images(images[chosen], seed + 1000 * (index + 1), size, shift.rotation_deg,
+                         shift.stroke, shift.contrast)
+    return from_arrays(f"{dataset.name}-device-{index}", moved, labels[chosen],
+                       dataset.classes, {"kind": "device", "of": dataset.source,
+                                         "index": index, "seed": seed, "size": size,
+                                         "fraction": fraction}, seed)
 
 
 def load_npz(path: str | Path, seed: int = 0) -> Dataset:
@@ -311,6 +366,11 @@ def load_dataset(source: str | dict[str, Any]) -> Dataset:
             size = source.get("size")
             return shifted(load_dataset(source["of"]), str(source["part"]), seed,
                            None if size is None else int(size))
+        if kind == "device":
+            size = source.get("size")
+            return device_slice(load_dataset(source["of"]), int(source["index"]), seed,
+                                None if size is None else int(size),
+                                float(source.get("fraction", 0.7)))
         raise DataError(f"unknown data source kind {kind!r}")
     if source == "digits":
         return digits()
