@@ -100,10 +100,26 @@ class RoundResult:
     overlay_round: int | None  # the overlay in use after the round
 
 
+def int8_logits(qgraph: QuantizedGraph, images_hwc: npt.NDArray[np.int8]
+                ) -> npt.NDArray[np.int8]:
+    """The int8 outputs (N, C*H*W, in C, H, W order) of HWC inputs, batched.
+
+    The training engine's batched forward (firmware.training.engine.int8_forward): equal to
+    firmware.int8.reference bit for bit, one call per layer for the whole batch.
+    """
+    from firmware.training.engine.int8_forward import forward_batch
+
+    graph = qgraph.graph
+    env = {graph.input: np.ascontiguousarray(images_hwc)}
+    for ql in qgraph.ordered_layers():
+        env[ql.layer.output] = forward_batch(qgraph, ql, [env[t] for t in ql.layer.inputs])
+    out = env[graph.output]
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2)).reshape(len(out), -1)
+
+
 def _held_out_loss(qgraph: QuantizedGraph, samples: Samples) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the int8 reference on samples, logits dequantized."""
-    x = np.ascontiguousarray(samples.images.transpose(0, 3, 1, 2))
-    logits = qgraph.output.dequantize(reference_outputs(qgraph, x)).astype(np.float64)
+    """(accuracy, mean cross-entropy) of the int8 graph on samples, logits dequantized."""
+    logits = qgraph.output.dequantize(int8_logits(qgraph, samples.images)).astype(np.float64)
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     labels = np.asarray(samples.labels)
@@ -113,8 +129,8 @@ def _held_out_loss(qgraph: QuantizedGraph, samples: Samples) -> tuple[float, flo
 
 def _int8_samples(qgraph: QuantizedGraph, images: npt.NDArray[np.uint8],
                   labels: npt.NDArray[np.int64]) -> Samples:
-    from firmware.personalize import int8_samples
     from firmware.data import Split
+    from firmware.personalize import int8_samples
 
     return int8_samples(qgraph, Split(images, labels))
 

@@ -68,7 +68,7 @@ class DeviceProfile:
             if (spec.cpu.value, spec.sram_bytes, spec.flash_bytes) == (
                     self.cpu, self.sram_bytes, self.flash_bytes):
                 return spec
-        except Exception:  # noqa: BLE001 - an MCU outside the catalog is described by sizes
+        except Exception:
             pass
         return custom_target(self.sram_bytes, self.flash_bytes, self.cpu, name=self.mcu)
 

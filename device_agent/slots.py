@@ -310,4 +310,5 @@ class SlotStore:
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (status output, tests)."""
-        return json.loads(self.state.to_json())
+        described: dict[str, Any] = json.loads(self.state.to_json())
+        return described

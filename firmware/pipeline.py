@@ -36,15 +36,17 @@ import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from firmware.codegen import GeneratedModel
+from firmware.codegen.overlay import overlay_layout
 from firmware.errors import BuildError, DoesNotFitError, EmulationError, FirmwareError
 from firmware.float_exec import run_graph
 from firmware.image import (
     FirmwareImage,
-    OverlayRegion,
     ImageSchedule,
     ImageTarget,
     Manifest,
     MemoryFigures,
+    OverlayRegion,
     PayloadFormat,
     TensorQuant,
     TestVector,
@@ -52,8 +54,6 @@ from firmware.image import (
     make_manifest,
     sign_image,
 )
-from firmware.codegen import GeneratedModel
-from firmware.codegen.overlay import overlay_layout
 from firmware.int8.quantize import QuantizedGraph, quantize_graph
 from firmware.int8.serialize import dump_quantized
 from firmware.ir import Graph

@@ -98,7 +98,7 @@ def test_a_scheme_beyond_the_overlay_is_refused(images: Images, tmp_path: Path) 
 
 def test_a_torn_overlay_record_is_refused_not_served(images: Images, tmp_path: Path) -> None:
     p = _device(tmp_path, images, "host")
-    p.run_round(1)
+    assert p.run_round(1, epochs=0.3).kept
     path = p.store.active_dir() / "overlay.json"
     text = path.read_text()
     sha = p.describe()["overlay_sha256"]
