@@ -31,7 +31,7 @@ import numpy.typing as npt
 from device_agent.backends import Backend, self_test, vector_inputs
 from device_agent.errors import AgentError, BackendError
 from device_agent.local_data import load_local
-from device_agent.metrics import MetricsReport
+from device_agent.protocol import MetricsReport
 from device_agent.slots import SlotStore, sha256_hex
 from firmware.codegen.overlay import (
     OverlayError,
@@ -245,7 +245,7 @@ class Personalizer:
         metrics = MetricsReport(
             round=round_id, samples_used=len(train), accuracy_before=acc_before,
             accuracy_after=acc_after, loss_before=loss_before, loss_after=loss_after,
-            loss_curve=tuple(result.loss_curve),
+            loss_curve=tuple(min(v, 1e9) for v in result.loss_curve),
             training_memory_bytes=result.memory.training_bytes,
             duration_s=time.monotonic() - started)
         return RoundResult(kept=kept, metrics=metrics,
