@@ -37,7 +37,7 @@ from device_agent.config import AgentConfig
 from device_agent.durable import Hook
 from device_agent.errors import AgentError, InstallRefused, SlotError
 from device_agent.personalization import Personalizer
-from device_agent.profile import BackendKind, DeviceProfile, host_target_name
+from device_agent.profile import BackendKind, host_target_name
 from device_agent.slots import Outcome, SlotStore
 from device_agent.staging import Staging
 from firmware.image import FirmwareImage, load_public_key
@@ -74,7 +74,7 @@ class DeviceAgent:
                  progress_every: float = 0.25) -> None:
         self.config = config
         self.device_id = config.device_id
-        self.profile = DeviceProfile.for_mcu(config.device_id, config.mcu, config.backend)
+        self.profile = config.profile()
         self.backend = make_backend(self.profile)
         self.store = SlotStore(config.slot_dir, self.profile,
                                load_public_key(config.public_key_pem), boundary)

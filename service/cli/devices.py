@@ -226,3 +226,57 @@ def rotate_cmd(keys: tuple[str, ...], fleet: str | None, tags: tuple[str, ...],
     click.echo(f"rotated the MQTT credentials of {len(done)} device(s); the old passwords "
                "no longer work")
     click.echo(f"new credentials (shown only here, mode 0600): {summary['credentials_file']}")
+
+
+@devices.command("agent-config")
+@click.argument("key")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("agent.toml"), show_default=True, help="file to write (0600)")
+@click.option("--backend", type=click.Choice(["host", "qemu"]), default="host",
+              show_default=True, help="how the agent runs the firmware")
+@click.option("--data-dir", default="data", show_default=True,
+              help="the device's local data (relative to the file)")
+@click.option("--slot-dir", default="slots", show_default=True,
+              help="the A/B slots (relative to the file)")
+@click.option("--force", is_flag=True, help="overwrite an existing file")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def agent_config_cmd(key: str, output: Path, backend: str, data_dir: str, slot_dir: str,
+                     force: bool, as_json: bool) -> None:
+    """Write the tinyfleet-agent config of device KEY (id or name), mode 0600.
+
+    Its MQTT password is rotated for it (the registry keeps only hashes, so the old one
+    cannot be shown): the old password stops working, the new one is only in this file.
+    """
+    from device_agent.config import render_config
+
+    if output.exists() and not force:
+        raise click.ClickException(f"{output} exists; pass --force to replace it")
+    with app_session() as (app, session):
+        try:
+            device = find_device(session, key)
+            spec = validate(CredentialRotation, {"devices": [device.id]})
+            done = rotate_credentials(session, select_for_rotation(session, spec),
+                                      registry_context(app))
+        except ApiError as err:
+            fail(err, as_json)
+        password = done[0].mqtt_password
+        if password is None:
+            raise click.ClickException(f"device {key} is decommissioned: no credentials")
+        text = render_config(
+            device_id=device.id, password=password, mcu=device.mcu, backend=backend,
+            broker_host=str(app.config["MQTT_HOST"]), broker_port=int(app.config["MQTT_PORT"]),
+            data_dir=data_dir, slot_dir=slot_dir,
+            public_key_pem=device.fleet.signing_public_key, cpu=device.cpu,
+            sram_bytes=device.sram_bytes, flash_bytes=device.flash_bytes,
+            slot_bytes=device.slot_bytes)
+    tmp = output.with_name(output.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, output)
+    summary = {"device": device.id, "config": str(output.resolve()), "backend": backend}
+    if as_json:
+        echo_json(summary)
+    else:
+        click.echo(f"wrote {output} for {device.id} (mode 0600; its MQTT password was "
+                   "rotated, the old one no longer works)")
