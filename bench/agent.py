@@ -1,0 +1,205 @@
+"""Device agent benchmark: personalization gain per round, install time, agent memory and
+CPU (idle, during a round), and how many simulated agents one machine holds.
+
+Run: .venv/bin/python -m bench.agent rounds|install|memory|scale|all [--agents 50,200]
+Model: the checked-in digits TinyNet (tests/firmware/training/fixture_model, 16x16, int8)
+compiled for an STM32F746 with the sparse-update scheme of tests/device_agent/images.py
+(classifier + biases of the last 3 convs + head weights on 1/2 of its input channels), its
+firmware (qemu backend) and host library (host backend). Data: each device's shifted slice of
+the digits (`firmware.data.device_slice`). The broker is a project-started Mosquitto with a
+registry (tests/ota_fleet.py), as in the OTA tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from device_agent.backends import make_backend, self_test
+from device_agent.local_data import write_device_data
+from device_agent.personalization import Personalizer
+from device_agent.profile import BackendKind, DeviceProfile
+from device_agent.slots import SlotStore
+from tests.device_agent.images import Images, build_images, resign
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _provisioned(root: Path, images: Images, backend: str, index: int) -> Personalizer:
+    device = DeviceProfile.for_mcu(f"bench-{index}", "stm32f746", backend)
+    store = SlotStore(root / "slots", device, images.key.public_key())
+    b = make_backend(device)
+    image = images.mcu if backend == "qemu" else images.host
+    store.install("u1", image, lambda slot, img: self_test(b, slot, img))
+    write_device_data(root / "data", index)
+    return Personalizer(store, b, root / "data")
+
+
+def rounds(images: Images, work: Path, devices: int = 3, per_device: int = 3) -> None:
+    """Accuracy before/after each round, 3 devices x 3 rounds (host backend)."""
+    print("| device | round | samples | accuracy before | after | gain | kept | s |")
+    print("|---|---|---|---|---|---|---|---|")
+    gains = []
+    for index in range(devices):
+        p = _provisioned(work / f"r{index}", images, "host", index)
+        for r in range(1, per_device + 1):
+            res = p.run_round(r, seed=r)
+            m = res.metrics
+            gains.append(m.accuracy_after - m.accuracy_before)
+            print(f"| {index} | {r} | {m.samples_used} | {100 * m.accuracy_before:.1f} % | "
+                  f"{100 * m.accuracy_after:.1f} % | {100 * gains[-1]:+.1f} pt | "
+                  f"{'yes' if res.kept else 'no'} | {m.duration_s:.1f} |")
+    print(f"training memory (model figure): {m.training_memory_bytes} B")
+
+
+def install(images: Images, work: Path, repeats: int = 20) -> None:
+    """A 200 kB signed image through the slot store; the real self-tests per backend."""
+    from tests.ota_fleet import signed_image
+
+    big = signed_image(images.key, "stm32f746", 200 * 1024)
+    # tests/ota_fleet.signed_image links for half the Flash (512 kB): a device with such slots
+    device = DeviceProfile("bench", "stm32f746", "cortex-m7", 320 * 1024, 1024 * 1024,
+                           512 * 1024, BackendKind.QEMU)
+    times = []
+    for i in range(repeats):
+        store = SlotStore(work / f"i{i}", device, images.key.public_key())
+        t0 = time.perf_counter()
+        store.install(f"u{i}", big, lambda slot, img: None)  # read-back only: no model in it
+        times.append(time.perf_counter() - t0)
+    print(f"install of a {len(big)} B image (verify, journal, write, fsync, switch; no "
+          f"self-test): median {1000 * statistics.median(times):.1f} ms, "
+          f"max {1000 * max(times):.1f} ms over {repeats}")
+    for backend, image in (("host", images.host), ("qemu", images.mcu)):
+        dev = DeviceProfile.for_mcu("bench", "stm32f746", backend)
+        b = make_backend(dev)
+        t = []
+        for i in range(5):
+            store = SlotStore(work / f"{backend}{i}", dev, images.key.public_key())
+            t0 = time.perf_counter()
+            store.install("u", image, lambda slot, img: self_test(b, slot, img))
+            t.append(time.perf_counter() - t0)
+        print(f"install + self-test ({len(image)} B image, {backend} backend): median "
+              f"{1000 * statistics.median(t):.0f} ms")
+
+
+def _fleet(work: Path) -> Any:
+    from tests.ota_fleet import OtaFleet
+    from tests.servers import start_mosquitto
+
+    broker_root = Path(tempfile.mkdtemp(prefix="tinyfleet-bench-mqtt-"))
+    broker_root.chmod(0o755)
+    broker = start_mosquitto(broker_root)
+    return OtaFleet(broker, work / "var"), broker, broker_root
+
+
+def _agents(fleet: Any, images: Images, work: Path, n: int, template: Path) -> list[Any]:
+    from device_agent.agent import DeviceAgent
+    from device_agent.config import AgentConfig, render_config
+    from firmware.image import public_key_pem
+
+    key = fleet.signing_key()
+    pem = public_key_pem(key.public_key()).decode()
+    agents = []
+    for identity in fleet.register(n, "stm32f746", f"sim{n}-{time.time_ns()}"):
+        base = work / identity.device_id
+        shutil.copytree(template, base / "slots")
+        (base / "agent.toml").write_text(render_config(
+            device_id=identity.device_id, password=identity.password, mcu="stm32f746",
+            backend="host", broker_host=fleet.broker.host, broker_port=fleet.broker.port,
+            data_dir="data", slot_dir="slots", public_key_pem=pem))
+        agents.append(DeviceAgent(AgentConfig.load(base / "agent.toml")))
+    return agents
+
+
+def _template(fleet: Any, images: Images, work: Path) -> Path:
+    key = fleet.signing_key()
+    image = resign(images.host, key)
+    device = DeviceProfile.for_mcu("template", "stm32f746", "host")
+    store = SlotStore(work / "template", device, key.public_key())
+    b = make_backend(device)
+    store.install("u1", image, lambda slot, img: self_test(b, slot, img))
+    return work / "template"
+
+
+def memory_and_scale(images: Images, work: Path, counts: list[int], idle_s: float) -> None:
+    """RSS and CPU of agents in one process: idle, during a round, N agents."""
+    from device_agent.loop import AgentLoop
+
+    fleet, broker, root = _fleet(work)
+    try:
+        template = _template(fleet, images, work)
+        base_rss = _rss_kb()
+        for n in counts:
+            before = _rss_kb()
+            agents = _agents(fleet, images, work / f"n{n}", n, template)
+            loop = AgentLoop(fleet.broker.host, fleet.broker.port, seed=1)
+            t0 = time.perf_counter()
+            loop.add(agents)
+            loop.start()
+            while not all(a.ready.is_set() for a in agents):
+                time.sleep(0.05)
+            connect_s = time.perf_counter() - t0
+            time.sleep(1.0)
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            time.sleep(idle_s)
+            cpu = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+            rss = _rss_kb()
+            print(f"| {n} | {connect_s:.1f} s | {(rss - before) / n:.0f} kB | "
+                  f"{rss / 1024:.0f} MB | {100 * cpu:.1f} % |")
+            if n == counts[0]:
+                agent = agents[0]
+                write_device_data(agent.config.data_dir, 0)
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                result = agent.personalizer.run_round(1)
+                wall = time.perf_counter() - wall0
+                print(f"round on agent 0: {wall:.1f} s wall, CPU {100 * (time.process_time() - cpu0) / wall:.0f} % "
+                      f"of one core, peak RSS +{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0} kB, "
+                      f"accuracy {100 * result.metrics.accuracy_before:.1f} -> "
+                      f"{100 * result.metrics.accuracy_after:.1f} %")
+            loop.stop()
+        print(f"process RSS before any agent: {base_rss / 1024:.0f} MB")
+    finally:
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:
+    """CLI."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("what", choices=["rounds", "install", "memory", "scale", "all"])
+    parser.add_argument("--agents", default="1,50,200", help="agent counts (scale)")
+    parser.add_argument("--idle-s", type=float, default=10.0)
+    args = parser.parse_args()
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory(prefix="tinyfleet-bench-agent-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        images = build_images(work / "images")
+        print(f"images built in {time.perf_counter() - t0:.1f} s")
+        if args.what in ("rounds", "all"):
+            rounds(images, work / "rounds")
+        if args.what in ("install", "all"):
+            install(images, work / "install")
+        if args.what in ("memory", "scale", "all"):
+            counts = [int(c) for c in args.agents.split(",")]
+            print("| agents | connect | RSS per agent | process RSS | CPU idle (of one core) |")
+            print("|---|---|---|---|---|")
+            memory_and_scale(images, work / "scale", counts, args.idle_s)
+
+
+if __name__ == "__main__":
+    main()
