@@ -89,7 +89,7 @@ def install(images: Images, work: Path, repeats: int = 20) -> None:
         for i in range(5):
             store = SlotStore(work / f"{backend}{i}", dev, images.key.public_key())
             t0 = time.perf_counter()
-            store.install("u", image, lambda slot, img: self_test(b, slot, img))
+            store.install("u", image, lambda slot, img, b=b: self_test(b, slot, img))
             t.append(time.perf_counter() - t0)
         print(f"install + self-test ({len(image)} B image, {backend} backend): median "
               f"{1000 * statistics.median(t):.0f} ms")
@@ -166,10 +166,12 @@ def memory_and_scale(images: Images, work: Path, counts: list[int], idle_s: floa
                 peak0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 result = agent.personalizer.run_round(1)
                 wall = time.perf_counter() - wall0
-                print(f"round on agent 0: {wall:.1f} s wall, CPU {100 * (time.process_time() - cpu0) / wall:.0f} % "
-                      f"of one core, peak RSS +{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0} kB, "
-                      f"accuracy {100 * result.metrics.accuracy_before:.1f} -> "
-                      f"{100 * result.metrics.accuracy_after:.1f} %")
+                cpu_round = (time.process_time() - cpu0) / wall
+                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak0
+                m = result.metrics
+                print(f"round on agent 0: {wall:.1f} s wall, CPU {100 * cpu_round:.0f} % of one "
+                      f"core, peak RSS +{peak} kB, accuracy {100 * m.accuracy_before:.1f} -> "
+                      f"{100 * m.accuracy_after:.1f} %")
             loop.stop()
         print(f"process RSS before any agent: {base_rss / 1024:.0f} MB")
     finally:
