@@ -187,21 +187,30 @@ def test_install_resume_personalize_and_nothing_private_crosses(
                           if t.endswith(f"{config.device_id}/presence")])
 
 
-def test_the_cli_runs_and_stops_cleanly_on_sigterm(rig: Rig, images: Images,
-                                                   tmp_path: Path) -> None:
-    config = _config(rig, tmp_path, 1)
-    path = config.data_dir.parent / "agent.toml"
-    proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "--config", str(path)],
+def test_the_cli_simulates_devices_and_stops_cleanly_on_sigterm(rig: Rig, images: Images,
+                                                                tmp_path: Path) -> None:
+    configs = [_config(rig, tmp_path, i) for i in (1, 2)]
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    for c in configs:
+        shutil.copy(c.data_dir.parent / "agent.toml", config_dir / f"{c.device_id}.toml")
+        # relative paths are the file's: point them back at each device's directory
+        text = (config_dir / f"{c.device_id}.toml").read_text()
+        (config_dir / f"{c.device_id}.toml").write_text(
+            text.replace('"data"', f'"{c.data_dir}"').replace('"slots"', f'"{c.slot_dir}"'))
+    proc = subprocess.Popen([sys.executable, "-m", "device_agent.cli", "--simulate", "2",
+                             "--config-dir", str(config_dir)],
                             cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_for(lambda: (config.device_id, True) in rig.sink.presence, WAIT_S)
+        for c in configs:
+            assert wait_for(lambda c=c: (c.device_id, True) in rig.sink.presence, WAIT_S)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out
-    assert wait_for(lambda: rig.sink.presence[-1:] == [(config.device_id, False)]
-                    or (config.device_id, False) in rig.sink.presence, 10)
-    shutil.rmtree(config.slot_dir, ignore_errors=True)
+    for c in configs:  # a clean stop: each said offline itself (no last will needed)
+        assert wait_for(lambda c=c: (c.device_id, False) in rig.sink.presence, 10)
+        assert (c.data_dir / "local.npz").exists()  # simulated devices got their data
