@@ -26,10 +26,11 @@ def _blueprints() -> list[Blueprint]:
     from service.api.mcus import bp as mcus_bp
     from service.api.models import bp as models_bp
     from service.api.openapi import bp as openapi_bp
+    from service.api.personalization import bp as personalization_bp
     from service.api.tokens import bp as tokens_bp
 
-    blueprints = [mcus_bp, fleets_bp, devices_bp, tokens_bp, models_bp, campaigns_bp, jobs_bp,
-                  openapi_bp]
+    blueprints = [mcus_bp, fleets_bp, devices_bp, personalization_bp, tokens_bp, models_bp,
+                  campaigns_bp, jobs_bp, openapi_bp]
     # The stack's /healthz (service/health.py), when that module is present.
     try:
         from service.health import bp as health_bp

@@ -415,3 +415,27 @@ class SignedArtifact(Base):
 
     __table_args__ = (UniqueConstraint("build_id", "fleet_id",
                                        name="uq_signed_artifacts_build_fleet"),)
+
+class DeviceMetric(Base):
+    """One personalization round's metrics from one device (device_agent.protocol's
+    MetricsReport: numbers only, validated again before they are stored)."""
+
+    __tablename__ = "device_metrics"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    round: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[str | None] = mapped_column(String(128))  # installed, when known
+    samples_used: Mapped[int] = mapped_column(Integer)
+    accuracy_before: Mapped[float] = mapped_column(Float)
+    accuracy_after: Mapped[float] = mapped_column(Float)
+    loss_before: Mapped[float] = mapped_column(Float)
+    loss_after: Mapped[float] = mapped_column(Float)
+    loss_curve: Mapped[str] = mapped_column(Text)  # JSON list of at most 50 numbers
+    training_memory_bytes: Mapped[int] = mapped_column(Integer)
+    duration_s: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("device_id", "round", name="uq_device_metrics_device_round"),
+    )

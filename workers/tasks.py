@@ -530,3 +530,14 @@ def reconcile(self: Any) -> dict[str, int]:
         enqueue(J.ANALYZE_TASK, [version])
     return done
 
+
+@shared_task(name="tinyfleet.personalize", ignore_result=False)  # type: ignore[untyped-decorator]
+def personalize(device_id: str, round_id: int,
+                scheme: dict[str, object] | None = None) -> dict[str, object]:
+    """Publish a `personalize` command to a device (QoS 1, the process's publisher)."""
+    from device_agent import protocol as p
+    from workers.bridge import CommandPublisher
+
+    command = p.PersonalizeCommand(round=round_id, scheme=scheme)
+    CommandPublisher.for_process().publish(device_id, command)
+    return {"device": device_id, "round": round_id}

@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "search": "service.cli.search:search",
     "finetune": "service.cli.finetune:finetune",
     "contributions": "service.cli.finetune:contributions",
+    "personalize": "service.cli.personalize:personalize",
 }
 
 
