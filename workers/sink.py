@@ -27,6 +27,7 @@ from device_agent import protocol as p
 from service import db
 from service import jobs as J
 from service.models import Campaign, CampaignState, DeploymentJob, Device, JobState, utcnow
+from service.personalization import record_metrics
 from service.queue import celery_settings
 
 log = logging.getLogger(__name__)
@@ -100,9 +101,16 @@ class DatabaseSink:
             session.commit()
 
     def on_metrics(self, device_id: str, report: p.MetricsReport) -> None:
-        """Personalization metrics: logged (their table belongs to the agent's issue)."""
-        log.info("metrics from %s: round %d, accuracy %.3f -> %.3f", device_id, report.round,
-                 report.accuracy_before, report.accuracy_after)
+        """Personalization metrics: stored per device and round, with the device's installed
+        model version (a repeated round is kept once)."""
+        with self.sessions() as session:
+            device = session.get(Device, device_id)
+            if device is None:
+                log.warning("metrics from unknown device %s dropped", device_id)
+                return
+            stored = record_metrics(session, device_id, report, device.installed_model_version)
+        log.info("metrics from %s: round %d, accuracy %.3f -> %.3f%s", device_id, report.round,
+                 report.accuracy_before, report.accuracy_after, "" if stored else " (repeat)")
 
     def artifact_for(self, device_id: str, update_id: str) -> str | None:
         """The signed image of the device's job for this update."""

@@ -23,7 +23,7 @@ from tests.service.postgres import PostgresServer, start_postgres
 
 TABLES = ("device_tags", "devices", "fleets", "api_tokens", "idempotency_keys", "job_events",
           "deployment_jobs", "campaigns", "signed_artifacts", "class_builds", "class_plans",
-          "model_versions")
+          "model_versions", "device_metrics")
 
 
 @pytest.fixture(scope="session")
