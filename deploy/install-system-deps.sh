@@ -7,7 +7,7 @@ set -euo pipefail
 
 PYTHON="${PYTHON:-python3.11}"
 PACKAGES=(redis-server mosquitto mosquitto-clients gcc-arm-none-eabi libnewlib-arm-none-eabi
-          qemu-system-arm postgresql gcc libc6-dev)
+          qemu-system-arm postgresql gcc libc6-dev chromium)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

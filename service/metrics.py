@@ -1,0 +1,180 @@
+"""Prometheus metrics: GET /metrics (needs a viewer token, like the API).
+
+Two kinds of figures, because the stack runs several processes (gunicorn workers, Celery
+workers, the MQTT bridge):
+
+- **Events** counted where they happen (HTTP requests and their latency; MQTT messages in,
+  out and rejected; build and search durations) are prometheus-client counters and
+  histograms in its *multiprocess mode*: each process writes its own memory-mapped files
+  under `PROMETHEUS_MULTIPROC_DIR`, and a scrape sums them over every process. gunicorn's
+  config sets that directory for its workers (`service.gunicorn_conf`: `<var>/metrics/web`,
+  emptied when the master starts, dead workers' live gauges dropped); another process joins
+  by starting with the same variable. Without the variable (tests, the Flask dev server)
+  the figures are this process's own.
+- **State** (devices by state and MCU; later jobs by state, campaign progress, devices
+  online) is read from the database at scrape time (`GAUGE_SOURCES`), so it is right
+  whichever process changed it and needs no bookkeeping. A source is a function of a
+  session yielding metric families; a new table's figures are one more source
+  (`gauge_source`).
+
+The hooks for other processes are the metric objects below (`MQTT_MESSAGES`,
+`BUILD_SECONDS`, `SEARCH_SECONDS`): import and `.inc()` / `.observe()` them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from flask import Blueprint, Flask, Response, g, request
+from flask.blueprints import BlueprintSetupState
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.auth import require
+from service.db import request_session
+from service.logs import install_request_context
+from service.models import Device, Role
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Seconds. Pages and API calls are milliseconds; a bulk registration of 10,000 seconds.
+HTTP_BUCKETS = (.005, .01, .025, .05, .1, .2, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WORK_BUCKETS = (.1, .5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+HTTP_REQUESTS = Counter(
+    "tinyfleet_http_requests", "HTTP requests answered, by route and status",
+    ["method", "endpoint", "status"])
+HTTP_SECONDS = Histogram(
+    "tinyfleet_http_request_duration_seconds", "Time to answer an HTTP request, by route",
+    ["method", "endpoint"], buckets=HTTP_BUCKETS)
+# Hooks for the MQTT bridge: direction "in" (device -> service) or "out"; outcome
+# "accepted" or "rejected" (a malformed or unauthorised message, which is logged and dropped).
+MQTT_MESSAGES = Counter(
+    "tinyfleet_mqtt_messages", "MQTT messages, by direction, topic kind and outcome",
+    ["direction", "kind", "outcome"])
+# Hooks for the Celery workers: one observation per finished firmware build or search.
+BUILD_SECONDS = Histogram(
+    "tinyfleet_build_duration_seconds", "Firmware build time (compile, QEMU check, sign)",
+    ["outcome"], buckets=WORK_BUCKETS)
+SEARCH_SECONDS = Histogram(
+    "tinyfleet_search_duration_seconds", "Architecture and schedule search time",
+    ["outcome"], buckets=WORK_BUCKETS)
+
+GaugeSource = Callable[[Session], Iterable[Metric]]
+GAUGE_SOURCES: list[GaugeSource] = []
+
+
+def gauge_source(source: GaugeSource) -> GaugeSource:
+    """Decorator: read `source`'s metric families from the database at every scrape."""
+    GAUGE_SOURCES.append(source)
+    return source
+
+
+@gauge_source
+def devices_by_state(session: Session) -> Iterator[Metric]:
+    """tinyfleet_devices{state, mcu}: registered devices (one index-only GROUP BY)."""
+    family = GaugeMetricFamily("tinyfleet_devices", "Registered devices by state and MCU",
+                               labels=["state", "mcu"])
+    rows = session.execute(select(Device.state, Device.mcu, func.count())
+                           .group_by(Device.mcu, Device.state))
+    for state, mcu, count in rows:
+        family.add_metric([state.value, mcu], count)
+    yield family
+
+
+class DatabaseCollector(Collector):
+    """The state gauges, read with one session at scrape time."""
+
+    def __init__(self, session: Session, sources: Iterable[GaugeSource]) -> None:
+        self.session = session
+        self.sources = list(sources)
+
+    def collect(self) -> Iterator[Metric]:
+        """Every source's families."""
+        for source in self.sources:
+            yield from source(self.session)
+
+
+def multiproc_dir() -> Path | None:
+    """The multiprocess directory, when this process writes its figures there."""
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+def prepare_multiproc_dir(path: Path) -> None:
+    """An empty directory for a new set of processes (files of earlier runs would be summed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead process's live gauges (gunicorn's child_exit hook)."""
+    if multiproc_dir() is not None:
+        multiprocess.mark_process_dead(pid)
+
+
+def exposition(session: Session) -> bytes:
+    """The text format of every metric: events (all processes') and database state."""
+    events = CollectorRegistry()
+    if multiproc_dir() is not None:
+        multiprocess.MultiProcessCollector(events)  # type: ignore[no-untyped-call]
+    state = CollectorRegistry()
+    state.register(DatabaseCollector(session, GAUGE_SOURCES))
+    return generate_latest(events if multiproc_dir() is not None else REGISTRY) \
+        + generate_latest(state)
+
+
+bp = Blueprint("metrics", __name__)
+
+
+@bp.get("/metrics")
+@require(Role.VIEWER)
+def metrics_view() -> Response:
+    """Prometheus text exposition."""
+    return Response(exposition(request_session()), mimetype=CONTENT_TYPE_LATEST)
+
+
+def _endpoint_label() -> str:
+    # The route, not the path: one series per route whatever ids the paths carry.
+    return request.endpoint or "unmatched"
+
+
+def install_request_metrics(app: Flask) -> None:
+    """Count and time every request of `app` (after the answer is shaped)."""
+
+    def _start() -> None:
+        g.metrics_started = time.perf_counter()
+
+    # First of all: requests that an earlier hook refuses (413 ...) are counted too.
+    app.before_request_funcs.setdefault(None, []).insert(0, _start)
+
+    @app.after_request
+    def _observe(response: Response) -> Response:
+        started = g.pop("metrics_started", None)
+        if started is not None:
+            endpoint = _endpoint_label()
+            HTTP_SECONDS.labels(request.method, endpoint).observe(time.perf_counter() - started)
+            HTTP_REQUESTS.labels(request.method, endpoint, str(response.status_code)).inc()
+        return response
+
+
+@bp.record_once
+def _install(state: BlueprintSetupState) -> None:
+    install_request_metrics(state.app)
+    install_request_context(state.app)
+
