@@ -28,9 +28,11 @@ def _blueprints() -> list[Blueprint]:
     from service.api.openapi import bp as openapi_bp
     from service.api.personalization import bp as personalization_bp
     from service.api.tokens import bp as tokens_bp
+    from service.dashboard import bp as dashboard_bp
+    from service.metrics import bp as metrics_bp
 
     blueprints = [mcus_bp, fleets_bp, devices_bp, personalization_bp, tokens_bp, models_bp,
-                  campaigns_bp, jobs_bp, openapi_bp]
+                  campaigns_bp, jobs_bp, openapi_bp, metrics_bp, dashboard_bp]
     # The stack's /healthz (service/health.py), when that module is present.
     try:
         from service.health import bp as health_bp

@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "STUCK_AFTER_S": 300,  # a job waiting this long for its task is re-enqueued
     "LEASE_S": 60,  # a plan/build claim lasts this long unless its worker renews it
     "VISIBILITY_TIMEOUT_S": 3600,  # Redis: an unacknowledged task returns after this
+    "SECRET_KEY": None,  # signs dashboard sessions; None: VAR_DIR/dashboard-secret (made once)
 }
 
 _INT_KEYS = {"MQTT_PORT", "MAX_CONTENT_LENGTH", "OTA_BLOCK_SIZE", "BRIDGE_METRICS_PORT",

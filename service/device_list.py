@@ -46,8 +46,9 @@ _CHOICES: dict[tuple[object, ...], tuple[str, float]] = {}
 
 _TAGS = (select(func.aggregate_strings(DeviceTag.tag, " "))
          .where(DeviceTag.device_id == Device.id).correlate(Device).scalar_subquery())
-# Plain columns of a page, with each device's tags read through device_tags' primary key.
-_ROW_COLUMNS = (Device.id, Device.name, Device.fleet_id, Device.mcu, Device.cpu,
+# Plain columns of a page, with each device's tags read through device_tags' primary key
+# (also the dashboard's name search: service.dashboard.fleet).
+ROW_COLUMNS = (Device.id, Device.name, Device.fleet_id, Device.mcu, Device.cpu,
                 Device.sram_bytes, Device.flash_bytes, Device.slot_bytes, Device.ota_layout,
                 Device.state, Device.created_at, _TAGS)
 
@@ -137,7 +138,8 @@ def device_filters(session: Session, fleet: str | None, mcu: str | None,
     return Filters(fleet_id, mcu, state)
 
 
-def _has_tag(tag: str, device_id: Any = Device.id) -> ColumnElement[bool]:
+def has_tag(tag: str, device_id: Any = Device.id) -> ColumnElement[bool]:
+    """The device has `tag` (a lookup in device_tags' primary key)."""
     other = aliased(DeviceTag)
     return exists().where(other.device_id == device_id, other.tag == tag)
 
@@ -236,7 +238,7 @@ def plan_page(session: Session, query: DeviceQuery) -> ListPlan:
     after = query.cursor
     driver = choose_driver(session, filters, tags, after, query.limit)
     if driver == "devices":
-        stmt = select(*_ROW_COLUMNS).where(*filters.indexed(), *(_has_tag(t) for t in tags))
+        stmt = select(*ROW_COLUMNS).where(*filters.indexed(), *(has_tag(t) for t in tags))
         if after is not None:
             stmt = stmt.where(Device.id > after)
         stmt = stmt.order_by(Device.id)
@@ -244,10 +246,10 @@ def plan_page(session: Session, query: DeviceQuery) -> ListPlan:
         lead = tag_of(driver)
         walk = aliased(DeviceTag, name="walk")
         sqlite = session.get_bind().dialect.name == "sqlite"
-        stmt = (select(*_ROW_COLUMNS).select_from(walk)
+        stmt = (select(*ROW_COLUMNS).select_from(walk)
                 .join(Device, Device.id == walk.device_id)
                 .where(walk.tag == lead, *(filters.opaque() if sqlite else filters.indexed()),
-                       *(_has_tag(t) for t in tags if t != lead)))
+                       *(has_tag(t) for t in tags if t != lead)))
         if after is not None:
             # On both sides: PostgreSQL does not carry an inequality across the join.
             stmt = stmt.where(walk.device_id > after, Device.id > after)
@@ -259,13 +261,17 @@ def list_devices(session: Session, query: DeviceQuery) -> tuple[list[DeviceRow],
     """One page of devices matching the filters, by id, and the cursor of the next page."""
     page: list[Any] = list(session.execute(plan_page(session, query).statement).all())
     next_cursor = str(page[query.limit - 1][0]) if len(page) > query.limit else None
-    page = page[:query.limit]
+    return device_rows(session, page[:query.limit]), next_cursor
+
+
+def device_rows(session: Session, page: list[Any]) -> list[DeviceRow]:
+    """Rows selected as ROW_COLUMNS as DeviceRows (their fleets' names in one query)."""
     if not page:
-        return [], None
+        return []
     fleet_ids = {row[2] for row in page}
     names = {fleet_id: name for fleet_id, name in
              session.execute(select(Fleet.id, Fleet.name).where(Fleet.id.in_(fleet_ids)))}
     # Tags contain no spaces (schemas.TAG_RE): joined with one, split back here.
     return [DeviceRow(row[0], row[1], names[row[2]], row[3], row[4], row[5], row[6], row[7],
                       row[8], row[9], row[10], sorted(row[11].split(" ")) if row[11] else [])
-            for row in page], next_cursor
+            for row in page]

@@ -5,16 +5,25 @@ too many or too long headers, a malformed request) and answers those in HTML. It
 worker is subclassed here to answer them as problem+json, like every other error of the API.
 The request line limit is gunicorn's largest, so that URIs of 4-8 kB reach the app, which
 answers them itself (service.limits: 414 over 4096 bytes).
+
+Logs are JSON lines (service.logs) on stderr, gunicorn's own error log included; its access
+log stays as configured (the stack: var/log/web-access.log). Metrics are summed over the
+workers by prometheus-client's multiprocess mode (service.metrics): its directory is set
+here, before any worker imports prometheus_client, to `<TINYFLEET_VAR_DIR>/metrics/web`
+(emptied when the master starts) unless PROMETHEUS_MULTIPROC_DIR names one already.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from gunicorn import util
 from gunicorn.http import errors
 from gunicorn.workers.sync import SyncWorker
 
+from service.logs import logconfig
 from service.problems import TITLES, FieldError, problem_body
 
 worker_class = "service.gunicorn_conf.ProblemSyncWorker"
@@ -22,6 +31,28 @@ limit_request_line = 8190  # gunicorn's maximum
 # gunicorn >= 25 opens a control socket in ~/.gunicorn by default, one path for every
 # gunicorn of the user: two stacks (or test servers) would fight over it. Nothing uses it.
 control_socket_disable = True
+logconfig_dict = logconfig()
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_OWN_METRICS_DIR = _MULTIPROC_ENV not in os.environ
+if _OWN_METRICS_DIR:
+    os.environ[_MULTIPROC_ENV] = str(
+        (Path(os.environ.get("TINYFLEET_VAR_DIR", "var")) / "metrics" / "web").resolve())
+
+
+def on_starting(_server: Any) -> None:
+    """An empty metrics directory for this master's workers (earlier runs' counts go)."""
+    if _OWN_METRICS_DIR:
+        from service.metrics import prepare_multiproc_dir
+
+        prepare_multiproc_dir(Path(os.environ[_MULTIPROC_ENV]))
+
+
+def child_exit(_server: Any, worker: Any) -> None:
+    """A worker is gone: drop its live gauges (its counters stay in the sums)."""
+    from service.metrics import mark_process_dead
+
+    mark_process_dead(worker.pid)
 
 # gunicorn's refusals: (status, the part of the request at fault).
 _REFUSALS: list[tuple[type[Exception], int, str]] = [

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import IO, Any
 
 from flask import Flask, Response, g, request
@@ -30,7 +31,8 @@ CONTEXT_IDS = ("request_id", "device_id", "campaign_id", "job_id", "task_id")
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")  # a caller's id is kept only if sane
 
-_context: ContextVar[Mapping[str, str]] = ContextVar("tinyfleet_log_context", default={})
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+_context: ContextVar[Mapping[str, str]] = ContextVar("tinyfleet_log_context", default=_EMPTY)
 
 # Attributes every LogRecord has: anything else on a record came from `extra=`.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {

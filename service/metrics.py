@@ -37,6 +37,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
@@ -51,6 +52,8 @@ from service.logs import install_request_context
 from service.models import Device, Role
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# `*_created` series: not written in multiprocess mode, so not in-process either (one format).
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 # Seconds. Pages and API calls are milliseconds; a bulk registration of 10,000 seconds.
 HTTP_BUCKETS = (.005, .01, .025, .05, .1, .2, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
