@@ -99,7 +99,7 @@ def _wants_data() -> bool:
 def _api_error(err: ApiError) -> Response:
     if _wants_data():
         return problem_response(err.status, err.detail, err.errors, err.headers)
-    return render_page("dashboard/error.html", err.status, status=err.status, detail=err.detail)
+    return render_page("dashboard/error.html", err.status, code=err.status, detail=err.detail)
 
 
 @bp.errorhandler(HTTPException)
@@ -108,4 +108,4 @@ def _http_error(err: HTTPException) -> Response:
     detail = err.description or err.name
     if _wants_data():
         return problem_response(status, detail)
-    return render_page("dashboard/error.html", status, status=status, detail=detail)
+    return render_page("dashboard/error.html", status, code=status, detail=detail)
