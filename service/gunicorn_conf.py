@@ -23,7 +23,7 @@ from gunicorn import util
 from gunicorn.http import errors
 from gunicorn.workers.sync import SyncWorker
 
-from service.logs import logconfig
+from service import logs as _logs
 from service.problems import TITLES, FieldError, problem_body
 
 worker_class = "service.gunicorn_conf.ProblemSyncWorker"
@@ -31,7 +31,7 @@ limit_request_line = 8190  # gunicorn's maximum
 # gunicorn >= 25 opens a control socket in ~/.gunicorn by default, one path for every
 # gunicorn of the user: two stacks (or test servers) would fight over it. Nothing uses it.
 control_socket_disable = True
-logconfig_dict = logconfig()
+logconfig_dict = _logs.logconfig()
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _OWN_METRICS_DIR = _MULTIPROC_ENV not in os.environ
