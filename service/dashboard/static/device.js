@@ -36,11 +36,11 @@
       barmode: "stack", height: 170, margin: { l: 80, r: 20, t: 30, b: 40 },
       title: { text: title + ": " + kb(used) + " of " + kb(budget), font: { size: 14 } },
       xaxis: { title: { text: "kB" }, range: [0, Math.max(used, budget) * 1.05 / KIB] },
-      legend: { orientation: "h", y: -0.45 },
+      legend: { orientation: "h", y: -0.45, traceorder: "normal" },
       shapes: [{ type: "line", x0: budget / KIB, x1: budget / KIB, yref: "paper", y0: 0,
                  y1: 1, line: { color: "#222", width: 2, dash: "dash" } }],
       annotations: [{ x: budget / KIB, yref: "paper", y: 1.08, text: budgetName,
-                      showarrow: false, font: { size: 11 } }],
+                      xanchor: "right", showarrow: false, font: { size: 11 } }],
     };
     window.Plotly.newPlot(element, traces, layout, { displayModeBar: false, responsive: true });
   }
