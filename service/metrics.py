@@ -28,6 +28,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import cast
 
 from flask import Blueprint, Flask, Response, g, request
 from flask.blueprints import BlueprintSetupState
@@ -128,7 +129,7 @@ def prepare_multiproc_dir(path: Path) -> None:
 def mark_process_dead(pid: int) -> None:
     """Drop a dead process's live gauges (gunicorn's child_exit hook)."""
     if multiproc_dir() is not None:
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def exposition(session: Session) -> bytes:
@@ -178,6 +179,7 @@ def install_request_metrics(app: Flask) -> None:
 
 @bp.record_once
 def _install(state: BlueprintSetupState) -> None:
-    install_request_metrics(state.app)
-    install_request_context(state.app)
+    app = cast(Flask, state.app)
+    install_request_metrics(app)
+    install_request_context(app)
 

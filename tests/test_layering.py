@@ -127,3 +127,39 @@ def test_firmware_parts_import_only_what_sits_below_them(path: Path) -> None:
     allowed = GROUND | MAY_IMPORT[part] | {part}
     bad = _firmware_imports(path) - allowed
     assert not bad, f"firmware/{rel} ({part}) imports {sorted(bad)}, above or beside it"
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    """Top-level packages imported by statements that run at import (not inside functions)."""
+    names: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+            elif isinstance(node, ast.If | ast.Try | ast.With | ast.ClassDef):
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    for child in getattr(node, field, []):
+                        visit(child.body if isinstance(child, ast.ExceptHandler) else [child])
+
+    visit(ast.parse(path.read_text(), filename=str(path)).body)
+    return names
+
+
+@pytest.mark.parametrize("path", _sources("service"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_service_never_imports_workers_at_module_level(path: Path) -> None:
+    # DESIGN: the service enqueues work by task name; workers import the service, not back.
+    assert "workers" not in _module_level_imports(path), path.relative_to(ROOT)
+
+
+def test_the_dashboard_reaches_the_registry_as_the_api_does() -> None:
+    # The dashboard's pages are views of the same functions the API calls (registry,
+    # device_list, auth): never the API's view modules, whose answers are JSON documents.
+    for path in _sources("service/dashboard"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        modules = {node.module for node in ast.walk(tree)
+                   if isinstance(node, ast.ImportFrom) and node.module}
+        views = {m for m in modules if m.startswith("service.api.") and m != "service.api.common"}
+        assert not views, f"{path.relative_to(ROOT)} imports API views {sorted(views)}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from flask import Response, request
+from werkzeug.wrappers import Response as BaseResponse
 
 PACKAGE_FILE = ("plotly", "package_data/plotly.min.js")
 
@@ -43,9 +44,9 @@ def plotly_version() -> str:
     return version("plotly")
 
 
-def asset_response(asset: Asset, mimetype: str) -> Response:
+def asset_response(asset: Asset, mimetype: str) -> BaseResponse:
     """The asset, gzipped when the client accepts it; 304 when its ETag matches."""
-    use_gzip = "gzip" in request.accept_encodings
+    use_gzip = request.accept_encodings.quality("gzip") > 0
     response = Response(asset.gzipped if use_gzip else asset.body, mimetype=mimetype)
     if use_gzip:
         response.headers["Content-Encoding"] = "gzip"

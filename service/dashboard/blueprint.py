@@ -16,7 +16,7 @@ Security, in one place:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, g, render_template, request
 from flask.blueprints import BlueprintSetupState
@@ -75,7 +75,7 @@ def security_headers(response: Response) -> Response:
 
 @bp.record_once
 def _install(state: BlueprintSetupState) -> None:
-    app: Flask = state.app
+    app = cast(Flask, state.app)
     install_sessions(app)
     app.after_request(security_headers)
 

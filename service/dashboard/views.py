@@ -55,7 +55,7 @@ def data(endpoint: str) -> str:
     return endpoint
 
 
-def json_response(doc: Any) -> Response:
+def json_response(doc: Any) -> BaseResponse:
     """JSON with a strong ETag of its bytes; 304 when the client's copy is current."""
     body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     response = Response(body, mimetype="application/json")
@@ -121,7 +121,7 @@ def fleet() -> Response:
 
 @bp.get("/fleet/data")
 @page(Role.VIEWER, data=True)
-def fleet_data() -> Response:
+def fleet_data() -> BaseResponse:
     """The fleet page's rows and counts, for its script."""
     session = request_session()
     query = parse_fleet_query(request.args)
@@ -147,17 +147,18 @@ def device(key: str) -> Response:
         report = fit_report(choice, found.sram_bytes, found.slot_bytes, Cpu(found.cpu))
     except ApiError as err:
         fit_error = err.detail
+    fit_args: dict[str, Any] = {"key": found.id, **choice.args()}
     return render_page(
         "dashboard/device.html", 422 if fit_error else 200, device=_device_facts(found),
         choice=choice, report=report, fit_error=fit_error, models=BUILTIN_NETWORKS,
         widths=WIDTHS, tags_form=TagsForm(tags=" ".join(found.tags)),
         can_act=g.viewer.can(Role.OPERATOR),
-        fit_url=url_for("dashboard.device_fit", key=found.id, **choice.args()))
+        fit_url=url_for("dashboard.device_fit", **fit_args))
 
 
 @bp.get("/devices/<key>/data")
 @page(Role.VIEWER, data=True)
-def device_data(key: str) -> Response:
+def device_data(key: str) -> BaseResponse:
     """The device's facts, for its page's script."""
     return json_response(_device_facts(find_device(request_session(), key)))
 
@@ -167,7 +168,7 @@ data("device_data")
 
 @bp.get("/devices/<key>/fit")
 @page(Role.VIEWER, data=True)
-def device_fit(key: str) -> Response:
+def device_fit(key: str) -> BaseResponse:
     """The memory report of the model the query names, on this device."""
     found = find_device(request_session(), key)
     choice = parse_model_choice(request.args)
@@ -192,7 +193,7 @@ def device_tags(key: str) -> BaseResponse:
 
 
 @bp.get("/dashboard/plotly-<version>.min.js")
-def plotly_script(version: str) -> Response:
+def plotly_script(version: str) -> BaseResponse:
     """plotly.min.js from the installed package (its version in the URL, cached a year)."""
     del version  # any version answers the installed file; the URL only busts caches
     return asset_response(plotly_js(), "text/javascript")
