@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_init
+from celery.signals import setup_logging, worker_init
 from flask import Flask
 
+from service import logs
 from service.app import create_app
 from service.queue import celery_settings
 
@@ -21,7 +22,8 @@ def celery_init_app(app: Flask) -> Celery:
 
     class FlaskTask(Task):  # type: ignore[misc]
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            with app.app_context():
+            # Every log line of a task carries its id (service.logs).
+            with app.app_context(), logs.bind(task_id=self.request.id):
                 return self.run(*args, **kwargs)
 
     celery = Celery(app.name, task_cls=FlaskTask)
@@ -43,6 +45,12 @@ def _preload(**_kwargs: Any) -> None:
     import firmware.deploy
     import firmware.nas.specialize
     import firmware.pipeline  # noqa: F401
+
+
+@setup_logging.connect
+def _json_logs(**_kwargs: Any) -> None:
+    """The worker's logs as JSON lines, like the web server's (Celery keeps its hands off)."""
+    logs.configure_json_logging()
 
 
 flask_app = create_app()
