@@ -47,7 +47,7 @@ def _preload(**_kwargs: Any) -> None:
     import firmware.pipeline  # noqa: F401
 
 
-@setup_logging.connect
+@setup_logging.connect  # type: ignore[untyped-decorator]
 def _json_logs(**_kwargs: Any) -> None:
     """The worker's logs as JSON lines, like the web server's (Celery keeps its hands off)."""
     logs.configure_json_logging()
