@@ -105,8 +105,8 @@ def logconfig(level: str = "INFO") -> dict[str, Any]:
         "handlers": {"console": handler},
         "root": {"level": level, "handlers": ["console"]},
         "loggers": {
+            # gunicorn's access logger is left alone: it keeps its own file, if any.
             "gunicorn.error": {"level": level, "handlers": [], "propagate": True},
-            "gunicorn.access": {"level": level, "handlers": [], "propagate": True},
         },
     }
 

@@ -470,3 +470,73 @@ def test_an_unknown_device_is_a_404_page(dash: Dash) -> None:
     assert page.mimetype == "text/html"
     data = browser.get("/devices/nope/data")
     assert (data.status_code, data.mimetype) == (404, "application/problem+json")
+
+
+@pytest.fixture
+def dash_pg(postgres_url: str, tmp_path: Path) -> Iterator[Dash]:
+    """The app on PostgreSQL alone (emptied afterwards)."""
+    from sqlalchemy import text
+
+    from tests.service.conftest import TABLES
+
+    made = make_dash(postgres_url, tmp_path / "var")
+    yield made
+    with made.app.extensions["tinyfleet.engine"].begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    made.app.extensions["tinyfleet.engine"].dispose()
+
+
+def test_search_under_a_linguistic_collation_walks_in_name_order(dash_pg: Dash) -> None:
+    # PostgreSQL in a non-C locale orders names by more than bytes: the search then checks
+    # each name exactly instead of trusting a range. The test server runs in the C locale
+    # (detected as byte-wise); the other branch is forced here and must find the same.
+    from service.dashboard import fleet as fleet_module
+
+    engine = dash_pg.app.extensions["tinyfleet.engine"]
+    register(dash_pg, 30)
+    browser = dash_pg.browser(Role.VIEWER)
+    key = str(engine.url)
+    assert _walk(browser, "q=gh-01&limit=25") == [f"gh-{i:03d}" for i in range(10, 20)]
+    assert fleet_module._COLLATION[key] is True
+    fleet_module._COLLATION[key] = False
+    try:
+        assert _walk(browser, "q=gh-01&limit=25") == [f"gh-{i:03d}" for i in range(10, 20)]
+        assert _walk(browser, "q=gh-0&limit=25&tag=even") == [
+            f"gh-{i:03d}" for i in range(0, 30, 2)]
+    finally:
+        del fleet_module._COLLATION[key]
+
+
+def test_sqlite_search_walks_the_name_index(dash: Dash) -> None:
+    # SQLite has no statistics here: its plan is the same at 10 devices as at 100,000.
+    from sqlalchemy import text
+
+    from service.dashboard.fleet import FleetQuery, _name_walk
+    from service.device_list import device_filters
+    from service.models import DeviceState
+
+    session = dash.app.extensions["tinyfleet.sessionmaker"]()
+    captured: list[str] = []
+    original = session.execute
+
+    def capture(statement: Any, *args: Any, **kwargs: Any) -> Any:
+        if hasattr(statement, "compile") and "ORDER BY devices.name" in str(statement):
+            captured.append(str(statement.compile(dialect=session.get_bind().dialect,
+                                                  compile_kwargs={"literal_binds": True})))
+        return original(statement, *args, **kwargs)
+
+    session.execute = capture  # type: ignore[method-assign]
+    for query in (FleetQuery(q="d-12"), FleetQuery(q="d-5", mcu="rp2040", tags=("even",)),
+                  FleetQuery(q="d-5", state=DeviceState.ACTIVE, cursor="d-5123")):
+        _name_walk(session, query, device_filters(session, query.fleet, query.mcu,
+                                                  query.state))
+    session.execute = original  # type: ignore[method-assign]
+    for sql in captured:
+        plan = " | ".join(str(row[-1]) for row in session.execute(
+            text("EXPLAIN QUERY PLAN " + sql)))
+        # The unique index on name (SQLite names it sqlite_autoindex_devices_<n>).
+        assert re.search(r"SEARCH devices USING INDEX sqlite_autoindex_devices_\d "
+                         r"\(name>\? AND name<\?\)", plan), plan
+        assert "TEMP B-TREE" not in plan, plan
+    assert len(captured) == 3
+    session.close()
