@@ -6,11 +6,11 @@ workers, the MQTT bridge):
 - **Events** counted where they happen (HTTP requests and their latency; MQTT messages in,
   out and rejected; build and search durations) are prometheus-client counters and
   histograms in its *multiprocess mode*: each process writes its own memory-mapped files
-  under `PROMETHEUS_MULTIPROC_DIR`, and a scrape sums them over every process. gunicorn's
-  config sets that directory for its workers (`service.gunicorn_conf`: `<var>/metrics/web`,
-  emptied when the master starts, dead workers' live gauges dropped); another process joins
-  by starting with the same variable. Without the variable (tests, the Flask dev server)
-  the figures are this process's own.
+  under `PROMETHEUS_MULTIPROC_DIR`, and a scrape sums them over every process. The stack
+  gives all its processes `var/metrics` (emptied by `tinyfleet up`); a gunicorn started
+  without the variable uses `<var>/metrics/web`, emptied when its master starts
+  (`service.gunicorn_conf`, which also drops dead workers' live gauges). Without the
+  variable (tests, the Flask dev server) the figures are this process's own.
 - **State** (devices by state and MCU; later jobs by state, campaign progress, devices
   online) is read from the database at scrape time (`GAUGE_SOURCES`), so it is right
   whichever process changed it and needs no bookkeeping. A source is a function of a
@@ -51,6 +51,7 @@ from service.auth import require
 from service.db import request_session
 from service.logs import install_request_context
 from service.models import Device, Role
+from service.private_files import private_dir
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # `*_created` series: not written in multiprocess mode, so not in-process either (one format).
@@ -123,7 +124,7 @@ def multiproc_dir() -> Path | None:
 def prepare_multiproc_dir(path: Path) -> None:
     """An empty directory for a new set of processes (files of earlier runs would be summed)."""
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True, mode=0o700)
+    private_dir(path)
 
 
 def mark_process_dead(pid: int) -> None:

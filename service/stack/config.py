@@ -68,6 +68,11 @@ class StackPlan:
         return self.var_dir / "log"
 
     @property
+    def metrics_dir(self) -> Path:
+        """prometheus-client's multiprocess files of every process of the stack."""
+        return self.var_dir / "metrics"
+
+    @property
     def state_file(self) -> Path:
         """The pids of a running stack, read by `tinyfleet down`."""
         return self.var_dir / "stack.json"
@@ -94,6 +99,9 @@ class StackPlan:
             TINYFLEET_MQTT_HOST=self.mqtt_host,
             TINYFLEET_MQTT_PORT=str(self.mqtt_port),
             TINYFLEET_BROKER_DIR=str(self.broker_dir),
+            # One metrics directory for the web workers, Celery and the bridge: a scrape of
+            # /metrics sums every process's counters (service.metrics; emptied by `up`).
+            PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir),
         )
         if self.own_mqtt:
             env["TINYFLEET_MOSQUITTO_PID_FILE"] = str(self.mosquitto_pid_file)

@@ -168,6 +168,9 @@ def prepare_var(plan: StackPlan) -> None:
     """The var dir and its log dir, private; files an older version left readable, tightened."""
     private_dir(plan.var_dir, var_dir_mode(plan))
     private_dir(plan.log_dir, PRIVATE_DIR)
+    from service.metrics import prepare_multiproc_dir
+
+    prepare_multiproc_dir(plan.metrics_dir)  # an earlier run's counts would be summed in
     me = os.geteuid()
     candidates = [plan.var_dir / f"tinyfleet.db{suffix}"
                   for suffix in ("", "-wal", "-shm", ".migrate.lock")]
