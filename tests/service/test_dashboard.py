@@ -540,3 +540,17 @@ def test_sqlite_search_walks_the_name_index(dash: Dash) -> None:
         assert "TEMP B-TREE" not in plan, plan
     assert len(captured) == 3
     session.close()
+
+
+def test_counts_are_shared_for_two_seconds_then_fresh(dash: Dash) -> None:
+    from service.dashboard.fleet import counts_by_mcu
+
+    register(dash, 3)
+    session = dash.app.extensions["tinyfleet.sessionmaker"]()
+    first = counts_by_mcu(session, None)
+    register(dash, 3, prefix="more")
+    assert counts_by_mcu(session, None) is first  # within the poll interval: shared
+    fresh = counts_by_mcu(session, None, max_age_s=0.0)
+    assert sum(c.total for c in fresh) == 6 and sum(c.total for c in first) == 3
+    assert counts_by_mcu(session, "greenhouse", max_age_s=0.0) == fresh  # one fleet: its own
+    session.close()
