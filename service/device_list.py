@@ -49,8 +49,8 @@ _TAGS = (select(func.aggregate_strings(DeviceTag.tag, " "))
 # Plain columns of a page, with each device's tags read through device_tags' primary key
 # (also the dashboard's name search: service.dashboard.fleet).
 ROW_COLUMNS = (Device.id, Device.name, Device.fleet_id, Device.mcu, Device.cpu,
-                Device.sram_bytes, Device.flash_bytes, Device.slot_bytes, Device.ota_layout,
-                Device.state, Device.created_at, _TAGS)
+               Device.sram_bytes, Device.flash_bytes, Device.slot_bytes, Device.ota_layout,
+               Device.state, Device.created_at, _TAGS)
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs more than the query per row

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from flask import (
     Response,
@@ -42,17 +43,19 @@ from service.dashboard.fleet import (
 from service.dashboard.forms import LoginForm, TagsForm
 from service.dashboard.session import current_viewer, log_in, log_out, page, safe_next
 from service.db import request_session
-from service.models import Device, DeviceState, Role
+from service.models import DeviceState, Role
 from service.parsing import validate
 from service.problems import ApiError
 from service.registry import find_device, set_tags
 from service.schemas import DeviceUpdate
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def data(endpoint: str) -> str:
-    """Mark an endpoint as polled by scripts (its errors are problem+json)."""
-    DATA_ENDPOINTS.add(f"dashboard.{endpoint}")
-    return endpoint
+
+def data(view: F) -> F:
+    """Mark a view as polled by scripts: its errors are problem+json, not pages."""
+    DATA_ENDPOINTS.add(f"dashboard.{view.__name__}")
+    return view
 
 
 def json_response(doc: Any) -> BaseResponse:
@@ -119,6 +122,7 @@ def fleet() -> Response:
         fleets=fleet_names(session), page_sizes=PAGE_SIZES, args=request.args)
 
 
+@data
 @bp.get("/fleet/data")
 @page(Role.VIEWER, data=True)
 def fleet_data() -> BaseResponse:
@@ -128,12 +132,6 @@ def fleet_data() -> BaseResponse:
     return json_response(page_json(fleet_page(session, query),
                                    counts_by_mcu(session, query.fleet)))
 
-
-data("fleet_data")
-
-
-def _device_facts(device: Device) -> dict[str, Any]:
-    return device_json(device)
 
 
 @bp.get("/devices/<key>")
@@ -149,23 +147,23 @@ def device(key: str) -> Response:
         fit_error = err.detail
     fit_args: dict[str, Any] = {"key": found.id, **choice.args()}
     return render_page(
-        "dashboard/device.html", 422 if fit_error else 200, device=_device_facts(found),
+        "dashboard/device.html", 422 if fit_error else 200, device=device_json(found),
         choice=choice, report=report, fit_error=fit_error, models=BUILTIN_NETWORKS,
         widths=WIDTHS, tags_form=TagsForm(tags=" ".join(found.tags)),
         can_act=g.viewer.can(Role.OPERATOR),
         fit_url=url_for("dashboard.device_fit", **fit_args))
 
 
+@data
 @bp.get("/devices/<key>/data")
 @page(Role.VIEWER, data=True)
 def device_data(key: str) -> BaseResponse:
     """The device's facts, for its page's script."""
-    return json_response(_device_facts(find_device(request_session(), key)))
+    return json_response(device_json(find_device(request_session(), key)))
 
 
-data("device_data")
 
-
+@data
 @bp.get("/devices/<key>/fit")
 @page(Role.VIEWER, data=True)
 def device_fit(key: str) -> BaseResponse:
@@ -175,8 +173,6 @@ def device_fit(key: str) -> BaseResponse:
     return json_response(fit_report(choice, found.sram_bytes, found.slot_bytes,
                                     Cpu(found.cpu)))
 
-
-data("device_fit")
 
 
 @bp.post("/devices/<key>/tags")
