@@ -121,6 +121,12 @@ def multiproc_dir() -> Path | None:
     return Path(value) if value else None
 
 
+# A process told to write there must find the directory (a missing one fails every request).
+_GIVEN_DIR = multiproc_dir()
+if _GIVEN_DIR is not None:
+    private_dir(_GIVEN_DIR)
+
+
 def prepare_multiproc_dir(path: Path) -> None:
     """An empty directory for a new set of processes (files of earlier runs would be summed)."""
     shutil.rmtree(path, ignore_errors=True)

@@ -260,3 +260,13 @@ def test_gunicorn_logs_are_json_lines(web: tuple[int, str, Path]) -> None:
     access = [d for d in docs if d.get("logger") == "tinyfleet.access" and d["status"] == 404]
     assert access and access[0]["device_id"] == "nope" and len(access[0]["request_id"]) == 32
     assert any(d["logger"] == "gunicorn.error" for d in docs)
+
+
+def test_a_given_metrics_directory_is_made_when_missing(tmp_path: Path) -> None:
+    # The Celery worker or a bridge started with the stack's variable before `up` made it.
+    target = tmp_path / "var" / "metrics"
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(target)}
+    subprocess.run([sys.executable, "-c", "import service.metrics as m; "
+                    "m.HTTP_REQUESTS.labels('GET', 'x', '200').inc()"],
+                   env=env, check=True, timeout=60)
+    assert target.is_dir() and list(target.glob("counter_*.db"))
