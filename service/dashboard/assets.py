@@ -37,6 +37,7 @@ def plotly_js() -> Asset:
                  hashlib.sha256(body).hexdigest()[:32])
 
 
+@functools.cache
 def plotly_version() -> str:
     """The installed plotly package's version (part of the script's URL)."""
     from importlib.metadata import version
