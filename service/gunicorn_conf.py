@@ -43,16 +43,20 @@ if _OWN_METRICS_DIR:
 def on_starting(_server: Any) -> None:
     """An empty metrics directory for this master's workers (earlier runs' counts go)."""
     if _OWN_METRICS_DIR:
-        from service.metrics import prepare_multiproc_dir
+        import shutil
 
-        prepare_multiproc_dir(Path(os.environ[_MULTIPROC_ENV]))
+        from service.private_files import private_dir
+
+        shutil.rmtree(os.environ[_MULTIPROC_ENV], ignore_errors=True)
+        private_dir(Path(os.environ[_MULTIPROC_ENV]))
 
 
 def child_exit(_server: Any, worker: Any) -> None:
-    """A worker is gone: drop its live gauges (its counters stay in the sums)."""
-    from service.metrics import mark_process_dead
+    """A worker is gone: drop its live gauges (its counters stay in the sums). Light
+    imports only: this runs in the master, also while the stack is being stopped."""
+    from prometheus_client import multiprocess
 
-    mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 # gunicorn's refusals: (status, the part of the request at fault).
 _REFUSALS: list[tuple[type[Exception], int, str]] = [

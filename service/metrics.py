@@ -133,12 +133,6 @@ def prepare_multiproc_dir(path: Path) -> None:
     private_dir(path)
 
 
-def mark_process_dead(pid: int) -> None:
-    """Drop a dead process's live gauges (gunicorn's child_exit hook)."""
-    if multiproc_dir() is not None:
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
-
-
 def exposition(session: Session) -> bytes:
     """The text format of every metric: events (all processes') and database state."""
     events = CollectorRegistry()

@@ -153,6 +153,7 @@ def page(role: Role = Role.VIEWER, data: bool = False) -> Callable[[F], F]:
                                    [FieldError("session", "missing or expired")])
                 return redirect(url_for("dashboard.login", next=request.full_path
                                         if request.query_string else request.path))
+            g.viewer = viewer  # also for the error page's header
             if not viewer.can(role):
                 if data:
                     raise ApiError(403, f"this needs role {role.value}; the token has role "
@@ -161,7 +162,6 @@ def page(role: Role = Role.VIEWER, data: bool = False) -> Callable[[F], F]:
                                                           f"{role.value}")])
                 abort(403, f"This needs an {role.value} token; you are logged in with "
                            f"{viewer.name!r}, a {viewer.role.value} token.")
-            g.viewer = viewer
             return view(*args, **kwargs)
 
         return cast(F, wrapped)
