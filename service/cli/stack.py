@@ -44,6 +44,10 @@ var_option = click.option("--var", "var_dir", type=click.Path(file_okay=False, p
 def up(redis_port: int, mqtt_port: int, http_port: int, worker_concurrency: int,
        var_dir: Path, detach: bool) -> None:
     """Start Redis, Mosquitto, the service (gunicorn) and a Celery worker under var/."""
+    # Ctrl-C must stop the stack even when our parent started us with SIGINT ignored (as a
+    # shell does for `cmd &`, or a process inside a signals_held block): Python then installs
+    # no KeyboardInterrupt handler of its own.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         plan = plan_stack(var_dir, redis_port=redis_port, mqtt_port=mqtt_port,
                           http_port=http_port, worker_concurrency=worker_concurrency)
