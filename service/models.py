@@ -356,16 +356,14 @@ class WorkState(enum.Enum):
     FAILED = "failed"
 
 
-class ClassPlan(Base):
-    """The search for one (model version, hardware class): at most one, ever."""
-
-    __tablename__ = "class_plans"
+class _ClassWork:
+    """What a plan and a build for one (model version, hardware class) share: the claim
+    (a unique row, then a lease its owner renews) and the outcome (state, reason, time)."""
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
     hw_class: Mapped[str] = mapped_column(String(96))
     state: Mapped[WorkState] = mapped_column(_enum(WorkState, "work_state"))
-    result: Mapped[str | None] = mapped_column(Text)  # JSON of firmware.deploy.plan_class
     reason: Mapped[str | None] = mapped_column(Text)  # why nothing fits / what failed
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     owner: Mapped[str | None] = mapped_column(String(64))
@@ -373,29 +371,27 @@ class ClassPlan(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
+
+class ClassPlan(_ClassWork, Base):
+    """The search for one (model version, hardware class): at most one, ever."""
+
+    __tablename__ = "class_plans"
+
+    result: Mapped[str | None] = mapped_column(Text)  # JSON of firmware.deploy.plan_class
+
     __table_args__ = (UniqueConstraint("model_version_id", "hw_class",
                                        name="uq_class_plans_version_class"),)
 
 
-class ClassBuild(Base):
+class ClassBuild(_ClassWork, Base):
     """The unsigned build for one (model version, hardware class): at most one, ever."""
 
     __tablename__ = "class_builds"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    model_version_id: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
-    hw_class: Mapped[str] = mapped_column(String(96))
-    state: Mapped[WorkState] = mapped_column(_enum(WorkState, "work_state"))
     payload_sha256: Mapped[str | None] = mapped_column(String(64))  # in the ArtifactStore
     manifest: Mapped[str | None] = mapped_column(Text)  # canonical manifest JSON
     emulated: Mapped[bool | None] = mapped_column(Boolean)
     report: Mapped[str | None] = mapped_column(Text)
-    reason: Mapped[str | None] = mapped_column(Text)
-    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    owner: Mapped[str | None] = mapped_column(String(64))
-    from_cache: Mapped[bool] = mapped_column(Boolean, default=False)
-    seconds: Mapped[float | None] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (UniqueConstraint("model_version_id", "hw_class",
                                        name="uq_class_builds_version_class"),)
