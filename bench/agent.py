@@ -1,7 +1,13 @@
 """Device agent benchmark: personalization gain per round, install time, agent memory and
 CPU (idle, during a round), and how many simulated agents one machine holds.
 
-Run: .venv/bin/python -m bench.agent rounds|install|memory|scale|all [--agents 50,200]
+Run: .venv/bin/python -m bench.agent rounds|install|memory|scale|process|all [--agents 50,200]
+
+`process` measures real `tinyfleet-agent --simulate N` processes (what a device or a gateway
+runs): RSS and CPU idle, then during one personalization round sent over MQTT (the
+service account publishes `personalize` to device 0 and waits for its metrics). Each
+device's data is written beforehand (a device has its own; --simulate would otherwise make
+it from the digits with scikit-learn and scipy, which the agent itself does not load).
 Model: the checked-in digits TinyNet (tests/firmware/training/fixture_model, 16x16, int8)
 compiled for an STM32F746 with the sparse-update scheme of tests/device_agent/images.py
 (classifier + biases of the last 3 convs + head weights on 1/2 of its input channels), its
@@ -179,10 +185,124 @@ def memory_and_scale(images: Images, work: Path, counts: list[int], idle_s: floa
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _proc_stat(pid: int) -> tuple[int, int, float]:
+    """(VmRSS kB, VmHWM kB, CPU seconds) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
+          if line.startswith(("VmRSS:", "VmHWM:"))}
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return kb["VmRSS"], kb["VmHWM"], (int(fields[11]) + int(fields[12])) / os.sysconf(
+        "SC_CLK_TCK")
+
+
+def agent_process(images: Images, work: Path, counts: list[int], idle_s: float) -> None:
+    """`tinyfleet-agent --simulate N` as its own process: RSS and CPU idle and in a round."""
+    import subprocess
+    import sys
+    import threading
+
+    from device_agent import protocol as p
+    from device_agent.config import render_config
+    from firmware.image import public_key_pem
+    from workers.bridge import BrokerLogin
+
+    fleet, broker, root = _fleet(work)
+    try:
+        template = _template(fleet, images, work)
+        pem = public_key_pem(fleet.signing_key().public_key()).decode()
+        login = BrokerLogin.from_config(fleet.config)
+        seen: dict[str, set[str]] = {"online": set(), "metrics": set()}
+        lock = threading.Lock()
+        client = login.client(f"bench-agent-{time.time_ns()}")
+
+        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            topic = p.parse_topic(msg.topic)
+            with lock:
+                if topic.channel is p.Channel.PRESENCE and bytes(msg.payload) == p.ONLINE:
+                    seen["online"].add(topic.device_id)
+                elif topic.channel is p.Channel.METRICS:
+                    seen["metrics"].add(topic.device_id)
+
+        client.on_connect = lambda c, *_a: c.subscribe(
+            [("tinyfleet/v1/+/presence", 1), ("tinyfleet/v1/+/metrics", 1)])
+        client.on_message = on_message
+        login.endpoint.connect(client)
+        client.loop_start()
+        print("| agents | start to all online | process RSS idle | RSS per extra agent | "
+              "CPU idle (of one core) | round: wall | round: CPU | round: peak RSS |")
+        print("|---|---|---|---|---|---|---|---|")
+        first_rss = None
+        for n in counts:
+            conf = work / f"proc{n}"
+            conf.mkdir()
+            ids = []
+            for identity in fleet.register(n, "stm32f746", f"proc{n}-{time.time_ns()}"):
+                base = conf / identity.device_id
+                shutil.copytree(template, base / "slots")
+                write_device_data(base / "data", len(ids))  # as a device has it: no sklearn
+                (conf / f"{identity.device_id}.toml").write_text(render_config(
+                    device_id=identity.device_id, password=identity.password,
+                    mcu="stm32f746", backend="host", broker_host=broker.host,
+                    broker_port=broker.port, data_dir=f"{identity.device_id}/data",
+                    slot_dir=f"{identity.device_id}/slots", public_key_pem=pem))
+                ids.append(identity.device_id)
+            env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "device_agent.cli", "--simulate", str(n),
+                 "--config-dir", str(conf), "--log-level", "WARNING"], env=env)
+            try:
+                while True:
+                    with lock:
+                        if set(ids) <= seen["online"]:
+                            break
+                    if proc.poll() is not None or time.perf_counter() - t0 > 120:
+                        raise RuntimeError(f"{n} agents did not come online")
+                    time.sleep(0.05)
+                start_s = time.perf_counter() - t0
+                time.sleep(1.0)
+                _, _, cpu0 = _proc_stat(proc.pid)
+                wall0 = time.perf_counter()
+                time.sleep(idle_s)
+                rss, hwm, cpu1 = _proc_stat(proc.pid)
+                idle_cpu = (cpu1 - cpu0) / (time.perf_counter() - wall0)
+                first_rss = first_rss or (counts[0], rss)
+                per = ((rss - first_rss[1]) / (n - first_rss[0])
+                       if n != first_rss[0] else float("nan"))
+                wall0 = time.perf_counter()
+                client.publish(p.cmd_topic(ids[0]),
+                               p.encode(p.PersonalizeCommand(round=1)), qos=1)
+                peak = rss
+                while True:
+                    with lock:
+                        if ids[0] in seen["metrics"]:
+                            break
+                    if time.perf_counter() - wall0 > 300:
+                        raise RuntimeError("no metrics from the round")
+                    peak = max(peak, _proc_stat(proc.pid)[0])
+                    time.sleep(0.02)
+                round_s = time.perf_counter() - wall0
+                after, hwm, cpu2 = _proc_stat(proc.pid)
+                print(f"| {n} | {start_s:.1f} s | {rss / 1024:.0f} MB | "
+                      f"{'-' if per != per else f'{per:.0f} kB'} | {100 * idle_cpu:.1f} % | "
+                      f"{round_s:.1f} s | {100 * (cpu2 - cpu1) / round_s:.0f} % | "
+                      f"{max(peak, hwm) / 1024:.0f} MB (after: {after / 1024:.0f} MB) |",
+                      flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+        client.disconnect()
+        client.loop_stop()
+    finally:
+        broker.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     """CLI."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("what", choices=["rounds", "install", "memory", "scale", "all"])
+    parser.add_argument("what", choices=["rounds", "install", "memory", "scale", "process",
+                                         "all"])
     parser.add_argument("--agents", default="1,50,200", help="agent counts (scale)")
     parser.add_argument("--idle-s", type=float, default=10.0)
     args = parser.parse_args()
@@ -201,6 +321,9 @@ def main() -> None:
             print("| agents | connect | RSS per agent | process RSS | CPU idle (of one core) |")
             print("|---|---|---|---|---|")
             memory_and_scale(images, work / "scale", counts, args.idle_s)
+        if args.what in ("process", "all"):
+            counts = [int(c) for c in args.agents.split(",")]
+            agent_process(images, work / "process", counts, args.idle_s)
 
 
 if __name__ == "__main__":

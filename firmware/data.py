@@ -13,14 +13,15 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
-import torch.nn.functional as F
 
 from firmware.errors import FirmwareError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: loading data does not need it
+    import torch
 
 INPUT_MEAN = 0.5
 INPUT_STD = 0.5
@@ -386,6 +387,9 @@ def load_dataset(source: str | dict[str, Any]) -> Dataset:
 
 def to_tensor(images: U8Array, resolution: int) -> torch.Tensor:
     """uint8 N x C x H x W -> float N x C x r x r, normalized as INPUT_MEAN / INPUT_STD."""
+    import torch
+    import torch.nn.functional as F
+
     x = torch.from_numpy(images).float().div_(255.0).sub_(INPUT_MEAN).div_(INPUT_STD)
     if x.shape[-2:] != (resolution, resolution):
         shrink = x.shape[-1] > resolution
@@ -397,6 +401,8 @@ def to_tensor(images: U8Array, resolution: int) -> torch.Tensor:
 def batches(split: Split, resolution: int, batch_size: int, shuffle_seed: int | None = None,
             limit: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) batches of `split` at `resolution`; shuffled when a seed is given."""
+    import torch
+
     order = list(range(len(split)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
