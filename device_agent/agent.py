@@ -121,6 +121,12 @@ class DeviceAgent:
                             "the image's own weights", self.device_id, failure)
                 (self.store.active_dir() / "overlay.json").unlink(missing_ok=True)
         offer = self.staging.offer()
+        out = self.store.state.outcome
+        if offer is not None and out is not None and out.update_id == offer.update_id:
+            # killed between the install's end and dropping its blocks (recover() may just
+            # have settled it): the update is over, its outcome is what gets reported
+            self.staging.drop(offer.update_id)
+            offer = None
         if offer is not None:
             self.download = _Download(offer, self.staging.blocks(offer))
             log.info("device %s resumes update %s with %d of %d blocks", self.device_id,

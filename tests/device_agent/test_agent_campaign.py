@@ -1,0 +1,252 @@
+"""OTA campaigns with real agents: `tinyfleet-agent --simulate N` processes (qemu backend:
+the self-test runs each image's test vectors in the emulator of its core) instead of the
+protocol reference client, through the real stack (the API, Celery worker and beat
+processes on Redis, the MQTT bridge with the database sink on Mosquitto).
+
+- a campaign installs on every agent, each reporting its states; the service's device rows
+  and the agents' slot files agree;
+- a rollback with nothing to go back to fails with the agent's reason; after a second
+  campaign a rollback returns every agent to its previous slot;
+- an agent killed -9 while writing an update (a durability boundary of the install) boots its
+  good slot on restart and reports the interrupted update as failed, with the reason.
+
+The campaign rig (tests/workers/test_campaigns.py's `Rig`) is reused; the devices are agents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from sqlalchemy import select
+
+from device_agent.config import render_config
+from device_agent.device_loop import DeviceLoop
+from device_agent.durable import CRASH_ENV, RECORD_ENV
+from device_agent.slots import IMAGE, STATE, sha256_hex
+from firmware.image import public_key_pem
+from service.app import create_app
+from service.auth import create_token
+from service.broker_sync import full_sync
+from service.models import DeploymentJob, Device, Role
+from service.stack.procs import Started, stop_group
+from tests.servers import MosquittoServer, RedisServer, wait_for
+from tests.workers.test_campaigns import Rig, _worker_argv
+
+pytestmark = [pytest.mark.integration, pytest.mark.toolchain, pytest.mark.slow]
+
+MCU = "stm32f746"  # cortex-m7: QEMU's mps2-an500 runs the agents' self-tests
+AGENT = str(Path(sys.executable).with_name("tinyfleet-agent"))
+AGENT_STATES = ["offered", "accepted", "downloading", "installing", "installed"]
+
+
+@pytest.fixture(scope="module")
+def rig(mosquitto_server: MosquittoServer, redis_server: RedisServer,
+        digits_family: Path) -> Iterator[Rig]:
+    """The campaign rig of tests/workers/test_campaigns.py on its own Redis database."""
+    with tempfile.TemporaryDirectory(prefix="tinyfleet-agent-campaigns-") as tmp:
+        var = Path(tmp) / "var"
+        files = mosquitto_server.files
+        settings: dict[str, Any] = {
+            "VAR_DIR": str(var), "DATABASE_URL": f"sqlite:///{var / 'tinyfleet.db'}",
+            "BROKER_DIR": str(files.broker_dir), "MOSQUITTO_PID_FILE": str(files.pid_file),
+            "MQTT_HOST": mosquitto_server.host, "MQTT_PORT": mosquitto_server.port,
+            "REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/9",
+            "SEARCH_POPULATION": 8, "SEARCH_GENERATIONS": 2, "LEASE_S": 3,
+            "STUCK_AFTER_S": 4, "RECONCILE_INTERVAL_S": 1}
+        app = create_app(settings)
+        full_sync(app.extensions["tinyfleet.engine"], mosquitto_server.target)
+        with app.app_context():
+            session = app.extensions["tinyfleet.sessionmaker"]()
+            _, secret = create_token(session, Role.ADMIN, name="agent-campaign-tests")
+            session.commit()
+            session.close()
+        api = app.test_client()
+        api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TINYFLEET_")}
+        env.update({f"TINYFLEET_{k}": str(v) for k, v in settings.items()})
+        env["TINYFLEET_AUTO_MIGRATE"] = "0"
+        logs = Path(os.environ.get("CAMPAIGN_TEST_LOGS") or Path(tmp) / "logs")
+        # The rig's reference-client loop stays unused: the devices are agent processes.
+        unused = DeviceLoop(mosquitto_server.host, mosquitto_server.port)
+        rig = Rig(app, api, env, logs, mosquitto_server, unused)
+        response = api.post("/api/v1/fleets", json={"name": "agents"})
+        assert response.status_code == 201
+        rig.keys["agents"] = load_pem_public_key(
+            response.get_json()["signing_public_key"].encode())
+        rig.start("worker", _worker_argv("agent-campaigns"))
+        rig.start("beat", (sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
+                           "--loglevel", "INFO", "--schedule", str(var / "beat-schedule")))
+        rig.start("bridge", (sys.executable, "-m", "workers.bridge", "--sink",
+                             "workers.sink:database_sink"))
+        response = api.post("/api/v1/models", json={"name": "digits",
+                                                    "path": str(digits_family),
+                                                    "analyze": False})
+        assert response.status_code == 201, response.get_json()
+        rig.keys["model"] = response.get_json()["model"]["id"]
+        try:
+            yield rig
+        finally:
+            for proc in list(rig.procs.values()):
+                stop_group(proc, 5.0)
+            app.extensions["tinyfleet.engine"].dispose()
+
+
+class Agents:
+    """Devices registered through the API, run by one `tinyfleet-agent --simulate N`."""
+
+    def __init__(self, rig: Rig, root: Path, n: int, name: str) -> None:
+        self.rig, self.name, self.dir = rig, name, root / name
+        self.dir.mkdir(parents=True)
+        rig.counter += 1
+        self.tag = f"{name}-{rig.counter}"
+        rows = [{"name": f"{self.tag}-{i}", "fleet": "agents", "mcu": MCU,
+                 "tags": [self.tag]} for i in range(n)]
+        response = rig.api.post("/api/v1/devices/bulk", json={"devices": rows})
+        assert response.status_code == 201, response.get_json()
+        pem = public_key_pem(rig.keys["agents"]).decode()
+        self.ids: list[str] = []
+        for row in response.get_json()["devices"]:
+            device_id = row["id"]
+            (self.dir / f"{device_id}.toml").write_text(render_config(
+                device_id=device_id, password=row["mqtt_password"], mcu=MCU, backend="qemu",
+                broker_host=rig.broker.host, broker_port=rig.broker.port,
+                data_dir=f"{device_id}/data", slot_dir=f"{device_id}/slots",
+                public_key_pem=pem))
+            self.ids.append(device_id)
+        self.proc: Started | None = None
+
+    def start(self, **env: str) -> None:
+        """Start the agent process (extra environment: the crash hook) and wait for it."""
+        saved = dict(self.rig.env)
+        self.rig.env.update(env)
+        try:
+            self.proc = self.rig.start(self.name, (
+                AGENT, "--simulate", str(len(self.ids)), "--config-dir", str(self.dir)))
+        finally:
+            self.rig.env.clear()
+            self.rig.env.update(saved)
+        assert wait_for(lambda: self.rig.online(set(self.ids)), 60), self.rig.tail()
+
+    def stop(self) -> None:
+        """SIGTERM: a clean stop (every device says offline)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        assert self.proc.popen.wait(30) == 0
+        self.proc = None
+
+    def slots(self, device_id: str) -> dict[str, Any]:
+        """The device's state.json (which slot boots, the previous one, the last outcome)."""
+        state: dict[str, Any] = json.loads((self.dir / device_id / "slots" / STATE).read_text())
+        return state
+
+    def image_sha(self, device_id: str, slot: str) -> str:
+        return sha256_hex((self.dir / device_id / "slots" / f"slot-{slot}" / IMAGE).read_bytes())
+
+
+def _jobs(rig: Rig, campaign_id: int) -> dict[str, DeploymentJob]:
+    return {j.device_id: j for j in rig.rows(DeploymentJob, campaign_id=campaign_id)}
+
+
+def _states(rig: Rig, job_id: int) -> list[str]:
+    events = rig.api.get(f"/api/v1/jobs/{job_id}").get_json()["events"]
+    return [e["state"] for e in events]
+
+
+def _active(agents: Agents, device_id: str) -> str:
+    state = agents.slots(device_id)
+    active: str = state["active"]
+    return active
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="tinyfleet-agents-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_campaigns_install_on_agents_which_report_and_roll_back(rig: Rig, work: Path) -> None:
+    agents = Agents(rig, work, 3, "agents")
+    agents.start()
+    first = rig.campaign(rig.keys["model"], agents.tag)
+    done = rig.wait_state(first["id"], {"completed"}, 150)
+    assert done["counts"] == {"installed": 3}, done
+    jobs = _jobs(rig, first["id"])
+    with rig.session() as s:
+        rows = {d.id: d for d in s.scalars(select(Device).where(Device.id.in_(agents.ids)))}
+    first_slot = {}
+    for device_id in agents.ids:
+        job, row = jobs[device_id], rows[device_id]
+        changes = [x for i, x in enumerate(_states(rig, job.id))
+                   if i == 0 or x != _states(rig, job.id)[i - 1]]
+        assert changes[-len(AGENT_STATES):] == AGENT_STATES, changes
+        active = _active(agents, device_id)  # the agent's own record agrees with the service
+        assert row.update_state == "installed" and row.installed_slot == str("ab".index(active))
+        assert row.installed_artifact == job.artifact_sha256 == agents.image_sha(device_id,
+                                                                                 active)
+        first_slot[device_id] = active
+
+    # Nothing to go back to: every agent says so, and its job fails with that reason.
+    refused = rig.api.post(f"/api/v1/campaigns/{first['id']}/rollback").get_json()
+    assert refused["counts"] == {"rollback-sent": 3}
+    assert wait_for(lambda: rig.show(first["id"])["counts"] == {"failed": 3}, 30), (
+        rig.show(first["id"]))
+    assert "no previous slot to roll back to" in rig.show(first["id"])["failures"][0]["reason"]
+
+    second = rig.campaign(rig.keys["model"], agents.tag)
+    assert rig.wait_state(second["id"], {"completed"})["counts"] == {"installed": 3}
+    for device_id in agents.ids:  # the other slot now boots
+        assert _active(agents, device_id) != first_slot[device_id]
+    rolled = rig.api.post(f"/api/v1/campaigns/{second['id']}/rollback").get_json()
+    assert rolled["counts"] == {"rollback-sent": 3}
+    assert wait_for(lambda: rig.show(second["id"])["counts"] == {"rolled-back": 3}, 30), (
+        rig.show(second["id"]))
+    agents.stop()
+    for device_id in agents.ids:  # back on the first campaign's slot, after a clean stop
+        state = agents.slots(device_id)
+        assert state["active"] == first_slot[device_id]
+        assert state["outcome"]["state"] == "rolled_back" and state["outcome"]["reported"]
+    assert wait_for(lambda: not any(d.online for d in rig.rows(Device) if d.id in agents.ids),
+                    10)
+
+
+def test_an_agent_killed_while_writing_an_update_boots_its_good_slot_and_reports_it(
+        rig: Rig, work: Path) -> None:
+    agents = Agents(rig, work, 1, "victim")
+    (device_id,) = agents.ids
+    record = work / "boundaries.txt"
+    agents.start(**{RECORD_ENV: str(record)})
+    first = rig.campaign(rig.keys["model"], agents.tag)
+    assert rig.wait_state(first["id"], {"completed"}, 150)["counts"] == {"installed": 1}
+    good = _active(agents, device_id)
+    agents.stop()
+    names = record.read_text().split()
+    # The first boundary inside the image's write into the inactive slot: the update is
+    # incomplete when the agent dies there.
+    kill_at = next(i for i, n in enumerate(names) if IMAGE in n)
+
+    agents.start(**{CRASH_ENV: str(kill_at)})
+    second = rig.campaign(rig.keys["model"], agents.tag)
+    assert agents.proc is not None
+    assert agents.proc.popen.wait(60) == -signal.SIGKILL, rig.tail()
+    assert _active(agents, device_id) == good  # nothing was switched
+    agents.start()  # restarted without the hook: recovers, boots slot `good`, reports
+    done = rig.wait_state(second["id"], {"completed"})
+    assert done["counts"] == {"failed": 1}, done
+    assert "interrupted while writing" in done["failures"][0]["reason"]
+    agents.stop()
+    state = agents.slots(device_id)
+    assert state["active"] == good and state["pending"] is None
+    staging = work / "victim" / device_id / "slots" / "staging"  # its blocks are dropped
+    assert not staging.exists() or not any(staging.iterdir())
+    assert agents.image_sha(device_id, good) == _jobs(rig, first["id"])[device_id].artifact_sha256
