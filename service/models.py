@@ -105,6 +105,9 @@ class Device(Base):
     online: Mapped[bool] = mapped_column(Boolean, default=False,  # MQTT presence
                                          server_default=false())
     last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The highest personalization round number handed out to it (service.personalization.
+    # next_round increments it in one UPDATE, so two commands never share a number).
+    personalize_round: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     fleet: Mapped[Fleet] = relationship(back_populates="devices", lazy="joined")
     tag_rows: Mapped[list[DeviceTag]] = relationship(

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import case, func, select
+from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -77,11 +77,26 @@ def device_metrics(session: Session, device: Device) -> dict[str, Any]:
             "rounds": [metric_json(m) for m in rows]}
 
 
-def next_round(session: Session, device_id: str) -> int:
-    """The number of a device's next round: one past the highest it reported."""
-    top = session.scalar(select(func.max(DeviceMetric.round))
-                         .where(DeviceMetric.device_id == device_id))
-    return 1 if top is None else int(top) + 1
+def next_round(session: Session, device_id: str, requested: int | None = None) -> int:
+    """The round number of a new `personalize` command to a device, handed out once.
+
+    One past the highest number handed out or reported (`requested`: that number, which
+    raises the counter to it when higher). One UPDATE ... RETURNING on the device's row, so
+    two commands sent at once never share a number (a device answers a round number it has
+    run with that round's metrics again); committed here, before the command is sent.
+    """
+    reported = (select(func.coalesce(func.max(DeviceMetric.round), 0))
+                .where(DeviceMetric.device_id == device_id).scalar_subquery())
+    counter = Device.personalize_round
+    highest = case((counter >= reported, counter), else_=reported)
+    value = (highest + 1 if requested is None
+             else case((highest >= requested, highest), else_=requested))
+    handed = session.execute(update(Device).where(Device.id == device_id)
+                             .values(personalize_round=value)
+                             .returning(Device.personalize_round)
+                             .execution_options(synchronize_session=False)).scalar_one()
+    session.commit()
+    return int(handed) if requested is None else requested
 
 
 def fleet_summary(session: Session) -> dict[str, Any]:

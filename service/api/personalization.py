@@ -78,6 +78,6 @@ def personalize_view(key: str) -> tuple[dict[str, Any], int]:
     if not current_app.config.get("REDIS_URL"):
         raise ApiError(503, "the task queue is not configured (TINYFLEET_REDIS_URL): run "
                             "`tinyfleet up`, or set it")
-    round_id = spec.round if spec.round is not None else next_round(session, device.id)
+    round_id = next_round(session, device.id, spec.round)
     task = celery_client().send_task(PERSONALIZE_TASK, args=[device.id, round_id, spec.scheme])
     return {"device": device.id, "round": round_id, "task_id": task.id}, 202

@@ -4,6 +4,7 @@ served per device and as a fleet summary; starting a round enqueues its task."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from flask import Flask
 
 from device_agent import protocol as p
 from service.app import create_app
-from service.personalization import record_metrics
+from service.personalization import next_round, record_metrics
 from service.problems import ApiError
 from tests.servers import RedisServer
 from tests.service.conftest import Api, count_rows, fleet, make_tokens
@@ -74,6 +75,31 @@ def test_anything_off_the_allow_list_is_refused_and_not_stored(api: Api, app: Fl
         _record(app, device, {**GOOD, **bad})
     assert info.value.status == 422 and next(iter(bad)) in info.value.detail
     assert count_rows(app, "device_metrics") == 0
+
+
+def test_round_numbers_are_handed_out_once_even_when_commands_cross(api: Api,
+                                                                   app: Flask) -> None:
+    fleet(api)
+    device = _device(api, "gh-1", "stm32f746")
+    maker = app.extensions["tinyfleet.sessionmaker"]
+
+    def start(requested: int | None = None) -> int:
+        session = maker()
+        try:
+            return next_round(session, device, requested)
+        finally:
+            session.close()
+
+    # Two commands before the first round's metrics came back: two rounds, two numbers (the
+    # device answers a number it has run with that round's metrics again).
+    assert [start(), start()] == [1, 2]
+    with ThreadPoolExecutor(4) as pool:  # at once, each in its own session
+        handed = list(pool.map(lambda _: start(), range(12)))
+    assert sorted(handed) == list(range(3, 15))
+    _record(app, device, {**GOOD, "round": 40})  # a round the device ran on its own schedule
+    assert start() == 41
+    assert start(100) == 100 and start() == 101  # an operator's number raises the counter
+    assert start(7) == 7 and start() == 102  # a re-sent old number does not lower it
 
 
 def test_personalize_validates_and_enqueues(api: Api, app: Flask, tmp_path: Path,
