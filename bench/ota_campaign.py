@@ -9,6 +9,12 @@ processes that check every block's CRC, each image's sha256 and Ed25519 signatur
 model is a small digits family trained here first (not timed), or `--family DIR`.
 
     .venv/bin/python -m bench.ota_campaign --devices 1000 --procs 4 [--json]
+    .venv/bin/python -m bench.ota_campaign --devices 200 --procs 2 --agents
+
+With `--agents` the devices are real agents instead: `--procs` processes of
+`tinyfleet-agent --simulate N` (device_agent.cli), qemu backend, which also write each image
+into an A/B slot durably and run its test vectors in QEMU before switching (the self-test).
+The Cortex-M0+ class (no QEMU board) is left out: 4 classes.
 
 Reported per run: wall time from POST to the campaign's `completed`, devices per minute,
 offer-to-installed p50/p99 (job events: `offered` -> `installed`), image sizes, and the CPU
@@ -32,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 CLASSES = ("stm32f746", "stm32f412", "stm32h743", "stm32l476", "rp2040")
+AGENT_CLASSES = CLASSES[:4]  # the qemu backend has no board for the rp2040's Cortex-M0+
 
 
 def raise_nofile() -> int:
@@ -113,7 +120,33 @@ def train_family(root: Path) -> Path:
     return out
 
 
-def run(devices: int, procs: int, family: Path | None, timeout_s: float) -> dict[str, Any]:
+def write_agent_configs(root: Path, identities: list[tuple[str, str, str]], procs: int,
+                        public_pem: str, host: str, port: int) -> list[Path]:
+    """One config directory per agent process: DIR/<id>.toml (qemu backend), each device's
+    data directory holding one shared slice of the digits (so --simulate makes none)."""
+    import shutil
+
+    from device_agent.config import render_config
+    from device_agent.local_data import LOCAL_NPZ, write_device_data
+
+    sample = write_device_data(root / "sample-data", 0)
+    dirs = []
+    for i in range(procs):
+        conf = root / f"agents{i}"
+        conf.mkdir(parents=True)
+        for device_id, password, mcu in identities[i::procs]:
+            (conf / device_id / "data").mkdir(parents=True)
+            shutil.copy(sample, conf / device_id / "data" / LOCAL_NPZ)
+            (conf / f"{device_id}.toml").write_text(render_config(
+                device_id=device_id, password=password, mcu=mcu, backend="qemu",
+                broker_host=host, broker_port=port, data_dir=f"{device_id}/data",
+                slot_dir=f"{device_id}/slots", public_key_pem=public_pem))
+        dirs.append(conf)
+    return dirs
+
+
+def run(devices: int, procs: int, family: Path | None, timeout_s: float,
+        agents: bool = False) -> dict[str, Any]:
     """A cold and a cached campaign over the same devices; the measurements."""
     from sqlalchemy import select
 
@@ -146,9 +179,10 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float) -> dict
     api = app.test_client()
     api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
     fleet = api.post("/api/v1/fleets", json={"name": "bench"}).get_json()
-    per_class = -(-devices // len(CLASSES))
+    classes = AGENT_CLASSES if agents else CLASSES
+    per_class = -(-devices // len(classes))
     identities: list[tuple[str, str, str]] = []
-    for mcu in CLASSES:
+    for mcu in classes:
         n = min(per_class, devices - len(identities))
         rows = [{"name": f"bench-{mcu}-{i}", "fleet": "bench", "mcu": mcu,
                  "tags": ["bench"]} for i in range(n)]
@@ -168,8 +202,18 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float) -> dict
                                root / "bridge.log", env=env))
     ctx = mp.get_context("spawn")
     children = []
+    agent_procs = []
     try:
-        for i in range(procs):
+        if agents:
+            agent_bin = str(Path(sys.executable).with_name("tinyfleet-agent"))
+            for i, conf in enumerate(write_agent_configs(
+                    root, identities, procs, fleet["signing_public_key"], broker.host,
+                    broker.port)):
+                agent_procs.append(spawn(ProcessSpec(f"agents{i}", (
+                    agent_bin, "--simulate", str(len(identities[i::procs])), "--config-dir",
+                    str(conf), "--log-level", "WARNING"), root / f"agents{i}.log",
+                    env={**env, "OPENBLAS_NUM_THREADS": "1"})))
+        for i in range(0 if agents else procs):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=simulate, args=(
                 child, broker.host, broker.port, identities[i::procs],
@@ -177,8 +221,8 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float) -> dict
             proc.start()
             children.append((proc, parent))
         ready = sum(conn.recv()[1] for _, conn in children)
-        assert ready == devices, f"only {ready} of {devices} devices subscribed"
-        online = time.monotonic() + 60
+        assert agents or ready == devices, f"only {ready} of {devices} devices subscribed"
+        online = time.monotonic() + (300 if agents else 60)
         while time.monotonic() < online:
             with maker() as session:
                 from sqlalchemy import func
@@ -191,7 +235,9 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float) -> dict
         results = {}
         for label in ("cold", "cached"):
             cpu0 = {"worker": tree_cpu_s(worker.pid), "bridge": proc_cpu_s(bridge.pid),
-                    "broker": proc_cpu_s(broker.proc.pid)}
+                    "broker": proc_cpu_s(broker.proc.pid),
+                    **({"agents": sum(tree_cpu_s(a.pid) for a in agent_procs)}
+                       if agents else {})}
             started = time.monotonic()
             c = api.post("/api/v1/campaigns", json={
                 "model_version": model, "selector": {"tags": ["bench"]},
@@ -207,7 +253,9 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float) -> dict
             wall = time.monotonic() - started
             cpu = {"worker": tree_cpu_s(worker.pid) - cpu0["worker"],
                    "bridge": proc_cpu_s(bridge.pid) - cpu0["bridge"],
-                   "broker": proc_cpu_s(broker.proc.pid) - cpu0["broker"]}
+                   "broker": proc_cpu_s(broker.proc.pid) - cpu0["broker"],
+                   **({"agents": sum(tree_cpu_s(a.pid) for a in agent_procs)
+                       - cpu0["agents"]} if agents else {})}
             with maker() as session:
                 events = session.execute(select(JobEvent.job_id, JobEvent.state, JobEvent.at)
                                          .where(JobEvent.state.in_(("offered", "installed")))
@@ -237,7 +285,8 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float) -> dict
                 "build_s": sorted(round(b.seconds or 0, 1) for b in builds),
                 "image_bytes": sorted({s.size_bytes for s in signed}),
             }
-        return {"devices": devices, "procs": procs, "classes": list(CLASSES),
+        return {"devices": devices, "procs": procs, "classes": list(classes),
+                "clients": "tinyfleet-agent (qemu backend)" if agents else "reference client",
                 "latency_mean_s": statistics.fmean(latency) if latency else None, **results}
     finally:
         for proc, conn in children:
@@ -247,6 +296,8 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float) -> dict
             except (EOFError, OSError):
                 pass
             proc.join(10)
+        for started in agent_procs:
+            stop_group(started, 30.0)
         stop_group(bridge, 5.0)
         stop_group(worker, 10.0)
         broker.stop()
@@ -262,8 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--family", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--agents", action="store_true",
+                        help="devices run by tinyfleet-agent --simulate (qemu backend)")
     args = parser.parse_args(argv)
-    out = run(args.devices, args.procs, args.family, args.timeout)
+    out = run(args.devices, args.procs, args.family, args.timeout, args.agents)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
