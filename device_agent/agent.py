@@ -29,13 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import protocol as p
 from device_agent.backends import make_backend, self_test
 from device_agent.config import AgentConfig
 from device_agent.durable import Hook
 from device_agent.errors import AgentError, InstallRefused, SlotError
+from device_agent.mqtt_device import (
+    Command,
+    blocks_to_ask,
+    device_client,
+    device_event,
+    dispatch,
+    on_connected,
+)
 from device_agent.personalization import Personalizer
 from device_agent.profile import BackendKind, host_target_name
 from device_agent.slots import Outcome, SlotStore
@@ -93,11 +100,7 @@ class DeviceAgent:
         self._closing = False
         self._lock = threading.Lock()
         self.ready = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id,
-                                  protocol=mqtt.MQTTv311, clean_session=False)
-        self.client.username_pw_set(self.device_id, config.password)
-        self.client.will_set(p.presence_topic(self.device_id), p.OFFLINE, qos=1, retain=True)
-        self.client.max_inflight_messages_set(100)
+        self.client = device_client(self.device_id, config.password)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_a: self.ready.set()
@@ -140,9 +143,7 @@ class DeviceAgent:
     def _event(self, update_id: str | None, state: p.UpdateState, *,
                progress: float | None = None, reason: str | None = None,
                slot: int | None = None) -> None:
-        event = p.DeviceEvent(update_id=update_id, state=state, progress=progress,
-                              reason=None if reason is None else reason[:p.MAX_REASON_CHARS],
-                              slot=slot, time=time.time())
+        event = device_event(update_id, state, progress=progress, reason=reason, slot=slot)
         self._send(p.evt_topic(self.device_id), p.encode(event))
 
     def _report_outcome(self) -> None:
@@ -178,11 +179,8 @@ class DeviceAgent:
     # -- MQTT ------------------------------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            log.warning("device %s refused by the broker: %s", self.device_id, reason)
+        if not on_connected(client, self.device_id, reason):
             return
-        client.subscribe([(t, 1) for t in p.device_subscriptions(self.device_id)])
-        client.publish(p.presence_topic(self.device_id), p.ONLINE, qos=1, retain=True)
         self._submit(lambda _: self._report_outcome(), None)  # the store: worker thread only
         d = self.download
         if d is not None and self.installing is None:
@@ -190,22 +188,9 @@ class DeviceAgent:
             self._top_up(d)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            topic = p.parse_topic(msg.topic)
-        except p.ProtocolError as exc:
-            log.warning("device %s ignores a message: %s", self.device_id, exc)
-            return
-        if topic.channel is p.Channel.CMD:
-            self._on_command(bytes(msg.payload))
-        elif topic.channel is p.Channel.BLK and topic.update_id is not None:
-            self._on_block(topic.update_id, bytes(msg.payload))
+        dispatch(self.device_id, msg, self._on_command, self._on_block)
 
-    def _on_command(self, payload: bytes) -> None:
-        try:
-            command = p.decode_command(payload)
-        except p.ProtocolError as exc:
-            log.warning("device %s ignores a command: %s", self.device_id, exc)
-            return
+    def _on_command(self, command: Command) -> None:
         if isinstance(command, p.OtaOffer):
             self._on_offer(command)
         elif isinstance(command, p.RollbackCommand):
@@ -307,11 +292,7 @@ class DeviceAgent:
         self._top_up(d)
 
     def _top_up(self, d: _Download) -> None:
-        if len(d.outstanding) > self.window // 2:
-            return
-        room = self.window - len(d.outstanding)
-        wanted = [i for i in range(d.offer.block_count)
-                  if i not in d.blocks and i not in d.outstanding][:room]
+        wanted = blocks_to_ask(d.offer.block_count, d.blocks, d.outstanding, self.window)
         if wanted:
             self._request(d, wanted)
 

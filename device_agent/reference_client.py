@@ -33,9 +33,16 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import protocol as p
+from device_agent.mqtt_device import (
+    Command,
+    blocks_to_ask,
+    device_client,
+    device_event,
+    dispatch,
+    on_connected,
+)
 from firmware.errors import ImageError
 from firmware.image import verify_image
 
@@ -120,12 +127,7 @@ class ReferenceDevice:
         self.events_sent: list[p.DeviceEvent] = []
         self.finished = threading.Event()
         self.ready = threading.Event()  # connected and subscribed at least once
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=identity.device_id,
-                                  protocol=mqtt.MQTTv311, clean_session=False)
-        self.client.username_pw_set(identity.device_id, identity.password)
-        self.client.will_set(p.presence_topic(identity.device_id), p.OFFLINE, qos=1,
-                             retain=True)
-        self.client.max_inflight_messages_set(100)
+        self.client = device_client(identity.device_id, identity.password)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = lambda *_a: self.ready.set()
@@ -138,12 +140,9 @@ class ReferenceDevice:
     # --- MQTT ---------------------------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if reason.is_failure:
-            log.warning("device %s refused by the broker: %s", self.device_id, reason)
+        if not on_connected(client, self.device_id, reason):
             return
         self.connects += 1
-        client.subscribe([(topic, 1) for topic in p.device_subscriptions(self.device_id)])
-        client.publish(p.presence_topic(self.device_id), p.ONLINE, qos=1, retain=True)
         download = self.download
         if download is not None and not download.stalled:
             # Resume: whatever was in flight may be lost; ask again for what is missing.
@@ -151,22 +150,12 @@ class ReferenceDevice:
             self._top_up(download)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            topic = p.parse_topic(msg.topic)
-        except p.ProtocolError as exc:
-            log.warning("device %s ignores a message: %s", self.device_id, exc)
-            return
-        if topic.channel is p.Channel.CMD:
-            self._on_command(bytes(msg.payload))
-        elif topic.channel is p.Channel.BLK and topic.update_id is not None:
-            self._on_block(topic.update_id, bytes(msg.payload))
+        dispatch(self.device_id, msg, self._on_command, self._on_block)
 
     def _send_event(self, update_id: str | None, state: p.UpdateState, *,
                     progress: float | None = None, reason: str | None = None,
                     slot: int | None = None) -> None:
-        event = p.DeviceEvent(update_id=update_id, state=state, progress=progress,
-                              reason=None if reason is None else reason[:p.MAX_REASON_CHARS],
-                              slot=slot, time=time.time())
+        event = device_event(update_id, state, progress=progress, reason=reason, slot=slot)
         self.events_sent.append(event)
         self.client.publish(p.evt_topic(self.device_id), p.encode(event), qos=1)
 
@@ -180,12 +169,7 @@ class ReferenceDevice:
 
     # --- commands -----------------------------------------------------------------------
 
-    def _on_command(self, payload: bytes) -> None:
-        try:
-            command = p.decode_command(payload)
-        except p.ProtocolError as exc:
-            log.warning("device %s ignores a command: %s", self.device_id, exc)
-            return
+    def _on_command(self, command: Command) -> None:
         if isinstance(command, p.OtaOffer):
             self._on_offer(command)
         elif isinstance(command, p.RollbackCommand):
@@ -295,15 +279,10 @@ class ReferenceDevice:
 
     def _top_up(self, download: _Download) -> None:
         """Ask for missing blocks until `window` are outstanding (when half are left)."""
-        if download.stalled or len(download.outstanding) > self.window // 2:
+        if download.stalled:
             return
-        room = self.window - len(download.outstanding)
-        wanted = []
-        for i in range(download.offer.block_count):
-            if i not in download.blocks and i not in download.outstanding:
-                wanted.append(i)
-                if len(wanted) == room:
-                    break
+        wanted = blocks_to_ask(download.offer.block_count, download.blocks,
+                               download.outstanding, self.window)
         if wanted:
             self._request(download, wanted)
 
