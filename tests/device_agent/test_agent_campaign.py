@@ -38,7 +38,7 @@ from service.app import create_app
 from service.auth import create_token
 from service.broker_sync import full_sync
 from service.models import DeploymentJob, Device, Role
-from service.stack.procs import Started, stop_group
+from service.stack.procs import Started, stop_groups
 from tests.servers import MosquittoServer, RedisServer, wait_for
 from tests.workers.test_campaigns import Rig, _worker_argv
 
@@ -96,8 +96,7 @@ def rig(mosquitto_server: MosquittoServer, redis_server: RedisServer,
         try:
             yield rig
         finally:
-            for proc in list(rig.procs.values()):
-                stop_group(proc, 5.0)
+            stop_groups(list(rig.procs.values()), 5.0)  # all at once: beat takes its time
             app.extensions["tinyfleet.engine"].dispose()
 
 
