@@ -140,7 +140,8 @@ class Agents:
         """SIGTERM: a clean stop (every device says offline)."""
         assert self.proc is not None
         os.killpg(self.proc.pid, signal.SIGTERM)
-        assert self.proc.popen.wait(30) == 0
+        code = self.proc.popen.wait(30)
+        assert code == 0, (code, self.rig.tail())
         self.proc = None
 
     def slots(self, device_id: str) -> dict[str, Any]:
@@ -186,11 +187,13 @@ def test_campaigns_install_on_agents_which_report_and_roll_back(rig: Rig, work: 
     first_slot = {}
     for device_id in agents.ids:
         job, row = jobs[device_id], rows[device_id]
-        changes = [x for i, x in enumerate(_states(rig, job.id))
-                   if i == 0 or x != _states(rig, job.id)[i - 1]]
-        assert changes[-len(AGENT_STATES):] == AGENT_STATES, changes
+        states = _states(rig, job.id)
+        changes = [x for i, x in enumerate(states) if i == 0 or x != states[i - 1]]
+        assert changes[-len(AGENT_STATES):] == AGENT_STATES, (changes, rig.tail())
         active = _active(agents, device_id)  # the agent's own record agrees with the service
-        assert row.update_state == "installed" and row.installed_slot == str("ab".index(active))
+        seen = (row.update_state, row.installed_slot, agents.slots(device_id))
+        assert row.update_state == "installed", seen
+        assert row.installed_slot == str("ab".index(active)), seen
         assert row.installed_artifact == job.artifact_sha256 == agents.image_sha(device_id,
                                                                                  active)
         first_slot[device_id] = active
@@ -198,25 +201,26 @@ def test_campaigns_install_on_agents_which_report_and_roll_back(rig: Rig, work: 
     # Nothing to go back to: every agent says so, and its job fails with that reason.
     refused = rig.api.post(f"/api/v1/campaigns/{first['id']}/rollback").get_json()
     assert refused["counts"] == {"rollback-sent": 3}
-    assert wait_for(lambda: rig.show(first["id"])["counts"] == {"failed": 3}, 30), (
-        rig.show(first["id"]))
+    assert wait_for(lambda: rig.show(first["id"])["counts"] == {"failed": 3}, 60), (
+        rig.show(first["id"]), rig.tail())
     assert "no previous slot to roll back to" in rig.show(first["id"])["failures"][0]["reason"]
 
     second = rig.campaign(rig.keys["model"], agents.tag)
-    assert rig.wait_state(second["id"], {"completed"})["counts"] == {"installed": 3}
+    done = rig.wait_state(second["id"], {"completed"})
+    assert done["counts"] == {"installed": 3}, (done, rig.tail())
     for device_id in agents.ids:  # the other slot now boots
-        assert _active(agents, device_id) != first_slot[device_id]
+        assert _active(agents, device_id) != first_slot[device_id], agents.slots(device_id)
     rolled = rig.api.post(f"/api/v1/campaigns/{second['id']}/rollback").get_json()
     assert rolled["counts"] == {"rollback-sent": 3}
-    assert wait_for(lambda: rig.show(second["id"])["counts"] == {"rolled-back": 3}, 30), (
-        rig.show(second["id"]))
+    assert wait_for(lambda: rig.show(second["id"])["counts"] == {"rolled-back": 3}, 60), (
+        rig.show(second["id"]), rig.tail())
     agents.stop()
     for device_id in agents.ids:  # back on the first campaign's slot, after a clean stop
         state = agents.slots(device_id)
-        assert state["active"] == first_slot[device_id]
-        assert state["outcome"]["state"] == "rolled_back" and state["outcome"]["reported"]
+        assert state["active"] == first_slot[device_id], state
+        assert state["outcome"]["state"] == "rolled_back" and state["outcome"]["reported"], state
     assert wait_for(lambda: not any(d.online for d in rig.rows(Device) if d.id in agents.ids),
-                    10)
+                    30), rig.tail()
 
 
 def test_an_agent_killed_while_writing_an_update_boots_its_good_slot_and_reports_it(
