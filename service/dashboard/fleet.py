@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -69,6 +70,16 @@ def _kib(n: int) -> str:
     return f"{n / KIB:,.0f} kB"
 
 
+def presence(online: bool, last_seen_at: datetime | None) -> str:
+    """'online', 'offline, last seen YYYY-MM-DD HH:MM UTC', or 'never seen'."""
+    if online:
+        return "online"
+    if last_seen_at is None:
+        return "never seen"
+    when = last_seen_at if last_seen_at.tzinfo else last_seen_at.replace(tzinfo=UTC)
+    return f"offline, last seen {when.astimezone(UTC):%Y-%m-%d %H:%M} UTC"
+
+
 COLUMNS: tuple[Column, ...] = (
     Column("name", "Name", lambda d: d.name),
     Column("id", "Id", lambda d: d.id),
@@ -78,6 +89,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("sram", "SRAM", lambda d: _kib(d.sram_bytes), numeric=True),
     Column("slot", "Flash slot", lambda d: _kib(d.slot_bytes), numeric=True),
     Column("state", "State", lambda d: d.state.value),
+    Column("model", "Installed model", lambda d: d.installed_model_version or "none"),
+    Column("presence", "Presence", lambda d: presence(d.online, d.last_seen_at)),
     Column("tags", "Tags", lambda d: " ".join(d.tags)),
 )
 

@@ -21,3 +21,8 @@ class TagsForm(FlaskForm):  # type: ignore[misc]
     """A device's tags, separated by spaces or commas (operators)."""
 
     tags = StringField("Tags", validators=[Length(max=4000)])
+
+
+class ActionForm(FlaskForm):  # type: ignore[misc]
+    """Only the CSRF token: a campaign's action buttons and its start form (whose fields the
+    API's schema checks, naming the field)."""

@@ -38,12 +38,13 @@ from service.dashboard.fleet import (
     fleet_page,
     page_json,
     parse_fleet_query,
+    presence,
     row_json,
 )
 from service.dashboard.forms import LoginForm, TagsForm
 from service.dashboard.session import current_viewer, log_in, log_out, page, safe_next
 from service.db import request_session
-from service.models import DeviceState, Role
+from service.models import Device, DeviceState, Role
 from service.parsing import validate
 from service.problems import ApiError
 from service.registry import find_device, set_tags
@@ -65,6 +66,13 @@ def json_response(doc: Any) -> BaseResponse:
     response.set_etag(hashlib.sha256(body).hexdigest()[:32])
     response.headers["Cache-Control"] = "private, no-cache"
     return response.make_conditional(request)
+
+
+def device_status(device: Device) -> dict[str, str]:
+    """What the device reported: its installed model, last update state, presence."""
+    return {"installed_model_version": device.installed_model_version or "none",
+            "update_state": device.update_state or "none",
+            "presence": presence(device.online, device.last_seen_at)}
 
 
 @bp.get("/")
@@ -149,7 +157,7 @@ def device(key: str) -> Response:
     return render_page(
         "dashboard/device.html", 422 if fit_error else 200, device=device_json(found),
         choice=choice, report=report, fit_error=fit_error, models=BUILTIN_NETWORKS,
-        widths=WIDTHS, tags_form=TagsForm(tags=" ".join(found.tags)),
+        widths=WIDTHS, tags_form=TagsForm(tags=" ".join(found.tags)), reported=device_status(found),
         can_act=g.viewer.can(Role.OPERATOR),
         fit_url=url_for("dashboard.device_fit", **fit_args))
 
@@ -159,7 +167,8 @@ def device(key: str) -> Response:
 @page(Role.VIEWER, data=True)
 def device_data(key: str) -> BaseResponse:
     """The device's facts, for its page's script."""
-    return json_response(device_json(find_device(request_session(), key)))
+    found = find_device(request_session(), key)
+    return json_response({**device_json(found), **device_status(found)})
 
 
 

@@ -93,4 +93,85 @@
       live.textContent = text;
     });
   }
+  // Update history and personalization rounds (metrics only), polled.
+  const history = document.getElementById("history");
+
+  function tableRows(id, rows, empty, columns) {
+    const body = document.getElementById(id).tBodies[0];
+    const trs = rows.map(function (values) {
+      const tr = document.createElement("tr");
+      values.forEach(function (value, i) {
+        const td = document.createElement("td");
+        if (value instanceof Node) {
+          td.appendChild(value);
+        } else {
+          td.textContent = value === null || value === undefined ? "" : value;
+        }
+        if (columns.indexOf(i) >= 0) {
+          td.className = "num";
+        }
+        tr.appendChild(td);
+      });
+      return tr;
+    });
+    if (trs.length === 0) {
+      const tr = document.createElement("tr");
+      const td = document.createElement("td");
+      td.colSpan = document.getElementById(id).tHead.rows[0].cells.length;
+      td.textContent = empty;
+      tr.appendChild(td);
+      trs.push(tr);
+    }
+    body.replaceChildren.apply(body, trs);
+  }
+
+  function pct(x) {
+    return (x * 100).toFixed(1) + " %";
+  }
+
+  function drawHistory(doc) {
+    const rounds = doc.personalization;
+    tableRows("rounds", rounds.map(function (r) {
+      return [r.round, r.model_version || "", r.samples_used, pct(r.accuracy_before),
+              pct(r.accuracy_after), r.loss_before.toFixed(3), r.loss_after.toFixed(3),
+              kb(r.training_memory_bytes), r.kept ? "yes" : "no (rolled back)"];
+    }), "No round reported yet.", [0, 2, 3, 4, 5, 6, 7]);
+    const campaignUrl = history.dataset.campaignUrl;
+    tableRows("jobs", doc.jobs.map(function (j) {
+      const a = document.createElement("a");
+      a.href = campaignUrl.replace(/\/0$/, "/" + j.campaign);
+      a.textContent = "campaign " + j.campaign;
+      return [a, j.model_version, j.state, j.reason, j.at];
+    }), "No campaign has included this device.", []);
+    if (!window.Plotly) {
+      return;
+    }
+    const x = rounds.map(function (r) { return r.round; });
+    const traces = [
+      { type: "scatter", mode: "lines+markers", name: "accuracy before", x: x,
+        y: rounds.map(function (r) { return r.accuracy_before * 100; }) },
+      { type: "scatter", mode: "lines+markers", name: "accuracy after", x: x,
+        y: rounds.map(function (r) { return r.accuracy_after * 100; }) },
+      { type: "scatter", mode: "lines+markers", name: "loss after", x: x, yaxis: "y2",
+        y: rounds.map(function (r) { return r.loss_after; }), line: { dash: "dot" } },
+    ];
+    window.Plotly.react("personalization-chart", traces, {
+      height: 280, margin: { l: 60, r: 60, t: 40, b: 50 },
+      title: { text: "Accuracy before and after each round", font: { size: 14 } },
+      xaxis: { title: { text: "round" }, dtick: 1 },
+      yaxis: { title: { text: "accuracy, %" }, range: [0, 100] },
+      yaxis2: { title: { text: "loss" }, overlaying: "y", side: "right", rangemode: "tozero" },
+      legend: { orientation: "h", y: -0.3 },
+    }, { displayModeBar: false, responsive: true });
+  }
+
+  if (history) {
+    window.tinyfleetPoll(history.dataset.historyUrl, Number(history.dataset.pollMs),
+                         drawHistory, function () {});
+    fetch(history.dataset.historyUrl, { credentials: "same-origin",
+                                        headers: { "Accept": "application/json" } })
+      .then(function (response) { return response.json(); })
+      .then(drawHistory)
+      .catch(function () {});
+  }
 })();
