@@ -11,11 +11,18 @@ workers, the MQTT bridge):
   without the variable uses `<var>/metrics/web`, emptied when its master starts
   (`service.gunicorn_conf`, which also drops dead workers' live gauges). Without the
   variable (tests, the Flask dev server) the figures are this process's own.
-- **State** (devices by state and MCU; later jobs by state, campaign progress, devices
-  online) is read from the database at scrape time (`GAUGE_SOURCES`), so it is right
+- **State** (devices by state and MCU, devices online, jobs by state, each active
+  campaign's jobs by state and its progress) is read from the database at scrape time
+  (`GAUGE_SOURCES`), so it is right
   whichever process changed it and needs no bookkeeping. A source is a function of a
   session yielding metric families; a new table's figures are one more source
   (`gauge_source`).
+
+- **The MQTT bridge's own counters** (`tinyfleet_bridge_*`: messages in, rejected by kind,
+  blocks and commands out) live in its own registry, served on 127.0.0.1:BRIDGE_METRICS_PORT.
+  When that setting is given (the stack gives a free port), a scrape of /metrics reads them
+  from there (at most `BRIDGE_SCRAPE_TIMEOUT_S`) and appends them, with
+  `tinyfleet_bridge_up` 1 or 0; one scrape target shows the whole stack.
 
 The hooks for other processes are the metric objects below (`MQTT_MESSAGES`,
 `BUILD_SECONDS`, `SEARCH_SECONDS`): import and `.inc()` / `.observe()` them.
@@ -30,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import cast
 
-from flask import Blueprint, Flask, Response, g, request
+from flask import Blueprint, Flask, Response, current_app, g, request
 from flask.blueprints import BlueprintSetupState
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -50,10 +57,18 @@ from sqlalchemy.orm import Session
 from service.auth import require
 from service.db import request_session
 from service.logs import install_request_context
-from service.models import Device, Role
+from service.models import (
+    ACTIVE_CAMPAIGN_STATES,
+    Campaign,
+    DeploymentJob,
+    Device,
+    Role,
+)
 from service.private_files import private_dir
+from service.rollout import TERMINAL
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+BRIDGE_SCRAPE_TIMEOUT_S = 0.5
 # `*_created` series: not written in multiprocess mode, so not in-process either (one format).
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -102,6 +117,66 @@ def devices_by_state(session: Session) -> Iterator[Metric]:
     yield family
 
 
+@gauge_source
+def devices_online(session: Session) -> Iterator[Metric]:
+    """tinyfleet_devices_online{mcu}: devices whose MQTT presence is online."""
+    family = GaugeMetricFamily("tinyfleet_devices_online",
+                               "Devices online (their retained MQTT presence)", labels=["mcu"])
+    rows = session.execute(select(Device.mcu, func.count()).where(Device.online.is_(True))
+                           .group_by(Device.mcu))
+    for mcu, count in rows:
+        family.add_metric([mcu], count)
+    yield family
+
+
+@gauge_source
+def jobs_by_state(session: Session) -> Iterator[Metric]:
+    """tinyfleet_jobs{state}: deployment jobs of every campaign, by state; and, for each
+    active campaign, tinyfleet_campaign_jobs{campaign, state} and its progress (finished
+    jobs / jobs)."""
+    jobs = GaugeMetricFamily("tinyfleet_jobs", "Deployment jobs by state", labels=["state"])
+    for state, count in session.execute(select(DeploymentJob.state, func.count())
+                                        .group_by(DeploymentJob.state)):
+        jobs.add_metric([state.value], count)
+    yield jobs
+    per = GaugeMetricFamily("tinyfleet_campaign_jobs", "Jobs of each active campaign by state",
+                            labels=["campaign", "state"])
+    progress = GaugeMetricFamily("tinyfleet_campaign_progress_ratio",
+                                 "Finished jobs / jobs of each active campaign",
+                                 labels=["campaign"])
+    totals: dict[int, list[int]] = {}
+    for campaign, state, count in session.execute(
+            select(DeploymentJob.campaign_id, DeploymentJob.state, func.count())
+            .join(Campaign, Campaign.id == DeploymentJob.campaign_id)
+            .where(Campaign.state.in_(ACTIVE_CAMPAIGN_STATES))
+            .group_by(DeploymentJob.campaign_id, DeploymentJob.state)):
+        per.add_metric([str(campaign), state.value], count)
+        done_all = totals.setdefault(campaign, [0, 0])
+        done_all[0] += count if state in TERMINAL else 0
+        done_all[1] += count
+    for campaign, (done, total) in sorted(totals.items()):
+        progress.add_metric([str(campaign)], done / total if total else 1.0)
+    yield per
+    yield progress
+
+
+def bridge_exposition(port: int, timeout_s: float = BRIDGE_SCRAPE_TIMEOUT_S) -> bytes:
+    """The MQTT bridge's counters from 127.0.0.1:`port`, then tinyfleet_bridge_up 1 or 0."""
+    import urllib.request
+
+    up_help = (b"# HELP tinyfleet_bridge_up 1 when the MQTT bridge's counters were read\n"
+               b"# TYPE tinyfleet_bridge_up gauge\n")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                    timeout=timeout_s) as answer:
+            body: bytes = answer.read()
+    except OSError:
+        return up_help + b"tinyfleet_bridge_up 0.0\n"
+    if body and not body.endswith(b"\n"):
+        body += b"\n"
+    return body + up_help + b"tinyfleet_bridge_up 1.0\n"
+
+
 class DatabaseCollector(Collector):
     """The state gauges, read with one session at scrape time."""
 
@@ -133,15 +208,17 @@ def prepare_multiproc_dir(path: Path) -> None:
     private_dir(path)
 
 
-def exposition(session: Session) -> bytes:
-    """The text format of every metric: events (all processes') and database state."""
+def exposition(session: Session, bridge_port: int = 0) -> bytes:
+    """The text format of every metric: events (all processes'), database state, and the
+    bridge's counters when `bridge_port` is given."""
     events = CollectorRegistry()
     if multiproc_dir() is not None:
         multiprocess.MultiProcessCollector(events)  # type: ignore[no-untyped-call]
     state = CollectorRegistry()
     state.register(DatabaseCollector(session, GAUGE_SOURCES))
+    bridge = bridge_exposition(bridge_port) if bridge_port else b""
     return generate_latest(events if multiproc_dir() is not None else REGISTRY) \
-        + generate_latest(state)
+        + generate_latest(state) + bridge
 
 
 bp = Blueprint("metrics", __name__)
@@ -151,7 +228,8 @@ bp = Blueprint("metrics", __name__)
 @require(Role.VIEWER)
 def metrics_view() -> Response:
     """Prometheus text exposition."""
-    return Response(exposition(request_session()), mimetype=CONTENT_TYPE_LATEST)
+    port = int(current_app.config.get("BRIDGE_METRICS_PORT") or 0)
+    return Response(exposition(request_session(), port), mimetype=CONTENT_TYPE_LATEST)
 
 
 def _endpoint_label() -> str:

@@ -51,6 +51,8 @@ class StackPlan:
     web_workers: int = 2
     host: str = LOOPBACK
     inherit_settings: bool = True  # pass other TINYFLEET_* variables on to the service
+    # The MQTT bridge's own Prometheus counters on 127.0.0.1 (0: off); /metrics includes them.
+    bridge_metrics_port: int = 0
 
     @property
     def broker_dir(self) -> Path:
@@ -103,6 +105,8 @@ class StackPlan:
             # /metrics sums every process's counters (service.metrics; emptied by `up`).
             PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir),
         )
+        if self.bridge_metrics_port:
+            env["TINYFLEET_BRIDGE_METRICS_PORT"] = str(self.bridge_metrics_port)
         if self.own_mqtt:
             env["TINYFLEET_MOSQUITTO_PID_FILE"] = str(self.mosquitto_pid_file)
         else:
@@ -134,8 +138,13 @@ def plan_stack(
     environ: Mapping[str, str] | None = None,
     worker_concurrency: int = 1,
     inherit_settings: bool = True,
+    bridge_metrics_port: int | None = None,
 ) -> StackPlan:
-    """Resolve the stack from options and `TINYFLEET_*` settings (which win over own servers)."""
+    """Resolve the stack from options and `TINYFLEET_*` settings (which win over own servers).
+
+    The bridge's metrics port: `bridge_metrics_port`, else TINYFLEET_BRIDGE_METRICS_PORT, else
+    a free port on loopback (0 turns the bridge's exporter off).
+    """
     env = os.environ if environ is None else environ
     var_dir = var_dir.resolve()
     for name, port in (("--redis-port", redis_port), ("--mqtt-port", mqtt_port),
@@ -148,6 +157,12 @@ def plan_stack(
     # Our own Redis gets a generated password (var/redis/password, 0600): anything on the
     # host could otherwise reach the queue on loopback and enqueue work.
     redis_password = None if redis_url else redis_password_for(var_dir)
+    if bridge_metrics_port is None:
+        given = env.get("TINYFLEET_BRIDGE_METRICS_PORT", "")
+        if given and not (given.isdigit() and int(given) <= 65535):
+            raise StackError(f"TINYFLEET_BRIDGE_METRICS_PORT {given!r} is not a TCP port "
+                             "(1..65535, or 0: off)")
+        bridge_metrics_port = int(given) if given else free_port()
     return StackPlan(
         var_dir=var_dir,
         http_port=http_port,
@@ -160,6 +175,7 @@ def plan_stack(
         database_url=database_url,
         worker_concurrency=worker_concurrency,
         inherit_settings=inherit_settings,
+        bridge_metrics_port=bridge_metrics_port,
     )
 
 

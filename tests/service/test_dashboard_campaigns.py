@@ -207,3 +207,49 @@ def test_the_fleet_list_shows_the_installed_model_and_presence(dash: Dash) -> No
     api = dash.app.test_client().get(
         "/api/v1/devices", headers={"Authorization": f"Bearer {dash.tokens[Role.VIEWER]}"})
     assert "presence" not in api.json["items"][0]  # the API's schema is unchanged
+
+
+def test_metrics_show_jobs_campaign_progress_online_devices_and_the_bridge(dash: Dash) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from service.stack.config import free_port
+    from tests.service.test_metrics_logs import samples
+    from workers.bridge import BridgeMetrics
+
+    register(dash, 4)
+    operator = dash.browser(Role.OPERATOR)
+    operator.submit("/campaigns", "/campaigns", start_form(tags="even"))
+    session = dash.app.extensions["tinyfleet.sessionmaker"]()
+    first = session.scalars(select(DeploymentJob).order_by(DeploymentJob.id)).first()
+    assert first is not None
+    session.execute(update(DeploymentJob).where(DeploymentJob.id == first.id)
+                    .values(state=JobState.INSTALLED))
+    session.execute(update(Device).where(Device.name == "gh-000").values(online=True))
+    session.commit()
+    session.close()
+    # The bridge's own registry, exported as workers.bridge's main does.
+    bridge = BridgeMetrics(CollectorRegistry())
+    bridge.rejected.labels("metrics", "schema").inc(3)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=bridge.registry)
+    viewer = {"Authorization": f"Bearer {dash.tokens[Role.VIEWER]}"}
+    client = dash.app.test_client()
+    try:
+        dash.app.config["BRIDGE_METRICS_PORT"] = port
+        got = samples(client.get("/metrics", headers=viewer).text)
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+        down = samples(client.get("/metrics", headers=viewer).text)
+    finally:
+        dash.app.config["BRIDGE_METRICS_PORT"] = 0
+    assert got[("tinyfleet_jobs", (("state", "installed"),))] == 1
+    assert got[("tinyfleet_jobs", (("state", "queued"),))] == 1
+    assert got[("tinyfleet_campaign_progress_ratio", (("campaign", "1"),))] == 0.5
+    assert got[("tinyfleet_campaign_jobs", (("campaign", "1"), ("state", "queued")))] == 1
+    assert got[("tinyfleet_devices_online", (("mcu", "stm32f746"),))] == 1
+    assert got[("tinyfleet_bridge_rejected_total",
+                (("channel", "metrics"), ("kind", "schema")))] == 3
+    assert got[("tinyfleet_bridge_up", ())] == 1
+    assert down[("tinyfleet_bridge_up", ())] == 0  # the scrape still answers
+    assert ("tinyfleet_jobs", (("state", "installed"),)) in down
