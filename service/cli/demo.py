@@ -15,10 +15,16 @@ from service.stack import StackError
 @click.option("--var", "var_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("var/demo"), show_default=True,
               help="The demo's own stack directory (emptied at the start).")
-def demo(var_dir: Path) -> None:
-    """Start a stack, register a sample fleet over the API, bring a device online, stop."""
+@click.option("--once", is_flag=True,
+              help="Stop at the end instead of keeping the stack and dashboard running.")
+@click.option("--family", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              default=None, help="A trained model family to use instead of the cached one.")
+def demo(var_dir: Path, once: bool, family: Path | None) -> None:
+    """The whole system: a stack, a fleet of simulated devices, a campaign through the
+    queue and the MQTT bridge, a personalization round, a summary, the dashboard."""
     try:
-        run_demo(var_dir, STEPS)
+        run_demo(var_dir, STEPS, {"once": once,
+                                  "family": family.resolve() if family else None})
     except (DemoError, StackError, ApiCallError) as exc:
         raise click.ClickException(f"demo failed: {exc}") from exc
     except KeyboardInterrupt:

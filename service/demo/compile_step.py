@@ -1,4 +1,6 @@
-"""The demo's compile step: one signed, QEMU-checked firmware image per hardware class.
+"""The demo's former compile step: one signed, QEMU-checked firmware image per hardware class,
+in process. `tinyfleet demo` now builds through the queue (service/demo/campaign_steps.py);
+this step stays for `bench.compiler`'s demo-model rows and as the in-process reference.
 
 Devices with the same (core, SRAM, OTA slot) share one build, as campaigns will
 (DESIGN, "Hardware class"). The model is a MobileNetV2 w0.35 at 144x144 with 10 classes and

@@ -27,6 +27,9 @@ class DemoContext:
     stack: RunningStack | None = None
     api: ApiClient | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # the command line's (once, family)
+    # What steps started besides the stack (name, stop): stopped first, newest first.
+    cleanups: list[tuple[str, Callable[[], bool]]] = field(default_factory=list)
 
     @property
     def plan(self) -> StackPlan:
@@ -41,6 +44,15 @@ class DemoContext:
         if self.api is None:
             raise DemoError("no API token yet")
         return self.api
+
+    def session(self) -> Any:
+        """A database session on the stack's registry (a context manager; the engine is the
+        stack's own)."""
+        from service import db
+
+        if self.stack is None or self.stack.engine is None:
+            raise DemoError("the stack is not started")
+        return db.make_sessionmaker(self.stack.engine)()
 
     def say(self, text: str = "") -> None:
         """Print one line of the demo's output."""
@@ -59,9 +71,10 @@ def prepare_var(var_dir: Path) -> None:
     var_dir.mkdir(parents=True)
 
 
-def run_demo(var_dir: Path, steps: list[Step]) -> None:
-    """Run `steps` in order; stop the stack whatever happens; DemoError on failure."""
-    context = DemoContext(var_dir.resolve())
+def run_demo(var_dir: Path, steps: list[Step], options: dict[str, Any] | None = None) -> None:
+    """Run `steps` in order; stop what they started and the stack whatever happens;
+    DemoError on failure."""
+    context = DemoContext(var_dir.resolve(), options=dict(options or {}))
     prepare_var(context.var_dir)
     started = time.monotonic()
     try:
@@ -71,6 +84,10 @@ def run_demo(var_dir: Path, steps: list[Step]) -> None:
             step(context)
             click.echo(f"    ({time.monotonic() - step_start:.1f} s)")
     finally:
+        if context.cleanups:
+            click.secho("\nstopping the devices", bold=True)
+        for name, stop in reversed(context.cleanups):
+            click.echo(f"  {name:<8} {'stopped' if stop() else 'killed after timeout'}")
         if context.stack is not None:
             click.secho("\nstopping the stack", bold=True)
             for name, graceful in context.stack.stop():

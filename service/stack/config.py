@@ -53,6 +53,8 @@ class StackPlan:
     inherit_settings: bool = True  # pass other TINYFLEET_* variables on to the service
     # The MQTT bridge's own Prometheus counters on 127.0.0.1 (0: off); /metrics includes them.
     bridge_metrics_port: int = 0
+    # Service settings the caller gives every process (name without TINYFLEET_, value).
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def broker_dir(self) -> Path:
@@ -105,6 +107,7 @@ class StackPlan:
             # /metrics sums every process's counters (service.metrics; emptied by `up`).
             PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir),
         )
+        env.update({f"TINYFLEET_{name}": value for name, value in self.settings})
         if self.bridge_metrics_port:
             env["TINYFLEET_BRIDGE_METRICS_PORT"] = str(self.bridge_metrics_port)
         if self.own_mqtt:
@@ -139,6 +142,7 @@ def plan_stack(
     worker_concurrency: int = 1,
     inherit_settings: bool = True,
     bridge_metrics_port: int | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> StackPlan:
     """Resolve the stack from options and `TINYFLEET_*` settings (which win over own servers).
 
@@ -176,6 +180,7 @@ def plan_stack(
         worker_concurrency=worker_concurrency,
         inherit_settings=inherit_settings,
         bridge_metrics_port=bridge_metrics_port,
+        settings=tuple(sorted((settings or {}).items())),
     )
 
 
