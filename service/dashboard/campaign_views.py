@@ -15,6 +15,7 @@ from __future__ import annotations
 from flask import Response, flash, g, redirect, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
+from firmware.targets import CATALOG
 from service import campaigns as ops
 from service.dashboard.blueprint import bp, render_page
 from service.dashboard.campaigns import (
@@ -45,8 +46,6 @@ from service.schemas import CampaignCreate
 
 def _list_page(status: int = 200, error: str | None = None) -> Response:
     session = request_session()
-    from firmware.targets import CATALOG
-
     return render_page(
         "dashboard/campaigns.html", status, campaigns=campaign_list(session),
         models=model_choices(session), fleets=fleet_names(session),

@@ -21,7 +21,6 @@ from service.models import (
     CampaignState,
     DeploymentJob,
     Device,
-    JobState,
     ModelVersion,
 )
 from service.problems import ApiError, FieldError
@@ -147,12 +146,6 @@ def campaign_body(form: Mapping[str, str]) -> dict[str, Any]:
             "selector": selector, "policy": policy}
 
 
-def unfinished(doc: Mapping[str, Any]) -> bool:
-    """True while some job of the campaign is not in a final state."""
-    return bool(doc["finished"] < doc["jobs"]) or doc["state"] in (
-        s.value for s in (CampaignState.RUNNING, CampaignState.SCHEDULED))
-
-
-__all__ = ["ACTIONS", "JobState", "Outcomes", "actions_for", "campaign_body", "campaign_list",
+__all__ = ["ACTIONS", "Outcomes", "actions_for", "campaign_body", "campaign_list",
            "device_history", "device_outcomes", "model_choices", "parse_cursor",
-           "unfinished", "with_progress"]
+           "with_progress"]

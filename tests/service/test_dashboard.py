@@ -238,6 +238,8 @@ def _pages(dash: Dash) -> list[str]:
             f"/devices/{device_id}", "/devices/gh-002?model=mobilenetv2&width=1.4",
             "/devices/gh-002?width=9", "/devices/no-such-device", "/fleet/data",
             f"/devices/{device_id}/data", f"/devices/{device_id}/fit",
+            f"/devices/{device_id}/history", "/campaigns", "/campaigns/data",
+            "/campaigns/999", "/personalization", "/personalization/data",
             "/dashboard/static/dashboard.css", "/dashboard/static/fleet.js",
             "/dashboard/plotly-0.min.js", "/metrics", "/api/v1/mcus", "/no-such-page"]
 
