@@ -87,7 +87,7 @@ def test_an_operator_starts_a_campaign_from_the_form_and_watches_it(dash: Dash) 
     assert polled["campaign"]["finished"] == 2 and polled["campaign"]["percent"] == 66.7
     assert [o["state"] for o in polled["outcomes"]] == ["installed", "failed", "queued"]
     assert polled["outcomes"][1]["reason"] == "needs 301 kB SRAM, has 256 kB"
-    assert polled["outcomes"][0]["name"] == "gh-000"
+    assert {o["name"] for o in polled["outcomes"]} == {"gh-000", "gh-002", "gh-004"}
     assert polled["campaign"]["actions"] == ["pause", "abort", "rollback"]
     listed = operator.get("/campaigns/data").json["items"]
     assert [(c["id"], c["finished"], c["jobs"]) for c in listed] == [(campaign_id, 2, 3)]
