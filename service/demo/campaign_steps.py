@@ -233,6 +233,7 @@ def campaign_step(ctx: DemoContext) -> None:
             bar.update(task, completed=finished,
                        states=f"{shown['state']}, batch {shown['current_batch'] + 1}/"
                               f"{shown['batch_count']}: {states}")
+            _personalize_new(ctx)  # a device trains as soon as its image is installed
             if shown["state"] in FINAL_STATES:
                 break
             if time.monotonic() > deadline:
@@ -263,13 +264,10 @@ def personalize_step(ctx: DemoContext) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    runners = ctx.results["runners"]
-    installed = [d for d, (state, _r) in _job_states(ctx).items()
-                 if state == "installed" and runners.get(d, "").startswith("agent")]
-    for device_id in installed:
-        ctx.client.post(f"/api/v1/devices/{device_id}/personalize", {})
-    ctx.say(f"    POST /api/v1/devices/<id>/personalize to {len(installed)} devices (the "
-            "sparse-update scheme in each image's manifest)")
+    _personalize_new(ctx)
+    installed = sorted(ctx.results["personalizing"])
+    ctx.say(f"    POST /api/v1/devices/<id>/personalize to {len(installed)} devices, each as "
+            "soon as its image was installed (the sparse-update scheme in its manifest)")
     deadline = time.monotonic() + ROUND_TIMEOUT_S
     columns = (TextColumn("    round 1"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
@@ -289,6 +287,17 @@ def personalize_step(ctx: DemoContext) -> None:
                                 f"see {ctx.plan.log_dir / 'agents.log'}")
             time.sleep(0.5)
     ctx.results["rounds"] = rounds
+
+
+def _personalize_new(ctx: DemoContext) -> None:
+    """Start a round on every agent-run device whose job is installed and has none yet."""
+    asked: set[str] = ctx.results.setdefault("personalizing", set())
+    runners = ctx.results["runners"]
+    for device_id, (state, _reason) in _job_states(ctx).items():
+        if state == "installed" and device_id not in asked and \
+                runners.get(device_id, "").startswith("agent"):
+            ctx.client.post(f"/api/v1/devices/{device_id}/personalize", {})
+            asked.add(device_id)
 
 
 def _job_states(ctx: DemoContext) -> dict[str, tuple[str, str | None]]:
