@@ -90,3 +90,17 @@ def test_mosquitto_conf_denies_anonymous_and_listens_on_loopback_only(tmp_path: 
     assert f"password_file {files.password_file}" in conf
     assert f"acl_file {files.acl_file}" in conf
     assert f"pid_file {files.pid_file}" in conf
+
+
+def test_the_bridge_gets_a_metrics_port_and_callers_give_settings(tmp_path: Path) -> None:
+    plan = plan_stack(tmp_path, environ={}, settings={"SEARCH_POPULATION": "12"})
+    env = plan.child_env({})
+    assert 1024 <= plan.bridge_metrics_port <= 65535  # a free one on loopback
+    assert env["TINYFLEET_BRIDGE_METRICS_PORT"] == str(plan.bridge_metrics_port)
+    assert env["TINYFLEET_SEARCH_POPULATION"] == "12"
+    chosen = plan_stack(tmp_path, environ={"TINYFLEET_BRIDGE_METRICS_PORT": "19555"})
+    assert chosen.child_env({})["TINYFLEET_BRIDGE_METRICS_PORT"] == "19555"
+    off = plan_stack(tmp_path, environ={}, bridge_metrics_port=0)
+    assert "TINYFLEET_BRIDGE_METRICS_PORT" not in off.child_env({})
+    with pytest.raises(StackError, match="TINYFLEET_BRIDGE_METRICS_PORT 'x' is not a TCP port"):
+        plan_stack(tmp_path, environ={"TINYFLEET_BRIDGE_METRICS_PORT": "x"})
