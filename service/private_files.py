@@ -75,19 +75,33 @@ def write_private(path: Path, text: str, owner: tuple[int, int] | None = None) -
 def read_or_create_secret(path: Path, nbytes: int = 24) -> str:
     """The secret stored in `path`, created (0600, random, URL-safe) on first use.
 
-    Two processes racing to create it agree: the loser of O_EXCL reads the winner's.
+    Two processes racing to create it agree, and neither ever reads it half-written: the
+    secret is written to a file of its own first, then linked to `path` (a link is created
+    whole or not at all); the loser of the link reads the winner's.
     """
     path = Path(path)
     try:
-        return path.read_text().strip()
+        existing = path.read_text().strip()
     except FileNotFoundError:
-        pass
+        existing = ""
+    if existing:
+        return existing
     private_dir(path.parent)
     secret = secrets.token_urlsafe(nbytes)
+    staged = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            winner = path.read_text().strip()
+            if not winner:
+                raise RuntimeError(f"{path} exists but is empty: remove it to make a new "
+                                   "secret") from None
+            return winner
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
     return secret
