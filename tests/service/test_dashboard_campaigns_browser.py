@@ -156,6 +156,8 @@ def test_personalization_charts_hold_the_reported_numbers(served: tuple[str, Das
                              ("gh-003", [(0.42, 0.50)]), ("gh-001", [(0.60, 0.58)])):
             for number, (before, after) in enumerate(rounds, start=1):
                 record_metrics(session, devices[name], _report(number, before, after), MODEL)
+    started = dash.api("POST", "/api/v1/campaigns", json={
+        "model_version": MODEL, "selector": {"ids": ["gh-000"]}}).json
     context, page, watch = login(browser, base, dash.tokens[Role.VIEWER])
     page.click("header nav >> text=Personalization")
     page.wait_for_selector("#gain-chart .main-svg", timeout=LOADED_MACHINE_MS)
@@ -176,8 +178,9 @@ def test_personalization_charts_hold_the_reported_numbers(served: tuple[str, Das
         t => [t.name, t.y.map(v => Math.round(v * 100) / 100)])""")
     assert curve == [["accuracy before", [40.0, 55.0]], ["accuracy after", [55.0, 62.0]],
                      ["loss after", [0.9, 0.9]]]
-    assert wait_for(lambda: page.locator("#rounds tbody tr").count() == 2, 10)
-    assert "campaign 1" in page.inner_text("#jobs")  # its update history
+    assert wait_for(lambda: page.locator("#rounds tbody tr").count() == 2,
+                    LOADED_MACHINE_MS / 1000)
+    assert f"campaign {started['id']}" in page.inner_text("#jobs")  # its update history
     page.screenshot(path=str(ARTIFACTS / "device-personalization.png"), full_page=True)
     # A viewer gets no start form and no action buttons.
     page.goto(f"{base}/campaigns")
