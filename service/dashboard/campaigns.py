@@ -7,6 +7,7 @@ state machine's actions); this module only adds what a page shows beside it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from service.models import (
     CampaignState,
     DeploymentJob,
     Device,
+    JobState,
     ModelVersion,
 )
 from service.problems import ApiError, FieldError
@@ -112,6 +114,36 @@ def device_history(session: Session, device_id: str, limit: int = 20) -> list[di
             for job, campaign, model, state, reason, at in session.execute(stmt)]
 
 
+def installed_build(session: Session, device_id: str) -> dict[str, Any] | None:
+    """What the device's latest installed job deployed: campaign, model version, subnet,
+    the search pick's memory report (the fit chart's format) and the build's measured
+    figures; None when no campaign installed anything on it."""
+    from service.models import ClassBuild, ClassPlan
+
+    row = session.execute(
+        select(DeploymentJob.campaign_id, Campaign.model_version_id, ClassPlan.result,
+               ClassBuild.manifest, DeploymentJob.emulated)
+        .join(Campaign, Campaign.id == DeploymentJob.campaign_id)
+        .join(ClassPlan, (ClassPlan.hw_class == DeploymentJob.hw_class)
+              & (ClassPlan.model_version_id == Campaign.model_version_id))
+        .outerjoin(ClassBuild, (ClassBuild.hw_class == DeploymentJob.hw_class)
+                   & (ClassBuild.model_version_id == Campaign.model_version_id))
+        .where(DeploymentJob.device_id == device_id, DeploymentJob.state == JobState.INSTALLED)
+        .order_by(DeploymentJob.id.desc()).limit(1)).first()
+    if row is None:
+        return None
+    campaign, model, plan_text, manifest_text, emulated = row
+    plan = json.loads(plan_text or "{}")
+    manifest = json.loads(manifest_text or "{}")
+    report = plan.get("memory")
+    return {"campaign": campaign, "model_version": model,
+            "subnet": (plan.get("config") or {}).get("name") or plan.get("graph"),
+            "report": report if isinstance(report, dict) and "sram" in report else None,
+            "predicted": (manifest.get("memory") or {}).get("predicted"),
+            "measured": (manifest.get("memory") or {}).get("measured"),
+            "emulated": emulated, "sparse_update": plan.get("sparse_update") is not None}
+
+
 def model_choices(session: Session) -> list[dict[str, str]]:
     """Model versions for the start form (newest first): id, name, kind."""
     stmt = (select(ModelVersion.id, ModelVersion.name, ModelVersion.kind)
@@ -147,5 +179,6 @@ def campaign_body(form: Mapping[str, str]) -> dict[str, Any]:
 
 
 __all__ = ["ACTIONS", "Outcomes", "actions_for", "campaign_body", "campaign_list",
-           "device_history", "device_outcomes", "model_choices", "parse_cursor",
+           "device_history", "device_outcomes", "installed_build", "model_choices",
+           "parse_cursor",
            "with_progress"]

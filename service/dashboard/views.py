@@ -27,6 +27,7 @@ from firmware.targets import CATALOG, Cpu
 from service.api.common import device_json
 from service.dashboard.assets import asset_response, plotly_js
 from service.dashboard.blueprint import DATA_ENDPOINTS, bp, render_page
+from service.dashboard.campaigns import installed_build
 from service.dashboard.fit import WIDTHS, ModelChoice, fit_report, parse_model_choice
 from service.dashboard.fleet import (
     COLUMNS,
@@ -157,7 +158,8 @@ def device(key: str) -> Response:
     return render_page(
         "dashboard/device.html", 422 if fit_error else 200, device=device_json(found),
         choice=choice, report=report, fit_error=fit_error, models=BUILTIN_NETWORKS,
-        widths=WIDTHS, tags_form=TagsForm(tags=" ".join(found.tags)), reported=device_status(found),
+        widths=WIDTHS, tags_form=TagsForm(tags=" ".join(found.tags)),
+        reported=device_status(found), installed=installed_build(request_session(), found.id),
         can_act=g.viewer.can(Role.OPERATOR),
         fit_url=url_for("dashboard.device_fit", **fit_args))
 

@@ -253,3 +253,45 @@ def test_metrics_show_jobs_campaign_progress_online_devices_and_the_bridge(dash:
     assert got[("tinyfleet_bridge_up", ())] == 1
     assert down[("tinyfleet_bridge_up", ())] == 0  # the scrape still answers
     assert ("tinyfleet_jobs", (("state", "installed"),)) in down
+
+
+def test_a_device_page_shows_its_installed_build_with_the_search_picks_numbers(
+        dash: Dash) -> None:
+    import html
+    import json
+
+    from firmware.targets import Cpu
+    from service.dashboard.fit import ModelChoice, fit_report
+    from service.models import ClassBuild, ClassPlan, WorkState
+
+    register(dash, 1)
+    operator = dash.browser(Role.OPERATOR)
+    operator.submit("/campaigns", "/campaigns", start_form(tags="even"))
+    session = dash.app.extensions["tinyfleet.sessionmaker"]()
+    job = session.scalars(select(DeploymentJob)).one()
+    device = session.get(Device, job.device_id)
+    assert device is not None
+    # A search pick's memory report has the fit report's keys (service.dashboard.fit).
+    report = fit_report(ModelChoice("mcunet-5fps"), device.sram_bytes, device.slot_bytes,
+                        Cpu(device.cpu))
+    session.add(ClassPlan(model_version_id=MODEL, hw_class=job.hw_class, state=WorkState.DONE,
+                          result=json.dumps({"config": {"name": "kws-r48-w0.5"},
+                                             "memory": report})))
+    session.add(ClassBuild(model_version_id=MODEL, hw_class=job.hw_class, state=WorkState.DONE,
+                           emulated=True, manifest=json.dumps({"memory": {
+                               "predicted": {"sram_bytes": 10_240, "flash_bytes": 204_800},
+                               "measured": {"sram_bytes": 10_035, "flash_bytes": 204_000}}})))
+    job.state, job.emulated = JobState.INSTALLED, True
+    session.commit()
+    device_id = device.id
+    session.close()
+    page = operator.get(f"/devices/{device_id}").text
+    assert "<h2>Installed model</h2>" in page and "kws-r48-w0.5" in page
+    assert "SRAM 10.0 kB predicted, 9.8 kB measured in QEMU" in page
+    drawn = re.search(r"data-report='([^']+)'", page)
+    assert drawn and json.loads(html.unescape(drawn[1]))["sram"] == report["sram"]
+    # A device nothing was installed on has no such section.
+    register(dash, 2, prefix="other")
+    with dash.app.extensions["tinyfleet.sessionmaker"]() as s:
+        other = s.scalars(select(Device.id).where(Device.name == "other-001")).one()
+    assert "<h2>Installed model</h2>" not in operator.get(f"/devices/{other}").text

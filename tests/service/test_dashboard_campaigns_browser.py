@@ -10,6 +10,7 @@ the real worker, bridge and agents, is `tinyfleet demo --once` (test_stack_demo.
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -22,17 +23,21 @@ from sqlalchemy import select
 from werkzeug.serving import make_server
 
 from device_agent import protocol as p
+from firmware.targets import Cpu
 from service.app import create_app
 from service.auth import create_token
+from service.dashboard.fit import ModelChoice, fit_report
 from service.jobs import advance, set_state
 from service.models import (
     AnalysisState,
+    ClassPlan,
     DeploymentJob,
     Device,
     JobState,
     ModelKind,
     ModelVersion,
     Role,
+    WorkState,
 )
 from service.personalization import record_metrics
 from service.queue import celery_client
@@ -158,6 +163,18 @@ def test_personalization_charts_hold_the_reported_numbers(served: tuple[str, Das
                 record_metrics(session, devices[name], _report(number, before, after), MODEL)
     started = dash.api("POST", "/api/v1/campaigns", json={
         "model_version": MODEL, "selector": {"ids": ["gh-000"]}}).json
+    with sessions() as session:  # what the worker and the device would record
+        job = session.scalars(select(DeploymentJob).where(
+            DeploymentJob.campaign_id == started["id"])).one()
+        device = session.get(Device, job.device_id)
+        assert device is not None
+        report = fit_report(ModelChoice("mcunet-5fps"), device.sram_bytes, device.slot_bytes,
+                            Cpu(device.cpu))
+        session.add(ClassPlan(model_version_id=MODEL, hw_class=job.hw_class,
+                              state=WorkState.DONE, result=json.dumps(
+                                  {"config": {"name": "kws-r48"}, "memory": report})))
+        set_state(session, job, JobState.INSTALLED, "device")
+        session.commit()
     context, page, watch = login(browser, base, dash.tokens[Role.VIEWER])
     page.click("header nav >> text=Personalization")
     page.wait_for_selector("#gain-chart .main-svg", timeout=LOADED_MACHINE_MS)
@@ -181,6 +198,11 @@ def test_personalization_charts_hold_the_reported_numbers(served: tuple[str, Das
     assert wait_for(lambda: page.locator("#rounds tbody tr").count() == 2,
                     LOADED_MACHINE_MS / 1000)
     assert f"campaign {started['id']}" in page.inner_text("#jobs")  # its update history
+    page.wait_for_selector("#installed-sram-chart .main-svg", timeout=LOADED_MACHINE_MS)
+    installed = page.evaluate("""() => document.getElementById('installed-sram-chart').data.map(
+        t => t.customdata[0])""")
+    assert installed == [report["sram"][f"{part}_bytes"]
+                         for part in ("arena", "scratch", "static", "stack", "training")]
     page.screenshot(path=str(ARTIFACTS / "device-personalization.png"), full_page=True)
     # A viewer gets no start form and no action buttons.
     page.goto(f"{base}/campaigns")

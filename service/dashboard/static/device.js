@@ -45,13 +45,20 @@
     window.Plotly.newPlot(element, traces, layout, { displayModeBar: false, responsive: true });
   }
 
-  function drawFit(report) {
-    const sram = document.getElementById("sram-chart");
-    const flash = document.getElementById("flash-chart");
+  function drawFit(report, sramId, flashId) {
+    const sram = document.getElementById(sramId || "sram-chart");
+    const flash = document.getElementById(flashId || "flash-chart");
     drawBar(sram, "SRAM", SRAM_PARTS, report.sram, report.sram_bytes,
             "device SRAM " + kb(report.sram_bytes));
     drawBar(flash, "Flash", FLASH_PARTS, report, report.slot_bytes,
             "firmware slot " + kb(report.slot_bytes));
+  }
+
+  // The installed build's memory report (the search pick's, stored by its campaign).
+  const installed = document.getElementById("installed-charts");
+  if (installed && window.Plotly) {
+    drawFit(JSON.parse(installed.dataset.report), "installed-sram-chart",
+            "installed-flash-chart");
   }
 
   const charts = document.getElementById("fit-charts");
@@ -64,7 +71,7 @@
         }
         return response.json();
       })
-      .then(drawFit)
+      .then(function (report) { drawFit(report); })
       .catch(function (err) {
         charts.textContent = "The charts could not be drawn: " + err.message;
       });
