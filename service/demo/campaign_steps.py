@@ -383,6 +383,31 @@ def _job_details(ctx: DemoContext) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _show_metrics(ctx: DemoContext, token: str) -> None:
+    """One scrape of /metrics: a few of the stack's figures, the bridge's among them."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(f"{ctx.plan.http_url}/metrics",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        text = answer.read().decode()
+    wanted = {"tinyfleet_bridge_up", "tinyfleet_bridge_messages_total",
+              "tinyfleet_bridge_blocks_sent_total", "tinyfleet_jobs",
+              "tinyfleet_devices_online"}
+    shown = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                shown.append(f"{sample.name}{{{labels}}} {sample.value:g}" if labels
+                             else f"{sample.name} {sample.value:g}")
+    ctx.say("    one scrape of /metrics (the bridge's counters come through it):")
+    for line in shown:
+        ctx.say(f"      {line}")
+
+
 def dashboard_step(ctx: DemoContext) -> None:
     """Print the dashboard's address and an operator token; wait for Ctrl-C unless --once."""
     from service.auth import create_token
@@ -395,6 +420,7 @@ def dashboard_step(ctx: DemoContext) -> None:
     ctx.say(f"    operator token (log in with it; stored hashed): {secret}")
     ctx.say(f"    campaign:  {ctx.plan.http_url}/campaigns/{ctx.results['campaign']}")
     ctx.say(f"    metrics:   {ctx.plan.http_url}/metrics (the same token as a Bearer header)")
+    _show_metrics(ctx, secret)
     if ctx.options.get("once"):
         return
     ctx.say("    the stack keeps running: press Ctrl-C to stop it")

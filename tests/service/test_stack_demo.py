@@ -68,6 +68,8 @@ def test_demo_runs_a_campaign_through_the_queue_to_simulated_devices(
         for _name, before, after in rows:  # each printed in the summary table
             assert f"{before:.1%}" in out and f"{after:.1%}" in out
         assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/login", out)
+        assert "\n      tinyfleet_bridge_up 1\n" in out  # the bridge's exporter, via /metrics
+        assert re.search(r"tinyfleet_jobs\{state=installed\} 5\n", out)
         assert re.search(r"operator token \(log in with it; stored hashed\): tf_\S+", out)
         assert "agents   stopped" in out and "clients  stopped" in out
         assert out.count(" stopped\n") == 8  # the devices, then redis, mqtt, web, worker...
