@@ -143,7 +143,19 @@ def release_batch(session: Session, campaign: Campaign, batch: int, enqueue: Enq
 
 def device_event(session: Session, job: DeploymentJob, device_state: str, reason: str | None,
                  progress: float | None, slot: str | None, enqueue: Enqueue) -> bool:
-    """Apply one OTA event of the job's device; False when it changes nothing (stale)."""
+    """Apply one OTA event of the job's device and commit; False when it changes nothing
+    (stale). A terminal job lets its campaign move on."""
+    changed = apply_device_event(session, job, device_state, reason, progress, slot)
+    session.commit()
+    if changed and job.state in TERMINAL:
+        advance(session, job.campaign_id, enqueue)
+    return changed
+
+
+def apply_device_event(session: Session, job: DeploymentJob, device_state: str,
+                       reason: str | None, progress: float | None, slot: str | None) -> bool:
+    """One OTA event of the job's device, in the session (not committed: the bridge's sink
+    applies a batch of events in one transaction); False when it changes nothing (stale)."""
     from service.models import Device
 
     target = DEVICE_STATES.get(device_state)
@@ -162,11 +174,9 @@ def device_event(session: Session, job: DeploymentJob, device_state: str, reason
         else:  # the device could not go back (no previous image): it keeps this one
             set_state(session, job, JobState.FAILED, "device",
                       f"rollback failed on the device: {reason or device_state}")
-        session.commit()
         return True
     if job.state not in (JobState.OFFERED, *IN_DEVICE):
-        session.commit()  # the device's update state is still news
-        return False
+        return False  # stale; the device's update state is still news
     if progress is not None:
         job.progress = progress
     if target is JobState.ROLLED_BACK:
@@ -178,15 +188,10 @@ def device_event(session: Session, job: DeploymentJob, device_state: str, reason
     else:
         job.state_changed_at = utcnow()  # progress: the install is not silent
     if target is JobState.INSTALLED and device is not None:
-        from service.models import Campaign as _Campaign
-
-        campaign = session.get(_Campaign, job.campaign_id)
+        campaign = session.get(Campaign, job.campaign_id)
         device.installed_artifact = job.artifact_sha256
         device.installed_slot = slot
         device.installed_model_version = None if campaign is None else campaign.model_version_id
-    session.commit()
-    if job.state in TERMINAL:
-        advance(session, job.campaign_id, enqueue)
     return True
 
 

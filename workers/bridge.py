@@ -11,8 +11,10 @@ service account and:
 - validates every device message (evt, metrics, presence, req) with device_agent.protocol;
   a rejected one is logged (device, channel, reason) and counted, and never reaches the sink;
 - hands valid events, metrics and presence to a `BridgeSink`, in arrival order, on one
-  thread of its own; a message is acknowledged to the broker only once the sink has taken
-  it, so a bridge that dies holding one gets it again (persistent session, QoS 1);
+  thread of its own (never the network thread), the events that queued up meanwhile as one
+  batch (`on_events`: the database sink's one transaction); a message is acknowledged to
+  the broker only once the sink has taken it, so a bridge that dies holding one gets it
+  again (persistent session, QoS 1);
 - when a device comes online, re-sends the sink's pending commands for it.
 
 `CommandPublisher` is the other direction: a long-lived, per-process connection that sends
@@ -64,6 +66,10 @@ INFLIGHT = 0
 # resuming after drops, CRC failures and reconnects stays far below it; a device that asks
 # for the image again and again (amplifying its small requests) is refused past it.
 SERVE_BUDGET = 4
+# Device messages the sink thread takes from its queue at once: a run of events among them
+# is one sink call (the database sink: one transaction), which is what lets the sink keep
+# up with a thousand devices' events; bounded so a transaction stays short.
+SINK_BATCH = 256
 
 CommandMessage = p.OtaOffer | p.PersonalizeCommand | p.RollbackCommand
 
@@ -72,7 +78,9 @@ class BridgeSink(Protocol):
     """What the bridge hands valid device messages to (campaigns: the job state machine)."""
 
     def on_event(self, device_id: str, event: p.DeviceEvent) -> None:
-        """A device reported a state change of an update."""
+        """A device reported a state change of an update. A sink may also have
+        `on_events(events)`: a run of events in arrival order, applied together (all or
+        none); the bridge calls it for the events that queued up while the last call ran."""
 
     def on_presence(self, device_id: str, online: bool) -> None:
         """A device came online, or went offline (its last will, or a clean goodbye)."""
@@ -401,23 +409,52 @@ class Bridge:
             item = self._inbox.get()
             if item is None:
                 return
-            try:
-                self._deliver(item)
-            except BaseException as exc:
-                # Not acknowledged: the broker gives it to the next bridge. Stop this one.
-                self.metrics.sink_errors.labels(item.channel.value).inc()
-                log.exception("sink failed on %s from device %s; the bridge stops",
-                              item.channel.value, item.device_id)
-                self.failure = exc
-                self._stopping.set()
-                self.client.disconnect()
-                return
-            self.client.ack(item.mid, item.qos)
+            batch = [item]
+            while len(batch) < SINK_BATCH:  # what queued up meanwhile, without waiting
+                try:
+                    queued = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if queued is None:
+                    self._inbox.put(None)  # stop after this batch
+                    break
+                batch.append(queued)
+            for group in _runs(batch):
+                try:
+                    self._deliver(group)
+                except BaseException as exc:
+                    # Not acknowledged: the broker gives them to the next bridge. Stop this one.
+                    self.metrics.sink_errors.labels(group[0].channel.value).inc()
+                    log.exception("sink failed on %s from device %s; the bridge stops",
+                                  group[0].channel.value, group[0].device_id)
+                    self.failure = exc
+                    self._stopping.set()
+                    self.client.disconnect()
+                    return
+                for done in group:  # each acknowledged only once the sink took it
+                    self.client.ack(done.mid, done.qos)
 
-    def _deliver(self, item: _Delivery) -> None:
+    def _deliver(self, group: list[_Delivery]) -> None:
+        item = group[0]
         if item.channel is p.Channel.EVT:
-            assert isinstance(item.message, p.DeviceEvent)
-            self.sink.on_event(item.device_id, item.message)
+            events = [(d.device_id, d.message) for d in group
+                      if isinstance(d.message, p.DeviceEvent)]
+            on_events = getattr(self.sink, "on_events", None)
+            if on_events is None:
+                for device_id, event in events:
+                    self.sink.on_event(device_id, event)
+                return
+            try:
+                on_events(events)
+            except Exception:
+                if len(events) == 1:
+                    raise
+                # One transaction for the run failed and applied nothing: one at a time,
+                # so every good event lands and the bridge stops on the bad one.
+                log.exception("sink failed on a run of %d events; applying them one by one",
+                              len(events))
+                for device_id, event in events:
+                    self.sink.on_event(device_id, event)
         elif item.channel is p.Channel.METRICS:
             assert isinstance(item.message, p.MetricsReport)
             self.sink.on_metrics(item.device_id, item.message)
@@ -428,6 +465,18 @@ class Bridge:
                 for command in self.sink.pending_commands(item.device_id):
                     self.client.publish(p.cmd_topic(item.device_id), p.encode(command), 1)
                     self.metrics.commands_sent.inc()
+
+
+def _runs(batch: list[_Delivery]) -> list[list[_Delivery]]:
+    """The batch cut into groups, in arrival order: each run of consecutive events is one
+    group (one sink call, one transaction), any other message a group of its own."""
+    groups: list[list[_Delivery]] = []
+    for item in batch:
+        if item.channel is p.Channel.EVT and groups and groups[-1][0].channel is p.Channel.EVT:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 class CommandPublisher:

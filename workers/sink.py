@@ -16,12 +16,13 @@ it means for the job whose update it names:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery import Celery
 from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, lazyload, sessionmaker
 
 from device_agent import protocol as p
 from service import db
@@ -29,10 +30,12 @@ from service import jobs as J
 from service.models import Campaign, CampaignState, DeploymentJob, Device, JobState, utcnow
 from service.personalization import record_metrics
 from service.queue import celery_settings
+from service.rollout import TERMINAL
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 2.0
+IN_CHUNK = 500  # ids per IN (...) list: far below any database's parameter limit
 
 
 def _job_id(update_id: str | None) -> int | None:
@@ -67,28 +70,61 @@ class DatabaseSink:
             return None
         return job
 
-    def on_event(self, device_id: str, event: p.DeviceEvent) -> None:
-        """Apply one OTA event to the job it names (download progress at most every
-        PROGRESS_EVERY_S per update: it only keeps the install deadline from firing)."""
-        import time
-
+    def _throttled(self, event: p.DeviceEvent) -> bool:
+        """True for a download progress event within PROGRESS_EVERY_S of the last one
+        written for its update (progress only keeps the install deadline from firing)."""
         if event.state is p.UpdateState.DOWNLOADING and event.update_id and event.progress:
             now = time.monotonic()
             if now - self._progress_at.get(event.update_id, 0.0) < PROGRESS_EVERY_S:
-                return
+                return True
             self._progress_at[event.update_id] = now
         elif event.update_id is not None:
             self._progress_at.pop(event.update_id, None)
+        return False
+
+    def on_event(self, device_id: str, event: p.DeviceEvent) -> None:
+        """Apply one OTA event to the job it names (a batch of one)."""
+        self.on_events([(device_id, event)])
+
+    def on_events(self, events: Sequence[tuple[str, p.DeviceEvent]]) -> None:
+        """Apply OTA events in arrival order in one transaction: their jobs and devices are
+        loaded by one query each, and each campaign with a job that ended moves on once,
+        after the commit."""
+        kept = [(device_id, event) for device_id, event in events
+                if not self._throttled(event)]
+        if not kept:
+            return
         with self.sessions() as session:
-            job = self._job(session, device_id, event.update_id)
-            if job is None:
-                self.ignored += 1
-                log.warning("event %s from %s names no job of its own (update %r): ignored",
-                            event.state.value, device_id, event.update_id)
-                return
-            slot = None if event.slot is None else str(event.slot)
-            J.device_event(session, job, event.state.value, event.reason, event.progress,
-                           slot, self.enqueue)
+            ids = sorted({i for _, e in kept if (i := _job_id(e.update_id)) is not None})
+            jobs: dict[int, DeploymentJob] = {}
+            for start in range(0, len(ids), IN_CHUNK):
+                jobs.update((j.id, j) for j in session.scalars(select(DeploymentJob).where(
+                    DeploymentJob.id.in_(ids[start:start + IN_CHUNK]))))
+            # Held here: the identity map keeps only weak references, and apply_device_event
+            # finds these rows by session.get without a query while they live.
+            owners = sorted({j.device_id for j in jobs.values()})
+            devices = [d for start in range(0, len(owners), IN_CHUNK)
+                       for d in session.scalars(select(Device).options(lazyload("*")).where(
+                           Device.id.in_(owners[start:start + IN_CHUNK])))]
+            campaigns = session.scalars(select(Campaign).where(
+                Campaign.id.in_({j.campaign_id for j in jobs.values()}))).all()
+            ended: set[int] = set()
+            for device_id, event in kept:
+                job = jobs.get(_job_id(event.update_id) or -1)
+                if job is None or job.device_id != device_id or job.update_id != (
+                        event.update_id):
+                    self.ignored += 1
+                    log.warning("event %s from %s names no job of its own (update %r): "
+                                "ignored", event.state.value, device_id, event.update_id)
+                    continue
+                slot = None if event.slot is None else str(event.slot)
+                if J.apply_device_event(session, job, event.state.value, event.reason,
+                                        event.progress, slot) and job.state in TERMINAL:
+                    ended.add(job.campaign_id)
+            session.commit()
+            del devices, campaigns
+            for campaign_id in sorted(ended):
+                J.advance(session, campaign_id, self.enqueue)
 
     def on_presence(self, device_id: str, online: bool) -> None:
         """Record presence on the device row."""
@@ -146,8 +182,6 @@ class DatabaseSink:
 
 
 def _offer(job: DeploymentJob, campaign: Campaign, image: bytes, block_size: int) -> Any:
-    import time
-
     now = time.time()
     return p.make_offer(job.update_id or f"u{job.id}", image, block_size=block_size,
                         offer_deadline=now + campaign.offer_deadline_s,
