@@ -4,7 +4,8 @@ It does what device_agent.protocol asks of a device, and nothing a real agent ad
 inference, no training): on an `ota_offer` it checks the target, asks for the blocks it
 lacks (a window at a time), checks each block's CRC-32 and image tag, and once it holds them
 all checks the image's sha256 and Ed25519 signature against the fleet key
-(firmware.image.verify_image) and the MCU it was built for; then it writes the image into
+(firmware.image.verify_image) and that its core and SRAM are the device's (not the MCU's
+name: parts of one hardware class share one build); then it writes the image into
 its inactive slot, re-reads it as a self-test and reports `installed` with the slot, or
 reports the refusal with its reason. After a disconnect it reconnects and asks only for
 the blocks it still lacks.
@@ -45,6 +46,7 @@ from device_agent.mqtt_device import (
 )
 from firmware.errors import ImageError
 from firmware.image import verify_image
+from firmware.targets import TargetSpec, get_target
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,19 @@ class DeviceIdentity:
     password: str
     mcu: str
     slot_bytes: int | None = None  # None: any image size fits
+
+
+def target_refusal(name: str, cpu: str, sram_bytes: int, device: TargetSpec,
+                   what: str) -> str | None:
+    """Why an image for `name` (core `cpu`, needing `sram_bytes` of SRAM) cannot run on
+    `device`, or None: the core must be the device's, the SRAM within the device's."""
+    if cpu != device.cpu.value:
+        return (f"{what} {name}, this device is {device.name}: core {cpu}, not "
+                f"{device.cpu.value}")
+    if sram_bytes > device.sram_bytes:
+        return (f"{what} {name}, this device is {device.name}: {sram_bytes} bytes of SRAM, "
+                f"the device has {device.sram_bytes}")
+    return None
 
 
 @dataclass
@@ -109,6 +124,7 @@ class ReferenceDevice:
                  progress_every: float = 0.25,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.identity = identity
+        self.spec = get_target(identity.mcu)  # UnknownMcuError for a name not in the catalog
         self.fleet_key = fleet_key
         self.slot_dir = slot_dir
         self.faults = faults or Faults()
@@ -196,9 +212,13 @@ class ReferenceDevice:
         self._top_up(download)
 
     def _refusal(self, offer: p.OtaOffer) -> str | None:
-        mcu = self.identity.mcu
-        if offer.target_mcu != mcu:
-            return f"offer is for {offer.target_mcu}, this device is {mcu}"
+        # What decides is the core and the sizes, not the MCU's name: parts of one hardware
+        # class (nrf52840 and stm32f412: Cortex-M4, 256 kB SRAM, 1 MB Flash) share a build
+        # named after one of them.
+        refusal = target_refusal(offer.target_mcu, offer.target_cpu,
+                                 offer.predicted_sram_bytes, self.spec, "offer is for")
+        if refusal is not None:
+            return refusal
         slot = self.identity.slot_bytes
         if slot is not None and offer.image_bytes > slot:
             return f"image is {offer.image_bytes} bytes, the slot holds {slot}"
@@ -345,10 +365,9 @@ class ReferenceDevice:
             parsed = verify_image(image, self.fleet_key)
         except ImageError as exc:
             return str(exc)
-        built_for = parsed.manifest.target.name
-        if built_for != self.identity.mcu:
-            return f"image is built for {built_for}, this device is {self.identity.mcu}"
-        return None
+        # The signed manifest, not the offer's summary: the SRAM the image was linked for.
+        t = parsed.manifest.target
+        return target_refusal(t.name, t.cpu, t.sram_bytes, self.spec, "image is built for")
 
     def _slot_path(self, slot: int) -> Path:
         assert self.slot_dir is not None

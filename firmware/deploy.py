@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from firmware.errors import DoesNotFitError, FirmwareError
+from firmware.errors import DoesNotFitError, FirmwareError, NoToolchainError
 from firmware.pipeline import CompileOptions, Dataset, UnsignedBuild, build_unsigned
 from firmware.targets import Cpu, OtaLayout, TargetSpec, custom_target, get_target
 
@@ -87,10 +87,9 @@ class SearchSettings:
 
 def plan_class(kind: ModelKind, path: Path, hw: HardwareClass, var_dir: Path,
                settings: SearchSettings = SearchSettings()) -> dict[str, Any]:
-    """The pick for one class as JSON-ready data; DoesNotFitError names the numbers."""
-    if hw.cpu is Cpu.XTENSA_LX7:
-        raise FirmwareError(f"no compiler for {hw.cpu.value} is installed "
-                            "(arm-none-eabi-gcc builds Arm cores only)")
+    """The pick for one class as JSON-ready data; DoesNotFitError names the numbers,
+    NoToolchainError a core no installed compiler builds (no search is run for it)."""
+    _require_toolchain(hw)
     if kind is ModelKind.ONNX:
         return _plan_onnx(path, hw)
     from firmware.nas.accuracy import torch_threads
@@ -153,9 +152,19 @@ def _plan_family(path: Path, hw: HardwareClass, var_dir: Path,
     return result
 
 
+def _require_toolchain(hw: HardwareClass) -> None:
+    from firmware.toolchain.build import missing_toolchain
+
+    reason = missing_toolchain(hw.cpu)
+    if reason is not None:
+        raise NoToolchainError(reason)
+
+
 def build_class(kind: ModelKind, path: Path, hw: HardwareClass, plan: dict[str, Any],
                 work_dir: Path, model_id: str, model_version: str) -> UnsignedBuild:
-    """The class's image, unsigned (module docstring)."""
+    """The class's image, unsigned (module docstring); NoToolchainError for a core no
+    installed compiler builds."""
+    _require_toolchain(hw)
     options = CompileOptions(layout=hw.layout, model_id=model_id, model_version=model_version,
                              onnx_check=False, test_vectors=2)
     target = hw.target()

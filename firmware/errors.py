@@ -23,6 +23,10 @@ class BuildError(FirmwareError):
     """Compiling or linking generated firmware failed; the message carries the tool's words."""
 
 
+class NoToolchainError(BuildError):
+    """No compiler for the target's core is installed: nothing was built or emulated."""
+
+
 class EmulationError(FirmwareError):
     """Running firmware in QEMU failed, timed out, or returned a wrong exit code."""
 

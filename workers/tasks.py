@@ -232,6 +232,8 @@ def plan(self: Any, job_id: int) -> None:
             return
         job, campaign = loaded
         job.attempts += 1
+        if _skip_without_toolchain(session, job):
+            return
         if job.state is not JobState.PLANNING:
             J.set_state(session, job, JobState.PLANNING, "worker")
         session.commit()  # waiting in PLANNING before looking: the owner's fan-out sees it
@@ -240,6 +242,22 @@ def plan(self: Any, job_id: int) -> None:
         if mine:
             row = _run_plan(session, row, campaign.model_version_id, job)
         _after_plan(session, job, row)
+
+
+def _skip_without_toolchain(session: Session, job: DeploymentJob) -> bool:
+    """Skip a job whose core no installed compiler builds (ESP32's Xtensa), with that
+    reason: nothing is searched, built or offered, and no device failed (the campaign's
+    failure share leaves it out)."""
+    from firmware.deploy import HardwareClass
+    from firmware.toolchain.build import missing_toolchain
+
+    reason = missing_toolchain(HardwareClass.from_dict(json.loads(job.hw)).cpu)
+    if reason is None:
+        return False
+    J.set_state(session, job, JobState.SKIPPED, "worker", reason)
+    session.commit()
+    J.advance(session, job.campaign_id, enqueue)
+    return True
 
 
 def _run_plan(session: Session, row: ClassPlan, version: str, job: DeploymentJob) -> ClassPlan:

@@ -113,6 +113,14 @@ def kernel_sources() -> tuple[Path, ...]:
     return tuple(p for p in sorted(SRC_DIR.glob("tf_*.c")) if p.name not in PLATFORM_SOURCES)
 
 
+def missing_toolchain(cpu: Cpu) -> str | None:
+    """Why no image can be built for `cpu` here (no compiler for the core), or None."""
+    if cpu in _CPU_FLAGS:
+        return None
+    return (f"no toolchain for {cpu.value}: firmware is built with {ARM_CC}, for Arm "
+            f"Cortex-M cores only; not built, not emulated")
+
+
 def cpu_flags(cpu: Cpu) -> tuple[str, ...]:
     """arm-none-eabi-gcc flags for a core; BuildError for cores it cannot build."""
     if cpu not in _CPU_FLAGS:

@@ -175,8 +175,20 @@ def test_a_corrupt_block_is_refused_by_crc_and_asked_again_and_a_lost_one_too(
     assert device.slots[0] == image
 
 
-@pytest.mark.parametrize("case", ["foreign key", "wrong hash", "offer for another mcu",
-                                  "image for another mcu"])
+@pytest.mark.parametrize("case", ["foreign key", "wrong hash", "offer for another core",
+                                  "image for another core", "image for more sram"])
+def test_an_image_for_another_mcu_of_the_same_class_installs(rig: Rig) -> None:
+    # One hardware class (Cortex-M4, 256 kB SRAM, 1 MB Flash), one build named after one
+    # member: the nrf52840 takes the stm32f412's image (the core and the sizes decide).
+    device = rig.device("nrf52840")
+    rig.loop.add([device])
+    image = signed_image(rig.fleet.signing_key(), "stm32f412", IMAGE_BYTES // 4, seed=4)
+    rig.offer(device, image, "upd-class")
+    result = outcome(device, "upd-class")
+    assert (result.state, result.reason) == (p.UpdateState.INSTALLED, None)
+    assert device.slots[0] == image
+
+
 def test_bad_images_are_refused_with_their_reason(rig: Rig, case: str) -> None:
     device = rig.device()
     rig.loop.add([device])
@@ -189,13 +201,17 @@ def test_bad_images_are_refused_with_their_reason(rig: Rig, case: str) -> None:
     elif case == "wrong hash":
         override = {"image_sha256": "0" * 64}
         expected = "the offer's sha256 is 0000000000000000..."
-    elif case == "offer for another mcu":
+    elif case == "offer for another core":
         image = signed_image(key, "stm32f412", IMAGE_BYTES // 4, seed=3)
-        expected = "offer is for stm32f412, this device is stm32f746"
-    else:  # the offer claims this device's MCU, the signed manifest says otherwise
-        image = signed_image(key, "stm32f412", IMAGE_BYTES // 4, seed=3)
-        override = {"target_mcu": "stm32f746"}
-        expected = "image is built for stm32f412, this device is stm32f746"
+        expected = "offer is for stm32f412, this device is stm32f746: core cortex-m4, not cortex-m7"
+    elif case == "image for another core":  # the offer claims this device's core, the
+        image = signed_image(key, "stm32f412", IMAGE_BYTES // 4, seed=3)  # signed image not
+        override = {"target_mcu": "stm32f746", "target_cpu": "cortex-m7"}
+        expected = "image is built for stm32f412, this device is stm32f746: core cortex-m4"
+    else:  # the same core (Cortex-M7), linked for 1 MB of SRAM: the device has 320 kB
+        image = signed_image(key, "stm32h743", IMAGE_BYTES // 4, seed=3)
+        expected = ("image is built for stm32h743, this device is stm32f746: 1048576 bytes "
+                    "of SRAM, the device has 327680")
     rig.offer(device, image, "upd-bad", **override)
     result = outcome(device, "upd-bad")
     assert result.state is p.UpdateState.REFUSED
