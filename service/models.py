@@ -232,6 +232,10 @@ class ModelVersion(Base):
     analysis_state: Mapped[AnalysisState] = mapped_column(_enum(AnalysisState,
                                                                 "analysis_state"))
     analysis_reason: Mapped[str | None] = mapped_column(Text)
+    # The running analysis's claim, renewed by its worker; past it, another takes over.
+    analysis_owner: Mapped[str | None] = mapped_column(String(64))
+    analysis_lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    analysis_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     info: Mapped[str] = mapped_column(Text, default="{}")  # JSON summary (space, classes...)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -172,7 +172,9 @@ def claim(session: Session, model: type[Row], version: str, hw_class: str, lease
 
 
 @contextmanager
-def _lease_renewed(model: type[Row], row_id: int, lease_s: float) -> Iterator[None]:
+def _lease_renewed(model: type[Row] | type[ModelVersion], row_id: int | str, lease_s: float,
+                   owner_column: str = "owner", lease_column: str = "lease_until"
+                   ) -> Iterator[None]:
     """Renew this worker's lease on a row every third of its length while the body runs."""
     stop = threading.Event()
     maker = current_app.extensions["tinyfleet.sessionmaker"]
@@ -182,8 +184,9 @@ def _lease_renewed(model: type[Row], row_id: int, lease_s: float) -> Iterator[No
         while not stop.wait(lease_s / 3):
             try:
                 with maker() as s:
-                    s.execute(update(model).where(model.id == row_id, model.owner == owner)
-                              .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+                    s.execute(update(model).where(model.id == row_id,
+                                                  getattr(model, owner_column) == owner)
+                              .values({lease_column: utcnow() + timedelta(seconds=lease_s)})
                               .execution_options(synchronize_session=False))
                     s.commit()
             except OperationalError as exc:  # a busy database: the next beat tries again
@@ -498,7 +501,9 @@ def rollback(self: Any, job_id: int) -> None:
 
 @shared_task(name=J.ANALYZE_TASK, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
 def analyze(self: Any, version: str) -> None:
-    """A family version's contribution analysis (on-device training needs it)."""
+    """A family version's contribution analysis (on-device training needs it), under a lease
+    its worker renews: one whose worker died is taken over once the lease has passed, and
+    failed with that reason after MAX_ANALYSIS_ATTEMPTS takes."""
     from firmware.errors import FirmwareError
     from firmware.personalize import (
         DEFAULT_ANALYSIS,
@@ -508,28 +513,66 @@ def analyze(self: Any, version: str) -> None:
     )
     from service.model_versions import model_path
 
+    lease_s = float(current_app.config["LEASE_S"])
     with _session() as session:
-        won = session.execute(update(ModelVersion).where(
-            ModelVersion.id == version, ModelVersion.kind == ModelKind.FAMILY,
-            ModelVersion.analysis_state == AnalysisState.QUEUED)
-            .values(analysis_state=AnalysisState.RUNNING)
-            .execution_options(synchronize_session=False)
-        ).rowcount  # type: ignore[attr-defined]
-        session.commit()
+        if not _claim_analysis(session, version, lease_s):
+            return  # done, running under a live lease, or not a family: a duplicate
         model = session.get(ModelVersion, version)
-        if not won or model is None:
-            return  # done, running elsewhere, or not a family: a duplicate delivery
+        assert model is not None
+        if model.analysis_attempts > MAX_ANALYSIS_ATTEMPTS:
+            _end_analysis(session, model, AnalysisState.FAILED,
+                          f"the analysis was interrupted {model.analysis_attempts - 1} times "
+                          f"(its worker died or was killed mid-run, its lease ran out); "
+                          f"not tried again")
+            return
         settings = QUICK_ANALYSIS if current_app.config["ANALYSIS"] == "quick" else (
             DEFAULT_ANALYSIS)
         try:
-            found = family_contributions(model_path(model), settings)
-            save_contributions(_var_dir(), found)
+            with _lease_renewed(ModelVersion, version, lease_s, "analysis_owner",
+                                "analysis_lease_until"):
+                found = family_contributions(model_path(model), settings)
+                save_contributions(_var_dir(), found)
         except FirmwareError as exc:
-            model.analysis_state = AnalysisState.FAILED
-            model.analysis_reason = _short(str(exc))
+            _end_analysis(session, model, AnalysisState.FAILED, _short(str(exc)))
         else:
-            model.analysis_state = AnalysisState.DONE
-        session.commit()
+            _end_analysis(session, model, AnalysisState.DONE, None)
+
+
+MAX_ANALYSIS_ATTEMPTS = 3
+
+
+def _claim_analysis(session: Session, version: str, lease_s: float) -> bool:
+    """Take a family version's analysis: queued, or running under a lease that has passed
+    (its worker died); a compare-and-set lets one worker take it."""
+    now = utcnow()
+    won = session.execute(update(ModelVersion).where(
+        ModelVersion.id == version, ModelVersion.kind == ModelKind.FAMILY,
+        (ModelVersion.analysis_state == AnalysisState.QUEUED)
+        | ((ModelVersion.analysis_state == AnalysisState.RUNNING)
+           & (ModelVersion.analysis_lease_until.is_(None)
+              | (ModelVersion.analysis_lease_until < now))))
+        .values(analysis_state=AnalysisState.RUNNING, analysis_owner=_owner(),
+                analysis_lease_until=now + timedelta(seconds=lease_s),
+                analysis_attempts=ModelVersion.analysis_attempts + 1)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    session.commit()
+    return bool(won)
+
+
+def _end_analysis(session: Session, model: ModelVersion, state: AnalysisState,
+                  reason: str | None) -> None:
+    """Record how the analysis ended, if this worker still holds it (a worker whose lease
+    ran out and was taken over writes nothing)."""
+    ended = session.execute(update(ModelVersion).where(
+        ModelVersion.id == model.id, ModelVersion.analysis_owner == _owner())
+        .values(analysis_state=state, analysis_reason=reason, analysis_lease_until=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount  # type: ignore[attr-defined]
+    session.commit()
+    log.log(logging.WARNING if state is AnalysisState.FAILED or not ended else logging.INFO,
+            "analysis of %s: %s%s%s", model.id, state.value, f" ({reason})" if reason else "",
+            "" if ended else "; not recorded: another worker took it over")
 
 
 @shared_task(name="tinyfleet.reconcile", bind=True, acks_late=True,  # type: ignore[untyped-decorator]
@@ -538,13 +581,21 @@ def reconcile(self: Any) -> dict[str, int]:
     """Start scheduled campaigns, time out offers and installs, re-enqueue stuck jobs."""
     with _session() as session:
         done = J.reconcile(session, enqueue, float(current_app.config["STUCK_AFTER_S"]))
-        cut = utcnow() - timedelta(seconds=float(current_app.config["STUCK_AFTER_S"]))
+        now = utcnow()
+        cut = now - timedelta(seconds=float(current_app.config["STUCK_AFTER_S"]))
         stale = session.scalars(select(ModelVersion.id).where(
-            ModelVersion.analysis_state == AnalysisState.QUEUED,
-            ModelVersion.created_at < cut)).all()
+            ((ModelVersion.analysis_state == AnalysisState.QUEUED)
+             & (ModelVersion.created_at < cut))
+            | ((ModelVersion.analysis_state == AnalysisState.RUNNING)
+               & (ModelVersion.analysis_lease_until.is_(None)
+                  | (ModelVersion.analysis_lease_until < now))))).all()
+    if stale:
+        done["analyses_reenqueued"] = len(stale)
     if any(done.values()):
         log.info("reconciler: %s", done)
-    for version in stale:  # queued while no queue was reachable, or lost: idempotent
+    # Queued while no queue was reachable or lost, or running under a lease that passed
+    # (its worker died): the task's claim lets one worker take each.
+    for version in stale:
         enqueue(J.ANALYZE_TASK, [version])
     return done
 

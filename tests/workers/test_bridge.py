@@ -175,8 +175,6 @@ def test_a_corrupt_block_is_refused_by_crc_and_asked_again_and_a_lost_one_too(
     assert device.slots[0] == image
 
 
-@pytest.mark.parametrize("case", ["foreign key", "wrong hash", "offer for another core",
-                                  "image for another core", "image for more sram"])
 def test_an_image_for_another_mcu_of_the_same_class_installs(rig: Rig) -> None:
     # One hardware class (Cortex-M4, 256 kB SRAM, 1 MB Flash), one build named after one
     # member: the nrf52840 takes the stm32f412's image (the core and the sizes decide).
@@ -189,6 +187,8 @@ def test_an_image_for_another_mcu_of_the_same_class_installs(rig: Rig) -> None:
     assert device.slots[0] == image
 
 
+@pytest.mark.parametrize("case", ["foreign key", "wrong hash", "offer for another core",
+                                  "image for another core", "image for more sram"])
 def test_bad_images_are_refused_with_their_reason(rig: Rig, case: str) -> None:
     device = rig.device()
     rig.loop.add([device])
