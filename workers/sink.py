@@ -159,6 +159,7 @@ class DatabaseSink:
     def pending_commands(self, device_id: str) -> Sequence[Any]:
         """Offers of the device's jobs waiting for it to come online (now `offered`)."""
         from workers.artifacts import ArtifactStore
+        from workers.offers import offer_for
 
         store = ArtifactStore.from_config(dict(self.config))
         commands = []
@@ -172,21 +173,16 @@ class DatabaseSink:
             for job in waiting:
                 campaign = session.get(Campaign, job.campaign_id)
                 assert campaign is not None and job.artifact_sha256 is not None
-                commands.append(_offer(job, campaign, store.read(job.artifact_sha256),
-                                       int(self.config.get("OTA_BLOCK_SIZE", 4096))))
+                commands.append(offer_for(
+                    store, job.artifact_sha256, job.update_id or f"u{job.id}",
+                    block_size=int(self.config.get("OTA_BLOCK_SIZE", 4096)),
+                    offer_deadline_s=campaign.offer_deadline_s,
+                    install_deadline_s=campaign.install_deadline_s))
                 J.set_state(session, job, JobState.OFFERED, "bridge",
                             now=utcnow())
                 job.offered_at = utcnow()
             session.commit()
         return commands
-
-
-def _offer(job: DeploymentJob, campaign: Campaign, image: bytes, block_size: int) -> Any:
-    now = time.time()
-    return p.make_offer(job.update_id or f"u{job.id}", image, block_size=block_size,
-                        offer_deadline=now + campaign.offer_deadline_s,
-                        install_deadline=now + campaign.offer_deadline_s
-                        + campaign.install_deadline_s)
 
 
 def database_sink(config: Mapping[str, Any]) -> DatabaseSink:

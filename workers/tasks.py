@@ -434,23 +434,29 @@ def sign_for_fleet(session: Session, row: ClassBuild, fleet_id: int) -> str:
 
 # ---- offer -------------------------------------------------------------------------------------
 
+_publisher: dict[int, Any] = {}  # pid -> this process's CommandPublisher
+
+
 def publisher() -> Any:
-    """This process's MQTT command publisher (workers.bridge)."""
+    """This process's MQTT command publisher (workers.bridge), made on first use (a forked
+    pool child gets its own)."""
     from workers.bridge import CommandPublisher
 
-    return CommandPublisher.for_process(current_app.config)
+    found = _publisher.get(os.getpid())
+    if found is None:
+        found = _publisher[os.getpid()] = CommandPublisher.for_process(current_app.config)
+    return found
 
 
-def offer_message(job: DeploymentJob, campaign: Campaign, image: bytes) -> Any:
+def offer_message(job: DeploymentJob, campaign: Campaign) -> Any:
     """The job's OtaOffer, with its deadlines as unix times."""
-    from device_agent.protocol import make_offer
+    from workers.offers import offer_for
 
-    now = time.time()
-    return make_offer(job.update_id or f"u{job.id}", image,
-                      block_size=int(current_app.config.get("OTA_BLOCK_SIZE", 4096)),
-                      offer_deadline=now + campaign.offer_deadline_s,
-                      install_deadline=now + campaign.offer_deadline_s
-                      + campaign.install_deadline_s)
+    assert job.artifact_sha256 is not None
+    return offer_for(_store(), job.artifact_sha256, job.update_id or f"u{job.id}",
+                     block_size=int(current_app.config.get("OTA_BLOCK_SIZE", 4096)),
+                     offer_deadline_s=campaign.offer_deadline_s,
+                     install_deadline_s=campaign.install_deadline_s)
 
 
 @shared_task(name=J.OFFER_TASK, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
@@ -468,15 +474,16 @@ def _offer_step(session: Session, job_id: int) -> None:
     if campaign.state is CampaignState.HALTED:
         return  # halted: no new offers
     job.update_id = job.update_id or f"u{job.id}"
-    device = session.get(Device, job.device_id)
-    assert device is not None and job.artifact_sha256 is not None
-    if not device.online:
+    # Only whether it is online: not the row (its fleet and tags come with it).
+    online = session.scalar(select(Device.online).where(Device.id == job.device_id))
+    assert online is not None and job.artifact_sha256 is not None
+    if not online:
         J.set_state(session, job, JobState.WAITING_OFFLINE, "worker",
                     "the device is offline; offered when it comes online")
         session.commit()
         J.advance(session, campaign.id, enqueue)
         return
-    message = offer_message(job, campaign, _store().read(job.artifact_sha256))
+    message = offer_message(job, campaign)
     # Recorded before sending: a device may answer before this task commits.
     J.set_state(session, job, JobState.OFFERED, "worker")
     job.offered_at = utcnow()
