@@ -423,7 +423,7 @@ class Bridge:
                 try:
                     self._deliver(group)
                 except BaseException as exc:
-                    # Not acknowledged: the broker gives them to the next bridge. Stop this one.
+                    # Not acknowledged: the broker gives it to the next bridge. Stop this one.
                     self.metrics.sink_errors.labels(group[0].channel.value).inc()
                     log.exception("sink failed on %s from device %s; the bridge stops",
                                   group[0].channel.value, group[0].device_id)
@@ -431,33 +431,37 @@ class Bridge:
                     self._stopping.set()
                     self.client.disconnect()
                     return
-                for done in group:  # each acknowledged only once the sink took it
-                    self.client.ack(done.mid, done.qos)
+
+    def _ack(self, items: Sequence[_Delivery]) -> None:
+        for item in items:  # each acknowledged only once the sink took it
+            self.client.ack(item.mid, item.qos)
 
     def _deliver(self, group: list[_Delivery]) -> None:
+        """Hand one group to the sink and acknowledge what it took."""
         item = group[0]
         if item.channel is p.Channel.EVT:
-            events = [(d.device_id, d.message) for d in group
-                      if isinstance(d.message, p.DeviceEvent)]
             on_events = getattr(self.sink, "on_events", None)
-            if on_events is None:
-                for device_id, event in events:
-                    self.sink.on_event(device_id, event)
-                return
-            try:
-                on_events(events)
-            except Exception:
-                if len(events) == 1:
-                    raise
-                # One transaction for the run failed and applied nothing: one at a time,
-                # so every good event lands and the bridge stops on the bad one.
-                log.exception("sink failed on a run of %d events; applying them one by one",
-                              len(events))
-                for device_id, event in events:
-                    self.sink.on_event(device_id, event)
+            if on_events is not None:
+                try:
+                    on_events([(d.device_id, d.message) for d in group])
+                except Exception:
+                    if len(group) == 1:
+                        raise
+                    # The run's one transaction failed and applied nothing: one at a time,
+                    # so every good event lands and the bridge stops on the bad one.
+                    log.exception("sink failed on a run of %d events; applying them one by "
+                                  "one", len(group))
+                else:
+                    self._ack(group)
+                    return
+            for one in group:
+                assert isinstance(one.message, p.DeviceEvent)
+                self.sink.on_event(one.device_id, one.message)
+                self._ack([one])
         elif item.channel is p.Channel.METRICS:
             assert isinstance(item.message, p.MetricsReport)
             self.sink.on_metrics(item.device_id, item.message)
+            self._ack(group)
         else:
             online = bool(item.message)
             self.sink.on_presence(item.device_id, online)
@@ -465,6 +469,7 @@ class Bridge:
                 for command in self.sink.pending_commands(item.device_id):
                     self.client.publish(p.cmd_topic(item.device_id), p.encode(command), 1)
                     self.metrics.commands_sent.inc()
+            self._ack(group)
 
 
 def _runs(batch: list[_Delivery]) -> list[list[_Delivery]]:
