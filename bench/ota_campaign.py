@@ -8,7 +8,7 @@ SQLite, and protocol reference clients (device_agent.reference_client) in `--pro
 processes that check every block's CRC, each image's sha256 and Ed25519 signature. The
 model is a small digits family trained here first (not timed), or `--family DIR`.
 
-    .venv/bin/python -m bench.ota_campaign --devices 1000 --procs 4 [--json]
+    .venv/bin/python -m bench.ota_campaign --devices 1000 --procs 4 [--block-size 16384] [--json]
     .venv/bin/python -m bench.ota_campaign --devices 200 --procs 2 --agents
 
 With `--agents` the devices are real agents instead: `--procs` processes of
@@ -146,7 +146,7 @@ def write_agent_configs(root: Path, identities: list[tuple[str, str, str]], proc
 
 
 def run(devices: int, procs: int, family: Path | None, timeout_s: float,
-        agents: bool = False) -> dict[str, Any]:
+        agents: bool = False, block_size: int = 4096) -> dict[str, Any]:
     """A cold and a cached campaign over the same devices; the measurements."""
     from sqlalchemy import select
 
@@ -169,7 +169,7 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float,
         "BROKER_DIR": str(broker.files.broker_dir),
         "MOSQUITTO_PID_FILE": str(broker.files.pid_file), "MQTT_HOST": broker.host,
         "MQTT_PORT": broker.port, "REDIS_URL": redis.url, "SEARCH_POPULATION": 8,
-        "SEARCH_GENERATIONS": 2}
+        "SEARCH_GENERATIONS": 2, "OTA_BLOCK_SIZE": block_size}
     app = create_app(settings)
     full_sync(app.extensions["tinyfleet.engine"], broker.target)
     maker = app.extensions["tinyfleet.sessionmaker"]
@@ -285,7 +285,8 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float,
                 "build_s": sorted(round(b.seconds or 0, 1) for b in builds),
                 "image_bytes": sorted({s.size_bytes for s in signed}),
             }
-        return {"devices": devices, "procs": procs, "classes": list(classes),
+        return {"devices": devices, "procs": procs, "block_size": block_size,
+                "classes": list(classes),
                 "clients": "tinyfleet-agent (qemu backend)" if agents else "reference client",
                 "latency_mean_s": statistics.fmean(latency) if latency else None, **results}
     finally:
@@ -312,11 +313,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--family", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--block-size", type=int, default=4096,
+                        help="OTA block size in bytes (TINYFLEET_OTA_BLOCK_SIZE)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--agents", action="store_true",
                         help="devices run by tinyfleet-agent --simulate (qemu backend)")
     args = parser.parse_args(argv)
-    out = run(args.devices, args.procs, args.family, args.timeout, args.agents)
+    out = run(args.devices, args.procs, args.family, args.timeout, args.agents,
+              args.block_size)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

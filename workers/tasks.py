@@ -142,6 +142,8 @@ def claim(session: Session, model: type[Row], version: str, hw_class: str, lease
     row = session.scalar(select(model).where(model.model_version_id == version,
                                              model.hw_class == hw_class))
     if row is None:
+        # The caller's changes first: losing the insert race rolls back, and only the insert.
+        session.commit()
         row = model(model_version_id=version, hw_class=hw_class, state=WorkState.RUNNING,
                     owner=_owner(), lease_until=now + timedelta(seconds=lease_s))
         session.add(row)
@@ -307,8 +309,10 @@ def _after_plan(session: Session, job: DeploymentJob, row: ClassPlan) -> None:
         J.fail(session, job, row.reason or "the plan failed", "worker", enqueue)
         return
     J.set_state(session, job, JobState.BUILDING, "worker")
-    session.commit()
-    _build_step(session, job.id)  # on at once: a cached build costs no second task
+    # On at once: a cached build costs no second task, and no commit of its own (the build
+    # step commits on every way out; the cached path's building -> offering -> offered is
+    # one transaction).
+    _build_step(session, job.id)
 
 
 def _digest(data: Any) -> str:
@@ -334,6 +338,7 @@ def build(self: Any, job_id: int) -> None:
 def _build_step(session: Session, job_id: int) -> None:
     loaded = _load_job(session, job_id, (JobState.BUILDING,))
     if loaded is None:
+        session.commit()  # what the caller recorded (paused, aborted: it waits as it is)
         return
     job, campaign = loaded
     version = campaign.model_version_id
@@ -349,6 +354,7 @@ def _build_step(session: Session, job_id: int) -> None:
     if mine:
         row = _run_build(session, row, version, job, json.loads(plan_row.result or "{}"))
     if row.state is WorkState.RUNNING:
+        session.commit()  # waiting in BUILDING, where the owner's fan-out finds it
         return  # the owner sends this job on
     if row.state is WorkState.FAILED:
         J.fail(session, job, row.reason or "the build failed", "worker", enqueue)
@@ -358,8 +364,7 @@ def _build_step(session: Session, job_id: int) -> None:
     job.emulated = row.emulated
     J.set_state(session, job, JobState.OFFERING, "worker", None if row.emulated else
                 "not emulated: the core has no QEMU board; built, never run")
-    session.commit()
-    _offer_step(session, job.id)
+    _offer_step(session, job.id)  # commits on every way out
 
 
 def _run_build(session: Session, row: ClassBuild, version: str, job: DeploymentJob,
@@ -423,6 +428,7 @@ def sign_for_fleet(session: Session, row: ClassBuild, fleet_id: int) -> str:
                        key)
     sha: str = store.put(image)
     if found is None:
+        session.commit()  # the caller's changes first, as in claim()
         session.add(SignedArtifact(build_id=row.id, fleet_id=fleet_id, sha256=sha,
                                    size_bytes=len(image)))
         try:
@@ -469,10 +475,12 @@ def offer(self: Any, job_id: int) -> None:
 def _offer_step(session: Session, job_id: int) -> None:
     loaded = _load_job(session, job_id, (JobState.OFFERING,))
     if loaded is None:
+        session.commit()  # what the caller recorded
         return
     job, campaign = loaded
     if campaign.state is CampaignState.HALTED:
-        return  # halted: no new offers
+        session.commit()  # waits in OFFERING: halted, no new offers
+        return
     job.update_id = job.update_id or f"u{job.id}"
     # Only whether it is online: not the row (its fleet and tags come with it).
     online = session.scalar(select(Device.online).where(Device.id == job.device_id))
