@@ -1,8 +1,8 @@
 """model_versions: the contribution analysis's lease (owner, lease_until) and attempts, so an
 analysis whose worker died is taken over or failed with its reason, never left running
 
-Revision ID: 0006_analysis_lease
-Revises: 0005_device_metrics
+Revision ID: 0007_analysis_lease
+Revises: 0006_personalize_round
 Create Date: 2026-12-02 15:40:00
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0006_analysis_lease'
-down_revision = '0005_device_metrics'
+revision = '0007_analysis_lease'
+down_revision = '0006_personalize_round'
 branch_labels = None
 depends_on = None
 
