@@ -28,6 +28,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -304,6 +305,7 @@ def run(devices: int, procs: int, family: Path | None, timeout_s: float,
         broker.stop()
         redis.stop()
         app.extensions["tinyfleet.engine"].dispose()
+        shutil.rmtree(root, ignore_errors=True)  # ~15-25 MB per run: logs, database, images
 
 
 def main(argv: Sequence[str] | None = None) -> int:
