@@ -85,7 +85,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     # Joins model families (nas) and on-device training, beside pipeline at the top.
     "personalize": LOWER | {"nas", "training"},
     # A campaign's per-class plan (search) and build (pipeline): the top of the pipeline.
-    "deploy": LOWER | {"nas", "training", "pipeline", "personalize"},
+    "deploy": LOWER | {"nas", "training", "toolchain", "pipeline", "personalize"},
 }
 
 
