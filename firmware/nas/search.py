@@ -7,9 +7,10 @@ is the (p, split) with the fewest MACs whose SRAM account fits the device
 (`firmware.plan.account.fit_schedule`: arena + kernel scratch + static data + stack bound, +
 the on-device training memory with personalization; `--no-patches`: layer-based only), the
 same figure the compiler links against. Flash must hold the weights and the code in one OTA
-slot. The objective (higher is better; ties go to fewer MACs) is pluggable: predicted or
-measured accuracy, or MACs for an architecture-only search. Everything is deterministic for
-a seed.
+slot: the Flash account (`firmware.plan.flash`: the runtime code the subnet's kernels link,
+measured per core, and the generated code of its schedule). The objective (higher is
+better; ties go to fewer MACs) is pluggable: predicted or measured accuracy, or MACs for an
+architecture-only search. Everything is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from firmware.frontend.builtin import build_graph
 from firmware.ir import Graph
 from firmware.nas.space import Arch, SearchSpace
 from firmware.plan.account import SramAccount, SramDoesNotFitError, fit_schedule
+from firmware.plan.flash import code_bytes as flash_code_bytes
 from firmware.plan.memory import MemoryModel, analyze
 from firmware.plan.patch import PatchPlan
 from firmware.targets import KIB, Cpu, OtaLayout, TargetSpec
@@ -33,20 +35,16 @@ from firmware.targets import KIB, Cpu, OtaLayout, TargetSpec
 TrainingMemoryFn = Callable[[NetConfig, Graph], int]
 CodeBytesFn = Callable[[Graph], int]
 
-# Kernels, runtime and start-up code of a generated image, and what each layer adds (a call,
-# tensor descriptors, requantization tables' pointers); measured sizes replace this estimate
-# once the compiler reports them.
-CODE_BASE_BYTES = 24 * KIB
-CODE_PER_LAYER_BYTES = 160
-
 
 class TrainingMemoryUnavailableError(FirmwareError):
     """Personalization asked for, but no on-device training memory model is plugged in."""
 
 
-def code_bytes_estimate(graph: Graph) -> int:
-    """Flash for code: a fixed runtime plus a per-layer cost (see CODE_BASE_BYTES)."""
-    return CODE_BASE_BYTES + CODE_PER_LAYER_BYTES * len(graph.layers)
+def code_bytes_estimate(graph: Graph, cpu: Cpu = Cpu.CORTEX_M4,
+                        plan: PatchPlan | None = None) -> int:
+    """Flash for code of `graph` on `cpu` (layer-based unless `plan`): the Flash account's
+    runtime and generated code (`firmware.plan.flash`, measured per core)."""
+    return flash_code_bytes(graph, cpu, plan)
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,8 @@ class Constraints:
     max_patches: int = 8
     max_mac_overhead: float | None = None  # cap on patch recompute, e.g. 0.1 for +10 % MACs
     training_memory: TrainingMemoryFn | None = field(default=None, compare=False)
-    code_bytes: CodeBytesFn = field(default=code_bytes_estimate, compare=False)
+    # None: the Flash account's code (`firmware.plan.flash`) of the schedule the search picks
+    code_bytes: CodeBytesFn | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.personalize and self.training_memory is None:
@@ -156,7 +155,9 @@ def plan_candidate(space: SearchSpace, arch: Arch, constraints: Constraints,
     training = 0
     if constraints.personalize and constraints.training_memory is not None:
         training = constraints.training_memory(config, graph)
-    code = constraints.code_bytes(graph)
+    measured_code = constraints.code_bytes is None
+    code = (flash_code_bytes(graph, constraints.cpu, memory_model=constraints.memory_model)
+            if constraints.code_bytes is None else constraints.code_bytes(graph))
     reasons = []
     if report.weights_bytes + code > constraints.slot_bytes:
         reasons.append(f"weights {report.weights_bytes} B + code {code} B > slot "
@@ -175,6 +176,12 @@ def plan_candidate(space: SearchSpace, arch: Arch, constraints: Constraints,
                 plan, account = exc.plan, exc.needed
             reasons.append(f"SRAM account {exc.needed.total_bytes} B ({exc.needed.describe()}"
                            f") > {constraints.sram_bytes} B")
+    if plan is not None and measured_code and plan.schedule.split_after is not None:
+        # the patch stage's loop, tables and tf_patch_store_s8: the account of the schedule
+        code = flash_code_bytes(graph, constraints.cpu, plan)
+        if not reasons and report.weights_bytes + code > constraints.slot_bytes:
+            reasons.append(f"weights {report.weights_bytes} B + code {code} B > slot "
+                           f"{constraints.slot_bytes} B")
     cap = constraints.max_mac_overhead
     if plan is not None and not reasons and cap is not None and plan.mac_overhead > cap:
         reasons.append(f"patch recompute +{plan.mac_overhead:.0%} MACs > cap +{cap:.0%}")

@@ -1,0 +1,319 @@
+"""The Flash account: what one OTA slot must hold for a model under a schedule (DESIGN,
+"Flash = weights + biases + requantization params + code").
+
+    total = params + runtime code + generated code
+
+- params: the int8 weights, int32 biases and per-channel multipliers and shifts
+  (`firmware.plan.memory.MemoryReport.weights_bytes`; the generated arrays are exactly these);
+- runtime code: the runtime's functions and constants the image links, from a table measured
+  on the cross-compiled objects (`code_sizes.json`, written by `python -m bench.code_size`):
+  every section of the runtime's objects (-ffunction-sections -fdata-sections, the sizes
+  arm-none-eabi-size reports) and of the C library members the runtime pulls in, each with
+  the sections it references, so that a model is charged the union of what its kernels reach
+  (shared helpers once), as `--gc-sections` links it;
+- generated code: model.c and main.c besides the params (tf_model_run, descriptors: tf_dims,
+  tf_window, quantization structs, the patch stage's per-patch tables), a linear function of
+  the kernel calls and the descriptor bytes fitted on linked probe images by the same script
+  and raised by its largest miss, so that the account is never below a linked image.
+
+`plan`, `search` and the compiler's fit check use `flash_account`; the compile report puts it
+beside the linked image (`arm-none-eabi-size`), and a test checks predicted >= linked and
+within 2 % of it. Images with a weights overlay (personalization) reserve the overlay region
+on top of this account, and their overlay code (tf_model_use_overlay) is not in it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from types import MappingProxyType
+from typing import Any
+
+from firmware.errors import FirmwareError
+from firmware.ir import Graph, Layer, OpKind
+from firmware.plan.arena import arena_layout, build_stage, rest_graph
+from firmware.plan.kernels import fast_depthwise, is_depthwise
+from firmware.plan.memory import MemoryModel, analyze, plan_arena
+from firmware.plan.patch import PatchPlan
+from firmware.targets import KIB, Cpu
+
+TABLE_FILE = "code_sizes.json"
+TABLE_FORMAT = 1
+
+# C struct sizes of the descriptors the code generator declares (tinyfleet_nn.h: int32 fields).
+DIMS_BYTES = 12  # tf_dims {h, w, c}
+WINDOW_BYTES = 32  # tf_window: kernel, stride, padding (4)
+CONV_QUANT_BYTES = 24  # tf_conv_quant: 4 int32 + 2 pointers
+ADD_QUANT_BYTES = 48  # tf_add_quant: 12 int32
+INPUT_REGION_BYTES = 16  # per patch: rows, cols of the input patch
+ORIGIN_BYTES = 8  # per patch: where a piece goes (stage output) or comes from (a view)
+
+# Arguments of each kernel call (code per call grows with them).
+_ARGS = {"tf_conv2d_fast_s8": 9, "tf_conv2d_1x1_fast_s8": 8, "tf_conv2d_1x1_add_fast_s8": 9,
+         "tf_depthwise_conv2d_s8": 9, "tf_fully_connected_s8": 8, "tf_add_s8": 5,
+         "tf_avg_pool_s8": 9, "tf_max_pool_s8": 7, "tf_global_avg_pool_s8": 5,
+         "memmove": 3, "tf_patch_store_s8": 6, "tf_patch_load_s8": 7}
+_DW_ARGS = 9
+FEATURES = ("const", "calls", "call_args", "stage", "stage_calls", "descriptor_bytes")
+
+
+class CodeSizeTableError(FirmwareError):
+    """The code-size table has no entry for a core, or names a symbol it does not hold."""
+
+
+@dataclass(frozen=True)
+class CodeUse:
+    """What a model's generated code uses: runtime entry points and the generated part's
+    features (see FEATURES)."""
+
+    entries: frozenset[str]
+    features: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class FlashAccount:
+    """Flash one OTA slot must hold for one model and schedule, by part (bytes)."""
+
+    params_bytes: int
+    runtime_code_bytes: int
+    generated_bytes: int
+
+    @property
+    def code_bytes(self) -> int:
+        """Everything but the params: runtime and generated code and descriptors."""
+        return self.runtime_code_bytes + self.generated_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """What the slot must hold."""
+        return self.params_bytes + self.code_bytes
+
+    def fits(self, slot_bytes: int) -> bool:
+        """True when the total fits `slot_bytes`."""
+        return self.total_bytes <= slot_bytes
+
+    def to_dict(self) -> dict[str, int]:
+        """JSON-ready: every part, the code and the total."""
+        return {"params_bytes": self.params_bytes,
+                "runtime_code_bytes": self.runtime_code_bytes,
+                "generated_bytes": self.generated_bytes, "code_bytes": self.code_bytes,
+                "total_bytes": self.total_bytes}
+
+    def describe(self) -> str:
+        """'params 468.2 kB + runtime code 19.9 kB + generated 6.9 kB = 495.0 kB'."""
+        parts = [("params", self.params_bytes), ("runtime code", self.runtime_code_bytes),
+                 ("generated", self.generated_bytes)]
+        return (" + ".join(f"{name} {n / KIB:,.1f} kB" for name, n in parts)
+                + f" = {self.total_bytes / KIB:,.1f} kB")
+
+
+@dataclass(frozen=True)
+class CodeSizeTable:
+    """One core's (and DSP setting's) measured table: sections, references, the fit."""
+
+    sections: Mapping[str, int]  # section key -> bytes (size rounded up to its alignment)
+    refs: Mapping[str, tuple[str, ...]]  # section key -> section keys it references
+    symbols: Mapping[str, str]  # global symbol -> its section key
+    base: tuple[str, ...]  # symbols every image links (start-up, main.c's calls)
+    coefficients: Mapping[str, float]  # generated bytes = sum(coef * feature)
+
+    def closure_bytes(self, symbols: Iterable[str]) -> int:
+        """Bytes of every section reachable from `symbols` and the base, each once."""
+        seen: set[str] = set()
+        todo = []
+        for name in (*self.base, *symbols):
+            if name not in self.symbols:
+                raise CodeSizeTableError(f"the code-size table has no symbol {name!r}: "
+                                         "refresh it (python -m bench.code_size --write)")
+            todo.append(self.symbols[name])
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            todo.extend(self.refs.get(key, ()))
+        return sum(self.sections[k] for k in seen)
+
+    def generated_bytes(self, features: Mapping[str, int]) -> int:
+        """The fitted generated-code bytes for `features` (rounded up)."""
+        total = sum(self.coefficients[name] * features.get(name, 0) for name in FEATURES)
+        return max(0, -int(-total // 1))
+
+
+def variant_key(cpu: Cpu, dsp: bool) -> str:
+    """'cortex-m4+dsp' / 'cortex-m4': the table's key for a core and DSP setting."""
+    return f"{cpu.value}+dsp" if dsp and cpu.has_dsp else cpu.value
+
+
+@cache
+def _tables() -> Mapping[str, Any]:
+    text = resources.files("firmware.plan").joinpath(TABLE_FILE).read_text()
+    doc = json.loads(text)
+    if doc.get("format") != TABLE_FORMAT:
+        raise CodeSizeTableError(f"{TABLE_FILE}: format {doc.get('format')}, expected "
+                                 f"{TABLE_FORMAT}")
+    return MappingProxyType(doc)
+
+
+@cache
+def code_size_table(cpu: Cpu, dsp: bool = True) -> CodeSizeTable:
+    """The measured table of `cpu` (the DSP build where the core has one and `dsp`).
+
+    Cores no toolchain here builds for (Xtensa) take the Cortex-M0+ table (the largest code:
+    Thumb-1), an estimate.
+    """
+    doc = _tables()
+    key = variant_key(cpu, dsp)
+    if key not in doc["variants"]:
+        key = variant_key(Cpu.CORTEX_M0PLUS, False)
+    v = doc["variants"][key]
+    return CodeSizeTable(
+        sections=MappingProxyType(dict(v["sections"])),
+        refs=MappingProxyType({k: tuple(r) for k, r in v["refs"].items()}),
+        symbols=MappingProxyType(dict(v["symbols"])), base=tuple(v["base"]),
+        coefficients=MappingProxyType(dict(v["coefficients"])))
+
+
+def _weighted(layer: Layer) -> bool:
+    return layer.op in (OpKind.CONV, OpKind.FULLY_CONNECTED)
+
+
+def _windowed(graph: Graph, layer: Layer) -> bool:
+    if layer.op in (OpKind.AVG_POOL, OpKind.MAX_POOL):
+        return True
+    return layer.op is OpKind.CONV and not _pointwise(graph, layer)
+
+
+def _pointwise(graph: Graph, layer: Layer) -> bool:
+    return (layer.op is OpKind.CONV and not is_depthwise(graph, layer)
+            and layer.kernel == (1, 1) and layer.stride == (1, 1)
+            and layer.padding == (0, 0, 0, 0))
+
+
+def _fused(graph: Graph, offsets: Mapping[str, int]) -> dict[str, str]:
+    """{projection: add} for residual adds planned in place (firmware.codegen.render's rule:
+    the add's inputs and output share one offset; the projection is a 1x1 conv)."""
+    fused = {}
+    for layer in graph.layers:
+        if layer.op is not OpKind.ADD or len(set(layer.inputs)) != 2:
+            continue
+        if not offsets[layer.inputs[0]] == offsets[layer.inputs[1]] == offsets[layer.output]:
+            continue
+        for proj in layer.inputs:
+            producer = graph.producer(proj)
+            if (producer is not None and graph.consumers(proj) == (layer,)
+                    and _pointwise(graph, producer)):
+                fused[producer.name] = layer.name
+                break
+    return fused
+
+
+def _entry(graph: Graph, layer: Layer, fused_add: bool, offsets: Mapping[str, int]) -> str:
+    """The runtime function one layer calls (firmware.codegen.emitters), '' for none."""
+    if layer.op is OpKind.CONV:
+        if is_depthwise(graph, layer):
+            if fast_depthwise(layer.kernel, layer.stride):
+                return f"tf_depthwise_conv2d_{layer.kernel[0]}x{layer.kernel[0]}s" \
+                       f"{layer.stride[0]}_s8"
+            return "tf_depthwise_conv2d_s8"
+        if _pointwise(graph, layer):
+            return "tf_conv2d_1x1_add_fast_s8" if fused_add else "tf_conv2d_1x1_fast_s8"
+        return "tf_conv2d_fast_s8"
+    if layer.op is OpKind.RESHAPE:
+        return "" if offsets[layer.inputs[0]] == offsets[layer.output] else "memmove"
+    return {OpKind.FULLY_CONNECTED: "tf_fully_connected_s8", OpKind.ADD: "tf_add_s8",
+            OpKind.AVG_POOL: "tf_avg_pool_s8", OpKind.MAX_POOL: "tf_max_pool_s8",
+            OpKind.GLOBAL_AVG_POOL: "tf_global_avg_pool_s8"}[layer.op]
+
+
+def _calls(graph: Graph, offsets: Mapping[str, int]) -> tuple[list[str], int]:
+    """(entry per call, descriptor bytes) of whole-tensor layers at `offsets`."""
+    fused = _fused(graph, offsets)
+    fused_adds = set(fused.values())
+    entries = []
+    descriptors = DIMS_BYTES * len(graph.tensors)
+    for layer in graph.layers:
+        if _weighted(layer):
+            descriptors += CONV_QUANT_BYTES
+        if layer.op is OpKind.ADD:
+            descriptors += ADD_QUANT_BYTES
+        if layer.name in fused_adds:
+            continue
+        if _windowed(graph, layer) or is_depthwise(graph, layer):
+            descriptors += WINDOW_BYTES
+        entry = _entry(graph, layer, layer.name in fused, offsets)
+        if entry:
+            entries.append(entry)
+    return entries, descriptors
+
+
+def _args(entry: str) -> int:
+    return _ARGS.get(entry, _DW_ARGS)
+
+
+def code_use(graph: Graph, plan: PatchPlan | None = None,
+             memory_model: MemoryModel | None = None) -> CodeUse:
+    """The runtime entry points and generated-code features of `graph` under `plan`
+    (None: layer-based under `memory_model`, default INPLACE)."""
+    mm = memory_model or (plan.memory_model if plan is not None else MemoryModel.INPLACE)
+    split = None if plan is None else plan.schedule.split_after
+    if split is None:
+        calls, descriptors = _calls(graph, plan_arena(graph, mm).offsets)
+        stage_calls: list[str] = []
+    else:
+        assert plan is not None
+        patches = plan.schedule.patches ** 2
+        stage = build_stage(graph, plan)
+        rest = rest_graph(graph, split)
+        stage_offsets, rest_offsets, _ = arena_layout(stage, rest, mm)
+        calls, descriptors = _calls(rest, rest_offsets)
+        body = stage.graph
+        fused = _fused(body, stage_offsets)
+        fused_adds = set(fused.values())
+        stage_calls = ["tf_patch_store_s8"]
+        descriptors += (patches * DIMS_BYTES * len(stage.regions)
+                        + patches * (INPUT_REGION_BYTES + ORIGIN_BYTES))
+        for layer in body.layers:
+            if layer.name in stage.views:
+                stage_calls.append("tf_patch_load_s8")
+                descriptors += patches * ORIGIN_BYTES
+                continue
+            if _weighted(layer):
+                descriptors += CONV_QUANT_BYTES
+            if layer.op is OpKind.ADD:
+                descriptors += ADD_QUANT_BYTES
+            if layer.name in fused_adds:
+                continue
+            if _windowed(body, layer) or is_depthwise(body, layer):
+                descriptors += patches * WINDOW_BYTES
+            entry = _entry(body, layer, layer.name in fused, stage_offsets)
+            if entry:
+                stage_calls.append(entry)
+    everything = [*calls, *stage_calls]
+    features = {"const": 1, "calls": len(everything),
+                "call_args": sum(_args(e) for e in everything),
+                "stage": int(split is not None), "stage_calls": len(stage_calls),
+                "descriptor_bytes": descriptors}
+    return CodeUse(frozenset(everything), MappingProxyType(features))
+
+
+def code_bytes(graph: Graph, cpu: Cpu, plan: PatchPlan | None = None, dsp: bool = True,
+               memory_model: MemoryModel | None = None) -> int:
+    """Flash for code (runtime and generated, params excluded) of `graph` on `cpu`."""
+    use = code_use(graph, plan, memory_model)
+    table = code_size_table(cpu, dsp)
+    return table.closure_bytes(use.entries) + table.generated_bytes(use.features)
+
+
+def flash_account(graph: Graph, cpu: Cpu, plan: PatchPlan | None = None, dsp: bool = True,
+                  memory_model: MemoryModel | None = None) -> FlashAccount:
+    """The Flash account of `graph` under `plan` (None: layer-based) on `cpu`."""
+    use = code_use(graph, plan, memory_model)
+    table = code_size_table(cpu, dsp)
+    mm = memory_model or (plan.memory_model if plan is not None else MemoryModel.INPLACE)
+    return FlashAccount(params_bytes=analyze(graph, mm).weights_bytes,
+                        runtime_code_bytes=table.closure_bytes(use.entries),
+                        generated_bytes=table.generated_bytes(use.features))

@@ -1,0 +1,116 @@
+"""The Flash account (firmware.plan.flash): params + the runtime code a model's kernels link
+(measured per core) + the generated code; predicted >= the linked image, within 2 %."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from firmware.arch import mobilenet_v2
+from firmware.codegen import write_model
+from firmware.frontend.builtin import build_graph
+from firmware.int8.quantize import quantize_graph
+from firmware.ir import Graph
+from firmware.nas.search import Constraints, plan_candidate
+from firmware.plan.account import fit_schedule
+from firmware.plan.flash import code_bytes, code_size_table, code_use, flash_account
+from firmware.plan.memory import MemoryModel, analyze
+from firmware.targets import KIB, Cpu, OtaLayout, custom_target, get_target
+from firmware.toolchain.build import build_firmware
+from tests.firmware.small_models import small_rd_quantized, tiny_quantized
+from tests.firmware.tiny_family import tiny_space
+
+DEMO = mobilenet_v2(0.35, 144, num_classes=10)  # service.demo.compile_step's model
+
+
+def _demo_graph(with_weights: bool = False) -> Graph:
+    return build_graph(DEMO, with_weights=with_weights)
+
+
+@pytest.mark.unit
+def test_the_demo_model_still_fits_the_stm32f412_slot() -> None:
+    graph, target = _demo_graph(), get_target("stm32f412")
+    plan = fit_schedule(graph, target.sram_bytes, target.cpu).plan
+    account = flash_account(graph, target.cpu, plan)
+    assert account.params_bytes == analyze(graph, MemoryModel.INPLACE).weights_bytes
+    assert account.runtime_code_bytes > 10 * KIB  # the kernels are in it
+    assert account.total_bytes <= target.slot_bytes(OtaLayout.AB), account.describe()
+
+
+@pytest.mark.unit
+def test_shared_runtime_code_is_charged_once() -> None:
+    table = code_size_table(Cpu.CORTEX_M4)
+    base = table.closure_bytes([])
+    one = table.closure_bytes(["tf_conv2d_1x1_fast_s8"]) - base
+    add = table.closure_bytes(["tf_conv2d_1x1_add_fast_s8"]) - base
+    both = table.closure_bytes(["tf_conv2d_1x1_fast_s8", "tf_conv2d_1x1_add_fast_s8"]) - base
+    assert max(one, add) < both < one + add  # the generic fallback and helpers are shared
+    assert table.closure_bytes(["tf_add_s8"]) > base
+
+
+@pytest.mark.unit
+def test_the_entry_points_follow_the_schedule() -> None:
+    graph = _demo_graph()
+    layer = code_use(graph)
+    separate = code_use(graph, memory_model=MemoryModel.SEPARATE)
+    patched = code_use(graph, fit_schedule(graph, 128 * KIB, Cpu.CORTEX_M4).plan)
+    assert "tf_conv2d_1x1_add_fast_s8" in layer.entries  # inplace: residuals fused
+    assert "tf_add_s8" not in layer.entries
+    assert "tf_add_s8" in separate.entries and "tf_conv2d_1x1_add_fast_s8" not in separate.entries
+    assert "tf_patch_store_s8" in patched.entries and "tf_patch_store_s8" not in layer.entries
+    assert patched.features["descriptor_bytes"] > layer.features["descriptor_bytes"]
+
+
+@pytest.mark.unit
+def test_the_search_charges_the_account_of_its_pick() -> None:
+    space = tiny_space()
+    arch = space.largest()
+    target = custom_target(64 * KIB, 1024 * KIB, Cpu.CORTEX_M4)
+    fits = plan_candidate(space, arch, Constraints.for_target(target))
+    assert fits.fits and fits.plan is not None
+    graph = build_graph(space.to_config(arch), with_weights=False)
+    assert fits.code_bytes == code_bytes(graph, Cpu.CORTEX_M4, fits.plan)
+    slot = fits.weights_bytes + fits.code_bytes - 1
+    refused = plan_candidate(space, arch, Constraints(sram_bytes=64 * KIB, slot_bytes=slot,
+                                                      cpu=Cpu.CORTEX_M4))
+    assert not refused.fits
+    assert f"code {fits.code_bytes} B > slot {slot} B" in refused.why_not
+
+
+def _demo_quantized():  # type: ignore[no-untyped-def]
+    graph = _demo_graph(with_weights=True)
+    calib = np.random.default_rng(0).standard_normal(
+        (2, *graph.tensor(graph.input).shape)).astype(np.float32)
+    return quantize_graph(graph, calib)
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("case", ["demo-stm32f412-m4", "tiny-m0plus", "rd-m7-separate",
+                                  "rd-m33-plain"])
+def test_the_account_is_at_least_the_linked_image_and_within_2_percent(
+        case: str, tmp_path: Path) -> None:
+    dsp, mm = True, MemoryModel.INPLACE
+    if case.startswith("demo"):
+        qgraph, target = _demo_quantized(), get_target("stm32f412")
+        layout = OtaLayout.AB
+    else:
+        qgraph = tiny_quantized() if case.startswith("tiny") else small_rd_quantized()
+        cpu = {"m0plus": Cpu.CORTEX_M0PLUS, "m7": Cpu.CORTEX_M7,
+               "m33": Cpu.CORTEX_M33}[case.split("-")[1]]
+        target, layout = custom_target(256 * KIB, 1024 * KIB, cpu), OtaLayout.SINGLE
+        dsp, mm = "plain" not in case, (MemoryModel.SEPARATE if "separate" in case
+                                         else MemoryModel.INPLACE)
+    graph = qgraph.graph
+    fit = fit_schedule(graph, target.sram_bytes, target.cpu, mm)
+    write_model(qgraph, fit.plan, tmp_path / "model", memory_model=mm)
+    build = build_firmware(tmp_path / "model", target, layout, out_dir=tmp_path / "build",
+                           dsp=dsp, stack_bytes=16 * KIB)
+    account = flash_account(graph, target.cpu, fit.plan, dsp=dsp)
+    linked = build.flash_bytes  # arm-none-eabi-size -A: vectors + .text + .data initialisers
+    assert linked <= account.total_bytes <= 1.02 * linked, (
+        f"{case}: account {account.total_bytes} B ({account.describe()}), linked {linked} B")
+    if case.startswith("demo"):
+        assert fit.plan.schedule.patches > 1
+        assert account.total_bytes <= target.slot_bytes(layout)
