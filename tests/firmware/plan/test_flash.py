@@ -114,3 +114,44 @@ def test_the_account_is_at_least_the_linked_image_and_within_2_percent(
     if case.startswith("demo"):
         assert fit.plan.schedule.patches > 1
         assert account.total_bytes <= target.slot_bytes(layout)
+
+
+@pytest.mark.toolchain
+def test_the_code_size_table_matches_the_runtime_sources(tmp_path: Path) -> None:
+    """A kernel changed without `python -m bench.code_size --write` fails here (M4, SMLAD)."""
+    import subprocess
+
+    from firmware.toolchain.build import (
+        ARM_CC,
+        ARM_SIZE,
+        INCLUDE_DIR,
+        SRC_DIR,
+        WARNINGS,
+        cpu_flags,
+        kernel_sources,
+    )
+
+    table = code_size_table(Cpu.CORTEX_M4, dsp=True)
+    checked = 0
+    for src in [*kernel_sources(), SRC_DIR / "tf_semihost.c", SRC_DIR / "tf_startup_cm.c"]:
+        obj = tmp_path / f"{src.stem}.o"
+        subprocess.run([ARM_CC, *cpu_flags(Cpu.CORTEX_M4), "-O2", *WARNINGS,
+                        "-ffunction-sections", "-fdata-sections", "--specs=nano.specs",
+                        f"-I{INCLUDE_DIR}", "-c", str(src), "-o", str(obj)], check=True)
+        sizes = {}
+        for line in subprocess.run([ARM_SIZE, "-A", str(obj)], check=True, capture_output=True,
+                                   text=True).stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                sizes[fields[0]] = int(fields[1])
+        for key, charged in table.sections.items():
+            name, section = key.split(":", 1)
+            if name != obj.name:
+                continue
+            assert section in sizes, f"{key}: gone from the runtime, refresh the table"
+            rounded = -(-sizes[section] // 4) * 4
+            assert rounded <= charged <= rounded + 60, (
+                f"{key}: {sizes[section]} B now, the table charges {charged} B: refresh it "
+                "(python -m bench.code_size --write)")
+            checked += 1
+    assert checked > 40
