@@ -60,7 +60,9 @@ VARIANTS = ((Cpu.CORTEX_M0PLUS, False), (Cpu.CORTEX_M3, False), (Cpu.CORTEX_M4, 
             (Cpu.CORTEX_M33, True), (Cpu.CORTEX_M33, False))
 LIBC_ROOTS = ("memcpy", "memmove", "memset", "memcmp", "strlen")
 TABLE_PATH = Path(flash.__file__).with_name(flash.TABLE_FILE)
-MARGIN_BYTES = 16  # on top of the largest miss of the fit
+# On top of the largest miss of the fit: out-of-sample models missed it by up to 21 B
+# (16 B left the suite's digits net 3 B under its linked image).
+MARGIN_BYTES = 128
 
 
 @dataclass

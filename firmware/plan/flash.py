@@ -14,7 +14,7 @@
 - generated code: model.c and main.c besides the params (tf_model_run, descriptors: tf_dims,
   tf_window, quantization structs, the patch stage's per-patch tables), a linear function of
   the kernel calls and the descriptor bytes fitted on linked probe images by the same script
-  and raised by its largest miss + 16 B, so that the account is not below a linked image.
+  and raised by its largest miss + 128 B, so that the account is not below a linked image.
 
 `plan`, `search` and the compiler's fit check use `flash_account`; the compile report puts it
 beside the linked image (`arm-none-eabi-size`), and a test checks predicted >= linked and

@@ -77,31 +77,67 @@ static void tf_pwf_fill2(const int8_t *src0, const int8_t *src1, int16_t *dst, i
     }
 }
 
+/* One 4-deep step of tf_pwf_2x2_il. */
+#define TF_PWF_IL_STEP                                                                     \
+    "ldrd %[c0e], %[c0o], [%[p]], #8\n\t"                                                   \
+    "ldrd %[c1e], %[c1o], [%[p]], #8\n\t"                                                   \
+    "ldr %[w], [%[qa]], #4\n\t"                                                             \
+    "sxtb16 %[t], %[w]\n\t"                                                                 \
+    "sxtb16 %[w], %[w], ror #8\n\t"                                                         \
+    "smlad %[x00], %[c0e], %[t], %[x00]\n\t"                                                \
+    "smlad %[x10], %[c1e], %[t], %[x10]\n\t"                                                \
+    "smlad %[x00], %[c0o], %[w], %[x00]\n\t"                                                \
+    "smlad %[x10], %[c1o], %[w], %[x10]\n\t"                                                \
+    "ldr %[w], [%[qb]], #4\n\t"                                                             \
+    "sxtb16 %[t], %[w]\n\t"                                                                 \
+    "sxtb16 %[w], %[w], ror #8\n\t"                                                         \
+    "smlad %[x01], %[c0e], %[t], %[x01]\n\t"                                                \
+    "smlad %[x11], %[c1e], %[t], %[x11]\n\t"                                                \
+    "smlad %[x01], %[c0o], %[w], %[x01]\n\t"                                                \
+    "smlad %[x11], %[c1o], %[w], %[x11]\n\t"
+
 /* 2 pixels x 2 channels over an interleaved column pair: per 4-deep step two LDRD, two LDR,
- * four SXTB16 and eight SMLAD (16 MACs); `steps` = k / 4 >= 1. */
+ * four SXTB16 and eight SMLAD (16 MACs); the loop runs two steps per branch (an odd first
+ * step alone), 17 instructions per 16 MACs; `steps` = k / 4 >= 1. */
 static inline __attribute__((always_inline)) void
 tf_pwf_2x2_il(const int16_t *col, const int8_t *wa, const int8_t *wb, int32_t steps,
               int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
 {
     int32_t x00 = *a00, x01 = *a01, x10 = *a10, x11 = *a11;
     uint32_t c0e, c0o, c1e, c1o, w, t;
+    __asm__("tst %[n], #1\n\t"
+            "beq 2f\n\t"
+            TF_PWF_IL_STEP
+            "subs %[n], %[n], #1\n\t"
+            "beq 3f\n"
+            "2:\n\t"
+            TF_PWF_IL_STEP
+            TF_PWF_IL_STEP
+            "subs %[n], %[n], #2\n\t"
+            "bne 2b\n"
+            "3:\n\t"
+            : [x00] "+r"(x00), [x01] "+r"(x01), [x10] "+r"(x10), [x11] "+r"(x11),
+              [p] "+r"(col), [qa] "+r"(wa), [qb] "+r"(wb), [n] "+r"(steps),
+              [c0e] "=&r"(c0e), [c0o] "=&r"(c0o), [c1e] "=&r"(c1e), [c1o] "=&r"(c1o),
+              [w] "=&r"(w), [t] "=&r"(t)
+            :
+            : "cc", "memory");
+    *a00 = x00;
+    *a01 = x01;
+    *a10 = x10;
+    *a11 = x11;
+}
+
+/* The same, one step per branch (18 instructions per 16 MACs), for the rare odd channel and
+ * odd pixel: the unrolled loop inlined there too would cost ~0.4 kB of Flash per kernel. */
+static inline __attribute__((always_inline)) void
+tf_pwf_2x2_il1(const int16_t *col, const int8_t *wa, const int8_t *wb, int32_t steps,
+               int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
+{
+    int32_t x00 = *a00, x01 = *a01, x10 = *a10, x11 = *a11;
+    uint32_t c0e, c0o, c1e, c1o, w, t;
     __asm__("1:\n\t"
-            "ldrd %[c0e], %[c0o], [%[p]], #8\n\t"
-            "ldrd %[c1e], %[c1o], [%[p]], #8\n\t"
-            "ldr %[w], [%[qa]], #4\n\t"
-            "sxtb16 %[t], %[w]\n\t"
-            "sxtb16 %[w], %[w], ror #8\n\t"
-            "smlad %[x00], %[c0e], %[t], %[x00]\n\t"
-            "smlad %[x10], %[c1e], %[t], %[x10]\n\t"
-            "smlad %[x00], %[c0o], %[w], %[x00]\n\t"
-            "smlad %[x10], %[c1o], %[w], %[x10]\n\t"
-            "ldr %[w], [%[qb]], #4\n\t"
-            "sxtb16 %[t], %[w]\n\t"
-            "sxtb16 %[w], %[w], ror #8\n\t"
-            "smlad %[x01], %[c0e], %[t], %[x01]\n\t"
-            "smlad %[x11], %[c1e], %[t], %[x11]\n\t"
-            "smlad %[x01], %[c0o], %[w], %[x01]\n\t"
-            "smlad %[x11], %[c1o], %[w], %[x11]\n\t"
+            TF_PWF_IL_STEP
             "subs %[n], %[n], #1\n\t"
             "bne 1b"
             : [x00] "+r"(x00), [x01] "+r"(x01), [x10] "+r"(x10), [x11] "+r"(x11),
@@ -115,6 +151,7 @@ tf_pwf_2x2_il(const int16_t *col, const int8_t *wa, const int8_t *wb, int32_t st
     *a10 = x10;
     *a11 = x11;
 }
+#undef TF_PWF_IL_STEP
 
 typedef struct {
     int32_t lo;
@@ -398,7 +435,7 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
         if (o < out_c) {
             int32_t a00 = 2 * bias[o], a10 = a00, u0 = 0, u1 = 0; /* u: a second channel */
             if (il) {
-                tf_pwf_2x2_il(c0, w, w, k >> 2, &a00, &u0, &a10, &u1);
+                tf_pwf_2x2_il1(c0, w, w, k >> 2, &a00, &u0, &a10, &u1);
             } else {
                 tf_pwf_2x2(c0, c1, w, w, k, &a00, &u0, &a10, &u1);
             }
@@ -420,7 +457,7 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
             int32_t a = 2 * bias[o], u = 0, v = 0, z = 0;
             const int8_t *wo = weights + (size_t)o * (size_t)k;
             if (il) {
-                tf_pwf_2x2_il(c0, wo, wo, k >> 2, &a, &u, &v, &z);
+                tf_pwf_2x2_il1(c0, wo, wo, k >> 2, &a, &u, &v, &z);
             } else {
                 tf_pwf_2x2(c0, c0, wo, wo, k, &a, &u, &v, &z);
             }

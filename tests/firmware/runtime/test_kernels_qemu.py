@@ -76,11 +76,14 @@ def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
              kc.pointwise_case(6, 10, 10, 96, 16, True), kc.pointwise_huge_bias_case(11),
              kc.pointwise_huge_bias_case(12, fast=True),
              *[kc.pointwise_case(40 + i, 7, 5, cin, cout, False, fast=True)
-               for i, (cin, cout) in enumerate([(16, 96), (32, 64), (96, 24), (19, 7)])],
+               # k = 12 and 4: an odd number of 4-deep steps (the unrolled loop's lone step);
+               # odd channel counts and 35 pixels: the one-step loop of the last channel, pixel
+               for i, (cin, cout) in enumerate([(16, 96), (32, 64), (96, 24), (19, 7), (12, 9),
+                                                (4, 5)])],
              kc.pointwise_case(57, 1, 1, 16, 24, False, fast=True),  # one column of buffer
              kc.pointwise_case(58, 1, 1, 16, 24, True, fast=True),
              *[kc.pointwise_case(50 + i, 5, 7, cin, cout, True, fast=True)
-               for i, (cin, cout) in enumerate([(96, 16), (24, 8), (13, 5)])],
+               for i, (cin, cout) in enumerate([(96, 16), (24, 8), (13, 5), (20, 6)])],
              kc.fc_case(7, 320, 10),
              kc.pool_case(8, 5, 5, 320, 0, 1, 0), kc.requant_case(9, 2048)]
     for (status, got), case in zip(run_batch(runner, cases), cases, strict=True):
