@@ -130,7 +130,8 @@ def _plan_family(path: Path, hw: HardwareClass, var_dir: Path,
         term = training_term(family.space, contributions, settings.train_gain)
     constraints = Constraints.for_target(
         hw.target(), hw.layout, patches=not hw.personalize, personalize=hw.personalize,
-        **({} if term is None else {"training_memory": term}))
+        **({} if term is None else {"training_memory": term,
+                                        "overlay_bytes": term.overlay_bytes}))
     evolution = EvolutionSettings(population=settings.population,
                                   generations=settings.generations,
                                   parents=max(1, settings.population // 4), seed=settings.seed)
@@ -146,7 +147,8 @@ def _plan_family(path: Path, hw: HardwareClass, var_dir: Path,
         mem = result["memory"]
         inference = mem["sram_needed_bytes"] - mem["training_bytes"]
         planned = pick_scheme(config_from_dict(result["config"]), term, contributions,
-                              mem["sram_bytes"], inference, None)
+                              mem["sram_bytes"], inference, None,
+                              mem["slot_bytes"] - mem["weights_bytes"] - mem["code_bytes"])
         result["sparse_update"] = planned.scheme.to_dict()
         result["training_bytes"] = planned.training_bytes
     return result

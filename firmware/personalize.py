@@ -37,6 +37,7 @@ from firmware.nas.space import Arch, SearchSpace
 from firmware.nas.specialize import export_subnet
 from firmware.nas.supernet import Supernet
 from firmware.plan.memory import MemoryModel
+from firmware.plan.overlay import graph_overlay_layout
 from firmware.training.analysis.contributions import (
     AnalysisSettings,
     Contributions,
@@ -50,7 +51,7 @@ from firmware.training.analysis.planner import (
     plan_scheme,
 )
 from firmware.training.engine.blas import one_blas_thread
-from firmware.training.memory import StepModel
+from firmware.training.memory import StepModel, training_memory
 from firmware.training.model_version import is_version_dir, load_version
 from firmware.training.samples import Samples
 from firmware.training.scheme import SchemeTemplate, SparseUpdateScheme, resolve
@@ -176,6 +177,17 @@ class TrainingTerm:
         scheme = self.template.instantiate(graph, self.base)
         return StepModel(graph, self.memory_model).peaks(scheme, self.reorder)[1]
 
+    def overlay_bytes(self, config: NetConfig, graph: Graph) -> int:
+        """`Constraints.overlay_bytes`: the Flash the template's weights overlay takes on
+        `graph` (its region at the slot's end and the code that reads it)."""
+        return scheme_flash_bytes(graph, self.template.instantiate(graph, self.base))
+
+
+def scheme_flash_bytes(graph: Graph, scheme: SparseUpdateScheme) -> int:
+    """Flash a scheme's weights overlay takes on `graph`: its region and the code reading it."""
+    layout = graph_overlay_layout(graph, tuple(resolve(scheme, graph).trainable))
+    return layout.region_bytes + layout.code_bytes
+
 
 def training_term(space: SearchSpace, contributions: Contributions, fraction: float = 0.9,
                   base: SparseUpdateScheme | None = None,
@@ -190,15 +202,25 @@ def training_term(space: SearchSpace, contributions: Contributions, fraction: fl
 
 
 def pick_scheme(config: NetConfig, term: TrainingTerm, contributions: Contributions,
-                sram_bytes: int, inference_bytes: int, split_after: str | None = None
-                ) -> PlannedScheme:
+                sram_bytes: int, inference_bytes: int, split_after: str | None = None,
+                overlay_flash_bytes: int | None = None) -> PlannedScheme:
     """The scheme of a search's pick: planned (Eq. 5) for the SRAM its inference account
     leaves, with the term's optimizer settings; DoesNotFitError if the pick's patch stage
     (ending at `split_after`) reaches the first layer the scheme trains (the training step
-    runs its layers one by one, the frozen patch stage must come before them)."""
+    runs its layers one by one, the frozen patch stage must come before them).
+
+    `overlay_flash_bytes` is the Flash the slot leaves for the weights overlay: a planned
+    scheme whose overlay takes more falls back to the term's own scheme (the one the search
+    charged, in SRAM and in Flash)."""
     graph = build_graph(config, with_weights=False)
     planned = scheme_for(graph, contributions, sram_bytes - inference_bytes, term.base,
                          term.memory_model, term.reorder)
+    if (overlay_flash_bytes is not None
+            and scheme_flash_bytes(graph, planned.scheme) > overlay_flash_bytes):
+        scheme = term.template.instantiate(graph, term.base)
+        report = training_memory(graph, scheme, term.memory_model, term.reorder)
+        planned = PlannedScheme(scheme, term.template, term.predicted_gain,
+                                report.training_bytes, report, 0)
     start = resolve(planned.scheme, graph).region_start
     if split_after is not None and graph.index(split_after) >= start:
         raise DoesNotFitError(f"{graph.name}: its patch stage (to {split_after}) reaches the "

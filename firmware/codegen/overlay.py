@@ -23,113 +23,36 @@ Layout (little endian, every part 4-byte aligned):
 
 from __future__ import annotations
 
-import struct
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from firmware.codegen.emitters import Kind, kernel_weights, kind_of
-from firmware.errors import FirmwareError
 from firmware.int8.quantize import QuantizedGraph
+from firmware.plan.overlay import (
+    OVERLAY_FORMAT,
+    OVERLAY_HEADER,
+    OVERLAY_MAGIC,
+    OverlayEntry,
+    OverlayError,
+    OverlayLayout,
+    graph_overlay_layout,
+)
 
-OVERLAY_MAGIC = b"TFOV"
-OVERLAY_FORMAT = 1
-OVERLAY_HEADER = struct.Struct("<4sHHIIII")
-ERASE_SECTOR_BYTES = 4096  # the region is whole Flash sectors, so that a rewrite erases it
-# RAM each overlaid layer adds on a 32-bit core: two pointers (weights, bias) and a writable
-# tf_conv_quant (4 int32 + 2 pointers) in .data; the SRAM account counts it.
-RAM_BYTES_PER_LAYER = 32
 WEIGHTED = (Kind.CONV, Kind.POINTWISE, Kind.DEPTHWISE, Kind.FULLY_CONNECTED)
-
-
-class OverlayError(FirmwareError):
-    """An overlay that does not match its layout, or layers that cannot be overlaid."""
-
-
-@dataclass(frozen=True)
-class OverlayEntry:
-    """One overlaid layer: its C prefix and the byte sizes of its parts."""
-
-    layer: str
-    prefix: str  # l12
-    weight_count: int
-    channels: int
-
-    @property
-    def weight_bytes(self) -> int:
-        """int8 weights padded to a 4-byte boundary."""
-        return -(-self.weight_count // 4) * 4
-
-    @property
-    def bytes(self) -> int:
-        """The entry's size in the body."""
-        return 16 + self.weight_bytes + 12 * self.channels
-
-
-@dataclass(frozen=True)
-class OverlayLayout:
-    """Which layers an overlay carries, in order, and its sizes."""
-
-    entries: tuple[OverlayEntry, ...]
-
-    @property
-    def body_bytes(self) -> int:
-        """Bytes after the header."""
-        return sum(e.bytes for e in self.entries)
-
-    @property
-    def total_bytes(self) -> int:
-        """Header + body."""
-        return OVERLAY_HEADER.size + self.body_bytes
-
-    @property
-    def region_bytes(self) -> int:
-        """Flash reserved for it: whole erase sectors (0 when there is nothing to overlay)."""
-        if not self.entries:
-            return 0
-        return -(-self.total_bytes // ERASE_SECTOR_BYTES) * ERASE_SECTOR_BYTES
-
-    def text(self) -> str:
-        """The canonical description its layout id is the crc32 of."""
-        return ";".join(f"{e.layer}:{e.weight_count}x{e.channels}" for e in self.entries)
-
-    @property
-    def layout_id(self) -> int:
-        """crc32 of `text()`: an overlay for another layout is refused by the C."""
-        return zlib.crc32(self.text().encode())
-
-    @property
-    def ram_bytes(self) -> int:
-        """Static RAM of the overlay's pointers and quant structs (RAM_BYTES_PER_LAYER each)."""
-        return RAM_BYTES_PER_LAYER * len(self.entries)
-
-    @property
-    def layers(self) -> tuple[str, ...]:
-        """The overlaid layer names."""
-        return tuple(e.layer for e in self.entries)
+__all__ = ["OVERLAY_FORMAT", "OVERLAY_HEADER", "OVERLAY_MAGIC", "OverlayEntry", "OverlayError",
+           "OverlayLayout", "encode_overlay", "overlay_c", "overlay_layout", "overlay_round"]
 
 
 def overlay_layout(qgraph: QuantizedGraph, layers: Sequence[str]) -> OverlayLayout:
     """The layout for `layers` (in graph order); OverlayError for layers without weights."""
     graph = qgraph.graph
-    wanted = set(layers)
-    unknown = wanted - {layer.name for layer in graph.layers}
-    if unknown:
-        raise OverlayError(f"overlay layers {sorted(unknown)} are not in {graph.name}")
-    entries = []
-    for i, layer in enumerate(graph.layers):
-        if layer.name not in wanted:
-            continue
-        kind = kind_of(graph, layer)
-        if kind not in WEIGHTED:
-            raise OverlayError(f"layer {layer.name} ({kind.value}) has no weights to overlay")
-        ql = qgraph.layer(layer.name)
-        assert ql.weight_q is not None and ql.bias_q is not None
-        entries.append(OverlayEntry(layer.name, f"l{i}", int(ql.weight_q.size),
-                                    int(np.asarray(ql.bias_q).size)))
-    return OverlayLayout(tuple(entries))
+    for layer in graph.layers:
+        if layer.name in layers and kind_of(graph, layer) not in WEIGHTED:
+            raise OverlayError(f"layer {layer.name} ({kind_of(graph, layer).value}) has no "
+                               "weights to overlay")
+    return graph_overlay_layout(graph, layers)
 
 
 def encode_overlay(qgraph: QuantizedGraph, layout: OverlayLayout, round_id: int) -> bytes:

@@ -66,6 +66,9 @@ class Constraints:
     max_patches: int = 8
     max_mac_overhead: float | None = None  # cap on patch recompute, e.g. 0.1 for +10 % MACs
     training_memory: TrainingMemoryFn | None = field(default=None, compare=False)
+    # with personalize: the Flash the training scheme's weights overlay takes (its region at
+    # the slot's end and the code that reads it; `TrainingTerm.overlay_bytes`)
+    overlay_bytes: TrainingMemoryFn | None = field(default=None, compare=False)
     # None: the Flash account's code (`firmware.plan.flash`) of the schedule the search picks
     code_bytes: CodeBytesFn | None = field(default=None, compare=False)
 
@@ -100,6 +103,7 @@ class Candidate:
     weights_bytes: int
     code_bytes: int
     training_bytes: int
+    overlay_bytes: int = 0  # personalization's weights overlay (region + code), in Flash
 
     @property
     def peak_bytes(self) -> int:
@@ -120,8 +124,8 @@ class Candidate:
 
     @property
     def flash_bytes(self) -> int:
-        """Weights + code: what one OTA slot must hold."""
-        return self.weights_bytes + self.code_bytes
+        """Weights + code (+ the weights overlay): what one OTA slot must hold."""
+        return self.weights_bytes + self.code_bytes + self.overlay_bytes
 
     def memory_report(self, constraints: Constraints) -> dict[str, Any]:
         """The numbers behind the fit, JSON-ready."""
@@ -135,7 +139,8 @@ class Candidate:
             "layer_peak_bytes": self.layer_peak_bytes,
             "training_bytes": self.training_bytes, "slot_bytes": constraints.slot_bytes,
             "flash_bytes": self.flash_bytes, "weights_bytes": self.weights_bytes,
-            "code_bytes": self.code_bytes, "macs": self.macs, "layer_macs": self.layer_macs,
+            "code_bytes": self.code_bytes, "overlay_bytes": self.overlay_bytes,
+            "macs": self.macs, "layer_macs": self.layer_macs,
             "mac_overhead": self.plan.mac_overhead, "patches": schedule.patches,
             "split_after": schedule.split_after, "input_patch": list(schedule.input_patch),
             "memory_model": constraints.memory_model.value,
@@ -152,16 +157,17 @@ def plan_candidate(space: SearchSpace, arch: Arch, constraints: Constraints,
     config = space.to_config(arch)
     graph = build_graph(config, with_weights=False)
     report = analyze(graph, constraints.memory_model)
-    training = 0
+    training = overlay = 0
     if constraints.personalize and constraints.training_memory is not None:
         training = constraints.training_memory(config, graph)
+    if constraints.personalize and constraints.overlay_bytes is not None:
+        overlay = constraints.overlay_bytes(config, graph)
     measured_code = constraints.code_bytes is None
     code = (flash_code_bytes(graph, constraints.cpu, memory_model=constraints.memory_model)
             if constraints.code_bytes is None else constraints.code_bytes(graph))
     reasons = []
-    if report.weights_bytes + code > constraints.slot_bytes:
-        reasons.append(f"weights {report.weights_bytes} B + code {code} B > slot "
-                       f"{constraints.slot_bytes} B")
+    if report.weights_bytes + code + overlay > constraints.slot_bytes:
+        reasons.append(_flash_reason(report.weights_bytes, code, overlay, constraints))
     plan: PatchPlan | None = None
     account: SramAccount | None = None
     if not reasons or explain:
@@ -179,14 +185,20 @@ def plan_candidate(space: SearchSpace, arch: Arch, constraints: Constraints,
     if plan is not None and measured_code and plan.schedule.split_after is not None:
         # the patch stage's loop, tables and tf_patch_store_s8: the account of the schedule
         code = flash_code_bytes(graph, constraints.cpu, plan)
-        if not reasons and report.weights_bytes + code > constraints.slot_bytes:
-            reasons.append(f"weights {report.weights_bytes} B + code {code} B > slot "
-                           f"{constraints.slot_bytes} B")
+        if not reasons and report.weights_bytes + code + overlay > constraints.slot_bytes:
+            reasons.append(_flash_reason(report.weights_bytes, code, overlay, constraints))
     cap = constraints.max_mac_overhead
     if plan is not None and not reasons and cap is not None and plan.mac_overhead > cap:
         reasons.append(f"patch recompute +{plan.mac_overhead:.0%} MACs > cap +{cap:.0%}")
     return Candidate(arch, config, not reasons, "; ".join(reasons), plan, account,
-                     report.peak_bytes, report.macs, report.weights_bytes, code, training)
+                     report.peak_bytes, report.macs, report.weights_bytes, code, training,
+                     overlay)
+
+
+def _flash_reason(weights: int, code: int, overlay: int, constraints: Constraints) -> str:
+    """'weights W B + code C B [+ weights overlay O B] > slot S B'."""
+    extra = f" + weights overlay {overlay} B" if overlay else ""
+    return f"weights {weights} B + code {code} B{extra} > slot {constraints.slot_bytes} B"
 
 
 Objective = Callable[[Candidate], float]

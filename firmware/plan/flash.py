@@ -18,14 +18,15 @@
 
 `plan`, `search` and the compiler's fit check use `flash_account`; the compile report puts it
 beside the linked image (`arm-none-eabi-size`), and a test checks predicted >= linked and
-within 2 % of it. Images with a weights overlay (personalization) reserve the overlay region
-on top of this account, and their overlay code (tf_model_use_overlay) is not in it.
+within 2 % of it. Images with a weights overlay (personalization) add the code that reads it
+(tf_model_use_overlay) and reserve its region at the end of the slot
+(`firmware.plan.overlay`): the account charges both, so a personalized pick fits its slot.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -37,6 +38,7 @@ from firmware.ir import Graph, Layer, OpKind
 from firmware.plan.arena import arena_layout, build_stage, rest_graph
 from firmware.plan.kernels import fast_depthwise, is_depthwise
 from firmware.plan.memory import MemoryModel, analyze, plan_arena
+from firmware.plan.overlay import graph_overlay_layout
 from firmware.plan.patch import PatchPlan
 from firmware.targets import KIB, Cpu
 
@@ -80,6 +82,7 @@ class FlashAccount:
     params_bytes: int
     runtime_code_bytes: int
     generated_bytes: int
+    overlay_bytes: int = 0  # personalization: the overlay region at the slot's end
 
     @property
     def code_bytes(self) -> int:
@@ -87,9 +90,14 @@ class FlashAccount:
         return self.runtime_code_bytes + self.generated_bytes
 
     @property
-    def total_bytes(self) -> int:
-        """What the slot must hold."""
+    def image_bytes(self) -> int:
+        """What the linked image holds: params and code (the overlay region is not in it)."""
         return self.params_bytes + self.code_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """What the slot must hold: the image and the overlay region."""
+        return self.image_bytes + self.overlay_bytes
 
     def fits(self, slot_bytes: int) -> bool:
         """True when the total fits `slot_bytes`."""
@@ -100,12 +108,15 @@ class FlashAccount:
         return {"params_bytes": self.params_bytes,
                 "runtime_code_bytes": self.runtime_code_bytes,
                 "generated_bytes": self.generated_bytes, "code_bytes": self.code_bytes,
+                "overlay_bytes": self.overlay_bytes, "image_bytes": self.image_bytes,
                 "total_bytes": self.total_bytes}
 
     def describe(self) -> str:
         """'params 468.2 kB + runtime code 19.2 kB + generated 7.0 kB = 494.5 kB'."""
         parts = [("params", self.params_bytes), ("runtime code", self.runtime_code_bytes),
                  ("generated", self.generated_bytes)]
+        if self.overlay_bytes:
+            parts.append(("overlay region", self.overlay_bytes))
         return (" + ".join(f"{name} {n / KIB:,.1f} kB" for name, n in parts)
                 + f" = {self.total_bytes / KIB:,.1f} kB")
 
@@ -309,11 +320,16 @@ def code_bytes(graph: Graph, cpu: Cpu, plan: PatchPlan | None = None, dsp: bool 
 
 
 def flash_account(graph: Graph, cpu: Cpu, plan: PatchPlan | None = None, dsp: bool = True,
-                  memory_model: MemoryModel | None = None) -> FlashAccount:
-    """The Flash account of `graph` under `plan` (None: layer-based) on `cpu`."""
+                  memory_model: MemoryModel | None = None,
+                  overlay_layers: Sequence[str] = ()) -> FlashAccount:
+    """The Flash account of `graph` under `plan` (None: layer-based) on `cpu`; with
+    `overlay_layers` (a sparse-update scheme's trainable layers), the code that reads the
+    weights overlay and its region at the end of the slot."""
     use = code_use(graph, plan, memory_model)
     table = code_size_table(cpu, dsp)
     mm = memory_model or (plan.memory_model if plan is not None else MemoryModel.INPLACE)
+    overlay = graph_overlay_layout(graph, overlay_layers)
     return FlashAccount(params_bytes=analyze(graph, mm).weights_bytes,
                         runtime_code_bytes=table.closure_bytes(use.entries),
-                        generated_bytes=table.generated_bytes(use.features))
+                        generated_bytes=table.generated_bytes(use.features) + overlay.code_bytes,
+                        overlay_bytes=overlay.region_bytes)

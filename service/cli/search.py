@@ -182,7 +182,8 @@ def search(family_dir: Path, mcu: str | None, sram: int | None, flash: int | Non
             term = training_term(family.space, contributions, train_gain)
         constraints = Constraints.for_target(
             target, ota, patches=not no_patches, personalize=personalize,
-            **({} if term is None else {"training_memory": term}))
+            **({} if term is None else {"training_memory": term,
+                                        "overlay_bytes": term.overlay_bytes}))
     except FirmwareError as exc:
         raise click.ClickException(str(exc)) from None
     settings = EvolutionSettings(population=population, generations=generations,
@@ -248,7 +249,8 @@ def personalization(result: dict[str, Any], term: Any, contributions: Any) -> di
     inference = mem["sram_needed_bytes"] - mem["training_bytes"]
     split = mem.get("split_after") if mem.get("patches", 1) > 1 else None
     planned = pick_scheme(config_from_dict(result["config"]), term, contributions,
-                          mem["sram_bytes"], inference, split)
+                          mem["sram_bytes"], inference, split,
+                          mem["slot_bytes"] - mem["weights_bytes"] - mem["code_bytes"])
     return {
         "scheme": planned.scheme.to_dict(), "describe": planned.scheme.describe(),
         "predicted_gain": planned.predicted_gain, "training_bytes": planned.training_bytes,

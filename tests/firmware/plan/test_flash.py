@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from firmware.arch import mobilenet_v2
 from firmware.codegen import write_model
+from firmware.codegen.overlay import encode_overlay
 from firmware.frontend.builtin import build_graph
 from firmware.int8.quantize import quantize_graph
 from firmware.ir import Graph
@@ -17,6 +19,7 @@ from firmware.nas.search import Constraints, plan_candidate
 from firmware.plan.account import fit_schedule
 from firmware.plan.flash import code_bytes, code_size_table, code_use, flash_account
 from firmware.plan.memory import MemoryModel, analyze
+from firmware.plan.overlay import graph_overlay_layout
 from firmware.targets import KIB, Cpu, OtaLayout, custom_target, get_target
 from firmware.toolchain.build import build_firmware
 from tests.firmware.small_models import small_rd_quantized, tiny_quantized
@@ -79,6 +82,36 @@ def test_the_search_charges_the_account_of_its_pick() -> None:
     assert f"code {fits.code_bytes} B > slot {slot} B" in refused.why_not
 
 
+@pytest.mark.unit
+def test_a_personalizing_search_charges_the_weights_overlay() -> None:
+    space = tiny_space()
+    arch = space.largest()
+    base = Constraints(sram_bytes=64 * KIB, slot_bytes=1024 * KIB, cpu=Cpu.CORTEX_M4,
+                       personalize=True, training_memory=lambda config, graph: 1024,
+                       overlay_bytes=lambda config, graph: 8 * KIB)
+    fits = plan_candidate(space, arch, base)
+    assert fits.fits and fits.overlay_bytes == 8 * KIB
+    assert fits.flash_bytes == fits.weights_bytes + fits.code_bytes + 8 * KIB
+    slot = fits.flash_bytes - 1
+    refused = plan_candidate(space, arch, dataclasses.replace(base, slot_bytes=slot))
+    assert not refused.fits
+    assert f"+ weights overlay {8 * KIB} B > slot {slot} B" in refused.why_not
+
+
+@pytest.mark.unit
+def test_the_overlay_layout_from_shapes_counts_the_quantized_parameters() -> None:
+    qgraph = small_rd_quantized()
+    layers = [layer.name for layer in qgraph.graph.layers if layer.weight is not None][-4:]
+    layout = graph_overlay_layout(qgraph.graph, layers)
+    assert layout.layers == tuple(layers)
+    for entry in layout.entries:  # depthwise, 1x1 and the classifier among them
+        ql = qgraph.layer(entry.layer)
+        assert ql.weight_q is not None and ql.bias_q is not None
+        assert (entry.weight_count, entry.channels) == (ql.weight_q.size, ql.bias_q.size)
+    assert len(encode_overlay(qgraph, layout, 1)) == layout.total_bytes
+    assert layout.region_bytes % 4096 == 0 and layout.region_bytes >= layout.total_bytes
+
+
 def _demo_quantized():  # type: ignore[no-untyped-def]
     graph = _demo_graph(with_weights=True)
     calib = np.random.default_rng(0).standard_normal(
@@ -88,7 +121,7 @@ def _demo_quantized():  # type: ignore[no-untyped-def]
 
 @pytest.mark.toolchain
 @pytest.mark.parametrize("case", ["demo-stm32f412-m4", "tiny-m0plus", "rd-m7-separate",
-                                  "rd-m33-plain"])
+                                  "rd-m33-plain", "rd-m4-overlay"])
 def test_the_account_is_at_least_the_linked_image_and_within_2_percent(
         case: str, tmp_path: Path) -> None:
     dsp, mm = True, MemoryModel.INPLACE
@@ -97,20 +130,26 @@ def test_the_account_is_at_least_the_linked_image_and_within_2_percent(
         layout = OtaLayout.AB
     else:
         qgraph = tiny_quantized() if case.startswith("tiny") else small_rd_quantized()
-        cpu = {"m0plus": Cpu.CORTEX_M0PLUS, "m7": Cpu.CORTEX_M7,
+        cpu = {"m0plus": Cpu.CORTEX_M0PLUS, "m4": Cpu.CORTEX_M4, "m7": Cpu.CORTEX_M7,
                "m33": Cpu.CORTEX_M33}[case.split("-")[1]]
         target, layout = custom_target(256 * KIB, 1024 * KIB, cpu), OtaLayout.SINGLE
         dsp, mm = "plain" not in case, (MemoryModel.SEPARATE if "separate" in case
                                          else MemoryModel.INPLACE)
     graph = qgraph.graph
+    # a personalized image: the last 6 weighted layers read through the weights overlay
+    overlaid = ([layer.name for layer in graph.layers if layer.weight is not None][-6:]
+                if "overlay" in case else [])
     fit = fit_schedule(graph, target.sram_bytes, target.cpu, mm)
-    write_model(qgraph, fit.plan, tmp_path / "model", memory_model=mm)
+    write_model(qgraph, fit.plan, tmp_path / "model", memory_model=mm,
+                overlay_layers=overlaid)
+    account = flash_account(graph, target.cpu, fit.plan, dsp=dsp, overlay_layers=overlaid)
     build = build_firmware(tmp_path / "model", target, layout, out_dir=tmp_path / "build",
-                           dsp=dsp, stack_bytes=16 * KIB)
-    account = flash_account(graph, target.cpu, fit.plan, dsp=dsp)
+                           dsp=dsp, stack_bytes=16 * KIB, overlay_bytes=account.overlay_bytes)
     linked = build.flash_bytes  # arm-none-eabi-size -A: vectors + .text + .data initialisers
-    assert linked <= account.total_bytes <= 1.02 * linked, (
-        f"{case}: account {account.total_bytes} B ({account.describe()}), linked {linked} B")
+    assert linked <= account.image_bytes <= 1.02 * linked, (
+        f"{case}: account {account.image_bytes} B ({account.describe()}), linked {linked} B")
+    assert (account.overlay_bytes > 0) == bool(overlaid)
+    assert build.flash_bytes + account.overlay_bytes <= target.slot_bytes(layout)
     if case.startswith("demo"):
         assert fit.plan.schedule.patches > 1
         assert account.total_bytes <= target.slot_bytes(layout)
