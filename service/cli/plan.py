@@ -12,6 +12,7 @@ from firmware.errors import DoesNotFitError, FirmwareError
 from firmware.frontend.builtin import BUILTIN_NETWORKS
 from firmware.ir import Graph
 from firmware.plan.account import SramAccount, fit_schedule, sram_account
+from firmware.plan.flash import FlashAccount, flash_account
 from firmware.plan.memory import MemoryModel, MemoryReport, analyze
 from firmware.plan.patch import PatchPlan, best_schedule, plan_patches
 from firmware.targets import Cpu
@@ -71,9 +72,23 @@ def check_region(graph: Graph, chosen: PatchPlan, training: TrainingMemoryReport
             f"at {graph.layers[start].name}: train later layers or run layer-based")
 
 
+def flash_need(graph: Graph, report: MemoryReport, plan: PatchPlan,
+               account: SramAccount | None, cpu: Cpu) -> FlashAccount | None:
+    """The Flash account of the chosen schedule on `cpu` (params + runtime and generated
+    code); None for non-int8 activations (no code is generated for them)."""
+    if account is None:
+        return None
+    return flash_account(graph, cpu, plan, memory_model=report.memory_model)
+
+
+def _flash_bytes(report: MemoryReport, flash_acc: FlashAccount | None) -> int:
+    return report.weights_bytes if flash_acc is None else flash_acc.total_bytes
+
+
 def plan_json(report: MemoryReport, plan: PatchPlan, account: SramAccount | None,
-              cpu: Cpu, sram: int | None, flash: int | None) -> dict[str, Any]:
-    """The JSON document of `tinyfleet plan --json` (DESIGN's keys, plus `sram`).
+              cpu: Cpu, sram: int | None, flash: int | None,
+              flash_acc: FlashAccount | None = None) -> dict[str, Any]:
+    """The JSON document of `tinyfleet plan --json` (DESIGN's keys, plus `sram` and `flash`).
 
     `sram` is the SRAM account of the chosen schedule on `cpu` (arena, scratch, static,
     stack, total; null for non-int8 activations); `fits.sram` compares its total (else the
@@ -95,9 +110,11 @@ def plan_json(report: MemoryReport, plan: PatchPlan, account: SramAccount | None
         },
     }
     doc["sram"] = None if account is None else {**account.to_dict(), "cpu": cpu.value}
+    doc["flash"] = None if flash_acc is None else {**flash_acc.to_dict(), "cpu": cpu.value}
     if sram is not None or flash is not None:
         doc["fits"] = {"sram": None if sram is None else _sram_need(plan, account) <= sram,
-                       "flash": None if flash is None else report.weights_bytes <= flash}
+                       "flash": (None if flash is None
+                                 else _flash_bytes(report, flash_acc) <= flash)}
     doc["layers"] = [{"name": r.name, "op": r.op, "in_bytes": r.in_bytes,
                       "out_bytes": r.out_bytes, "live_bytes": r.live_bytes, "macs": r.macs}
                      for r in report.layers]
@@ -110,7 +127,7 @@ def _sram_need(plan: PatchPlan, account: SramAccount | None) -> int:
 
 def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan,
                  account: SramAccount | None, cpu: Cpu, sram: int | None,
-                 flash: int | None) -> str:
+                 flash: int | None, flash_acc: FlashAccount | None = None) -> str:
     """The per-layer table with both peaks marked, and a summary."""
     stage = {s.name: s for s in plan.stage}
     rows = []
@@ -127,7 +144,7 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan,
                      ("P " if r.name in stage else "") + kb(patched), f"{r.macs / 1e6:.2f}M",
                      " ".join(mark)])
     out = [f"{graph.name}: {report.macs / 1e6:.1f} M MACs, weights {kb(report.weights_bytes)} "
-           f"(int8 + int32 bias + requant; code not counted), memory model "
+           f"(int8 + int32 bias + requant), memory model "
            f"{report.memory_model.value}, {report.bytes_per_element:g} byte(s)/element", "",
            render_table(["LAYER", "OP", "OUT CxHxW", "IN", "OUT", "LIVE", "PATCH-BASED", "MACS",
                          ""], rows, {3, 4, 5, 6, 7}), "",
@@ -145,13 +162,17 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan,
         out.append("schedule: layer-based (no patches)")
     if account is not None:
         out.append(f"SRAM account on {cpu.value}: {account.describe()}")
+    if flash_acc is not None:
+        out.append(f"Flash account on {cpu.value}: {flash_acc.describe()}")
     if sram is not None:
         need = _sram_need(plan, account)
         out.append(f"SRAM: {kb(need)} of {kb(sram)}: "
                    + ("fits" if need <= sram else "DOES NOT FIT"))
     if flash is not None:
-        out.append(f"Flash: weights {kb(report.weights_bytes)} of {kb(flash)}: "
-                   + ("fits" if report.weights_bytes <= flash else "DOES NOT FIT"))
+        need = _flash_bytes(report, flash_acc)
+        what = "weights" if flash_acc is None else "weights and code"
+        out.append(f"Flash: {what} {kb(need)} of {kb(flash)}: "
+                   + ("fits" if need <= flash else "DOES NOT FIT"))
     return "\n".join(out)
 
 
@@ -163,7 +184,8 @@ def human_report(graph: Graph, report: MemoryReport, plan: PatchPlan,
 @click.option("--resolution", callback=_resolution, help="input size, 224 or 224x160 "
               "(built-in networks; default: the network's own, 224 for MobileNetV2)")
 @click.option("--sram", type=SIZE, help="SRAM budget: 262144, 256KiB, 1MiB")
-@click.option("--flash", type=SIZE, help="Flash budget for the weights")
+@click.option("--flash", type=SIZE, help="Flash budget (one OTA slot) for the weights and, "
+              "with int8 activations, the code (the Flash account)")
 @click.option("--cpu", type=click.Choice([c.value for c in Cpu]), default="cortex-m7",
               show_default=True, help="core the SRAM account is for (static data, stack)")
 @click.option("--patches", default="auto", callback=parse_patches, show_default=True,
@@ -213,6 +235,7 @@ def plan(model: str | None, builtin: str | None, width: float,
                                       0 if training is None else training[0].training_bytes)
         if training is not None:
             check_region(graph, chosen, training[0])
+        flash_acc = flash_need(graph, report, chosen, account, Cpu(cpu))
     except FirmwareError as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(1) from None
@@ -226,14 +249,14 @@ def plan(model: str | None, builtin: str | None, width: float,
             plot_training(training[0], training[1], Path(plot).with_name(
                 Path(plot).stem + "-training" + Path(plot).suffix), sram)
     if as_json:
-        doc = plan_json(report, chosen, account, Cpu(cpu), sram, flash)
+        doc = plan_json(report, chosen, account, Cpu(cpu), sram, flash, flash_acc)
         if training is not None:
             from service.cli.training_report import training_json
 
             doc["training"] = training_json(*training)
         click.echo(json.dumps(doc, indent=2))
     else:
-        text = human_report(graph, report, chosen, account, Cpu(cpu), sram, flash)
+        text = human_report(graph, report, chosen, account, Cpu(cpu), sram, flash, flash_acc)
         if training is not None:
             from service.cli.training_report import training_table
 
@@ -246,8 +269,10 @@ def plan(model: str | None, builtin: str | None, width: float,
             peak = (f"needs {kb(account.total_bytes)} ({account.describe()}), activation "
                     + peak)
         misses.append(f"{peak} > SRAM budget {kb(sram)} at layer {chosen.peak_layer}")
-    if flash is not None and report.weights_bytes > flash:
-        misses.append(f"weights {kb(report.weights_bytes)} > Flash budget {kb(flash)}")
+    if flash is not None and _flash_bytes(report, flash_acc) > flash:
+        misses.append(("weights" if flash_acc is None else
+                       f"weights and code ({flash_acc.describe()})")
+                      + f" {kb(_flash_bytes(report, flash_acc))} > Flash budget {kb(flash)}")
     if misses:
         click.echo("error: " + "; ".join(misses), err=True)
         raise SystemExit(1)

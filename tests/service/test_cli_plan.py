@@ -13,7 +13,7 @@ from service.cli import main
 pytestmark = pytest.mark.unit
 
 KEYS = ["macs", "weights_bytes", "layer_peak_bytes", "layer_peak_layer", "patch", "sram",
-        "fits", "layers"]
+        "flash", "fits", "layers"]
 SRAM_KEYS = ["arena_bytes", "scratch_bytes", "static_bytes", "stack_bytes", "training_bytes",
              "total_bytes", "cpu"]
 PATCH_KEYS = ["patches", "split_after", "input_patch", "peak_bytes", "macs", "mac_overhead",
@@ -45,6 +45,20 @@ def test_json_reproduces_mcunetv2() -> None:
     assert 0 < sram["stack_bytes"] <= 2048 and 1000 <= sram["static_bytes"] <= 1100
     assert list(doc["layers"][0]) == ["name", "op", "in_bytes", "out_bytes", "live_bytes", "macs"]
     assert max(r["live_bytes"] for r in doc["layers"]) == 1_404_928
+    flash = doc["flash"]  # the Flash account: the weights and the code the schedule links
+    assert flash["params_bytes"] == doc["weights_bytes"] and flash["cpu"] == "cortex-m7"
+    assert flash["total_bytes"] == flash["params_bytes"] + flash["code_bytes"]
+    assert 10 * 1024 < flash["code_bytes"] < 64 * 1024
+
+
+def test_flash_budget_counts_the_code() -> None:
+    _, out, _ = _run("--builtin", "mobilenetv2", "--patches", "4", "--json")
+    doc = json.loads(out)
+    budget = doc["weights_bytes"] + 1024  # the weights fit, weights and code do not
+    code, out, err = _run("--builtin", "mobilenetv2", "--patches", "4", "--flash",
+                          str(budget), "--json")
+    assert code == 1 and json.loads(out)["fits"]["flash"] is False
+    assert "weights and code (params" in err and "> Flash budget" in err
 
 
 def test_human_table_marks_the_peaks() -> None:
