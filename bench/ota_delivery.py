@@ -131,7 +131,8 @@ class BenchSink:
             if len(self.ended) >= self.expected:
                 self.all_ended.set()
 
-    def on_presence(self, device_id: str, online: bool) -> None:
+    def on_presence(self, device_id: str, online: bool,
+                    backend: str | None = None) -> None:
         pass
 
     def on_metrics(self, device_id: str, report: p.MetricsReport) -> None:

@@ -3,7 +3,8 @@
 One `DeviceAgent` is one device (its own MQTT connection, slots, data and backend); an
 `AgentLoop` (device_agent.loop) drives one or many of them on one thread. What it does:
 
-- on connect: subscribe (QoS 1), publish the retained `online` presence (the last will says
+- on connect: subscribe (QoS 1), publish the retained `online` presence naming the images its
+  backend runs ("qemu" or "host-x86_64": the service offers that artifact; the last will says
   `offline`), report the last update outcome the service has not heard, resume a staged
   download by asking only for the blocks it lacks;
 - `ota_offer`: check the summary (core, backend, SRAM), stage it, fetch blocks in a window,
@@ -83,6 +84,10 @@ class DeviceAgent:
         self.device_id = config.device_id
         self.profile = config.profile()
         self.backend = make_backend(self.profile)
+        # Online, and which images this backend runs: the service offers the matching
+        # artifact (the MCU image, or the host library of this machine).
+        self._presence = p.encode_presence(True, "qemu" if self.backend.kind is BackendKind.QEMU
+                                           else host_target_name())
         self.store = SlotStore(config.slot_dir, self.profile,
                                load_public_key(config.public_key_pem), boundary)
         self.personalizer = Personalizer(self.store, self.backend, config.data_dir)
@@ -179,7 +184,7 @@ class DeviceAgent:
     # -- MQTT ------------------------------------------------------------------------------
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-        if not on_connected(client, self.device_id, reason):
+        if not on_connected(client, self.device_id, reason, self._presence):
             return
         self._submit(lambda _: self._report_outcome(), None)  # the store: worker thread only
         d = self.download

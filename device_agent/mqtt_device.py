@@ -39,13 +39,15 @@ def device_client(device_id: str, password: str) -> mqtt.Client:
     return client
 
 
-def on_connected(client: mqtt.Client, device_id: str, reason: Any) -> bool:
-    """Subscribe and say `online` after a CONNACK; False (logged) when it refused us."""
+def on_connected(client: mqtt.Client, device_id: str, reason: Any,
+                 presence: bytes = p.ONLINE) -> bool:
+    """Subscribe and say `online` (`presence`: b"online", or the JSON presence naming the
+    device's backend) after a CONNACK; False (logged) when it refused us."""
     if reason.is_failure:
         log.warning("device %s refused by the broker: %s", device_id, reason)
         return False
     client.subscribe([(topic, 1) for topic in p.device_subscriptions(device_id)])
-    client.publish(p.presence_topic(device_id), p.ONLINE, qos=1, retain=True)
+    client.publish(p.presence_topic(device_id), presence, qos=1, retain=True)
     return True
 
 

@@ -13,7 +13,9 @@ Topics (`{id}` is the device id, also its MQTT username; `{update}` an update id
     tinyfleet/v1/{id}/evt                 device -> server  JSON DeviceEvent
     tinyfleet/v1/{id}/metrics             device -> server  JSON MetricsReport (numbers only)
     tinyfleet/v1/{id}/presence            device -> server  b"online" / b"offline" (retained;
-                                                            the last will is b"offline")
+                                                            the last will is b"offline"), or
+                                                            JSON Presence: online + the
+                                                            images its backend runs
 
 Block frame (little endian): a 32-byte header, then `length` bytes of data:
 
@@ -88,7 +90,7 @@ MAX_PAYLOAD_BYTES: dict[Channel, int] = {
     Channel.REQ: 4096,  # a bitmap of MAX_BLOCKS bits is 2 kB (2.7 kB base64)
     Channel.EVT: 1024,
     Channel.METRICS: 4096,
-    Channel.PRESENCE: 16,
+    Channel.PRESENCE: 128,
     Channel.BLK: 32 + MAX_BLOCK_SIZE,
 }
 
@@ -443,16 +445,43 @@ def decode_block_request(payload: bytes) -> BlockRequest:
 
 ONLINE = b"online"
 OFFLINE = b"offline"
+# What a device's backend runs: "qemu" (images for its MCU's core, the default when a device
+# does not say) or "host-<machine>" (the host backend: shared-library images, manifest
+# target host-x86_64 etc.).
+BACKEND_PATTERN = r"^(qemu|host-[a-z0-9_]{1,32})$"
+
+
+class Presence(_Message):
+    """A device's presence, and optionally which images its backend runs (the service offers
+    the artifact built for it: the MCU image, or the host library for `host-<machine>`)."""
+
+    online: bool
+    backend: Annotated[str, StringConstraints(pattern=BACKEND_PATTERN)] | None = None
+
+
+def encode_presence(online: bool, backend: str | None = None) -> bytes:
+    """b"online" / b"offline", or the JSON Presence when a backend is named."""
+    if backend is None:
+        return ONLINE if online else OFFLINE
+    return Presence(online=online, backend=backend).model_dump_json().encode()
+
+
+def decode_presence_message(payload: bytes) -> Presence:
+    """A presence payload (b"online", b"offline" or a JSON Presence) -> Presence."""
+    _check_size(Channel.PRESENCE, payload)
+    if payload == ONLINE:
+        return Presence(online=True)
+    if payload == OFFLINE:
+        return Presence(online=False)
+    if payload.startswith(b"{"):
+        return _decode(Presence, Channel.PRESENCE, payload)
+    raise ProtocolError(f"presence payload {payload[:16]!r} is neither b'online', b'offline' "
+                        "nor a JSON presence")
 
 
 def decode_presence(payload: bytes) -> bool:
     """A presence payload -> online (True) or offline (False)."""
-    _check_size(Channel.PRESENCE, payload)
-    if payload == ONLINE:
-        return True
-    if payload == OFFLINE:
-        return False
-    raise ProtocolError(f"presence payload {payload[:16]!r} is neither b'online' nor b'offline'")
+    return decode_presence_message(payload).online
 
 
 # --- block frames ----------------------------------------------------------------------------

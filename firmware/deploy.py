@@ -11,7 +11,9 @@ fleet; this module only computes:
   numbers when nothing fits.
 - `build_class(model, hw, plan, work_dir)`: the pick as an int8 image (quantize, plan,
   codegen, arm-none-eabi-gcc, QEMU bit-exact check where QEMU has a board for the core),
-  unsigned; its manifest carries the scheme and whether it was emulated.
+  unsigned; its manifest carries the scheme and whether it was emulated. Beside it, the same
+  C as a host shared library (manifest target host-<arch>, checked bit-exact on the same
+  test vectors) for devices whose agent runs the `host` backend.
 """
 
 from __future__ import annotations
@@ -173,14 +175,14 @@ def build_class(kind: ModelKind, path: Path, hw: HardwareClass, plan: dict[str, 
     if kind is ModelKind.ONNX:
         from firmware.frontend.onnx_import import import_onnx
 
-        return build_unsigned(import_onnx(path), target, work_dir, options=options)
+        return build_unsigned(import_onnx(path), target, work_dir, options=options, host=True)
     from firmware.nas.accuracy import torch_threads
     from firmware.training.engine.blas import one_blas_thread
 
     with torch_threads(1), one_blas_thread():
         graph, calib = _family_graph(path, plan)
         return build_unsigned(graph, target, work_dir, calib=calib, options=options,
-                              sparse_update=plan.get("sparse_update"))
+                              sparse_update=plan.get("sparse_update"), host=True)
 
 
 def _family_graph(path: Path, plan: dict[str, Any]) -> tuple[Any, Dataset]:

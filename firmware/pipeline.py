@@ -545,14 +545,25 @@ class UnsignedBuild:
     payload: bytes
     emulated: bool  # False: a core with no QEMU board; built, never run ("not emulated")
     report: Mapping[str, Any]
+    # The same C as a host shared library (manifest target host-<arch>), checked bit-exact
+    # on the test vectors: for devices whose agent runs the `host` backend. None: not asked
+    # for, or it failed (`host_reason` says why).
+    host_manifest: Manifest | None = None
+    host_payload: bytes | None = None
+    host_reason: str | None = None
 
 
 def build_unsigned(graph: Graph, target: TargetSpec, work_dir: Path,
                    calib: Dataset | None = None, options: CompileOptions | None = None,
                    progress: Progress | None = None,
-                   sparse_update: Mapping[str, Any] | None = None) -> UnsignedBuild:
+                   sparse_update: Mapping[str, Any] | None = None,
+                   host: bool = False) -> UnsignedBuild:
     """Quantize, plan, generate, build and (where QEMU has a board for the core) run and
-    check bit-exactness; the manifest carries `sparse_update` and whether it was emulated."""
+    check bit-exactness; the manifest carries `sparse_update` and whether it was emulated.
+
+    `host`: also the same C as a host shared library, checked bit-exact against the int8
+    reference on the same test vectors (the `host` backend's image, `host_image`'s
+    manifest); a failure there leaves the MCU build and names its reason."""
     opts = options or CompileOptions()
     if sparse_update is not None:  # the overlay region and the int8 graph come with it
         opts = replace(opts, sparse_update=dict(sparse_update))
@@ -569,7 +580,19 @@ def build_unsigned(graph: Graph, target: TargetSpec, work_dir: Path,
         "measured": None if built.emulation is None else _measured(built.build,
                                                                    built.emulation),
     }
-    return UnsignedBuild(manifest, payload, emulate, MappingProxyType(report))
+    host_manifest = host_payload = host_reason = None
+    if host:
+        try:
+            host_manifest, host_payload = _host_build(
+                built.qgraph, built.plan, opts, built.inputs_hwc, built.expected, manifest,
+                work_dir / "host")
+            report["host"] = {"target": host_manifest.target.name, "bit_exact": True,
+                              "payload_bytes": len(host_payload)}
+        except FirmwareError as exc:
+            host_reason = f"the host library build failed: {exc}"
+            report["host"] = {"error": host_reason}
+    return UnsignedBuild(manifest, payload, emulate, MappingProxyType(report), host_manifest,
+                         host_payload, host_reason)
 
 
 @dataclass(frozen=True, eq=False)
@@ -639,25 +662,34 @@ def host_image(result: CompileResult, key: Ed25519PrivateKey, work_dir: Path,
     built with the host gcc (firmware.toolchain.build.build_host_model), run on the same test
     vectors and signed only if its outputs equal the int8 reference's bit for bit. The
     manifest keeps the MCU class's memory figures (what the device has), its test vectors and
-    its sparse-update scheme; the payload is the .so. The campaigns build job calls this
-    beside `compile_model` for each artifact.
+    its sparse-update scheme; the payload is the .so. The campaigns build job makes the same
+    image unsigned beside each class build (`build_unsigned(..., host=True)`).
     """
+    manifest, payload = _host_build(result.qgraph, result.plan, result.options,
+                                    result.test_inputs, result.expected,
+                                    parse_manifest_of(result.image), work_dir, machine)
+    return sign_image(manifest, payload, key)
+
+
+def _host_build(qgraph: QuantizedGraph, plan: PatchPlan, opts: CompileOptions,
+                inputs_hwc: Int8Array, expected: Int8Array, manifest: Manifest,
+                work_dir: Path, machine: str | None = None) -> tuple[Manifest, bytes]:
+    """The host library of an MCU build and its manifest (host_image's docstring), unsigned;
+    EmulationError unless its outputs equal `expected` bit for bit."""
     import platform
 
     from firmware.codegen import write_model
     from firmware.toolchain.build import build_host_model
     from firmware.toolchain.host_run import HostModel
 
-    opts = result.options
     arch = machine or platform.machine()
     src = work_dir / "host-model"
-    write_model(result.qgraph, result.plan, src, memory_model=opts.memory_model,
-                overlay_layers=overlay_layers(result.qgraph, opts))
+    write_model(qgraph, plan, src, memory_model=opts.memory_model,
+                overlay_layers=overlay_layers(qgraph, opts))
     library = build_host_model(src, work_dir / "host-build")
-    got = HostModel(library).run(result.test_inputs)
-    _check_bit_exact(got, result.expected)
+    got = HostModel(library).run(inputs_hwc)
+    _check_bit_exact(got, expected)
     payload = library.read_bytes()
-    manifest = parse_manifest_of(result.image)
     mcu = manifest.target
     host_manifest = make_manifest(
         model_id=manifest.model_id, model_version=manifest.model_version,
@@ -668,7 +700,7 @@ def host_image(result: CompileResult, key: Ed25519PrivateKey, work_dir: Path,
         payload=payload, payload_format=PayloadFormat.ELF,
         sparse_update=manifest.sparse_update, overlay=manifest.overlay,
         int8_model=manifest.int8_model)
-    return sign_image(host_manifest, payload, key)
+    return host_manifest, payload
 
 
 def parse_manifest_of(image: bytes) -> Manifest:

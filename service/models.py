@@ -105,6 +105,9 @@ class Device(Base):
     online: Mapped[bool] = mapped_column(Boolean, default=False,  # MQTT presence
                                          server_default=false())
     last_seen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What its agent's backend runs, from its presence: "qemu" (images for its MCU), or
+    # "host-x86_64" etc. (the host backend's library images); None: it did not say (qemu).
+    backend: Mapped[str | None] = mapped_column(String(40))
     # The highest personalization round number handed out to it (service.personalization.
     # next_round increments it in one UPDATE, so two commands never share a number).
     personalize_round: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
@@ -399,6 +402,12 @@ class ClassBuild(_ClassWork, Base):
     manifest: Mapped[str | None] = mapped_column(Text)  # canonical manifest JSON
     emulated: Mapped[bool | None] = mapped_column(Boolean)
     report: Mapped[str | None] = mapped_column(Text)
+    # The same C as a host shared library (the `host` backend's image), unsigned; None with
+    # `host_reason` when its build failed.
+    host_target: Mapped[str | None] = mapped_column(String(40))  # e.g. host-x86_64
+    host_payload_sha256: Mapped[str | None] = mapped_column(String(64))
+    host_manifest: Mapped[str | None] = mapped_column(Text)
+    host_reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (UniqueConstraint("model_version_id", "hw_class",
                                        name="uq_class_builds_version_class"),)
@@ -414,6 +423,7 @@ class SignedArtifact(Base):
     fleet_id: Mapped[int] = mapped_column(ForeignKey("fleets.id"))
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
+    host_sha256: Mapped[str | None] = mapped_column(String(64))  # the signed host image
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     __table_args__ = (UniqueConstraint("build_id", "fleet_id",

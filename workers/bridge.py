@@ -82,8 +82,9 @@ class BridgeSink(Protocol):
         `on_events(events)`: a run of events in arrival order, applied together (all or
         none); the bridge calls it for the events that queued up while the last call ran."""
 
-    def on_presence(self, device_id: str, online: bool) -> None:
-        """A device came online, or went offline (its last will, or a clean goodbye)."""
+    def on_presence(self, device_id: str, online: bool, backend: str | None = None) -> None:
+        """A device came online, or went offline (its last will, or a clean goodbye);
+        `backend`: the images it runs when it said ("qemu", "host-x86_64"), else None."""
 
     def on_metrics(self, device_id: str, report: p.MetricsReport) -> None:
         """A device reported the numbers of a personalization round."""
@@ -105,8 +106,8 @@ class LogSink:
         log.info("event device=%s update=%s state=%s", device_id, event.update_id,
                  event.state.value)
 
-    def on_presence(self, device_id: str, online: bool) -> None:
-        log.info("presence device=%s online=%s", device_id, online)
+    def on_presence(self, device_id: str, online: bool, backend: str | None = None) -> None:
+        log.info("presence device=%s online=%s backend=%s", device_id, online, backend)
 
     def on_metrics(self, device_id: str, report: p.MetricsReport) -> None:
         log.info("metrics device=%s round=%d", device_id, report.round)
@@ -237,7 +238,7 @@ class _Delivery:
 
     device_id: str
     channel: p.Channel
-    message: p.DeviceEvent | p.MetricsReport | bool
+    message: p.DeviceEvent | p.MetricsReport | p.Presence
     mid: int
     qos: int
 
@@ -341,13 +342,13 @@ class Bridge:
                 self._serve(topic.device_id, topic.update_id, payload)
                 client.ack(msg.mid, msg.qos)
                 return
-            message: p.DeviceEvent | p.MetricsReport | bool
+            message: p.DeviceEvent | p.MetricsReport | p.Presence
             if channel is p.Channel.EVT:
                 message = p.decode_event(payload)
             elif channel is p.Channel.METRICS:
                 message = p.decode_metrics(payload)
             elif channel is p.Channel.PRESENCE:
-                message = p.decode_presence(payload)
+                message = p.decode_presence_message(payload)
             else:  # cmd/blk are ours: echoes of our own publishes are not subscribed to
                 raise p.ProtocolError(f"devices do not publish on {channel.value}")
         except p.ProtocolError as exc:
@@ -463,8 +464,9 @@ class Bridge:
             self.sink.on_metrics(item.device_id, item.message)
             self._ack(group)
         else:
-            online = bool(item.message)
-            self.sink.on_presence(item.device_id, online)
+            assert isinstance(item.message, p.Presence)
+            online = item.message.online
+            self.sink.on_presence(item.device_id, online, item.message.backend)
             if online:
                 for command in self.sink.pending_commands(item.device_id):
                     self.client.publish(p.cmd_topic(item.device_id), p.encode(command), 1)

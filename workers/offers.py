@@ -12,7 +12,11 @@ import threading
 import time
 from collections import OrderedDict
 
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
 from device_agent import protocol as p
+from service.models import ClassBuild, DeploymentJob, SignedArtifact
 from workers.artifacts import ArtifactStore
 
 CACHED_OFFERS = 64  # (artifact, block size) summaries kept per process
@@ -40,3 +44,30 @@ def offer_for(store: ArtifactStore, sha256: str, update_id: str, *, block_size: 
     return summary.model_copy(update={
         "update_id": update_id, "offer_deadline": now + offer_deadline_s,
         "install_deadline": now + offer_deadline_s + install_deadline_s})
+
+
+class NoArtifactForBackend(Exception):
+    """The device's backend runs images the job's build has none of (the reason)."""
+
+
+def artifact_for_backend(session: Session, job: DeploymentJob, backend: str | None) -> str:
+    """The signed artifact of the job's build for a device whose backend is `backend` (its
+    presence's: "qemu" or None for the MCU image, "host-<machine>" for the host library);
+    NoArtifactForBackend, naming both, when the build has no image for it."""
+    sha = job.artifact_sha256
+    assert sha is not None
+    signed = session.scalar(select(SignedArtifact).where(
+        or_(SignedArtifact.sha256 == sha, SignedArtifact.host_sha256 == sha)).limit(1))
+    if signed is None:
+        return sha  # not a class build's (a test's hand-made artifact): as it is
+    if backend is None or backend == "qemu":
+        return signed.sha256
+    build = session.get(ClassBuild, signed.build_id)
+    assert build is not None
+    if build.host_target == backend and signed.host_sha256 is not None:
+        return signed.host_sha256
+    has = (f"only a {build.host_target} host image" if build.host_target else
+           f"no host image ({build.host_reason or 'built before host images'})")
+    raise NoArtifactForBackend(
+        f"device {job.device_id} runs {backend} images (its agent's host backend); the build "
+        f"of class {job.hw_class} has {has}")

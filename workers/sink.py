@@ -126,13 +126,16 @@ class DatabaseSink:
             for campaign_id in sorted(ended):
                 J.advance(session, campaign_id, self.enqueue)
 
-    def on_presence(self, device_id: str, online: bool) -> None:
-        """Record presence on the device row."""
+    def on_presence(self, device_id: str, online: bool, backend: str | None = None) -> None:
+        """Record presence on the device row, and the backend a device coming online names
+        (None: it did not say; the MCU image is offered)."""
         with self.sessions() as session:
             device = session.get(Device, device_id)
             if device is None:
                 return
             device.online = online
+            if online:
+                device.backend = backend
             device.last_seen_at = utcnow()
             session.commit()
 
@@ -159,7 +162,7 @@ class DatabaseSink:
     def pending_commands(self, device_id: str) -> Sequence[Any]:
         """Offers of the device's jobs waiting for it to come online (now `offered`)."""
         from workers.artifacts import ArtifactStore
-        from workers.offers import offer_for
+        from workers.offers import NoArtifactForBackend, artifact_for_backend, offer_for
 
         store = ArtifactStore.from_config(dict(self.config))
         commands = []
@@ -170,9 +173,16 @@ class DatabaseSink:
                 DeploymentJob.state == JobState.WAITING_OFFLINE,
                 Campaign.state.in_((CampaignState.RUNNING, CampaignState.WAITING_OFFLINE))
             )).all()
+            backend = session.scalar(select(Device.backend).where(Device.id == device_id))
+            failed: list[tuple[DeploymentJob, str]] = []
             for job in waiting:
                 campaign = session.get(Campaign, job.campaign_id)
                 assert campaign is not None and job.artifact_sha256 is not None
+                try:
+                    job.artifact_sha256 = artifact_for_backend(session, job, backend)
+                except NoArtifactForBackend as exc:
+                    failed.append((job, str(exc)))
+                    continue
                 commands.append(offer_for(
                     store, job.artifact_sha256, job.update_id or f"u{job.id}",
                     block_size=int(self.config.get("OTA_BLOCK_SIZE", 4096)),
@@ -182,6 +192,8 @@ class DatabaseSink:
                             now=utcnow())
                 job.offered_at = utcnow()
             session.commit()
+            for job, reason in failed:  # a backend with no artifact: the job fails, saying so
+                J.fail(session, job, reason, "bridge", self.enqueue)
         return commands
 
 

@@ -377,12 +377,15 @@ def _run_build(session: Session, row: ClassBuild, version: str, job: DeploymentJ
     model = session.get(ModelVersion, version)
     assert model is not None
     hw = HardwareClass.from_dict(json.loads(job.hw))
-    cache = _cache_file(version, job.hw_class, "build-" + _digest(plan_result))
+    # "build2": builds with their host library (older cache files have none).
+    cache = _cache_file(version, job.hw_class, "build2-" + _digest(plan_result))
     store = _store()
     started = time.monotonic()
     with _lease_renewed(ClassBuild, row.id, float(current_app.config["LEASE_S"])):
         data = json.loads(cache.read_text()) if cache.is_file() else None
-        from_cache = data is not None and (not data["ok"] or store.exists(data["payload"]))
+        from_cache = data is not None and (not data["ok"] or (
+            store.exists(data["payload"]) and (data["host_payload"] is None
+                                               or store.exists(data["host_payload"]))))
         if not from_cache:
             try:
                 with tempfile.TemporaryDirectory(prefix="build-") as work:
@@ -391,7 +394,13 @@ def _run_build(session: Session, row: ClassBuild, version: str, job: DeploymentJ
                 payload_sha = store.put(built.payload)
                 data = {"ok": True, "payload": payload_sha,
                         "manifest": built.manifest.to_json().decode(),
-                        "emulated": built.emulated, "report": dict(built.report)}
+                        "emulated": built.emulated, "report": dict(built.report),
+                        "host_target": None, "host_payload": None, "host_manifest": None,
+                        "host_reason": built.host_reason}
+                if built.host_manifest is not None and built.host_payload is not None:
+                    data.update(host_target=built.host_manifest.target.name,
+                                host_payload=store.put(built.host_payload),
+                                host_manifest=built.host_manifest.to_json().decode())
             except FirmwareError as exc:
                 data = {"ok": False, "reason": _short(str(exc))}
             _write_atomic(cache, json.dumps(data))
@@ -400,7 +409,9 @@ def _run_build(session: Session, row: ClassBuild, version: str, job: DeploymentJ
     if data["ok"]:
         _finish(session, row, state=WorkState.DONE, payload_sha256=data["payload"],
                 manifest=data["manifest"], emulated=data["emulated"],
-                report=json.dumps(data["report"]), from_cache=from_cache, seconds=seconds)
+                report=json.dumps(data["report"]), host_target=data["host_target"],
+                host_payload_sha256=data["host_payload"], host_manifest=data["host_manifest"],
+                host_reason=data["host_reason"], from_cache=from_cache, seconds=seconds)
     else:
         _finish(session, row, state=WorkState.FAILED, reason=data["reason"],
                 from_cache=from_cache, seconds=seconds)
@@ -411,11 +422,16 @@ def _run_build(session: Session, row: ClassBuild, version: str, job: DeploymentJ
 
 
 def sign_for_fleet(session: Session, row: ClassBuild, fleet_id: int) -> str:
-    """The build signed with the fleet's key, stored once per (build, fleet); its sha256."""
+    """The build signed with the fleet's key, stored once per (build, fleet); its sha256.
+    Its host library (when built) is signed beside it (`SignedArtifact.host_sha256`: what
+    `workers.offers.artifact_for_backend` offers a device whose agent runs the host
+    backend)."""
     found = session.scalar(select(SignedArtifact).where(
         SignedArtifact.build_id == row.id, SignedArtifact.fleet_id == fleet_id))
     store = _store()
-    if found is not None and store.exists(found.sha256):
+    if found is not None and store.exists(found.sha256) and (
+            row.host_payload_sha256 is None
+            or (found.host_sha256 is not None and store.exists(found.host_sha256))):
         return found.sha256
     from firmware.image import parse_manifest, sign_image
     from service.fleets import load_signing_key
@@ -427,10 +443,17 @@ def sign_for_fleet(session: Session, row: ClassBuild, fleet_id: int) -> str:
     image = sign_image(parse_manifest(row.manifest.encode()), store.read(row.payload_sha256),
                        key)
     sha: str = store.put(image)
+    host_sha = None
+    if row.host_payload_sha256 is not None and row.host_manifest is not None:
+        host_sha = store.put(sign_image(parse_manifest(row.host_manifest.encode()),
+                                        store.read(row.host_payload_sha256), key))
+    if found is not None and found.host_sha256 != host_sha:
+        found.host_sha256 = host_sha
+        session.commit()
     if found is None:
         session.commit()  # the caller's changes first, as in claim()
         session.add(SignedArtifact(build_id=row.id, fleet_id=fleet_id, sha256=sha,
-                                   size_bytes=len(image)))
+                                   size_bytes=len(image), host_sha256=host_sha))
         try:
             session.commit()
         except IntegrityError:
@@ -482,14 +505,23 @@ def _offer_step(session: Session, job_id: int) -> None:
         session.commit()  # waits in OFFERING: halted, no new offers
         return
     job.update_id = job.update_id or f"u{job.id}"
-    # Only whether it is online: not the row (its fleet and tags come with it).
-    online = session.scalar(select(Device.online).where(Device.id == job.device_id))
-    assert online is not None and job.artifact_sha256 is not None
+    # Only whether it is online and what it runs: not the row (its fleet and tags come with it).
+    found = session.execute(select(Device.online, Device.backend).where(
+        Device.id == job.device_id)).one()
+    online, backend = found
+    assert job.artifact_sha256 is not None
     if not online:
         J.set_state(session, job, JobState.WAITING_OFFLINE, "worker",
                     "the device is offline; offered when it comes online")
         session.commit()
         J.advance(session, campaign.id, enqueue)
+        return
+    from workers.offers import NoArtifactForBackend, artifact_for_backend
+
+    try:  # the MCU image, or the host library for an agent on the host backend
+        job.artifact_sha256 = artifact_for_backend(session, job, backend)
+    except NoArtifactForBackend as exc:
+        J.fail(session, job, str(exc), "worker", enqueue)
         return
     message = offer_message(job, campaign)
     # Recorded before sending: a device may answer before this task commits.

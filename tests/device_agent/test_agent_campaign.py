@@ -8,7 +8,11 @@ processes on Redis, the MQTT bridge with the database sink on Mosquitto).
 - a rollback with nothing to go back to fails with the agent's reason; after a second
   campaign a rollback returns every agent to its previous slot;
 - an agent killed -9 while writing an update (a durability boundary of the install) boots its
-  good slot on restart and reports the interrupted update as failed, with the reason.
+  good slot on restart and reports the interrupted update as failed, with the reason;
+- an agent on the `host` backend (an RP2040: no QEMU board for its Cortex-M0+) names its
+  backend in its presence and is offered its class build's signed host library
+  (host-x86_64), which it installs and self-tests; a device whose presence names a host
+  machine the build has no image for fails with that reason.
 
 The campaign rig (tests/workers/test_campaigns.py's `Rig`) is reused; the devices are agents.
 """
@@ -29,15 +33,18 @@ import pytest
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from sqlalchemy import select
 
+from device_agent import protocol as p
 from device_agent.config import render_config
 from device_agent.device_loop import DeviceLoop
 from device_agent.durable import CRASH_ENV, RECORD_ENV
+from device_agent.mqtt_device import device_client
+from device_agent.profile import host_target_name
 from device_agent.slots import IMAGE, STATE, sha256_hex
-from firmware.image import public_key_pem
+from firmware.image import parse_image, public_key_pem
 from service.app import create_app
 from service.auth import create_token
 from service.broker_sync import full_sync
-from service.models import DeploymentJob, Device, Role
+from service.models import ClassBuild, DeploymentJob, Device, Role, SignedArtifact
 from service.stack.procs import Started, stop_groups
 from tests.servers import MosquittoServer, RedisServer, wait_for
 from tests.workers.test_campaigns import Rig, _worker_argv
@@ -105,12 +112,13 @@ def rig(mosquitto_server: MosquittoServer, redis_server: RedisServer,
 class Agents:
     """Devices registered through the API, run by one `tinyfleet-agent --simulate N`."""
 
-    def __init__(self, rig: Rig, root: Path, n: int, name: str) -> None:
+    def __init__(self, rig: Rig, root: Path, n: int, name: str, mcu: str = MCU,
+                 backend: str = "qemu") -> None:
         self.rig, self.name, self.dir = rig, name, root / name
         self.dir.mkdir(parents=True)
         rig.counter += 1
         self.tag = f"{name}-{rig.counter}"
-        rows = [{"name": f"{self.tag}-{i}", "fleet": "agents", "mcu": MCU,
+        rows = [{"name": f"{self.tag}-{i}", "fleet": "agents", "mcu": mcu,
                  "tags": [self.tag]} for i in range(n)]
         response = rig.api.post("/api/v1/devices/bulk", json={"devices": rows})
         assert response.status_code == 201, response.get_json()
@@ -119,7 +127,7 @@ class Agents:
         for row in response.get_json()["devices"]:
             device_id = row["id"]
             (self.dir / f"{device_id}.toml").write_text(render_config(
-                device_id=device_id, password=row["mqtt_password"], mcu=MCU, backend="qemu",
+                device_id=device_id, password=row["mqtt_password"], mcu=mcu, backend=backend,
                 broker_host=rig.broker.host, broker_port=rig.broker.port,
                 data_dir=f"{device_id}/data", slot_dir=f"{device_id}/slots",
                 public_key_pem=pem))
@@ -257,3 +265,53 @@ def test_an_agent_killed_while_writing_an_update_boots_its_good_slot_and_reports
     staging = work / "victim" / device_id / "slots" / "staging"  # its blocks are dropped
     assert not staging.exists() or not any(staging.iterdir())
     assert agents.image_sha(device_id, good) == _jobs(rig, first["id"])[device_id].artifact_sha256
+
+
+def test_a_host_backend_agent_installs_its_class_builds_host_library(rig: Rig,
+                                                                     work: Path) -> None:
+    host = host_target_name()
+    agents = Agents(rig, work, 1, "host", mcu="rp2040", backend="host")
+    (device_id,) = agents.ids
+    # A device whose presence names a host machine no build here makes an image for.
+    response = rig.api.post("/api/v1/devices/bulk", json={"devices": [
+        {"name": f"{agents.tag}-foreign", "fleet": "agents", "mcu": "rp2040",
+         "tags": [agents.tag]}]})
+    assert response.status_code == 201, response.get_json()
+    foreign = response.get_json()["devices"][0]
+    client = device_client(foreign["id"], foreign["mqtt_password"])
+    client.connect(rig.broker.host, rig.broker.port)
+    client.loop_start()
+    try:
+        client.publish(p.presence_topic(foreign["id"]),
+                       p.encode_presence(True, "host-riscv64"), qos=1, retain=True)
+        agents.start()
+        with rig.session() as s:
+            assert wait_for(lambda: s.get(Device, foreign["id"], populate_existing=True
+                                          ).backend == "host-riscv64", 20), rig.tail()
+            assert s.get(Device, device_id).backend == host  # from the agent's presence
+        campaign = rig.campaign(rig.keys["model"], agents.tag)
+        done = rig.wait_state(campaign["id"], {"completed"}, 150)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert done["counts"] == {"installed": 1, "failed": 1}, (done["failures"], rig.tail())
+    (failure,) = done["failures"]
+    assert failure["device"] == foreign["id"], failure
+    assert "runs host-riscv64 images" in failure["reason"], failure
+    assert f"only a {host} host image" in failure["reason"], failure
+
+    job = _jobs(rig, campaign["id"])[device_id]
+    assert _states(rig, job.id)[-1] == "installed"
+    active = _active(agents, device_id)
+    installed = (work / "host" / device_id / "slots" / f"slot-{active}" / IMAGE).read_bytes()
+    assert parse_image(installed).manifest.target.name == host
+    with rig.session() as s:
+        row = s.get(Device, device_id)
+        signed = s.scalar(select(SignedArtifact).where(SignedArtifact.host_sha256
+                                                       == job.artifact_sha256))
+        assert signed is not None, "the offered artifact is not the build's host image"
+        build = s.get(ClassBuild, signed.build_id)
+        assert build is not None and build.host_target == host and not build.emulated
+        assert row.update_state == "installed"
+        assert row.installed_artifact == job.artifact_sha256 == sha256_hex(installed)
+    agents.stop()

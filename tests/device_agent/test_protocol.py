@@ -197,6 +197,23 @@ def test_presence() -> None:
             p.decode_presence(bad)
 
 
+def test_presence_may_name_the_backend_strictly() -> None:
+    assert p.encode_presence(True) == p.ONLINE and p.encode_presence(False) == p.OFFLINE
+    for backend in ("qemu", "host-x86_64", "host-aarch64"):
+        message = p.decode_presence_message(p.encode_presence(True, backend))
+        assert message == p.Presence(online=True, backend=backend)
+    assert p.decode_presence_message(b"online").backend is None
+    assert p.decode_presence(b'{"online":true,"backend":"host-x86_64"}') is True
+    bad = {b'{"online":true,"backend":"host-"}': "backend",
+           b'{"online":true,"backend":"cortex-m0plus"}': "backend",
+           b'{"online":"yes"}': "online", b'{"backend":"qemu"}': "online",
+           b'{"online":true,"data":[1]}': "data: unknown field",
+           b'{"online":true,"backend":"' + b"host-" + b"x" * 120 + b'"}': "128-byte cap"}
+    for payload, reason in bad.items():
+        with pytest.raises(p.ProtocolError, match=reason):
+            p.decode_presence_message(payload)
+
+
 # --- block requests --------------------------------------------------------------------------
 
 

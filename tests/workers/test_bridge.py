@@ -54,7 +54,8 @@ class RecordingSink:
         with self.lock:
             self.events.append((device_id, event))
 
-    def on_presence(self, device_id: str, online: bool) -> None:
+    def on_presence(self, device_id: str, online: bool,
+                    backend: str | None = None) -> None:
         with self.lock:
             self.presence.append((device_id, online))
 

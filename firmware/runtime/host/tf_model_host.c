@@ -42,6 +42,7 @@ int32_t tf_host_use_overlay(const uint8_t *overlay, uint32_t nbytes)
 #if defined(TF_HAS_OVERLAY)
     return (int32_t)tf_model_use_overlay(overlay, nbytes);
 #else
+    (void)nbytes; /* no overlay region: only "the built-in weights" is accepted */
     return overlay == NULL ? (int32_t)TF_OK : (int32_t)TF_ERR_ARG;
 #endif
 }
