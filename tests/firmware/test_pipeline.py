@@ -121,3 +121,37 @@ def test_tampered_image_is_rejected_and_wrong_vectors_are_caught(tmp_path: Path)
     elf.write_bytes(lying.payload)
     rerun = rerun_image(lying, elf)
     assert not rerun.matches and rerun.mismatched_vectors == 1
+
+
+@pytest.mark.parametrize("scheme", [False, True], ids=["no-overlay", "overlay"])
+def test_unsigned_build_brings_its_host_library_checked_bit_exact(tmp_path: Path,
+                                                                  scheme: bool) -> None:
+    """The campaigns build job's class build (build_unsigned(host=True)) on a core with no
+    QEMU board: the MCU ELF, never run, and the same C as a host library whose manifest is
+    host-<machine> and whose outputs on the test vectors equal the reference's."""
+    import platform
+
+    from firmware.pipeline import build_unsigned
+    from firmware.toolchain.host_run import HostModel
+    from tests.device_agent.images import SCHEME
+    from tests.firmware.training.fixture_model import quantized
+
+    q = quantized()
+    built = build_unsigned(q.graph, get_target("rp2040"), tmp_path,
+                           options=CompileOptions(onnx_check=False, test_vectors=2),
+                           sparse_update=SCHEME.to_dict() if scheme else None, host=True)
+    assert not built.emulated and built.host_reason is None
+    manifest, payload = built.host_manifest, built.host_payload
+    assert manifest is not None and payload is not None
+    assert manifest.target.name == f"host-{platform.machine()}"
+    assert manifest.test_vectors == built.manifest.test_vectors
+    assert (manifest.overlay is not None) is scheme
+    library = tmp_path / "copy.so"
+    library.write_bytes(payload)
+    c, h, w = manifest.input.shape
+    inputs = np.stack([np.frombuffer(v.input_q, np.int8).reshape(h, w, c)
+                       for v in manifest.test_vectors])
+    got = HostModel(library).run(inputs).astype(np.int64)
+    assert got.tolist() == [list(v.expected) for v in manifest.test_vectors]
+    assert built.report["host"] == {"target": manifest.target.name, "bit_exact": True,
+                                    "payload_bytes": len(payload)}
