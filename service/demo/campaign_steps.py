@@ -5,7 +5,8 @@ Nothing here compiles or delivers in process: the campaign is started over HTTP,
 Celery worker searches, builds, checks in QEMU and signs one image per hardware class, the
 MQTT bridge offers and serves the blocks, and `tinyfleet-agent --simulate N` (one process
 for every device, each on the QEMU backend where a board emulates its core, on the `host`
-backend otherwise) installs, self-tests, reports, and trains on its own slice of digits.
+backend otherwise, which installs the class build's host library) installs, self-tests,
+reports, and trains on its own slice of digits.
 """
 
 from __future__ import annotations
@@ -109,14 +110,11 @@ def _wait_analysis(ctx: DemoContext, model_id: str) -> None:
 
 
 def agents_step(ctx: DemoContext) -> None:
-    """Start the devices: `tinyfleet-agent --simulate N` for every device whose core QEMU
-    emulates (the agent's QEMU backend), the protocol's reference client for the others."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
-
+    """Start the devices: one `tinyfleet-agent --simulate N` for all of them, each on the QEMU
+    backend where a board emulates its core, on the `host` backend otherwise (its presence
+    says so, and the service offers it the class build's host library)."""
     from device_agent.config import render_config
-    from device_agent.device_loop import DeviceLoop
-    from device_agent.reference_client import DeviceIdentity, ReferenceDevice
+    from device_agent.profile import host_target_name
     from firmware.targets import CATALOG
     from service.stack.procs import ProcessSpec, spawn, stop_group
 
@@ -126,25 +124,13 @@ def agents_step(ctx: DemoContext) -> None:
     folder = ctx.var_dir / "agents"
     folder.mkdir(mode=0o700, exist_ok=True)
     runners: dict[str, str] = {}
-    references: list[ReferenceDevice] = []
     for index, device in enumerate(sorted(items, key=lambda d: d["name"])):
         target = CATALOG.get(device["mcu"])
         _id, password = ctx.results["credentials"][device["name"]]
-        if target is None or target.qemu_board is None:
-            # The worker builds these images unchecked ("not emulated"); the agent's host
-            # backend runs only host-x86_64 images, so the reference client takes them.
-            runners[device["id"]] = "reference"
-            key = load_pem_public_key(keys[device["fleet"]].encode())
-            assert isinstance(key, Ed25519PublicKey)
-            references.append(ReferenceDevice(
-                DeviceIdentity(device["id"], password, device["mcu"]), key, retry_s=1.0))
-            ctx.say(f"    {device['name']:<12} {device['mcu']:<10} reference client: no QEMU "
-                    f"board emulates a {device['cpu']}; it verifies the image's hash and "
-                    "signature and installs it without running it")
-            continue
-        runners[device["id"]] = "agent (qemu)"
+        backend = "qemu" if target is not None and target.qemu_board is not None else "host"
+        runners[device["id"]] = f"agent ({backend})"
         text = render_config(
-            device_id=device["id"], password=password, mcu=device["mcu"], backend="qemu",
+            device_id=device["id"], password=password, mcu=device["mcu"], backend=backend,
             broker_host=ctx.plan.mqtt_host, broker_port=ctx.plan.mqtt_port,
             data_dir=f"{device['name']}/data", slot_dir=f"{device['name']}/slots",
             public_key_pem=keys[device["fleet"]], cpu=device["cpu"],
@@ -153,8 +139,16 @@ def agents_step(ctx: DemoContext) -> None:
         path = folder / f"{index:02d}-{device['name']}.toml"
         path.write_text(text)
         path.chmod(0o600)
-        ctx.say(f"    {device['name']:<12} {device['mcu']:<10} tinyfleet-agent, QEMU backend "
-                f"({target.qemu_board})")
+        if backend == "qemu":
+            assert target is not None
+            ctx.say(f"    {device['name']:<12} {device['mcu']:<10} tinyfleet-agent, QEMU "
+                    f"backend ({target.qemu_board})")
+        else:
+            # The worker builds its MCU image unchecked ("not emulated") and, beside it, the
+            # same C as a host library checked bit-exact: that is what this agent installs.
+            ctx.say(f"    {device['name']:<12} {device['mcu']:<10} tinyfleet-agent, host "
+                    f"backend ({host_target_name()}): no QEMU board emulates a "
+                    f"{device['cpu']}")
     ctx.results["runners"] = runners
     agents = [d for d, how in runners.items() if how.startswith("agent")]
     started = None
@@ -168,16 +162,6 @@ def agents_step(ctx: DemoContext) -> None:
         ctx.cleanups.append(("agents", lambda: stop_group(proc, 15.0)))
         ctx.say(f"    tinyfleet-agent --simulate {len(agents)} --config-dir {folder} "
                 f"(pid {started.pid}, log {ctx.plan.log_dir / 'agents.log'})")
-    if references:
-        loop = DeviceLoop(ctx.plan.mqtt_host, ctx.plan.mqtt_port, reconnect_s=0.5)
-        loop.add(references)
-        loop.start()
-
-        def stop_loop() -> bool:
-            loop.stop()
-            return True
-
-        ctx.cleanups.append(("clients", stop_loop))
     ids = set(runners)
     deadline = time.monotonic() + ONLINE_TIMEOUT_S
     online: set[str] = set()

@@ -32,7 +32,8 @@ ISOLATION_WAIT_S = 1.0
 
 # Six devices over five MCU classes in two fleets, all tagged for the campaign: two
 # STM32H743 share one hardware class (one search, one build); the RP2040's Cortex-M0+ has no
-# QEMU board here (its image is built unchecked, and the reference client installs it); the
+# QEMU board here (its MCU image is built unchecked; its agent, on the host backend,
+# installs the build's host library, checked bit-exact); the
 # STM32F103's 20 kB of SRAM is too small for any subnet (its job fails with the numbers).
 SAMPLE_FLEETS = [
     {"name": "greenhouse", "description": "climate sensors with a camera, 3 sites"},
