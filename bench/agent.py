@@ -2,6 +2,8 @@
 CPU (idle, during a round), and how many simulated agents one machine holds.
 
 Run: .venv/bin/python -m bench.agent rounds|install|memory|scale|process|all [--agents 50,200]
+     .venv/bin/python -m bench.agent host-build   (a class build with and without its host
+     library: what the campaigns build job pays for host-backend devices)
 
 `process` measures real `tinyfleet-agent --simulate N` processes (what a device or a gateway
 runs): RSS and CPU idle, then during one personalization round sent over MQTT (the
@@ -298,17 +300,51 @@ def agent_process(images: Images, work: Path, counts: list[int], idle_s: float) 
         shutil.rmtree(root, ignore_errors=True)
 
 
+def host_build(work: Path, repeats: int = 3) -> None:
+    """A campaign class build (`build_unsigned`, as firmware.deploy.build_class calls it)
+    with and without its host library, interleaved, median of `repeats`."""
+    from firmware.pipeline import CompileOptions, build_unsigned
+    from firmware.targets import get_target
+    from tests.device_agent.images import SCHEME
+    from tests.firmware.training.fixture_model import quantized
+
+    q = quantized()
+    options = CompileOptions(onnx_check=False, test_vectors=2)
+    print("| MCU | QEMU check | build without host (s) | with host (s) | host adds | "
+          "host payload |")
+    print("|---|---|---|---|---|---|")
+    for mcu in ("rp2040", "stm32f746"):
+        times: dict[bool, list[float]] = {False: [], True: []}
+        payload = 0
+        for i in range(repeats):
+            for host in (False, True):
+                t0 = time.perf_counter()
+                built = build_unsigned(q.graph, get_target(mcu), work / f"{mcu}-{i}-{host}",
+                                       options=options, sparse_update=SCHEME.to_dict(),
+                                       host=host)
+                times[host].append(time.perf_counter() - t0)
+                if host:
+                    assert built.host_payload is not None, built.host_reason
+                    payload = len(built.host_payload)
+        off, on = statistics.median(times[False]), statistics.median(times[True])
+        print(f"| {mcu} | {'yes' if built.emulated else 'no'} | {off:.2f} | {on:.2f} | "
+              f"+{on - off:.2f} s ({on / off:.2f}x) | {payload / 1024:.1f} kB |")
+
+
 def main() -> None:
     """CLI."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("what", choices=["rounds", "install", "memory", "scale", "process",
-                                         "all"])
+                                         "all", "host-build"])
     parser.add_argument("--agents", default="1,50,200", help="agent counts (scale)")
     parser.add_argument("--idle-s", type=float, default=10.0)
     args = parser.parse_args()
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="tinyfleet-bench-agent-") as tmp:
         work = Path(tmp)
+        if args.what == "host-build":
+            host_build(work)
+            return
         t0 = time.perf_counter()
         images = build_images(work / "images")
         print(f"images built in {time.perf_counter() - t0:.1f} s")
