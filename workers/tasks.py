@@ -396,7 +396,8 @@ def _run_build(session: Session, row: ClassBuild, version: str, job: DeploymentJ
                         "manifest": built.manifest.to_json().decode(),
                         "emulated": built.emulated, "report": dict(built.report),
                         "host_target": None, "host_payload": None, "host_manifest": None,
-                        "host_reason": built.host_reason}
+                        "host_reason": (None if built.host_reason is None
+                                        else _short(built.host_reason))}
                 if built.host_manifest is not None and built.host_payload is not None:
                     data.update(host_target=built.host_manifest.target.name,
                                 host_payload=store.put(built.host_payload),
