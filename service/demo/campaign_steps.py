@@ -60,6 +60,7 @@ def model_step(ctx: DemoContext) -> None:
             _train(family)
     else:
         ctx.say(f"    using the family in {family}")
+    _keep_builds(ctx)
     analyses = cache_dir() / "demo" / "contributions"
     kept = ctx.plan.var_dir / "contributions"
     if analyses.is_dir():  # earlier demos' analyses, by family version
@@ -78,6 +79,28 @@ def model_step(ctx: DemoContext) -> None:
         for path in kept.glob("*.json"):
             shutil.copy2(path, analyses / path.name)
         ctx.say(f"    (its analysis is kept in {analyses} for the next demo)")
+
+
+def _keep_builds(ctx: DemoContext) -> None:
+    """Point the worker's plan/build file cache and the artifact store at the demo's cache
+    folder, so that a later demo reuses them: both are content-addressed (the family's
+    version is the hash of its weights, a plan's key holds the search settings, a build's
+    the plan, an artifact is named by its sha256), and signatures are made per fleet anyway."""
+    keep = cache_dir() / "demo" / "builds"
+    for path in (keep / "cache" / "campaigns").glob("*/*.json"):
+        try:  # a failure may have been the machine's (a QEMU run past its time): try again
+            drop = not json.loads(path.read_text()).get("ok", False)
+        except (OSError, ValueError):
+            drop = True
+        if drop:
+            path.unlink(missing_ok=True)
+    for name in ("cache/campaigns", "artifacts"):
+        held, link = keep / name, ctx.plan.var_dir / name
+        held.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not link.exists():
+            link.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            link.symlink_to(held, target_is_directory=True)
+    ctx.say(f"    plans, builds and artifacts are kept in {keep} for the next demo")
 
 
 def _train(family: Path) -> None:
