@@ -30,24 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from sqlalchemy import select
 
 from device_agent import protocol as p
 from device_agent.config import render_config
-from device_agent.device_loop import DeviceLoop
 from device_agent.durable import CRASH_ENV, RECORD_ENV
 from device_agent.mqtt_device import device_client
 from device_agent.profile import host_target_name
 from device_agent.slots import IMAGE, STATE, sha256_hex
 from firmware.image import parse_image, public_key_pem
-from service.app import create_app
-from service.auth import create_token
-from service.broker_sync import full_sync
-from service.models import ClassBuild, DeploymentJob, Device, Role, SignedArtifact
-from service.stack.procs import Started, stop_groups
+from service.models import ClassBuild, DeploymentJob, Device, SignedArtifact
+from service.stack.procs import Started
 from tests.servers import MosquittoServer, RedisServer, wait_for
-from tests.workers.test_campaigns import Rig, _worker_argv
+from tests.workers.test_campaigns import Rig, campaign_rig
 
 pytestmark = [pytest.mark.integration, pytest.mark.toolchain, pytest.mark.slow]
 
@@ -61,52 +56,11 @@ AGENT_STATES = ["offered", "accepted", "downloading", "installing", "installed"]
 @pytest.fixture(scope="module")
 def rig(mosquitto_server: MosquittoServer, redis_server: RedisServer,
         digits_family: Path) -> Iterator[Rig]:
-    """The campaign rig of tests/workers/test_campaigns.py on its own Redis database."""
-    with tempfile.TemporaryDirectory(prefix="tinyfleet-agent-campaigns-") as tmp:
-        var = Path(tmp) / "var"
-        files = mosquitto_server.files
-        settings: dict[str, Any] = {
-            "VAR_DIR": str(var), "DATABASE_URL": f"sqlite:///{var / 'tinyfleet.db'}",
-            "BROKER_DIR": str(files.broker_dir), "MOSQUITTO_PID_FILE": str(files.pid_file),
-            "MQTT_HOST": mosquitto_server.host, "MQTT_PORT": mosquitto_server.port,
-            "REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/9",
-            "SEARCH_POPULATION": 8, "SEARCH_GENERATIONS": 2, "LEASE_S": 3,
-            "STUCK_AFTER_S": 4, "RECONCILE_INTERVAL_S": 1}
-        app = create_app(settings)
-        full_sync(app.extensions["tinyfleet.engine"], mosquitto_server.target)
-        with app.app_context():
-            session = app.extensions["tinyfleet.sessionmaker"]()
-            _, secret = create_token(session, Role.ADMIN, name="agent-campaign-tests")
-            session.commit()
-            session.close()
-        api = app.test_client()
-        api.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TINYFLEET_")}
-        env.update({f"TINYFLEET_{k}": str(v) for k, v in settings.items()})
-        env["TINYFLEET_AUTO_MIGRATE"] = "0"
-        logs = Path(os.environ.get("CAMPAIGN_TEST_LOGS") or Path(tmp) / "logs")
-        # The rig's reference-client loop stays unused: the devices are agent processes.
-        unused = DeviceLoop(mosquitto_server.host, mosquitto_server.port)
-        rig = Rig(app, api, env, logs, mosquitto_server, unused)
-        response = api.post("/api/v1/fleets", json={"name": "agents"})
-        assert response.status_code == 201
-        rig.keys["agents"] = load_pem_public_key(
-            response.get_json()["signing_public_key"].encode())
-        rig.start("worker", _worker_argv("agent-campaigns"))
-        rig.start("beat", (sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
-                           "--loglevel", "INFO", "--schedule", str(var / "beat-schedule")))
-        rig.start("bridge", (sys.executable, "-m", "workers.bridge", "--sink",
-                             "workers.sink:database_sink"))
-        response = api.post("/api/v1/models", json={"name": "digits",
-                                                    "path": str(digits_family),
-                                                    "analyze": False})
-        assert response.status_code == 201, response.get_json()
-        rig.keys["model"] = response.get_json()["model"]["id"]
-        try:
-            yield rig
-        finally:
-            stop_groups(list(rig.procs.values()), 5.0)  # all at once: beat takes its time
-            app.extensions["tinyfleet.engine"].dispose()
+    """The campaign rig of tests/workers/test_campaigns.py on its own Redis database; the
+    devices are agent processes (its reference-client loop stays unused)."""
+    with campaign_rig(mosquitto_server, redis_server, digits_family, "agent-campaigns", 9,
+                      ("agents",), None) as rig:
+        yield rig
 
 
 class Agents:

@@ -9,13 +9,14 @@ model version, the same database) and build only the classes they need fresh.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,7 +45,7 @@ from service.models import (
     Role,
     SignedArtifact,
 )
-from service.stack.procs import ProcessSpec, Started, spawn, stop_group
+from service.stack.procs import ProcessSpec, Started, spawn, stop_group, stop_groups
 from tests.servers import MosquittoServer, RedisServer, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.toolchain, pytest.mark.slow]
@@ -150,24 +151,29 @@ class Rig:
             return list(s.scalars(query).all())
 
 
-@pytest.fixture(scope="module")
-def rig(mosquitto_server: MosquittoServer, redis_server: RedisServer,
-        digits_family: Path) -> Iterator[Rig]:
-    with tempfile.TemporaryDirectory(prefix="tinyfleet-campaigns-") as tmp:
+@contextlib.contextmanager
+def campaign_rig(mosquitto_server: MosquittoServer, redis_server: RedisServer, family: Path,
+                 name: str, redis_db: int, fleets: Sequence[str],
+                 loop: DeviceLoop | None) -> Iterator[Rig]:
+    """The real parts of a campaign around the app in process: the Celery worker, beat and
+    the MQTT bridge with the database sink as processes, on Redis database `redis_db`;
+    `fleets` created and `family` registered. `loop` (reference clients) is started with
+    them, None when the devices are processes of their own (agents)."""
+    with tempfile.TemporaryDirectory(prefix=f"tinyfleet-{name}-") as tmp:
         var = Path(tmp) / "var"
         files = mosquitto_server.files
         settings: dict[str, Any] = {
             "VAR_DIR": str(var), "DATABASE_URL": f"sqlite:///{var / 'tinyfleet.db'}",
             "BROKER_DIR": str(files.broker_dir), "MOSQUITTO_PID_FILE": str(files.pid_file),
             "MQTT_HOST": mosquitto_server.host, "MQTT_PORT": mosquitto_server.port,
-            "REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/4",
+            "REDIS_URL": redis_server.url.rsplit("/", 1)[0] + f"/{redis_db}",
             "SEARCH_POPULATION": 8, "SEARCH_GENERATIONS": 2, "LEASE_S": 3,
             "STUCK_AFTER_S": 4, "RECONCILE_INTERVAL_S": 1}
         app = create_app(settings)
         full_sync(app.extensions["tinyfleet.engine"], mosquitto_server.target)
         with app.app_context():
             session = app.extensions["tinyfleet.sessionmaker"]()
-            _, secret = create_token(session, Role.ADMIN, name="campaign-tests")
+            _, secret = create_token(session, Role.ADMIN, name=f"{name}-tests")
             session.commit()
             session.close()
         api = app.test_client()
@@ -175,32 +181,42 @@ def rig(mosquitto_server: MosquittoServer, redis_server: RedisServer,
         env = {k: v for k, v in os.environ.items() if not k.startswith("TINYFLEET_")}
         env.update({f"TINYFLEET_{k}": str(v) for k, v in settings.items()})
         env["TINYFLEET_AUTO_MIGRATE"] = "0"
-        loop = DeviceLoop(mosquitto_server.host, mosquitto_server.port, reconnect_s=0.2)
         logs = Path(os.environ.get("CAMPAIGN_TEST_LOGS") or Path(tmp) / "logs")
-        rig = Rig(app, api, env, logs, mosquitto_server, loop)
-        for fleet in ("north", "south"):
-            response = api.post("/api/v1/fleets", json={"name": fleet})
-            assert response.status_code == 201
-            rig.keys[fleet] = load_pem_public_key(
-                response.get_json()["signing_public_key"].encode())
-        rig.start("worker", _worker_argv("campaigns"))
-        rig.start("beat", (sys.executable, "-m", "celery", "-A", "workers.celery_app", "beat",
-                           "--loglevel", "INFO", "--schedule", str(var / "beat-schedule")))
-        rig.start("bridge", (sys.executable, "-m", "workers.bridge", "--sink",
-                             "workers.sink:database_sink"))
-        loop.start()
-        response = api.post("/api/v1/models", json={"name": "digits",
-                                                    "path": str(digits_family),
-                                                    "analyze": False})
-        assert response.status_code == 201, response.get_json()
-        rig.keys["model"] = response.get_json()["model"]["id"]
+        rig = Rig(app, api, env, logs, mosquitto_server,
+                  loop or DeviceLoop(mosquitto_server.host, mosquitto_server.port))
         try:
+            for fleet in fleets:
+                response = api.post("/api/v1/fleets", json={"name": fleet})
+                assert response.status_code == 201
+                rig.keys[fleet] = load_pem_public_key(
+                    response.get_json()["signing_public_key"].encode())
+            rig.start("worker", _worker_argv(name))
+            rig.start("beat", (sys.executable, "-m", "celery", "-A", "workers.celery_app",
+                               "beat", "--loglevel", "INFO", "--schedule",
+                               str(var / "beat-schedule")))
+            rig.start("bridge", (sys.executable, "-m", "workers.bridge", "--sink",
+                                 "workers.sink:database_sink"))
+            if loop is not None:
+                loop.start()
+            response = api.post("/api/v1/models", json={"name": "digits", "path": str(family),
+                                                        "analyze": False})
+            assert response.status_code == 201, response.get_json()
+            rig.keys["model"] = response.get_json()["model"]["id"]
             yield rig
         finally:
-            loop.stop()
-            for proc in list(rig.procs.values()):
-                stop_group(proc, 5.0)
+            if loop is not None:
+                loop.stop()
+            stop_groups(list(rig.procs.values()), 5.0)  # all at once: beat takes its time
             app.extensions["tinyfleet.engine"].dispose()
+
+
+@pytest.fixture(scope="module")
+def rig(mosquitto_server: MosquittoServer, redis_server: RedisServer,
+        digits_family: Path) -> Iterator[Rig]:
+    loop = DeviceLoop(mosquitto_server.host, mosquitto_server.port, reconnect_s=0.2)
+    with campaign_rig(mosquitto_server, redis_server, digits_family, "campaigns", 4,
+                      ("north", "south"), loop) as rig:
+        yield rig
 
 
 def test_a_campaign_over_three_classes_in_two_fleets_completes_with_one_build_per_class(
