@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from types import FrameType
 
 import click
 
@@ -22,6 +24,11 @@ from service.stack import StackError
 def demo(var_dir: Path, once: bool, family: Path | None) -> None:
     """The whole system: a stack, a fleet of simulated devices, a campaign through the
     queue and the MQTT bridge, a personalization round, a summary, the dashboard."""
+    # Ctrl-C and SIGTERM stop the devices and the stack: also when our parent started us
+    # with SIGINT ignored (a shell's `cmd &`), and when a supervisor or CI sends SIGTERM
+    # (its default action would leave the stack's processes running).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         run_demo(var_dir, STEPS, {"once": once,
                                   "family": family.resolve() if family else None})
@@ -29,3 +36,7 @@ def demo(var_dir: Path, once: bool, family: Path | None) -> None:
         raise click.ClickException(f"demo failed: {exc}") from exc
     except KeyboardInterrupt:
         raise click.ClickException("demo interrupted; the stack is stopped") from None
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt

@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from service.demo.steps import SAMPLE_DEVICES
-from tests.servers import run_cli
+from tests.servers import run_cli, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.toolchain, pytest.mark.slow]
 
@@ -75,5 +78,34 @@ def test_demo_runs_a_campaign_through_the_queue_to_simulated_devices(
         assert out.count(" stopped\n") == 7  # the devices, then redis, mqtt, web, worker...
         assert not (root / "demo" / "stack.json").exists()
         print(f"demo --once: {seconds:.1f} s")
+        _stops_on_sigterm(root, env, digits_family)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _stops_on_sigterm(root: Path, env: dict[str, str], family: Path) -> None:
+    """Without --once the demo keeps its stack for the dashboard; started with SIGINT ignored
+    (as `make demo &` is), SIGTERM stops the devices and the stack (its default action left
+    them running). Plans and builds come from the demo cache."""
+    script = Path(sys.executable).with_name("tinyfleet")
+    log = root / "demo-kept.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(script), "demo", "--var", str(root / "kept"), "--family", str(family)],
+            env=env, stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            assert wait_for(lambda: "press Ctrl-C to stop it" in log.read_text()
+                            or proc.poll() is not None, DEMO_TIMEOUT_S), log.read_text()
+            assert proc.poll() is None, log.read_text()[-6000:]
+            assert "(file cache)" in (root / "kept" / "log" / "worker.log").read_text()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0  # the way out of the last step, like Ctrl-C
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert "demo finished in" in text
+    assert "agents   stopped" in text and text.count(" stopped\n") == 7, text[-3000:]
+    assert not (root / "kept" / "stack.json").exists()
