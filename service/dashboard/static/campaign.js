@@ -10,22 +10,7 @@
   const live = document.getElementById("live-status");
   const deviceUrl = root.dataset.deviceUrl;
 
-  function row(values, numeric) {
-    const tr = document.createElement("tr");
-    values.forEach(function (value, i) {
-      const td = document.createElement("td");
-      if (value instanceof Node) {
-        td.appendChild(value);
-      } else {
-        td.textContent = value === null || value === undefined ? "" : value;
-      }
-      if (numeric && numeric.indexOf(i) >= 0) {
-        td.className = "num";
-      }
-      tr.appendChild(td);
-    });
-    return tr;
-  }
+  const row = window.tinyfleetRow;
 
   function counts(doc) {
     return Object.keys(doc).map(function (state) { return state + " " + doc[state]; }).join(", ");

@@ -105,22 +105,7 @@
 
   function tableRows(id, rows, empty, columns) {
     const body = document.getElementById(id).tBodies[0];
-    const trs = rows.map(function (values) {
-      const tr = document.createElement("tr");
-      values.forEach(function (value, i) {
-        const td = document.createElement("td");
-        if (value instanceof Node) {
-          td.appendChild(value);
-        } else {
-          td.textContent = value === null || value === undefined ? "" : value;
-        }
-        if (columns.indexOf(i) >= 0) {
-          td.className = "num";
-        }
-        tr.appendChild(td);
-      });
-      return tr;
-    });
+    const trs = rows.map(function (values) { return window.tinyfleetRow(values, columns); });
     if (trs.length === 0) {
       const tr = document.createElement("tr");
       const td = document.createElement("td");

@@ -53,3 +53,22 @@ window.tinyfleetPoll = function (url, ms, onData, onStatus) {
   });
   schedule();
 };
+
+// A table row of `values` (text, or a Node put in as it is); the cells whose index is in
+// `numeric` get class "num" (right-aligned figures).
+window.tinyfleetRow = function (values, numeric) {
+  const tr = document.createElement("tr");
+  values.forEach(function (value, i) {
+    const td = document.createElement("td");
+    if (value instanceof Node) {
+      td.appendChild(value);
+    } else {
+      td.textContent = value === null || value === undefined ? "" : value;
+    }
+    if (numeric && numeric.indexOf(i) >= 0) {
+      td.className = "num";
+    }
+    tr.appendChild(td);
+  });
+  return tr;
+};
