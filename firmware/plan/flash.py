@@ -26,7 +26,7 @@ within 2 % of it. Images with a weights overlay (personalization) add the code t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -240,13 +240,20 @@ def _entry(graph: Graph, layer: Layer, fused_add: bool, offsets: Mapping[str, in
             OpKind.GLOBAL_AVG_POOL: "tf_global_avg_pool_s8"}[layer.op]
 
 
-def _calls(graph: Graph, offsets: Mapping[str, int]) -> tuple[list[str], int]:
-    """(entry per call, descriptor bytes) of whole-tensor layers at `offsets`."""
+def _calls(graph: Graph, offsets: Mapping[str, int], copies: int = 1,
+           views: Collection[str] = ()) -> tuple[list[str], int]:
+    """(entry per call, descriptor bytes) of `graph`'s layers at `offsets`; the windows and
+    views of a patch stage's body are declared `copies` times (once per patch), and its
+    `views` read a piece of the stage's input (tf_patch_load_s8)."""
     fused = _fused(graph, offsets)
     fused_adds = set(fused.values())
     entries = []
-    descriptors = DIMS_BYTES * len(graph.tensors)
+    descriptors = 0
     for layer in graph.layers:
+        if layer.name in views:
+            entries.append("tf_patch_load_s8")
+            descriptors += copies * ORIGIN_BYTES
+            continue
         if _weighted(layer):
             descriptors += CONV_QUANT_BYTES
         if layer.op is OpKind.ADD:
@@ -254,7 +261,7 @@ def _calls(graph: Graph, offsets: Mapping[str, int]) -> tuple[list[str], int]:
         if layer.name in fused_adds:
             continue
         if _windowed(graph, layer) or is_depthwise(graph, layer):
-            descriptors += WINDOW_BYTES
+            descriptors += copies * WINDOW_BYTES
         entry = _entry(graph, layer, layer.name in fused, offsets)
         if entry:
             entries.append(entry)
@@ -273,6 +280,7 @@ def code_use(graph: Graph, plan: PatchPlan | None = None,
     split = None if plan is None else plan.schedule.split_after
     if split is None:
         calls, descriptors = _calls(graph, plan_arena(graph, mm).offsets)
+        descriptors += DIMS_BYTES * len(graph.tensors)
         stage_calls: list[str] = []
     else:
         assert plan is not None
@@ -281,28 +289,11 @@ def code_use(graph: Graph, plan: PatchPlan | None = None,
         rest = rest_graph(graph, split)
         stage_offsets, rest_offsets, _ = arena_layout(stage, rest, mm)
         calls, descriptors = _calls(rest, rest_offsets)
-        body = stage.graph
-        fused = _fused(body, stage_offsets)
-        fused_adds = set(fused.values())
-        stage_calls = ["tf_patch_store_s8"]
-        descriptors += (patches * DIMS_BYTES * len(stage.regions)
+        body_calls, body_descriptors = _calls(stage.graph, stage_offsets, patches, stage.views)
+        stage_calls = ["tf_patch_store_s8", *body_calls]
+        descriptors += (DIMS_BYTES * len(rest.tensors) + body_descriptors
+                        + patches * DIMS_BYTES * len(stage.regions)
                         + patches * (INPUT_REGION_BYTES + ORIGIN_BYTES))
-        for layer in body.layers:
-            if layer.name in stage.views:
-                stage_calls.append("tf_patch_load_s8")
-                descriptors += patches * ORIGIN_BYTES
-                continue
-            if _weighted(layer):
-                descriptors += CONV_QUANT_BYTES
-            if layer.op is OpKind.ADD:
-                descriptors += ADD_QUANT_BYTES
-            if layer.name in fused_adds:
-                continue
-            if _windowed(body, layer) or is_depthwise(body, layer):
-                descriptors += patches * WINDOW_BYTES
-            entry = _entry(body, layer, layer.name in fused, stage_offsets)
-            if entry:
-                stage_calls.append(entry)
     everything = [*calls, *stage_calls]
     features = {"const": 1, "calls": len(everything),
                 "call_args": sum(_args(e) for e in everything),
