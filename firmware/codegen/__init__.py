@@ -18,6 +18,7 @@ line. The C is rendered by a table from op kind to emitter (`firmware.codegen.em
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,13 @@ from firmware.codegen.main_c import main_c
 from firmware.codegen.overlay import OverlayLayout, overlay_c, overlay_layout
 from firmware.codegen.render import Body, hwc, layer_based, layer_prefix, tensor_idents
 from firmware.int8.quantize import QuantizedGraph
+from firmware.ir import Graph
 from firmware.plan.memory import MemoryModel
 from firmware.plan.patch import PatchPlan
 
-__all__ = ["GeneratedModel", "render_model", "write_model"]
+__all__ = ["PROFILE_FILE", "GeneratedModel", "render_model", "write_model"]
+
+PROFILE_FILE = "profile.bin"
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,14 @@ class GeneratedModel:
 
 def render_model(qgraph: QuantizedGraph, plan: PatchPlan | None = None,
                  memory_model: MemoryModel = MemoryModel.INPLACE,
-                 overlay_layers: Sequence[str] = ()) -> GeneratedModel:
+                 overlay_layers: Sequence[str] = (), profile: bool = False) -> GeneratedModel:
     """The C sources of a quantized graph under a schedule (see the module docstring).
 
     `overlay_layers` (the sparse-update scheme's trainable layers) read their parameters
     through pointers that `tf_model_use_overlay` may redirect (firmware.codegen.overlay).
+    `profile` adds a SysTick reading at every layer boundary; main.c then writes
+    profile.bin (`PROFILE_FILE`: u64 ticks per layer index, summed over the run's images and
+    patches; time before the first layer, such as reading the input, counts as index 0).
     """
     overlay = overlay_layout(qgraph, overlay_layers) if overlay_layers else None
     patches = 1 if plan is None or plan.schedule.split_after is None else plan.schedule.patches
@@ -64,9 +71,9 @@ def render_model(qgraph: QuantizedGraph, plan: PatchPlan | None = None,
         body = patch_based(qgraph, plan, memory_model)
     else:
         body = layer_based(qgraph, memory_model)
-    files = {"model.h": _header(qgraph, body, overlay),
-             "model.c": _source(qgraph, body, patches, memory_model, overlay),
-             "main.c": main_c(overlay is not None)}
+    files = {"model.h": _header(qgraph, body, overlay, profile),
+             "model.c": _source(qgraph, body, patches, memory_model, overlay, profile),
+             "main.c": main_c(overlay is not None, profile)}
     return GeneratedModel(files=MappingProxyType(files), arena_bytes=body.arena_bytes,
                           scratch_bytes=body.scratch_bytes, patches=patches,
                           buffers=MappingProxyType(dict(body.buffers)), overlay=overlay)
@@ -74,9 +81,9 @@ def render_model(qgraph: QuantizedGraph, plan: PatchPlan | None = None,
 
 def write_model(qgraph: QuantizedGraph, plan: PatchPlan | None, out_dir: Path,
                 memory_model: MemoryModel = MemoryModel.INPLACE,
-                overlay_layers: Sequence[str] = ()) -> GeneratedModel:
+                overlay_layers: Sequence[str] = (), profile: bool = False) -> GeneratedModel:
     """Render and write model.c, model.h and main.c into `out_dir` (created if needed)."""
-    model = render_model(qgraph, plan, memory_model, overlay_layers)
+    model = render_model(qgraph, plan, memory_model, overlay_layers, profile)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in model.files.items():
         (out_dir / name).write_text(text)
@@ -98,7 +105,16 @@ tf_status tf_model_use_overlay(const uint8_t *overlay, uint32_t nbytes);
 """
 
 
-def _header(qgraph: QuantizedGraph, body: Body, overlay: OverlayLayout | None = None) -> str:
+def _profile_header(graph: Graph) -> str:
+    return f"""
+/* Per-layer profile: SysTick ticks by layer index (render_model(profile=True)). */
+#define TF_PROF_LAYERS {len(graph.layers)}
+extern uint64_t tf_prof_ticks[TF_PROF_LAYERS];
+"""
+
+
+def _header(qgraph: QuantizedGraph, body: Body, overlay: OverlayLayout | None = None,
+            profile: bool = False) -> str:
     graph = qgraph.graph
     ih, iw, ic = hwc(graph, graph.input)
     oh, ow, oc = hwc(graph, graph.output)
@@ -129,7 +145,7 @@ extern int16_t tf_scratch[(TF_MODEL_SCRATCH_BYTES + 1u) / 2u];
 
 /* Runs one inference: reads the input through read_input, writes TF_MODEL_OUTPUT_BYTES. */
 tf_status tf_model_run(tf_input_fn read_input, void *ctx, int8_t *output);
-{_overlay_header(overlay)}
+{_overlay_header(overlay)}{_profile_header(graph) if profile else ""}
 #endif /* TF_MODEL_H */
 """
 
@@ -144,8 +160,43 @@ def _output_copy(qgraph: QuantizedGraph, out_ident: str) -> list[str]:
             "    }", "}"]
 
 
+_LAYER_COMMENT = re.compile(r"^(\s*)/\* l(\d+): ")
+
+_PROFILE_C = """/* Per-layer profile (render_model(profile=True)): SysTick ticks since the previous
+ * layer boundary, added to the layer that just ran. */
+uint64_t tf_prof_ticks[TF_PROF_LAYERS];
+static uint64_t tf_prof_last;
+static uint32_t tf_prof_layer;
+#define TF_PROF(i)                                         \\
+    do {                                                   \\
+        const uint64_t now_ = tf_clock_ticks();            \\
+        tf_prof_ticks[tf_prof_layer] += now_ - tf_prof_last; \\
+        tf_prof_last = now_;                               \\
+        tf_prof_layer = (i);                               \\
+    } while (0)
+
+"""
+
+
+def _profiled(run: list[str]) -> list[str]:
+    """`run` with TF_PROF(k) before each layer's comment and before the return."""
+    out = ["tf_prof_last = tf_clock_ticks();", "tf_prof_layer = 0;"]
+    for stmt in run:
+        lines = []
+        for line in stmt.splitlines():
+            m = _LAYER_COMMENT.match(line)
+            if m:
+                lines.append(f"{m.group(1)}TF_PROF({m.group(2)});")
+            elif line.strip() == "return TF_OK;":
+                lines.append("TF_PROF(0);")
+            lines.append(line)
+        out.append("\n".join(lines))
+    return out
+
+
 def _source(qgraph: QuantizedGraph, body: Body, patches: int,
-            memory_model: MemoryModel, overlay: OverlayLayout | None = None) -> str:
+            memory_model: MemoryModel, overlay: OverlayLayout | None = None,
+            profile: bool = False) -> str:
     graph = qgraph.graph
     overlaid = set(overlay.layers) if overlay else set()
     params = [emit_params(graph, layer_prefix(i), ql, kind_of(graph, ql.layer),
@@ -154,6 +205,8 @@ def _source(qgraph: QuantizedGraph, body: Body, patches: int,
     out_ident = tensor_idents(qgraph)[graph.output]
     run = [*body.read_input, *body.statements, *_output_copy(qgraph, out_ident),
            "return TF_OK;"]
+    if profile:
+        run = _profiled(run)
     schedule = "layer-based" if patches == 1 else f"{patches}x{patches} patches"
     return "".join([
         f"/* Generated by firmware.codegen from {c_comment(graph.name)}: {schedule}, "
@@ -180,6 +233,7 @@ def _source(qgraph: QuantizedGraph, body: Body, patches: int,
         " * be measured. */\n",
         "int8_t tf_arena[TF_MODEL_ARENA_BYTES] TF_NOINIT;\n",
         "int16_t tf_scratch[(TF_MODEL_SCRATCH_BYTES + 1u) / 2u] TF_NOINIT;\n\n",
+        _PROFILE_C if profile else "",
         "/* ---- parameters (Flash) ---- */\n", *params,
         "\n/* ---- activations (arena) ---- */\n", *body.decls,
         "\ntf_status tf_model_run(tf_input_fn read_input, void *ctx, int8_t *output)\n{\n",

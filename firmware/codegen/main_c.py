@@ -84,7 +84,7 @@ int main(void)
     if (tf_io_append("output.bin", trailer, sizeof trailer) != 0) {
         return 4;
     }
-    return status == 0 ? 0 : 20 + status;
+/*PROFILE*/    return status == 0 ? 0 : 20 + status;
 }
 """
 
@@ -97,6 +97,14 @@ _OVERLAY_BOOT = """#if defined(TF_OVERLAY_ADDR)
 """
 
 
-def main_c(overlay: bool = False) -> str:
-    """main.c; with `overlay` it applies the weights overlay found in Flash before running."""
-    return MAIN_C.replace("/*OVERLAY*/", _OVERLAY_BOOT if overlay else "")
+_PROFILE_DUMP = """    if (tf_io_write("profile.bin", tf_prof_ticks, sizeof tf_prof_ticks) != 0) {
+        return 4;
+    }
+"""
+
+
+def main_c(overlay: bool = False, profile: bool = False) -> str:
+    """main.c; with `overlay` it applies the weights overlay found in Flash before running;
+    with `profile` it writes the per-layer ticks (firmware.codegen.PROFILE_FILE) at the end."""
+    return (MAIN_C.replace("/*OVERLAY*/", _OVERLAY_BOOT if overlay else "")
+            .replace("/*PROFILE*/", _PROFILE_DUMP if profile else ""))

@@ -17,15 +17,16 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from firmware.codegen import render_model, write_model
+from firmware.codegen import PROFILE_FILE, render_model, write_model
 from firmware.errors import UnsupportedOpError
 from firmware.int8.quantize import QuantizedGraph
 from firmware.int8.reference import run_quantized
+from firmware.ir import OpKind
 from firmware.plan.memory import MemoryModel
 from firmware.plan.patch import PatchPlan, plan_patches
 from firmware.targets import get_target
 from firmware.toolchain.build import LinkOverflowError, build_firmware, build_host_program
-from firmware.toolchain.emulator import decode_outputs, encode_inputs, run_firmware
+from firmware.toolchain.emulator import decode_outputs, encode_inputs, run_firmware, run_qemu
 from tests.firmware.small_models import tiny_inputs, tiny_quantized
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -222,3 +223,28 @@ def test_a_jointly_planned_patch_arena_runs_bit_exact(tmp_path: Path) -> None:
     run = run_firmware(build.elf_path, target, _hwc(x))
     assert np.array_equal(run.outputs, run_quantized(qg, x).reshape(2, -1))
     assert run.arena_used_bytes <= model.arena_bytes
+
+
+@pytest.mark.toolchain
+def test_a_profiled_model_is_bit_exact_and_its_layers_add_up_to_the_run(
+        tmp_path: Path, qgraph: QuantizedGraph, inputs: np.ndarray,
+        expected: np.ndarray) -> None:
+    """render_model(profile=True): SysTick ticks per layer in profile.bin (bench.layer_profile)."""
+    plain = render_model(qgraph, _plan(qgraph, "tiny_patch")).files
+    write_model(qgraph, _plan(qgraph, "tiny_patch"), tmp_path / "src", profile=True)
+    assert "TF_PROF" not in plain["model.c"] + plain["main.c"]
+    target = get_target("stm32f746")
+    build = build_firmware(tmp_path / "src", target, out_dir=tmp_path / "build")
+    run = run_qemu(build.elf_path, target, {"input.bin": encode_inputs(_hwc(inputs[:2]))},
+                   ("output.bin", PROFILE_FILE))
+    assert run.exit_code == 0, run.console
+    got, trailer = decode_outputs(run.files["output.bin"], 2)
+    assert np.array_equal(got, expected[:2])
+    ticks = np.frombuffer(run.files[PROFILE_FILE], dtype="<u8")
+    layers = qgraph.graph.layers
+    assert len(ticks) == len(layers)
+    total = trailer[1]  # the ticks of every tf_model_run call
+    assert 0.97 * total <= ticks.sum() <= total
+    for i, layer in enumerate(layers):
+        if layer.op is OpKind.CONV:
+            assert ticks[i] > 0, layer.name
