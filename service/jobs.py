@@ -205,7 +205,12 @@ def fail(session: Session, job: DeploymentJob, reason: str, source: str, enqueue
 
 def reenqueue(session: Session, jobs: Iterable[DeploymentJob], source: str,
               enqueue: Enqueue) -> int:
-    """Send again the task each job waits for; its state_changed_at restarts the clock."""
+    """Send again the task each job waits for; its state_changed_at restarts the clock.
+
+    `jobs` were read earlier: a job a worker has moved on since (another state, or the same
+    state entered again later) is left alone, by a compare-and-set on (state,
+    state_changed_at), so that no stale re-enqueue is recorded or sent.
+    """
     count = 0
     sends: list[tuple[str, int]] = []
     now = utcnow()
@@ -213,12 +218,23 @@ def reenqueue(session: Session, jobs: Iterable[DeploymentJob], source: str,
         task = TASK_FOR_STATE.get(job.state)
         if task is None:
             continue
+        claimed = session.execute(
+            update(DeploymentJob)
+            .where(DeploymentJob.id == job.id, DeploymentJob.state == job.state,
+                   DeploymentJob.state_changed_at <= job.state_changed_at)
+            .values(state_changed_at=now)
+            .execution_options(synchronize_session=False)).rowcount  # type: ignore[attr-defined]
+        if claimed != 1:
+            log.info("job %s: not re-enqueued, it left %s since it was read", job.id,
+                     job.state.value)
+            continue
         session.add(JobEvent(job_id=job.id, state=job.state.value, source=source, at=now,
                              reason=f"re-enqueued {task}"))
-        job.state_changed_at = now
         sends.append((task, job.id))
         count += 1
     session.commit()
+    for job in jobs:
+        session.expire(job, ["state", "state_changed_at"])  # changed underneath
     for task, job_id in sends:
         enqueue(task, [job_id])
     return count
