@@ -449,6 +449,7 @@ OFFLINE = b"offline"
 # does not say) or "host-<machine>" (the host backend: shared-library images, manifest
 # target host-x86_64 etc.).
 BACKEND_PATTERN = r"^(qemu|host-[a-z0-9_]{1,32})$"
+DEFAULT_BACKEND = "qemu"
 
 
 class Presence(_Message):

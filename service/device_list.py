@@ -51,7 +51,7 @@ _TAGS = (select(func.aggregate_strings(DeviceTag.tag, " "))
 ROW_COLUMNS = (Device.id, Device.name, Device.fleet_id, Device.mcu, Device.cpu,
                Device.sram_bytes, Device.flash_bytes, Device.slot_bytes, Device.ota_layout,
                Device.state, Device.created_at, _TAGS, Device.installed_model_version,
-               Device.online, Device.last_seen_at)
+               Device.online, Device.last_seen_at, Device.backend)
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs more than the query per row
@@ -74,6 +74,7 @@ class DeviceRow:
     installed_model_version: str | None = None
     online: bool = False
     last_seen_at: datetime | None = None
+    backend: str | None = None  # None: it did not say (qemu)
 
     @property
     def mqtt_username(self) -> str:
@@ -279,5 +280,5 @@ def device_rows(session: Session, page: list[Any]) -> list[DeviceRow]:
     # Tags contain no spaces (schemas.TAG_RE): joined with one, split back here.
     return [DeviceRow(row[0], row[1], names[row[2]], row[3], row[4], row[5], row[6], row[7],
                       row[8], row[9], row[10], sorted(row[11].split(" ")) if row[11] else [],
-                      row[12], bool(row[13]), row[14])
+                      row[12], bool(row[13]), row[14], row[15])
             for row in page]

@@ -319,6 +319,17 @@ class FleetList(BaseModel):
     items: list[FleetOut] = Field(description="fleets, by name")
 
 
+class DeviceReported(BaseModel):
+    """What a device's agent reported (OTA events, MQTT presence through the bridge)."""
+
+    installed_model_version: str | None = Field(
+        description="model version of the image it runs (None: none installed by tinyfleet)")
+    online: bool = Field(description="its retained MQTT presence says online")
+    last_seen_at: str | None = Field(description="ISO 8601 UTC of its last presence change")
+    backend: str = Field(description="what its agent runs: 'qemu' (images for its MCU) or "
+                                     "'host-<arch>' (the host backend's library images)")
+
+
 class DeviceOut(BaseModel):
     """A registered device."""
 
@@ -335,6 +346,7 @@ class DeviceOut(BaseModel):
     state: DeviceState = Field(description="registry state")
     mqtt_username: str = Field(description="MQTT username (= id)")
     created_at: str = Field(description="ISO 8601 UTC")
+    reported: DeviceReported = Field(description="what the device reported")
 
 
 class MqttCredentials(BaseModel):

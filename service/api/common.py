@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from flask import current_app, request
 from pydantic import BaseModel
 
+from device_agent.protocol import DEFAULT_BACKEND
 from firmware.targets import OtaLayout, TargetSpec
 from service.device_list import DeviceRow
 from service.limits import read_body
@@ -79,6 +80,9 @@ def device_json(device: Device | DeviceRow) -> dict[str, Any]:
         "slot_bytes": device.slot_bytes, "ota_layout": device.ota_layout, "tags": device.tags,
         "state": device.state.value, "mqtt_username": device.mqtt_username,
         "created_at": iso(device.created_at),
+        "reported": {"installed_model_version": device.installed_model_version,
+                     "online": bool(device.online), "last_seen_at": iso(device.last_seen_at),
+                     "backend": device.backend or DEFAULT_BACKEND},
     }
 
 

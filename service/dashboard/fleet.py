@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from device_agent.protocol import DEFAULT_BACKEND
 from firmware.targets import KIB
 from service.device_list import (
     ROW_COLUMNS,
@@ -91,6 +92,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("state", "State", lambda d: d.state.value),
     Column("model", "Installed model", lambda d: d.installed_model_version or "none"),
     Column("presence", "Presence", lambda d: presence(d.online, d.last_seen_at)),
+    Column("backend", "Backend", lambda d: d.backend or DEFAULT_BACKEND),
     Column("tags", "Tags", lambda d: " ".join(d.tags)),
 )
 

@@ -22,6 +22,7 @@ from flask import (
 )
 from werkzeug.wrappers import Response as BaseResponse
 
+from device_agent.protocol import DEFAULT_BACKEND
 from firmware.frontend.builtin import BUILTIN_NETWORKS
 from firmware.targets import CATALOG, Cpu
 from service.api.common import device_json
@@ -70,10 +71,12 @@ def json_response(doc: Any) -> BaseResponse:
 
 
 def device_status(device: Device) -> dict[str, str]:
-    """What the device reported: its installed model, last update state, presence."""
+    """What the device reported: its installed model, last update state, presence, the
+    images its agent's backend runs."""
     return {"installed_model_version": device.installed_model_version or "none",
             "update_state": device.update_state or "none",
-            "presence": presence(device.online, device.last_seen_at)}
+            "presence": presence(device.online, device.last_seen_at),
+            "backend": device.backend or DEFAULT_BACKEND}
 
 
 @bp.get("/")

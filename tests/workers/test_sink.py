@@ -136,3 +136,25 @@ def test_the_bridge_hands_queued_events_over_as_one_run_and_acks_only_what_the_s
     assert acked == [1, 2, 3, 4, 5, 6]
     assert isinstance(bridge.failure, RuntimeError)
     bridge.blocks.close()
+
+
+def test_presence_and_backend_show_in_the_api_and_the_device_list(
+        mosquitto_server: MosquittoServer, tmp_path: Path) -> None:
+    fleet = OtaFleet(mosquitto_server, tmp_path)
+    host, mcu = (identity.device_id for identity in fleet.register(2, "stm32f746", "seen"))
+    before = fleet.api.get(f"/api/v1/devices/{host}").get_json()
+    assert before["reported"] == {"installed_model_version": None, "online": False,
+                                  "last_seen_at": None, "backend": "qemu"}
+    sink = DatabaseSink({**fleet.config, "REDIS_URL": "redis://127.0.0.1:1/0"})
+    sink.on_presence(host, True, "host-x86_64")  # a host-backend agent's JSON presence
+    sink.on_presence(mcu, True)  # plain b"online": its MCU image (qemu)
+    got = fleet.api.get(f"/api/v1/devices/{host}").get_json()["reported"]
+    assert got["online"] is True and got["backend"] == "host-x86_64"
+    assert got["last_seen_at"] is not None and got["last_seen_at"].endswith("Z")
+    listed = {d["id"]: d["reported"] for d in fleet.api.get(
+        "/api/v1/devices?fleet=lab").get_json()["items"]}
+    assert listed[host]["backend"] == "host-x86_64" and listed[mcu]["backend"] == "qemu"
+    assert listed[mcu]["online"] is True
+    sink.on_presence(host, False)  # its last will: offline, the backend it named is kept
+    got = fleet.api.get(f"/api/v1/devices/{host}").get_json()["reported"]
+    assert got["online"] is False and got["backend"] == "host-x86_64"
