@@ -147,5 +147,14 @@ tf_status tf_fully_connected_s8(int32_t in_features, const int8_t *input, int32_
                                 const tf_conv_quant *q, int8_t *output, int16_t *buffer)
 {
     const tf_dims in = {1, 1, in_features};
+#if TF_USE_DSP
+    if (input != NULL && weights != NULL && bias != NULL && output != NULL && buffer != NULL &&
+        out_features > 0 && out_features <= 65535 && tf_check_dims(&in) == TF_OK &&
+        tf_check_conv_quant(q, out_features) == TF_OK &&
+        tf_fully_connected_fast(in_features, input, out_features, weights, bias, q, output,
+                                buffer)) {
+        return TF_OK;
+    }
+#endif
     return tf_conv1x1(&in, input, out_features, weights, bias, q, NULL, output, buffer);
 }

@@ -134,4 +134,12 @@ void tf_matmul_columns(int32_t pixels, int32_t k, int32_t out_c, const int8_t *w
                        const int32_t *bias, const tf_conv_quant *q, const tf_add_quant *add,
                        int8_t *output, int16_t *buffer, tf_fill_fn fill, const void *ctx);
 
+#if TF_USE_DSP
+/* tf_fully_connected_s8's DSP path (tf_fc_fast.c), arguments already checked: 1 when it ran,
+ * 0 when it does not apply (the caller runs the generic kernel). */
+int tf_fully_connected_fast(int32_t k, const int8_t *input, int32_t out_c,
+                            const int8_t *weights, const int32_t *bias, const tf_conv_quant *q,
+                            int8_t *output, int16_t *buffer);
+#endif
+
 #endif /* TF_INTERNAL_H */

@@ -175,12 +175,15 @@ def pointwise_huge_bias_case(seed: int, fast: bool = False) -> Case:
     return pointwise_case(seed, 4, 5, 24, 6, False, huge_bias=True, fast=fast)
 
 
-def fc_case(seed: int, cin: int, cout: int) -> Case:
-    """Fully connected."""
+def fc_case(seed: int, cin: int, cout: int, huge_bias: bool = False) -> Case:
+    """Fully connected, with a ReLU clamp on odd seeds (its DSP path applies when cin % 4 is
+    0; `huge_bias` takes accumulators near 2**30, where it leaves for the generic kernel)."""
     rng = np.random.default_rng(seed)
     x, wt = _i8(rng, cin), _w8(rng, cout, cin)
     b = rng.integers(-5000, 5000, size=cout).astype(np.int32)
-    q = _quant(rng, cout, relu=False)
+    q = _quant(rng, cout, relu=bool(seed % 2))
+    if huge_bias:
+        b[::2] = rng.integers(2**30 - 2**20, 2**30, size=len(b[::2])).astype(np.int32)
     y = ref.fully_connected_s8(x, wt, b, q)
     payload = (_ints(OP_FC, 1, 1, cin, cout, q.input_offset, q.output_offset, q.act_min,
                      q.act_max) + _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier)

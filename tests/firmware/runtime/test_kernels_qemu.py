@@ -84,7 +84,8 @@ def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
              kc.pointwise_case(58, 1, 1, 16, 24, True, fast=True),
              *[kc.pointwise_case(50 + i, 5, 7, cin, cout, True, fast=True)
                for i, (cin, cout) in enumerate([(96, 16), (24, 8), (13, 5), (20, 6)])],
-             kc.fc_case(7, 320, 10),
+             kc.fc_case(7, 320, 10), kc.fc_case(8, 448, 7), kc.fc_case(9, 12, 1),
+             kc.fc_case(10, 26, 5), kc.fc_case(11, 64, 6, huge_bias=True),
              kc.pool_case(8, 5, 5, 320, 0, 1, 0), kc.requant_case(9, 2048)]
     for (status, got), case in zip(run_batch(runner, cases), cases, strict=True):
         assert status == 0 and got == case.expected, case.name
