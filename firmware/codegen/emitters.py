@@ -81,6 +81,7 @@ class Call:
     window: str  # `const tf_window *` expression ("" for ops without one)
     out_channels: int
     fused_add: str = ""  # name of the tf_add_quant of a fused residual add
+    specialized: bool = True  # False: the generic kernels only (less code; same results)
 
 
 def check(expr: str) -> str:
@@ -152,6 +153,35 @@ def _reshape(c: Call) -> list[str]:
     return [f"memmove({y.ptr}, {x.ptr}, (size_t)({x.numel}));"]
 
 
+def _conv_generic(c: Call) -> list[str]:
+    x, y, p = c.inputs[0], c.output, c.prefix
+    return [check(f"tf_conv2d_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, {p}_b, "
+                  f"&{p}_q, {y.ptr}, tf_scratch)")]
+
+
+def _pointwise_generic(c: Call) -> list[str]:
+    x, y, p = c.inputs[0], c.output, c.prefix
+    if c.fused_add:
+        return [check(f"tf_conv2d_1x1_add_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
+                      f"{p}_b, &{p}_q, &{c.fused_add}, {y.ptr}, tf_scratch)")]
+    return [check(f"tf_conv2d_1x1_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, {p}_b, "
+                  f"&{p}_q, {y.ptr}, tf_scratch)")]
+
+
+def _depthwise_generic(c: Call) -> list[str]:
+    x, y, p = c.inputs[0], c.output, c.prefix
+    return [check(f"tf_depthwise_conv2d_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, "
+                  f"{p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
+
+
+# The generic kernels of the ops that have specialized ones (Call.specialized False): the same
+# arguments, parameters and results, less code (firmware.plan.flash, "specialized").
+GENERIC_EMITTERS: dict[Kind, Callable[[Call], list[str]]] = {
+    Kind.CONV: _conv_generic,
+    Kind.POINTWISE: _pointwise_generic,
+    Kind.DEPTHWISE: _depthwise_generic,
+}
+
 EMITTERS: dict[Kind, Callable[[Call], list[str]]] = {
     Kind.CONV: _conv,
     Kind.POINTWISE: _pointwise,
@@ -167,6 +197,8 @@ EMITTERS: dict[Kind, Callable[[Call], list[str]]] = {
 
 def emit_call(call: Call) -> list[str]:
     """The C statements of one kernel call."""
+    if not call.specialized and call.kind in GENERIC_EMITTERS:
+        return GENERIC_EMITTERS[call.kind](call)
     return EMITTERS[call.kind](call)
 
 

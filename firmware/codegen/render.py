@@ -115,9 +115,9 @@ class Emitted:
 
 
 def emit_layers(qgraph: QuantizedGraph, graph: Graph, offsets: Mapping[str, int],
-                idents: Mapping[str, str]) -> Emitted:
+                idents: Mapping[str, str], specialized: bool = True) -> Emitted:
     """Whole-tensor calls of `graph`'s layers (all of qgraph's, or the part after a patch
-    stage), every tensor at its arena offset."""
+    stage), every tensor at its arena offset (`specialized` False: generic kernels only)."""
     full = qgraph.graph
     fused = fused_projections(graph, offsets)
     fused_adds = set(fused.values())
@@ -162,23 +162,25 @@ def emit_layers(qgraph: QuantizedGraph, graph: Graph, offsets: Mapping[str, int]
                               f"{layer_prefix(full.index(add.name))}'s output */")
         call = Call(prefix=prefix, ql=ql, kind=kind, inputs=operands, output=output,
                     window=window, out_channels=graph.tensor(layer.output).channels,
-                    fused_add=fused_add)
+                    fused_add=fused_add, specialized=specialized)
         statements.extend(emit_call(call))
     return Emitted(decls, statements, frozenset(fused_adds))
 
 
-def layer_based(qgraph: QuantizedGraph, memory_model: MemoryModel) -> Body:
+def layer_based(qgraph: QuantizedGraph, memory_model: MemoryModel,
+                specialized: bool = True) -> Body:
     """Every layer over the whole tensor, tensors at the planner's arena offsets."""
     graph = qgraph.graph
     plan = plan_arena(graph, memory_model)
     idents = tensor_idents(qgraph)
-    emitted = emit_layers(qgraph, graph, plan.offsets, idents)
+    emitted = emit_layers(qgraph, graph, plan.offsets, idents, specialized)
     sizes = {t: graph.tensor(t).numel for t in idents}
     read = f"TF_READ(read_input, ctx, 0, {INPUT_IDENT}, {sizes[graph.input]});"
     return Body(decls=used_decls(emitted.decls, [*emitted.statements, read,
                                                  idents[graph.output]]),
                 statements=tuple(emitted.statements), read_input=(read,),
-                arena_bytes=plan.size_bytes, scratch_bytes=scratch_buffer_bytes(graph),
+                arena_bytes=plan.size_bytes,
+                scratch_bytes=scratch_buffer_bytes(graph, specialized=specialized),
                 buffers={idents[t]: (plan.offsets[t], sizes[t]) for t in idents},
                 param_free=emitted.fused_adds)
 

@@ -150,14 +150,16 @@ def static_bytes(graph: Graph, cpu: Cpu, arena: int, scratch: int,
 
 
 def sram_account(model: Graph | HasGraph, plan: PatchPlan, cpu: Cpu,
-                 training_bytes: int = 0, extra_static_bytes: int = 0) -> SramAccount:
-    """The account of running `model` (a graph or a quantized graph) under `plan` on `cpu`."""
+                 training_bytes: int = 0, extra_static_bytes: int = 0,
+                 specialized: bool = True) -> SramAccount:
+    """The account of running `model` (a graph or a quantized graph) under `plan` on `cpu`
+    (`specialized` False: with the generic kernels only, whose scratch is never larger)."""
     graph = _graph(model)
     if plan.bytes_per_element != 1:
         raise ValueError(f"the SRAM account is for int8 activations, the plan has "
                          f"{plan.bytes_per_element} bytes per element")
     arena = arena_bytes(graph, plan)
-    scratch = scratch_buffer_bytes(graph, plan)
+    scratch = scratch_buffer_bytes(graph, plan, specialized)
     return SramAccount(arena_bytes=arena, scratch_bytes=scratch,
                        static_bytes=static_bytes(graph, cpu, arena, scratch,
                                                  extra_static_bytes),
@@ -167,10 +169,12 @@ def sram_account(model: Graph | HasGraph, plan: PatchPlan, cpu: Cpu,
 
 @dataclass(frozen=True)
 class Fit:
-    """A schedule and its account."""
+    """A schedule and its account, and which kernels the account is for (the specialized
+    ones, or the generic ones alone: less code, as many bytes of scratch or fewer)."""
 
     plan: PatchPlan
     account: SramAccount
+    specialized: bool = True
 
 
 class SramDoesNotFitError(DoesNotFitError):

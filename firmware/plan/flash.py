@@ -55,6 +55,7 @@ ORIGIN_BYTES = 8  # per patch: where a piece goes (stage output) or comes from (
 
 # Arguments of each kernel call (code per call grows with them).
 _ARGS = {"tf_conv2d_fast_s8": 9, "tf_conv2d_1x1_fast_s8": 8, "tf_conv2d_1x1_add_fast_s8": 9,
+         "tf_conv2d_s8": 9, "tf_conv2d_1x1_s8": 8, "tf_conv2d_1x1_add_s8": 9,
          "tf_depthwise_conv2d_s8": 9, "tf_fully_connected_s8": 8, "tf_add_s8": 5,
          "tf_avg_pool_s8": 9, "tf_max_pool_s8": 7, "tf_global_avg_pool_s8": 5,
          "memmove": 3, "tf_patch_store_s8": 6, "tf_patch_load_s8": 7}
@@ -222,8 +223,16 @@ def _fused(graph: Graph, offsets: Mapping[str, int]) -> dict[str, str]:
     return fused
 
 
-def _entry(graph: Graph, layer: Layer, fused_add: bool, offsets: Mapping[str, int]) -> str:
-    """The runtime function one layer calls (firmware.codegen.emitters), '' for none."""
+def _entry(graph: Graph, layer: Layer, fused_add: bool, offsets: Mapping[str, int],
+           specialized: bool = True) -> str:
+    """The runtime function one layer calls (firmware.codegen.emitters), '' for none;
+    `specialized` False: the generic kernels only."""
+    if layer.op is OpKind.CONV and not specialized:
+        if is_depthwise(graph, layer):
+            return "tf_depthwise_conv2d_s8"
+        if _pointwise(graph, layer):
+            return "tf_conv2d_1x1_add_s8" if fused_add else "tf_conv2d_1x1_s8"
+        return "tf_conv2d_s8"
     if layer.op is OpKind.CONV:
         if is_depthwise(graph, layer):
             if fast_depthwise(layer.kernel, layer.stride):
@@ -241,7 +250,7 @@ def _entry(graph: Graph, layer: Layer, fused_add: bool, offsets: Mapping[str, in
 
 
 def _calls(graph: Graph, offsets: Mapping[str, int], copies: int = 1,
-           views: Collection[str] = ()) -> tuple[list[str], int]:
+           views: Collection[str] = (), specialized: bool = True) -> tuple[list[str], int]:
     """(entry per call, descriptor bytes) of `graph`'s layers at `offsets`; the windows and
     views of a patch stage's body are declared `copies` times (once per patch), and its
     `views` read a piece of the stage's input (tf_patch_load_s8)."""
@@ -262,7 +271,7 @@ def _calls(graph: Graph, offsets: Mapping[str, int], copies: int = 1,
             continue
         if _windowed(graph, layer) or is_depthwise(graph, layer):
             descriptors += copies * WINDOW_BYTES
-        entry = _entry(graph, layer, layer.name in fused, offsets)
+        entry = _entry(graph, layer, layer.name in fused, offsets, specialized)
         if entry:
             entries.append(entry)
     return entries, descriptors
@@ -273,13 +282,15 @@ def _args(entry: str) -> int:
 
 
 def code_use(graph: Graph, plan: PatchPlan | None = None,
-             memory_model: MemoryModel | None = None) -> CodeUse:
+             memory_model: MemoryModel | None = None, specialized: bool = True) -> CodeUse:
     """The runtime entry points and generated-code features of `graph` under `plan`
-    (None: layer-based under `memory_model`, default INPLACE)."""
+    (None: layer-based under `memory_model`, default INPLACE), with the specialized kernels
+    or (`specialized` False) the generic ones only."""
     mm = memory_model or (plan.memory_model if plan is not None else MemoryModel.INPLACE)
     split = None if plan is None else plan.schedule.split_after
     if split is None:
-        calls, descriptors = _calls(graph, plan_arena(graph, mm).offsets)
+        calls, descriptors = _calls(graph, plan_arena(graph, mm).offsets,
+                                    specialized=specialized)
         descriptors += DIMS_BYTES * len(graph.tensors)
         stage_calls: list[str] = []
     else:
@@ -288,8 +299,9 @@ def code_use(graph: Graph, plan: PatchPlan | None = None,
         stage = build_stage(graph, plan)
         rest = rest_graph(graph, split)
         stage_offsets, rest_offsets, _ = arena_layout(stage, rest, mm)
-        calls, descriptors = _calls(rest, rest_offsets)
-        body_calls, body_descriptors = _calls(stage.graph, stage_offsets, patches, stage.views)
+        calls, descriptors = _calls(rest, rest_offsets, specialized=specialized)
+        body_calls, body_descriptors = _calls(stage.graph, stage_offsets, patches, stage.views,
+                                              specialized)
         stage_calls = ["tf_patch_store_s8", *body_calls]
         descriptors += (DIMS_BYTES * len(rest.tensors) + body_descriptors
                         + patches * DIMS_BYTES * len(stage.regions)
@@ -312,11 +324,12 @@ def code_bytes(graph: Graph, cpu: Cpu, plan: PatchPlan | None = None, dsp: bool 
 
 def flash_account(graph: Graph, cpu: Cpu, plan: PatchPlan | None = None, dsp: bool = True,
                   memory_model: MemoryModel | None = None,
-                  overlay_layers: Sequence[str] = ()) -> FlashAccount:
+                  overlay_layers: Sequence[str] = (), specialized: bool = True) -> FlashAccount:
     """The Flash account of `graph` under `plan` (None: layer-based) on `cpu`; with
     `overlay_layers` (a sparse-update scheme's trainable layers), the code that reads the
-    weights overlay and its region at the end of the slot."""
-    use = code_use(graph, plan, memory_model)
+    weights overlay and its region at the end of the slot; `specialized` False: the generic
+    kernels only (what the compiler falls back to when the specialized ones do not fit)."""
+    use = code_use(graph, plan, memory_model, specialized)
     table = code_size_table(cpu, dsp)
     mm = memory_model or (plan.memory_model if plan is not None else MemoryModel.INPLACE)
     overlay = graph_overlay_layout(graph, overlay_layers)

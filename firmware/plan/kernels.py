@@ -17,6 +17,9 @@ declared, linked and touched agree.
   channel plane ((h + pads) * (w + pads) bytes).
 - Add, pooling, reshape, patch load/store: none.
 
+A model built with the generic kernels only (`specialized=False`: the compiler's choice when
+the specialized kernels' code does not fit the Flash slot) needs the generic figures.
+
 In a patch stage a layer runs on tiles: the figure is taken for every tile (its own input
 region and border padding, `firmware.plan.patch.tiles`), and the largest counts.
 """
@@ -81,8 +84,10 @@ def is_depthwise(graph: Graph, layer: Layer) -> bool:
     return layer.groups == cin == graph.tensor(layer.output).channels
 
 
-def layer_scratch_bytes(graph: Graph, layer: Layer, tile: LayerTile | None = None) -> int:
-    """Scratch of one layer run whole, or on one tile of a patch stage."""
+def layer_scratch_bytes(graph: Graph, layer: Layer, tile: LayerTile | None = None,
+                        specialized: bool = True) -> int:
+    """Scratch of one layer run whole, or on one tile of a patch stage (`specialized`
+    False: by the generic kernels)."""
     x = graph.tensor(layer.inputs[0])
     if layer.op is OpKind.FULLY_CONNECTED:
         return fully_connected_scratch_bytes(x.numel)
@@ -99,22 +104,24 @@ def layer_scratch_bytes(graph: Graph, layer: Layer, tile: LayerTile | None = Non
         out_pixels = ((tile.out_rows[1] - tile.out_rows[0])
                       * (tile.out_cols[1] - tile.out_cols[0]))
     if is_depthwise(graph, layer):
-        if fast_depthwise(layer.kernel, layer.stride):
+        if specialized and fast_depthwise(layer.kernel, layer.stride):
             return fast_depthwise_scratch_bytes(in_h, in_w, pads)
         return depthwise_scratch_bytes(in_h, in_w, x.channels, layer.kernel[0], pads)
     return conv_scratch_bytes(x.channels // layer.groups, layer.kernel, out_pixels)
 
 
-def schedule_scratch_bytes(graph: Graph, plan: PatchPlan | None = None) -> int:
+def schedule_scratch_bytes(graph: Graph, plan: PatchPlan | None = None,
+                           specialized: bool = True) -> int:
     """The scratch buffer a schedule needs: the largest any of its kernel calls asks for."""
     split = None if plan is None else plan.schedule.split_after
     if split is None:
-        return max((layer_scratch_bytes(graph, layer) for layer in graph.layers), default=0)
+        return max((layer_scratch_bytes(graph, layer, specialized=specialized)
+                    for layer in graph.layers), default=0)
     assert plan is not None
     stage_end = graph.index(split) + 1
-    rest = max((layer_scratch_bytes(graph, layer) for layer in graph.layers[stage_end:]),
-               default=0)
-    stage = max((layer_scratch_bytes(graph, graph.layer(tile.layer), tile)
+    rest = max((layer_scratch_bytes(graph, layer, specialized=specialized)
+                for layer in graph.layers[stage_end:]), default=0)
+    stage = max((layer_scratch_bytes(graph, graph.layer(tile.layer), tile, specialized)
                  for patch in tiles(graph, plan) for tile in patch), default=0)
     return max(rest, stage)
 
@@ -123,6 +130,7 @@ def schedule_scratch_bytes(graph: Graph, plan: PatchPlan | None = None) -> int:
 MIN_SCRATCH_BYTES = 4
 
 
-def scratch_buffer_bytes(graph: Graph, plan: PatchPlan | None = None) -> int:
+def scratch_buffer_bytes(graph: Graph, plan: PatchPlan | None = None,
+                         specialized: bool = True) -> int:
     """Bytes of `tf_scratch` as generated code declares it (TF_MODEL_SCRATCH_BYTES)."""
-    return max(schedule_scratch_bytes(graph, plan), MIN_SCRATCH_BYTES)
+    return max(schedule_scratch_bytes(graph, plan, specialized), MIN_SCRATCH_BYTES)
