@@ -22,11 +22,6 @@ static inline __attribute__((always_inline)) uint32_t tf_pwf_read(const void *p)
     return v;
 }
 
-static inline __attribute__((always_inline)) uint32_t tf_pwf_ror8(uint32_t v)
-{
-    return (v >> 8) | (v << 24);
-}
-
 static inline __attribute__((always_inline)) int16x2_t tf_pwf_odd(uint32_t w)
 {
     int16x2_t r;
@@ -34,46 +29,38 @@ static inline __attribute__((always_inline)) int16x2_t tf_pwf_odd(uint32_t w)
     return r;
 }
 
-/* 2 * (x + offset) as int16, every group of four stored (x0, x2, x1, x3) as tf_dot_* pair
- * them with SXTB16-expanded weights; the tail in natural order. */
-static void tf_pwf_fill(const int8_t *src, int16_t *dst, int32_t n, int32_t offset)
+/* SXTAB16 with the operand rotated by 8: the odd bytes, offset added, in one instruction. */
+static inline __attribute__((always_inline)) int16x2_t tf_pwf_sxtab16_odd(int16x2_t a,
+                                                                          uint32_t b)
 {
-    const int16x2_t off2 =
-        (int16x2_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
-    int32_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        const uint32_t in = tf_pwf_read(src + i);
-        int16x2_t even = __sxtab16(off2, (int8x4_t)in);
-        int16x2_t odd = __sxtab16(off2, (int8x4_t)tf_pwf_ror8(in));
-        even = __sadd16(even, even);
-        odd = __sadd16(odd, odd);
-        memcpy(dst + i, &even, 4);
-        memcpy(dst + i + 2, &odd, 4);
-    }
-    for (; i < n; i++) {
-        dst[i] = (int16_t)(2 * (src[i] + offset));
-    }
+    int16x2_t r;
+    __asm__("sxtab16 %0, %1, %2, ror #8" : "=r"(r) : "r"(a), "r"(b));
+    return r;
 }
 
-/* The same for two pixels into one interleaved buffer (k % 4 == 0): per group of four
- * input channels, pixel 0's (x0, x2, x1, x3) then pixel 1's, so one pointer and two LDRD
- * read both columns. */
+/* 2 * (x + offset) as int16 for two pixels into one interleaved buffer (k % 4 == 0): per
+ * group of four input channels, pixel 0's (x0, x2, x1, x3) then pixel 1's, the order in
+ * which tf_pwf_2x2_il pairs them with SXTB16-expanded weights, so one pointer and two LDRD
+ * read both columns. 15 instructions per group (two loads, four SXTAB16, four SADD16, two
+ * STRD, the loop). */
 static void tf_pwf_fill2(const int8_t *src0, const int8_t *src1, int16_t *dst, int32_t n,
                          int32_t offset)
 {
     const int16x2_t off2 =
         (int16x2_t)(((uint32_t)(uint16_t)offset << 16) | (uint16_t)offset);
-    for (int32_t i = 0; i < n; i += 4) {
-        const uint32_t in0 = tf_pwf_read(src0 + i);
-        const uint32_t in1 = tf_pwf_read(src1 + i);
-        int16x2_t v[4] = {__sxtab16(off2, (int8x4_t)in0),
-                          __sxtab16(off2, (int8x4_t)tf_pwf_ror8(in0)),
-                          __sxtab16(off2, (int8x4_t)in1),
-                          __sxtab16(off2, (int8x4_t)tf_pwf_ror8(in1))};
-        for (int j = 0; j < 4; j++) {
-            v[j] = __sadd16(v[j], v[j]);
-        }
-        memcpy(dst + 2 * i, v, sizeof v);
+    uint32_t *d = (uint32_t *)(void *)dst; /* callers check the buffer is word-aligned */
+    for (int32_t i = n >> 2; i > 0; i--) {
+        const uint32_t in0 = tf_pwf_read(src0);
+        const uint32_t in1 = tf_pwf_read(src1);
+        src0 += 4;
+        src1 += 4;
+        int16x2_t e0 = __sxtab16(off2, (int8x4_t)in0), o0 = tf_pwf_sxtab16_odd(off2, in0);
+        int16x2_t e1 = __sxtab16(off2, (int8x4_t)in1), o1 = tf_pwf_sxtab16_odd(off2, in1);
+        d[0] = (uint32_t)__sadd16(e0, e0);
+        d[1] = (uint32_t)__sadd16(o0, o0);
+        d[2] = (uint32_t)__sadd16(e1, e1);
+        d[3] = (uint32_t)__sadd16(o1, o1);
+        d += 4;
     }
 }
 
@@ -98,8 +85,9 @@ static void tf_pwf_fill2(const int8_t *src0, const int8_t *src1, int16_t *dst, i
 
 /* 2 pixels x 2 channels over an interleaved column pair: per 4-deep step two LDRD, two LDR,
  * four SXTB16 and eight SMLAD (16 MACs); the loop runs two steps per branch (an odd first
- * step alone), 17 instructions per 16 MACs; `steps` = k / 4 >= 1. */
-static inline __attribute__((always_inline)) void
+ * step alone), 17 instructions per 16 MACs; `steps` = k / 4 >= 1. Returns `wb` + k (the
+ * next pair's weights where `wb` = `wa` + k). */
+static inline __attribute__((always_inline)) const int8_t *
 tf_pwf_2x2_il(const int16_t *col, const int8_t *wa, const int8_t *wb, int32_t steps,
               int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
 {
@@ -126,6 +114,7 @@ tf_pwf_2x2_il(const int16_t *col, const int8_t *wa, const int8_t *wb, int32_t st
     *a01 = x01;
     *a10 = x10;
     *a11 = x11;
+    return wb;
 }
 
 /* The same, one step per branch (18 instructions per 16 MACs), for the rare odd channel and
@@ -383,33 +372,23 @@ static void tf_pwf_im2col(const tf_pwf_conv *cv, int32_t pixel, int16_t *col)
         (dst) = ad != NULL ? tf_pwf_add_one(y_, (dst), ad) : y_;                           \
     } while (0)
 
+/* A dense conv over its im2col columns, filled one by one (tf_pwf_2x2 reads them). */
 static inline __attribute__((always_inline)) void
-tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
-                       const int8_t *weights, const int32_t *bias, const tf_conv_quant *q,
-                       int8_t *output, int16_t *buffer, const tf_pwf_add *ad,
-                       const tf_pwf_conv *cv)
+tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *weights,
+            const int32_t *bias, const tf_conv_quant *q, int8_t *output, int16_t *buffer,
+            const tf_pwf_conv *cv)
 {
     const int32_t *mult = q->multiplier;
     const int32_t *shift = q->shift;
-    const int32_t off_in = q->input_offset, off_out = q->output_offset;
+    const int32_t off_out = q->output_offset;
     const tf_pwf_clamp cl = {q->act_min, q->act_max, q->act_min == -128 && q->act_max == 127};
+    const tf_pwf_add *const ad = NULL;
     int16_t *c0 = buffer;
     int16_t *c1 = buffer + k;
     int32_t p = 0;
-    /* 1x1: the interleaved column pair (callers check k % 4 == 0 and a word-aligned buffer
-     * for LDRD); a dense conv fills its columns one by one. */
-    const int il = cv == NULL;
     for (; p + 2 <= pixels; p += 2) {
-        if (cv != NULL) {
-            tf_pwf_im2col(cv, p, c0);
-            tf_pwf_im2col(cv, p + 1, c1);
-        } else if (il) {
-            tf_pwf_fill2(input + (size_t)p * (size_t)k, input + (size_t)(p + 1) * (size_t)k,
-                         c0, k, off_in);
-        } else {
-            tf_pwf_fill(input + (size_t)p * (size_t)k, c0, k, off_in);
-            tf_pwf_fill(input + (size_t)(p + 1) * (size_t)k, c1, k, off_in);
-        }
+        tf_pwf_im2col(cv, p, c0);
+        tf_pwf_im2col(cv, p + 1, c1);
         int8_t *out0 = output + (size_t)p * (size_t)out_c;
         int8_t *out1 = out0 + out_c;
         const int8_t *w = weights;
@@ -417,11 +396,7 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
         for (; o + 2 <= out_c; o += 2) {
             int32_t a00 = 2 * bias[o], a01 = 2 * bias[o + 1];
             int32_t a10 = a00, a11 = a01;
-            if (il) {
-                tf_pwf_2x2_il(c0, w, w + k, k >> 2, &a00, &a01, &a10, &a11);
-            } else {
-                tf_pwf_2x2(c0, c1, w, w + k, k, &a00, &a01, &a10, &a11);
-            }
+            tf_pwf_2x2(c0, c1, w, w + k, k, &a00, &a01, &a10, &a11);
             w += 2 * k;
             const int32_t r0 = -shift[o], r1 = -shift[o + 1];
             const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
@@ -434,11 +409,7 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
         }
         if (o < out_c) {
             int32_t a00 = 2 * bias[o], a10 = a00, u0 = 0, u1 = 0; /* u: a second channel */
-            if (il) {
-                tf_pwf_2x2_il1(c0, w, w, k >> 2, &a00, &u0, &a10, &u1);
-            } else {
-                tf_pwf_2x2(c0, c1, w, w, k, &a00, &u0, &a10, &u1);
-            }
+            tf_pwf_2x2(c0, c1, w, w, k, &a00, &u0, &a10, &u1);
             const int32_t r0 = -shift[o];
             const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
             TF_PWF_PUT(out0[o], tf_pwf_out(a00, mult[o], r0, h0, &cl));
@@ -446,24 +417,85 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
         }
     }
     if (p < pixels) { /* the last odd pixel: its column twice */
-        if (cv != NULL) {
-            tf_pwf_im2col(cv, p, c0);
-        } else { /* the interleaved layout with the pixel's column twice */
-            tf_pwf_fill2(input + (size_t)p * (size_t)k, input + (size_t)p * (size_t)k, c0, k,
-                         off_in);
-        }
+        tf_pwf_im2col(cv, p, c0);
         int8_t *out0 = output + (size_t)p * (size_t)out_c;
         for (int32_t o = 0; o < out_c; o++) {
             int32_t a = 2 * bias[o], u = 0, v = 0, z = 0;
             const int8_t *wo = weights + (size_t)o * (size_t)k;
-            if (il) {
-                tf_pwf_2x2_il1(c0, wo, wo, k >> 2, &a, &u, &v, &z);
-            } else {
-                tf_pwf_2x2(c0, c0, wo, wo, k, &a, &u, &v, &z);
-            }
+            tf_pwf_2x2(c0, c0, wo, wo, k, &a, &u, &v, &z);
             const int32_t r0 = -shift[o];
             const int32_t h0 = (int32_t)(1u << (r0 - 1)) + off_out * (1 << r0);
             TF_PWF_PUT(out0[o], tf_pwf_out(a, mult[o], r0, h0, &cl));
+        }
+    }
+}
+
+/* One output of a 1x1 layer: c2 = 2 * output_offset + 1, so the rounding constant plus the
+ * offset, 2^(right-1) + output_offset * 2^right, is c2 << (right - 1) = c2 << ~shift. */
+static inline __attribute__((always_inline)) int8_t tf_pwf_q(int32_t acc2, int32_t m,
+                                                             int32_t shift, int32_t c2,
+                                                             const tf_pwf_clamp *cl)
+{
+    return tf_pwf_out(acc2, m, -shift, (int32_t)((uint32_t)c2 << ~shift), cl);
+}
+
+/* A 1x1 layer over one interleaved column pair (pixels p and p + 1): two channels at a
+ * time, the next pair's weights where the asm loop left them. */
+static inline __attribute__((always_inline)) void
+tf_pwf_pixel_pair(const int16_t *col, int32_t k, int32_t out_c, const int8_t *weights,
+                  const int32_t *bias, const int32_t *mult, const int32_t *shift, int32_t c2,
+                  const tf_pwf_clamp *clp, int8_t *out0, const tf_pwf_add *ad)
+{
+    const tf_pwf_clamp cl = *clp;
+    int8_t *out1 = out0 + out_c;
+    const int8_t *w = weights;
+    const int32_t steps = k >> 2;
+    int32_t o = 0;
+    for (; o + 2 <= out_c; o += 2) {
+        int32_t a00 = 2 * bias[o], a01 = 2 * bias[o + 1];
+        int32_t a10 = a00, a11 = a01;
+        w = tf_pwf_2x2_il(col, w, w + k, steps, &a00, &a01, &a10, &a11);
+        const int32_t s0 = shift[o], s1 = shift[o + 1];
+        const int32_t m0 = mult[o], m1 = mult[o + 1];
+        TF_PWF_PUT(out0[o], tf_pwf_q(a00, m0, s0, c2, &cl));
+        TF_PWF_PUT(out0[o + 1], tf_pwf_q(a01, m1, s1, c2, &cl));
+        TF_PWF_PUT(out1[o], tf_pwf_q(a10, m0, s0, c2, &cl));
+        TF_PWF_PUT(out1[o + 1], tf_pwf_q(a11, m1, s1, c2, &cl));
+    }
+    if (o < out_c) {
+        int32_t a00 = 2 * bias[o], a10 = a00, u0 = 0, u1 = 0; /* u: a second channel */
+        tf_pwf_2x2_il1(col, w, w, steps, &a00, &u0, &a10, &u1);
+        TF_PWF_PUT(out0[o], tf_pwf_q(a00, mult[o], shift[o], c2, &cl));
+        TF_PWF_PUT(out1[o], tf_pwf_q(a10, mult[o], shift[o], c2, &cl));
+    }
+}
+
+/* A 1x1 layer (k % 4 == 0, two pixels or more, a word-aligned buffer: callers check). */
+static inline __attribute__((always_inline)) void
+tf_pwf_body_1x1(int32_t pixels, int32_t k, int32_t out_c, const int8_t *input,
+                const int8_t *weights, const int32_t *bias, const tf_conv_quant *q,
+                int8_t *output, int16_t *buffer, const tf_pwf_add *ad)
+{
+    const int32_t *mult = q->multiplier;
+    const int32_t *shift = q->shift;
+    const int32_t off_in = q->input_offset, c2 = 2 * q->output_offset + 1;
+    const tf_pwf_clamp cl = {q->act_min, q->act_max, q->act_min == -128 && q->act_max == 127};
+    int32_t p = 0;
+    for (; p + 2 <= pixels; p += 2) {
+        const int8_t *x0 = input + (size_t)p * (size_t)k;
+        tf_pwf_fill2(x0, x0 + k, buffer, k, off_in);
+        tf_pwf_pixel_pair(buffer, k, out_c, weights, bias, mult, shift, c2, &cl,
+                          output + (size_t)p * (size_t)out_c, ad);
+    }
+    if (p < pixels) { /* the last odd pixel: the interleaved layout with its column twice */
+        const int8_t *x0 = input + (size_t)p * (size_t)k;
+        tf_pwf_fill2(x0, x0, buffer, k, off_in);
+        int8_t *out0 = output + (size_t)p * (size_t)out_c;
+        for (int32_t o = 0; o < out_c; o++) {
+            int32_t a = 2 * bias[o], u = 0, v = 0, z = 0;
+            const int8_t *wo = weights + (size_t)o * (size_t)k;
+            tf_pwf_2x2_il1(buffer, wo, wo, k >> 2, &a, &u, &v, &z);
+            TF_PWF_PUT(out0[o], tf_pwf_q(a, mult[o], shift[o], c2, &cl));
         }
     }
 }
@@ -473,7 +505,7 @@ static __attribute__((noinline)) void tf_pwf_run(int32_t pixels, int32_t k, int3
                                                  const int32_t *bias, const tf_conv_quant *q,
                                                  int8_t *output, int16_t *buffer)
 {
-    tf_pwf_body(pixels, k, out_c, input, weights, bias, q, output, buffer, NULL, NULL);
+    tf_pwf_body_1x1(pixels, k, out_c, input, weights, bias, q, output, buffer, NULL);
 }
 
 /* The dense conv: its columns come from tf_pwf_im2col (so the interleaved path and its
@@ -485,7 +517,7 @@ static __attribute__((noinline)) void tf_pwf_run_conv(const tf_pwf_conv *cv, int
                                                       const tf_conv_quant *q, int8_t *output,
                                                       int16_t *buffer)
 {
-    tf_pwf_body(pixels, k, out_c, NULL, weights, bias, q, output, buffer, NULL, cv);
+    tf_pwf_body(pixels, k, out_c, weights, bias, q, output, buffer, cv);
 }
 
 /* Runs the fused layer and returns 1 where the folded requantizations apply (its frame is
@@ -504,7 +536,7 @@ static __attribute__((noinline)) int tf_pwf_run_add(int32_t pixels, int32_t k, i
         !tf_pwf_add_applies(add, &ad)) {
         return 0;
     }
-    tf_pwf_body(pixels, k, out_c, input, weights, bias, q, residual, buffer, &ad, NULL);
+    tf_pwf_body_1x1(pixels, k, out_c, input, weights, bias, q, residual, buffer, &ad);
     return 1;
 }
 #endif
