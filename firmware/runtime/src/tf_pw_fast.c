@@ -140,7 +140,6 @@ tf_pwf_2x2_il1(const int16_t *col, const int8_t *wa, const int8_t *wb, int32_t s
     *a10 = x10;
     *a11 = x11;
 }
-#undef TF_PWF_IL_STEP
 
 typedef struct {
     int32_t lo;
@@ -430,6 +429,105 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *weights,
     }
 }
 
+/* Requantizes accumulator `x` (2 * acc) with multiplier `m`, addend p, right shift n into
+ * int8 (SSAT: the full-range clamp); t is scratch. */
+#define TF_PWF_RQ_SSAT(x, m)                                                               \
+    "smmulr %[" x "], %[" x "], %[" m "]\n\t"                                                \
+    "add %[t], %[p], %[" x "], asr #31\n\t"                                                  \
+    "add %[" x "], %[" x "], %[t]\n\t"                                                       \
+    "asr %[" x "], %[" x "], %[n]\n\t"                                                       \
+    "ssat %[" x "], #8, %[" x "]\n\t"
+
+/* Channel `s`'s addend c2 << ~shift into p and right shift -shift into n (w holds c2). */
+#define TF_PWF_RQ_CONST(s)                                                                 \
+    "mvn %[t], %[" s "]\n\t"                                                                 \
+    "lsl %[p], %[w], %[t]\n\t"                                                               \
+    "rsb %[n], %[" s "], #0\n\t"
+
+/* The full-range, unfused 1x1 over one column pair, the whole channel-pair loop as one asm
+ * block: gcc's loop kept bias, multiplier, shift and output pointers on the stack and
+ * re-derived each block's constants around the 14-register MAC loop (~80 instructions per
+ * block of four outputs); here its state sits in a 40-byte frame the block pushes, ~58
+ * instructions per block besides the MACs. `pairs` = out_c / 2 >= 1, k % 4 == 0. */
+static __attribute__((noinline)) void
+tf_pwf_pairs_full(const int16_t *col, const int8_t *weights, int32_t k, int32_t pairs,
+                  const int32_t *bias, const int32_t *mult, const int32_t *shift, int32_t c2,
+                  int8_t *out0, int32_t out_c)
+{
+    /* Initial values: the frame's slots (see the STRDs); names: the registers' roles in
+     * the loops. */
+    uint32_t x00 = (uint32_t)bias, x01 = (uint32_t)mult, x10 = (uint32_t)shift;
+    uint32_t x11 = (uint32_t)out0, p = (uint32_t)col, qb = (uint32_t)k;
+    uint32_t n = (uint32_t)(k >> 2), c0e = (uint32_t)pairs, c0o = (uint32_t)c2;
+    uint32_t c1e = (uint32_t)out_c, qa = (uint32_t)weights;
+    uint32_t c1o, w, t;
+    __asm__ volatile(
+        "sub sp, sp, #40\n\t"
+        "strd %[x00], %[x01], [sp]\n\t"      /* 0: bias, 4: multiplier */
+        "strd %[x10], %[x11], [sp, #8]\n\t"  /* 8: shift, 12: out0 */
+        "strd %[p], %[qb], [sp, #16]\n\t"    /* 16: column pair, 20: k */
+        "strd %[n], %[c0e], [sp, #24]\n\t"   /* 24: k / 4, 28: pairs left */
+        "strd %[c0o], %[c1e], [sp, #32]\n"   /* 32: c2, 36: out_c */
+        "1:\n\t"
+        "ldr %[t], [sp]\n\t"
+        "ldrd %[x00], %[x01], [%[t]], #8\n\t"
+        "str %[t], [sp]\n\t"
+        "add %[x00], %[x00], %[x00]\n\t"
+        "add %[x01], %[x01], %[x01]\n\t"
+        "mov %[x10], %[x00]\n\t"
+        "mov %[x11], %[x01]\n\t"
+        "ldrd %[p], %[w], [sp, #16]\n\t"
+        "add %[qb], %[qa], %[w]\n\t"
+        "ldr %[n], [sp, #24]\n\t"
+        "tst %[n], #1\n\t"
+        "beq 2f\n\t"
+        TF_PWF_IL_STEP
+        "subs %[n], %[n], #1\n\t"
+        "beq 3f\n"
+        "2:\n\t"
+        TF_PWF_IL_STEP
+        TF_PWF_IL_STEP
+        "subs %[n], %[n], #2\n\t"
+        "bne 2b\n"
+        "3:\n\t"
+        "mov %[qa], %[qb]\n\t"
+        "ldr %[t], [sp, #4]\n\t"
+        "ldrd %[c0e], %[c0o], [%[t]], #8\n\t" /* m0, m1 */
+        "str %[t], [sp, #4]\n\t"
+        "ldr %[t], [sp, #8]\n\t"
+        "ldrd %[c1e], %[c1o], [%[t]], #8\n\t" /* shift0, shift1 */
+        "str %[t], [sp, #8]\n\t"
+        "ldr %[w], [sp, #32]\n\t"
+        TF_PWF_RQ_CONST("c1e")
+        TF_PWF_RQ_SSAT("x00", "c0e")
+        TF_PWF_RQ_SSAT("x10", "c0e")
+        TF_PWF_RQ_CONST("c1o")
+        TF_PWF_RQ_SSAT("x01", "c0o")
+        TF_PWF_RQ_SSAT("x11", "c0o")
+        "ldr %[t], [sp, #12]\n\t"
+        "ldr %[w], [sp, #36]\n\t"
+        "strb %[x01], [%[t], #1]\n\t"
+        "strb %[x00], [%[t]], #2\n\t"
+        "str %[t], [sp, #12]\n\t"
+        "add %[t], %[t], %[w]\n\t"
+        "strb %[x10], [%[t], #-2]\n\t"
+        "strb %[x11], [%[t], #-1]\n\t"
+        "ldr %[t], [sp, #28]\n\t"
+        "subs %[t], %[t], #1\n\t"
+        "str %[t], [sp, #28]\n\t"
+        "bne 1b\n\t"
+        "add sp, sp, #40"
+        : [x00] "+r"(x00), [x01] "+r"(x01), [x10] "+r"(x10), [x11] "+r"(x11),
+          [p] "+r"(p), [qa] "+r"(qa), [qb] "+r"(qb), [n] "+r"(n),
+          [c0e] "+r"(c0e), [c0o] "+r"(c0o), [c1e] "+r"(c1e), [c1o] "=&r"(c1o),
+          [w] "=&r"(w), [t] "=&r"(t)
+        :
+        : "cc", "memory");
+}
+#undef TF_PWF_RQ_SSAT
+#undef TF_PWF_RQ_CONST
+#undef TF_PWF_IL_STEP
+
 /* One output of a 1x1 layer: c2 = 2 * output_offset + 1, so the rounding constant plus the
  * offset, 2^(right-1) + output_offset * 2^right, is c2 << (right - 1) = c2 << ~shift. */
 static inline __attribute__((always_inline)) int8_t tf_pwf_q(int32_t acc2, int32_t m,
@@ -451,6 +549,11 @@ tf_pwf_pixel_pair(const int16_t *col, int32_t k, int32_t out_c, const int8_t *we
     const int8_t *w = weights;
     const int32_t steps = k >> 2;
     int32_t o = 0;
+    if (ad == NULL && clp->full && out_c >= 2) {
+        tf_pwf_pairs_full(col, w, k, out_c >> 1, bias, mult, shift, c2, out0, out_c);
+        o = out_c & ~1;
+        w += (size_t)o * (size_t)k;
+    }
     for (; o + 2 <= out_c; o += 2) {
         int32_t a00 = 2 * bias[o], a01 = 2 * bias[o + 1];
         int32_t a10 = a00, a11 = a01;
