@@ -528,6 +528,27 @@ tf_pwf_pairs_full(const int16_t *col, const int8_t *weights, int32_t k, int32_t 
 #undef TF_PWF_RQ_CONST
 #undef TF_PWF_IL_STEP
 
+/* Channel pairs per conv pass of the fused 1x1 + add (two 64-byte stack rows). */
+#define TF_PWF_CHUNK 32
+
+/* res[i] = add(y[i], res[i]) over one row of the fused layer. */
+static __attribute__((noinline)) void tf_pwf_add_row(const int8_t *y, int8_t *res, int32_t n,
+                                                     const tf_pwf_add *ad)
+{
+    tf_pwf_add a = *ad;
+    if (a.cl.full) { /* the clamp's branch out of the loop */
+        a.cl.full = 1;
+        for (int32_t i = 0; i < n; i++) {
+            res[i] = tf_pwf_add_one(y[i], res[i], &a);
+        }
+        return;
+    }
+    a.cl.full = 0;
+    for (int32_t i = 0; i < n; i++) {
+        res[i] = tf_pwf_add_one(y[i], res[i], &a);
+    }
+}
+
 /* One output of a 1x1 layer: c2 = 2 * output_offset + 1, so the rounding constant plus the
  * offset, 2^(right-1) + output_offset * 2^right, is c2 << (right - 1) = c2 << ~shift. */
 static inline __attribute__((always_inline)) int8_t tf_pwf_q(int32_t acc2, int32_t m,
@@ -553,6 +574,20 @@ tf_pwf_pixel_pair(const int16_t *col, int32_t k, int32_t out_c, const int8_t *we
         tf_pwf_pairs_full(col, w, k, out_c >> 1, bias, mult, shift, c2, out0, out_c);
         o = out_c & ~1;
         w += (size_t)o * (size_t)k;
+    } else if (clp->full && out_c >= 2) {
+        /* Fused add: the conv's outputs of up to TF_PWF_CHUNK channel pairs into a stack
+         * row per pixel, then the add over each row (its constants stay in registers). */
+        int8_t y[2][2 * TF_PWF_CHUNK];
+        for (; o + 2 <= out_c;) {
+            const int32_t n = out_c - o >= 2 * TF_PWF_CHUNK ? 2 * TF_PWF_CHUNK
+                                                             : (out_c - o) & ~1;
+            tf_pwf_pairs_full(col, w, k, n >> 1, bias + o, mult + o, shift + o, c2, y[0],
+                              2 * TF_PWF_CHUNK);
+            w += (size_t)n * (size_t)k;
+            tf_pwf_add_row(y[0], out0 + o, n, ad);
+            tf_pwf_add_row(y[1], out1 + o, n, ad);
+            o += n;
+        }
     }
     for (; o + 2 <= out_c; o += 2) {
         int32_t a00 = 2 * bias[o], a01 = 2 * bias[o + 1];
