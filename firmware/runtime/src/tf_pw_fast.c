@@ -429,20 +429,20 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *weights,
     }
 }
 
-/* Requantizes accumulator `x` (2 * acc) with multiplier `m`, addend p, right shift n into
- * int8 (SSAT: the full-range clamp); t is scratch. */
-#define TF_PWF_RQ_SSAT(x, m)                                                               \
+/* Requantizes accumulator `x` (2 * acc) with multiplier `m`, addend p, right shift `r`
+ * into int8 (SSAT: the full-range clamp); t is scratch. */
+#define TF_PWF_RQ_SSAT(x, m, r)                                                            \
     "smmulr %[" x "], %[" x "], %[" m "]\n\t"                                                \
     "add %[t], %[p], %[" x "], asr #31\n\t"                                                  \
     "add %[" x "], %[" x "], %[t]\n\t"                                                       \
-    "asr %[" x "], %[" x "], %[n]\n\t"                                                       \
+    "asr %[" x "], %[" x "], %[" r "]\n\t"                                                   \
     "ssat %[" x "], #8, %[" x "]\n\t"
 
-/* Channel `s`'s addend c2 << ~shift into p and right shift -shift into n (w holds c2). */
-#define TF_PWF_RQ_CONST(s)                                                                 \
+/* Channel `s`'s addend c2 << ~shift into p and right shift -shift into `r` (w holds c2). */
+#define TF_PWF_RQ_CONST(s, r)                                                              \
     "mvn %[t], %[" s "]\n\t"                                                                 \
     "lsl %[p], %[w], %[t]\n\t"                                                               \
-    "rsb %[n], %[" s "], #0\n\t"
+    "rsb %[" r "], %[" s "], #0\n\t"
 
 /* The full-range, unfused 1x1 over one column pair, the whole channel-pair loop as one asm
  * block: gcc's loop kept bias, multiplier, shift and output pointers on the stack and
@@ -498,12 +498,12 @@ tf_pwf_pairs_full(const int16_t *col, const int8_t *weights, int32_t k, int32_t 
         "ldrd %[c1e], %[c1o], [%[t]], #8\n\t" /* shift0, shift1 */
         "str %[t], [sp, #8]\n\t"
         "ldr %[w], [sp, #32]\n\t"
-        TF_PWF_RQ_CONST("c1e")
-        TF_PWF_RQ_SSAT("x00", "c0e")
-        TF_PWF_RQ_SSAT("x10", "c0e")
-        TF_PWF_RQ_CONST("c1o")
-        TF_PWF_RQ_SSAT("x01", "c0o")
-        TF_PWF_RQ_SSAT("x11", "c0o")
+        TF_PWF_RQ_CONST("c1e", "n")
+        TF_PWF_RQ_SSAT("x00", "c0e", "n")
+        TF_PWF_RQ_SSAT("x10", "c0e", "n")
+        TF_PWF_RQ_CONST("c1o", "n")
+        TF_PWF_RQ_SSAT("x01", "c0o", "n")
+        TF_PWF_RQ_SSAT("x11", "c0o", "n")
         "ldr %[t], [sp, #12]\n\t"
         "ldr %[w], [sp, #36]\n\t"
         "strb %[x01], [%[t], #1]\n\t"
@@ -523,6 +523,109 @@ tf_pwf_pairs_full(const int16_t *col, const int8_t *weights, int32_t k, int32_t 
           [w] "=&r"(w), [t] "=&r"(t)
         :
         : "cc", "memory");
+}
+/* One 4-deep step of a k-specialized block: columns at byte `c` of the pair, weights at
+ * `a` (channel 0) and `b` (channel 1) from qa; no pointer moves. */
+#define TF_PWF_K_STEP(c, a, b)                                                             \
+    "ldrd %[c0e], %[c0o], [%[p], #" c "]\n\t"                                                \
+    "ldrd %[c1e], %[c1o], [%[p], #" c "+8]\n\t"                                              \
+    "ldr %[w], [%[qa], #" a "]\n\t"                                                          \
+    "sxtb16 %[t], %[w]\n\t"                                                                  \
+    "sxtb16 %[w], %[w], ror #8\n\t"                                                          \
+    "smlad %[x00], %[c0e], %[t], %[x00]\n\t"                                                 \
+    "smlad %[x10], %[c1e], %[t], %[x10]\n\t"                                                 \
+    "smlad %[x00], %[c0o], %[w], %[x00]\n\t"                                                 \
+    "smlad %[x10], %[c1o], %[w], %[x10]\n\t"                                                 \
+    "ldr %[w], [%[qa], #" b "]\n\t"                                                          \
+    "sxtb16 %[t], %[w]\n\t"                                                                  \
+    "sxtb16 %[w], %[w], ror #8\n\t"                                                          \
+    "smlad %[x01], %[c0e], %[t], %[x01]\n\t"                                                 \
+    "smlad %[x11], %[c1e], %[t], %[x11]\n\t"                                                 \
+    "smlad %[x01], %[c0o], %[w], %[x01]\n\t"                                                 \
+    "smlad %[x11], %[c1o], %[w], %[x11]\n\t"
+
+/* tf_pwf_pairs_full for a k known here (8 or 16: the thin layers, where the per-block
+ * overhead outweighs the MACs): the steps unrolled with immediate offsets, so no step
+ * counter and no second weight pointer; bias and output pointers stay in registers and
+ * the multiplier and shift are read at fixed distances from the bias (a 24-byte frame).
+ * ~48 instructions per block of four outputs besides the MACs. */
+#define TF_PWF_PAIRS_K(name, two_k, steps)                                                 \
+    static __attribute__((noinline)) void name(                                            \
+        const int16_t *col, const int8_t *weights, int32_t pairs, const int32_t *bias,     \
+        const int32_t *mult, const int32_t *shift, int32_t c2, int8_t *out0, int32_t out_c) \
+    {                                                                                      \
+        uint32_t x00 = (uint32_t)mult - (uint32_t)bias;                                    \
+        uint32_t x01 = (uint32_t)shift - (uint32_t)bias, x10 = (uint32_t)c2;               \
+        uint32_t x11 = (uint32_t)out_c, c0e = (uint32_t)(bias + 2 * pairs);                \
+        uint32_t p = (uint32_t)col, qa = (uint32_t)weights, bp = (uint32_t)bias;           \
+        uint32_t op = (uint32_t)out0;                                                      \
+        uint32_t c0o, c1e, c1o, w, t;                                                      \
+        __asm__ volatile(                                                                  \
+            "sub sp, sp, #24\n\t"                                                          \
+            "strd %[x00], %[x01], [sp]\n\t"   /* 0: mult - bias, 4: shift - bias */      \
+            "strd %[x10], %[x11], [sp, #8]\n\t" /* 8: c2, 12: out_c */                  \
+            "strd %[c0e], %[p], [sp, #16]\n"  /* 16: bias end, 20: column pair */        \
+            "1:\n\t"                                                                       \
+            "ldr %[p], [sp, #20]\n\t"                                                      \
+            "ldrd %[x00], %[x01], [%[bp]], #8\n\t"                                         \
+            "add %[x00], %[x00], %[x00]\n\t"                                               \
+            "add %[x01], %[x01], %[x01]\n\t"                                               \
+            "mov %[x10], %[x00]\n\t"                                                       \
+            "mov %[x11], %[x01]\n\t"                                                       \
+            steps                                                                          \
+            "add %[qa], %[qa], #" two_k "\n\t"                                             \
+            "ldr %[t], [sp]\n\t"                                                           \
+            "add %[t], %[t], %[bp]\n\t"                                                    \
+            "ldrd %[c0e], %[c0o], [%[t], #-8]\n\t" /* m0, m1 */                          \
+            "ldr %[t], [sp, #4]\n\t"                                                       \
+            "add %[t], %[t], %[bp]\n\t"                                                    \
+            "ldrd %[c1e], %[c1o], [%[t], #-8]\n\t" /* shift0, shift1 */                  \
+            "ldr %[w], [sp, #8]\n\t"                                                       \
+            TF_PWF_RQ_CONST("c1e", "c1e")                                                  \
+            TF_PWF_RQ_SSAT("x00", "c0e", "c1e")                                            \
+            TF_PWF_RQ_SSAT("x10", "c0e", "c1e")                                            \
+            TF_PWF_RQ_CONST("c1o", "c1o")                                                  \
+            TF_PWF_RQ_SSAT("x01", "c0o", "c1o")                                            \
+            TF_PWF_RQ_SSAT("x11", "c0o", "c1o")                                            \
+            "ldr %[t], [sp, #12]\n\t"                                                      \
+            "strb %[x01], [%[op], #1]\n\t"                                                 \
+            "strb %[x00], [%[op]], #2\n\t"                                                 \
+            "add %[t], %[t], %[op]\n\t"                                                    \
+            "strb %[x10], [%[t], #-2]\n\t"                                                 \
+            "strb %[x11], [%[t], #-1]\n\t"                                                 \
+            "ldr %[t], [sp, #16]\n\t"                                                      \
+            "cmp %[bp], %[t]\n\t"                                                          \
+            "bne 1b\n\t"                                                                   \
+            "add sp, sp, #24"                                                              \
+            : [x00] "+r"(x00), [x01] "+r"(x01), [x10] "+r"(x10), [x11] "+r"(x11),         \
+              [p] "+r"(p), [qa] "+r"(qa), [bp] "+r"(bp), [op] "+r"(op),                   \
+              [c0e] "+r"(c0e), [c0o] "=&r"(c0o), [c1e] "=&r"(c1e), [c1o] "=&r"(c1o),      \
+              [w] "=&r"(w), [t] "=&r"(t)                                                   \
+            :                                                                              \
+            : "cc", "memory");                                                             \
+    }
+
+TF_PWF_PAIRS_K(tf_pwf_pairs_k8, "16",
+               TF_PWF_K_STEP("0", "0", "8") TF_PWF_K_STEP("16", "4", "12"))
+TF_PWF_PAIRS_K(tf_pwf_pairs_k16, "32",
+               TF_PWF_K_STEP("0", "0", "16") TF_PWF_K_STEP("16", "4", "20")
+               TF_PWF_K_STEP("32", "8", "24") TF_PWF_K_STEP("48", "12", "28"))
+#undef TF_PWF_PAIRS_K
+#undef TF_PWF_K_STEP
+
+/* The full-range conv over one column pair, `pairs` >= 1 channel pairs (k % 4 == 0). */
+static inline __attribute__((always_inline)) void
+tf_pwf_pairs(const int16_t *col, const int8_t *weights, int32_t k, int32_t pairs,
+             const int32_t *bias, const int32_t *mult, const int32_t *shift, int32_t c2,
+             int8_t *out0, int32_t out_c)
+{
+    if (k == 8) {
+        tf_pwf_pairs_k8(col, weights, pairs, bias, mult, shift, c2, out0, out_c);
+    } else if (k == 16) {
+        tf_pwf_pairs_k16(col, weights, pairs, bias, mult, shift, c2, out0, out_c);
+    } else {
+        tf_pwf_pairs_full(col, weights, k, pairs, bias, mult, shift, c2, out0, out_c);
+    }
 }
 #undef TF_PWF_RQ_SSAT
 #undef TF_PWF_RQ_CONST
@@ -571,7 +674,7 @@ tf_pwf_pixel_pair(const int16_t *col, int32_t k, int32_t out_c, const int8_t *we
     const int32_t steps = k >> 2;
     int32_t o = 0;
     if (ad == NULL && clp->full && out_c >= 2) {
-        tf_pwf_pairs_full(col, w, k, out_c >> 1, bias, mult, shift, c2, out0, out_c);
+        tf_pwf_pairs(col, w, k, out_c >> 1, bias, mult, shift, c2, out0, out_c);
         o = out_c & ~1;
         w += (size_t)o * (size_t)k;
     } else if (clp->full && out_c >= 2) {
@@ -581,8 +684,8 @@ tf_pwf_pixel_pair(const int16_t *col, int32_t k, int32_t out_c, const int8_t *we
         for (; o + 2 <= out_c;) {
             const int32_t n = out_c - o >= 2 * TF_PWF_CHUNK ? 2 * TF_PWF_CHUNK
                                                              : (out_c - o) & ~1;
-            tf_pwf_pairs_full(col, w, k, n >> 1, bias + o, mult + o, shift + o, c2, y[0],
-                              2 * TF_PWF_CHUNK);
+            tf_pwf_pairs(col, w, k, n >> 1, bias + o, mult + o, shift + o, c2, y[0],
+                         2 * TF_PWF_CHUNK);
             w += (size_t)n * (size_t)k;
             tf_pwf_add_row(y[0], out0 + o, n, ad);
             tf_pwf_add_row(y[1], out1 + o, n, ad);
