@@ -9,8 +9,10 @@
  * directly (= SaturatingRoundingDoublingHighMul); the rounding constant of
  * RoundingDivideByPOT and the output offset are one per-channel addend, and the clamp is one
  * SSAT where the activation range is all of int8. 1x1 layers need k % 4 == 0 and two
- * pixels or more (their two columns are interleaved and read with LDRD). Otherwise (or on the plain C path) the
- * generic kernel runs. Same buffer, same results.
+ * pixels or more (their two columns are interleaved and read with LDRD). Where the clamp is
+ * SSAT the whole channel-pair loop of a column pair is one asm block (k = 8 and 16 with
+ * their steps unrolled), and a fused add runs over rows of the conv's outputs afterwards.
+ * Otherwise (or on the plain C path) the generic kernel runs. Same buffer, same results.
  */
 #include "tf_internal.h"
 
@@ -447,7 +449,8 @@ tf_pwf_body(int32_t pixels, int32_t k, int32_t out_c, const int8_t *weights,
 /* The full-range, unfused 1x1 over one column pair, the whole channel-pair loop as one asm
  * block: gcc's loop kept bias, multiplier, shift and output pointers on the stack and
  * re-derived each block's constants around the 14-register MAC loop (~80 instructions per
- * block of four outputs); here its state sits in a 40-byte frame the block pushes, ~58
+ * block of four outputs); here its state sits in a 40-byte frame the block pushes (gcc's
+ * frame size does not see it: firmware.toolchain.stack.ASM_FRAME_BYTES adds it), ~58
  * instructions per block besides the MACs. `pairs` = out_c / 2 >= 1, k % 4 == 0. */
 static __attribute__((noinline)) void
 tf_pwf_pairs_full(const int16_t *col, const int8_t *weights, int32_t k, int32_t pairs,
@@ -547,7 +550,8 @@ tf_pwf_pairs_full(const int16_t *col, const int8_t *weights, int32_t k, int32_t 
 /* tf_pwf_pairs_full for a k known here (8 or 16: the thin layers, where the per-block
  * overhead outweighs the MACs): the steps unrolled with immediate offsets, so no step
  * counter and no second weight pointer; bias and output pointers stay in registers and
- * the multiplier and shift are read at fixed distances from the bias (a 24-byte frame).
+ * the multiplier and shift are read at fixed distances from the bias (a 24-byte frame,
+ * in ASM_FRAME_BYTES too).
  * ~48 instructions per block of four outputs besides the MACs. */
 #define TF_PWF_PAIRS_K(name, two_k, steps)                                                 \
     static __attribute__((noinline)) void name(                                            \
