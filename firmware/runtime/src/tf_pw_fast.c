@@ -42,7 +42,7 @@ static inline __attribute__((always_inline)) int16x2_t tf_pwf_sxtab16_odd(int16x
 
 /* 2 * (x + offset) as int16 for two pixels into one interleaved buffer (k % 4 == 0): per
  * group of four input channels, pixel 0's (x0, x2, x1, x3) then pixel 1's, the order in
- * which tf_pwf_2x2_il pairs them with SXTB16-expanded weights, so one pointer and two LDRD
+ * which the asm loops pair them with SXTB16-expanded weights, so one pointer and two LDRD
  * read both columns. 15 instructions per group (two loads, four SXTAB16, four SADD16, two
  * STRD, the loop). */
 static void tf_pwf_fill2(const int8_t *src0, const int8_t *src1, int16_t *dst, int32_t n,
@@ -66,7 +66,8 @@ static void tf_pwf_fill2(const int8_t *src0, const int8_t *src1, int16_t *dst, i
     }
 }
 
-/* One 4-deep step of tf_pwf_2x2_il. */
+/* One 4-deep step over an interleaved column pair (tf_pwf_2x2_il1, tf_pwf_pairs_full):
+ * two LDRD, two LDR, four SXTB16 and eight SMLAD (16 MACs). */
 #define TF_PWF_IL_STEP                                                                     \
     "ldrd %[c0e], %[c0o], [%[p]], #8\n\t"                                                   \
     "ldrd %[c1e], %[c1o], [%[p]], #8\n\t"                                                   \
@@ -85,42 +86,8 @@ static void tf_pwf_fill2(const int8_t *src0, const int8_t *src1, int16_t *dst, i
     "smlad %[x01], %[c0o], %[w], %[x01]\n\t"                                                \
     "smlad %[x11], %[c1o], %[w], %[x11]\n\t"
 
-/* 2 pixels x 2 channels over an interleaved column pair: per 4-deep step two LDRD, two LDR,
- * four SXTB16 and eight SMLAD (16 MACs); the loop runs two steps per branch (an odd first
- * step alone), 17 instructions per 16 MACs; `steps` = k / 4 >= 1. Returns `wb` + k (the
- * next pair's weights where `wb` = `wa` + k). */
-static inline __attribute__((always_inline)) const int8_t *
-tf_pwf_2x2_il(const int16_t *col, const int8_t *wa, const int8_t *wb, int32_t steps,
-              int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
-{
-    int32_t x00 = *a00, x01 = *a01, x10 = *a10, x11 = *a11;
-    uint32_t c0e, c0o, c1e, c1o, w, t;
-    __asm__("tst %[n], #1\n\t"
-            "beq 2f\n\t"
-            TF_PWF_IL_STEP
-            "subs %[n], %[n], #1\n\t"
-            "beq 3f\n"
-            "2:\n\t"
-            TF_PWF_IL_STEP
-            TF_PWF_IL_STEP
-            "subs %[n], %[n], #2\n\t"
-            "bne 2b\n"
-            "3:\n\t"
-            : [x00] "+r"(x00), [x01] "+r"(x01), [x10] "+r"(x10), [x11] "+r"(x11),
-              [p] "+r"(col), [qa] "+r"(wa), [qb] "+r"(wb), [n] "+r"(steps),
-              [c0e] "=&r"(c0e), [c0o] "=&r"(c0o), [c1e] "=&r"(c1e), [c1o] "=&r"(c1o),
-              [w] "=&r"(w), [t] "=&r"(t)
-            :
-            : "cc", "memory");
-    *a00 = x00;
-    *a01 = x01;
-    *a10 = x10;
-    *a11 = x11;
-    return wb;
-}
-
-/* The same, one step per branch (18 instructions per 16 MACs), for the rare odd channel and
- * odd pixel: the unrolled loop inlined there too would cost ~0.4 kB of Flash per kernel. */
+/* 2 pixels x 2 channels over an interleaved column pair, one step per branch (18
+ * instructions per 16 MACs), for the rare odd channel and odd pixel; `steps` = k / 4 >= 1. */
 static inline __attribute__((always_inline)) void
 tf_pwf_2x2_il1(const int16_t *col, const int8_t *wa, const int8_t *wb, int32_t steps,
                int32_t *a00, int32_t *a01, int32_t *a10, int32_t *a11)
@@ -635,6 +602,31 @@ tf_pwf_pairs(const int16_t *col, const int8_t *weights, int32_t k, int32_t pairs
 #undef TF_PWF_RQ_CONST
 #undef TF_PWF_IL_STEP
 
+/* Clamps n int8 values (already SSAT'd to int8) to [lo, hi], four per word (SSUB8 sets
+ * the GE flags per byte, SEL picks), so a non-full activation range costs ~1.5
+ * instructions per output after the asm loop. */
+static __attribute__((noinline)) void tf_pwf_clamp_row(int8_t *v, int32_t n, int32_t lo,
+                                                       int32_t hi)
+{
+    const uint32_t lo4 = (uint32_t)(uint8_t)lo * 0x01010101u;
+    const uint32_t hi4 = (uint32_t)(uint8_t)hi * 0x01010101u;
+    int32_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint32_t x = tf_pwf_read(v + i), t;
+        __asm__("ssub8 %[t], %[x], %[lo]\n\t"
+                "sel %[x], %[x], %[lo]\n\t"
+                "ssub8 %[t], %[hi], %[x]\n\t"
+                "sel %[x], %[x], %[hi]"
+                : [x] "+r"(x), [t] "=&r"(t)
+                : [lo] "r"(lo4), [hi] "r"(hi4)
+                : "cc");
+        memcpy(v + i, &x, sizeof x);
+    }
+    for (; i < n; i++) {
+        v[i] = (int8_t)(v[i] < lo ? lo : (v[i] > hi ? hi : v[i]));
+    }
+}
+
 /* Channel pairs per conv pass of the fused 1x1 + add (two 64-byte stack rows). */
 #define TF_PWF_CHUNK 32
 
@@ -677,11 +669,14 @@ tf_pwf_pixel_pair(const int16_t *col, int32_t k, int32_t out_c, const int8_t *we
     const int8_t *w = weights;
     const int32_t steps = k >> 2;
     int32_t o = 0;
-    if (ad == NULL && clp->full && out_c >= 2) {
+    if (ad == NULL && out_c >= 2) {
         tf_pwf_pairs(col, w, k, out_c >> 1, bias, mult, shift, c2, out0, out_c);
         o = out_c & ~1;
         w += (size_t)o * (size_t)k;
-    } else if (clp->full && out_c >= 2) {
+        if (!cl.full) { /* both pixels' rows: out1 follows out0 */
+            tf_pwf_clamp_row(out0, out_c + o, cl.lo, cl.hi);
+        }
+    } else if (out_c >= 2) {
         /* Fused add: the conv's outputs of up to TF_PWF_CHUNK channel pairs into a stack
          * row per pixel, then the add over each row (its constants stay in registers). */
         int8_t y[2][2 * TF_PWF_CHUNK];
@@ -691,21 +686,14 @@ tf_pwf_pixel_pair(const int16_t *col, int32_t k, int32_t out_c, const int8_t *we
             tf_pwf_pairs(col, w, k, n >> 1, bias + o, mult + o, shift + o, c2, y[0],
                          2 * TF_PWF_CHUNK);
             w += (size_t)n * (size_t)k;
+            if (!cl.full) {
+                tf_pwf_clamp_row(y[0], n, cl.lo, cl.hi);
+                tf_pwf_clamp_row(y[1], n, cl.lo, cl.hi);
+            }
             tf_pwf_add_row(y[0], out0 + o, n, ad);
             tf_pwf_add_row(y[1], out1 + o, n, ad);
             o += n;
         }
-    }
-    for (; o + 2 <= out_c; o += 2) {
-        int32_t a00 = 2 * bias[o], a01 = 2 * bias[o + 1];
-        int32_t a10 = a00, a11 = a01;
-        w = tf_pwf_2x2_il(col, w, w + k, steps, &a00, &a01, &a10, &a11);
-        const int32_t s0 = shift[o], s1 = shift[o + 1];
-        const int32_t m0 = mult[o], m1 = mult[o + 1];
-        TF_PWF_PUT(out0[o], tf_pwf_q(a00, m0, s0, c2, &cl));
-        TF_PWF_PUT(out0[o + 1], tf_pwf_q(a01, m1, s1, c2, &cl));
-        TF_PWF_PUT(out1[o], tf_pwf_q(a10, m0, s0, c2, &cl));
-        TF_PWF_PUT(out1[o + 1], tf_pwf_q(a11, m1, s1, c2, &cl));
     }
     if (o < out_c) {
         int32_t a00 = 2 * bias[o], a10 = a00, u0 = 0, u1 = 0; /* u: a second channel */
