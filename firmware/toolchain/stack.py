@@ -10,6 +10,7 @@ an image is the deepest chain of frames from the reset handler, plus
 - one exception: SysTick (or a fault) can arrive at the deepest point; the core then stacks
   8 words plus 4 bytes of alignment (soft-float: no FP context), and the handler runs its own
   chain. Handlers do not nest here (one priority).
+Frames an inline asm block extends (ASM_FRAME_BYTES) are added to gcc's figure.
 Calls through a function pointer are resolved by INDIRECT_CALLS (the generated model's input
 reader, the matmul's column fillers). An unknown indirect call, recursion or an unbounded
 dynamic frame raises BuildError: then no sound bound exists.
@@ -42,6 +43,11 @@ LIBRARY_FRAME_BYTES = 32
 # the stack 8-byte aligned.
 EXCEPTION_FRAME_BYTES = 36
 INDIRECT = "__indirect_call"
+# Stack an inline asm block takes below its function's frame, which gcc's frame sizes do not
+# see: the 1x1 kernels' channel-pair loops keep their loop state there (src/tf_pw_fast.c).
+ASM_FRAME_BYTES: Mapping[str, int] = MappingProxyType({
+    "tf_pwf_pairs_full": 40, "tf_pwf_pairs_k8": 24, "tf_pwf_pairs_k16": 24,
+})
 
 _NODE = re.compile(r'node: \{ title: "([^"]*)" label: "([^"]*)"')
 _EDGE = re.compile(r'edge: \{ sourcename: "([^"]*)" targetname: "([^"]*)"')
@@ -103,7 +109,7 @@ def read_callgraph(paths: Iterable[Path]) -> CallGraph:
                 if kind.startswith("dynamic") and "bounded" not in kind:
                     raise BuildError(f"stack analysis: {title} has an unbounded dynamic frame "
                                      f"({kind}): no sound stack bound")
-                frames[title] = size
+                frames[title] = size + ASM_FRAME_BYTES.get(title.rsplit(":", 1)[-1], 0)
                 continue
             edge = _EDGE.search(line)
             if edge is not None:

@@ -55,9 +55,12 @@ def decode(data: bytes, count: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def _quant(rng: np.random.Generator, cout: int, relu: bool) -> ref.ConvQuant:
+def _quant(rng: np.random.Generator, cout: int, relu: bool,
+           wide_shift: bool = False) -> ref.ConvQuant:
     mult = rng.integers(2**30, 2**31 - 1, size=cout, dtype=np.int64).astype(np.int32)
-    shift = rng.integers(-12, -5, size=cout).astype(np.int32)
+    # wide_shift: every right shift the specialized 1x1 folds (1..22), both ends drawn.
+    shift = (rng.choice(np.array([-22, -1, *range(-12, -5)]), size=cout) if wide_shift
+             else rng.integers(-12, -5, size=cout)).astype(np.int32)
     zp_out = int(rng.integers(-30, 30))
     return ref.ConvQuant(input_offset=int(rng.integers(-127, 129)), output_offset=zp_out,
                          multiplier=mult, shift=shift,
@@ -150,7 +153,7 @@ def pointwise_case(seed: int, h: int, w: int, cin: int, cout: int, fused_add: bo
     rng = np.random.default_rng(seed)
     x, wt = _i8(rng, h, w, cin), _w8(rng, cout, 1, 1, cin)
     b = rng.integers(-5000, 5000, size=cout).astype(np.int32)
-    q = _quant(rng, cout, relu=fast and bool(seed % 2))
+    q = _quant(rng, cout, relu=fast and bool(seed % 2), wide_shift=fast and seed % 3 == 0)
     if huge_bias:
         b = (rng.choice([-1, 1], size=cout) * (2**30 + rng.integers(-40000, 40000, size=cout))
              ).astype(np.int32)
@@ -286,8 +289,12 @@ def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
     if kind in ("pw", "pw_fast") and draw(st.integers(0, 4)) == 0:
         return pointwise_huge_bias_case(seed, fast=kind == "pw_fast")
     if kind in ("pw", "pw_add", "pw_fast", "pw_add_fast"):
-        return pointwise_case(seed, h, w, c, draw(st.integers(1, max_c)),
-                              kind in ("pw_add", "pw_add_fast"), fast=kind.endswith("fast"))
+        fast = kind.endswith("fast")
+        if fast and draw(st.integers(0, 3)) > 0:  # in channels the specialized path takes
+            c = draw(st.sampled_from([4, 8, 8, 12, 16, 4 * max(max_c // 4, 1)]))
+        cout = draw(st.sampled_from([1, 2, 8, 8, draw(st.integers(1, max_c))]))
+        return pointwise_case(seed, h, w, c, cout, kind in ("pw_add", "pw_add_fast"),
+                              fast=fast)
     if kind == "fc":
         return fc_case(seed, draw(st.integers(1, 4 * max_c)), c)
     if kind == "add":

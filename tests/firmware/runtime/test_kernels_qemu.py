@@ -80,6 +80,15 @@ def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
                # odd channel counts and 35 pixels: the one-step loop of the last channel, pixel
                for i, (cin, cout) in enumerate([(16, 96), (32, 64), (96, 24), (19, 7), (12, 9),
                                                 (4, 5)])],
+             # the thin layers: cin 8 (even seed: full range, the asm channel-pair loop; odd:
+             # ReLU), cout 8, shifts 1 and 22 (seeds divisible by 3), odd pixel counts
+             *[kc.pointwise_case(seed, hh, ww, cin, cout, False, fast=True)
+               for seed, hh, ww, cin, cout in [(60, 5, 7, 8, 48), (61, 6, 6, 8, 48),
+                                               (63, 4, 4, 16, 8), (66, 3, 5, 48, 8),
+                                               (69, 3, 3, 8, 2), (70, 5, 5, 8, 3)]],
+             # fused add, full range: conv rows of 32 channel pairs, then a partial one
+             kc.pointwise_case(72, 3, 3, 8, 70, True, fast=True),
+             kc.pointwise_case(74, 3, 2, 16, 64, True, fast=True),
              kc.pointwise_case(57, 1, 1, 16, 24, False, fast=True),  # one column of buffer
              kc.pointwise_case(58, 1, 1, 16, 24, True, fast=True),
              *[kc.pointwise_case(50 + i, 5, 7, cin, cout, True, fast=True)

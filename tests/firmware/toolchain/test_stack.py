@@ -10,6 +10,7 @@ import pytest
 
 from firmware.errors import BuildError
 from firmware.toolchain.stack import (
+    ASM_FRAME_BYTES,
     EXCEPTION_FRAME_BYTES,
     LIBRARY_FRAME_BYTES,
     read_callgraph,
@@ -117,3 +118,32 @@ def test_model_builds_carry_a_bound_and_library_leaves_fit_their_allowance(
     chains = _library_chains(build.elf_path, ours)
     assert {"memcpy", "memset", "__aeabi_idiv"} <= set(chains)
     assert max(chains.values()) <= LIBRARY_FRAME_BYTES, chains
+
+
+def _disassembled_frame(obj: Path, name: str) -> int:
+    """Bytes `name` takes below its caller's stack: pushes and every `sub sp` (asm too)."""
+    text = subprocess.run(["arm-none-eabi-objdump", "-d", f"--disassemble={name}", str(obj)],
+                          capture_output=True, text=True, check=True).stdout
+    frame = sum(4 * len(regs.split(",")) for regs in re.findall(
+        r"\t(?:push(?:\.w)?|stmdb(?:\.w)?\s+sp!,)\s*\{([^}]*)\}", text))
+    return frame + sum(int(n) for n in re.findall(r"\tsub(?:\.w)?\s+sp, (?:sp, )?#(\d+)",
+                                                  text))
+
+
+@pytest.mark.toolchain
+@pytest.mark.parametrize("cpu", ["cortex-m4", "cortex-m7"])
+def test_frames_asm_blocks_push_are_in_the_bound(tmp_path: Path, cpu: str) -> None:
+    from firmware.targets import Cpu
+    from firmware.toolchain.build import ARM_CC, INCLUDE_DIR, SRC_DIR, WARNINGS, cpu_flags
+
+    obj = tmp_path / "tf_pw_fast.o"  # the runtime's asm blocks that move sp live there
+    subprocess.run([ARM_CC, *cpu_flags(Cpu(cpu)), "-O2", *WARNINGS, "-ffunction-sections",
+                    "-fcallgraph-info=su", f"-I{INCLUDE_DIR}", "-c",
+                    str(SRC_DIR / "tf_pw_fast.c"), "-o", str(obj)], check=True, cwd=tmp_path)
+    graph = read_callgraph(sorted(tmp_path.glob("*.ci")))
+    for name in ASM_FRAME_BYTES:
+        title = graph.title(name)
+        assert title is not None, f"{name} is not in the runtime any more"
+        frame = _disassembled_frame(obj, name)
+        assert frame > ASM_FRAME_BYTES[name]  # its own pushes too
+        assert graph.frames[title] == frame, name
