@@ -46,13 +46,6 @@ size_t tf_conv2d_rgb_get_buffer_size(const tf_dims *in, const tf_window *win, in
 }
 
 #if TF_USE_DSP
-/* Column slot (int16 index) -> tap (kh, kw, c) of the OHWI weights; TF_CF_TAPS: the zero tap.
- * Per window row i, words 4i..4i+3 hold bytes (0, 2) (1, 3) (4, 6) (5, 7) of its 9 (the
- * SXTB16 pairing); word 12 the 9th bytes of rows 0 and 1, word 13 that of row 2 and zero. */
-static const uint8_t tf_cf_tap[2 * TF_CF_COL_WORDS] = {
-    0,  2,  1,  3,  4,  6,  5,  7,  9,  11, 10, 12, 13, 15,
-    14, 16, 18, 20, 19, 21, 22, 24, 23, 25, 8,  17, 26, TF_CF_TAPS};
-
 /* The buffer as words (it is declared int16_t). */
 typedef uint32_t __attribute__((may_alias)) tf_cf_u32;
 typedef int32_t __attribute__((may_alias)) tf_cf_i32;
@@ -77,14 +70,17 @@ static inline __attribute__((always_inline)) uint32_t tf_cf_odd(uint32_t off2, u
     return r;
 }
 
-/* Two words of the buffer in one STRD. */
-typedef uint64_t __attribute__((may_alias, aligned(4))) tf_cf_u64;
+/* One column in the buffer (for asm operands that write it). */
+typedef struct {
+    uint32_t w[TF_CF_COL_WORDS];
+} __attribute__((may_alias)) tf_cf_colv;
 
-static inline __attribute__((always_inline)) void tf_cf_put2(tf_cf_u32 *p, uint32_t lo,
-                                                              uint32_t hi)
-{
-    *(tf_cf_u64 *)p = lo | ((uint64_t)hi << 32);
-}
+/* Words `off` / 4 and the next of the column at col, in one STRD (GCC stores a uint64 as
+ * two STR, or STRD through a pointer per offset that it keeps on the stack). */
+#define TF_CF_PUT2(col, off, lo, hi)                                                       \
+    __asm__("strd %1, %2, [%3, #" #off "]"                                                 \
+            : "=m"(*(tf_cf_colv *)(col))                                                   \
+            : "r"(lo), "r"(hi), "r"(col))
 
 /* The column of a window whose rows start at r0, r1, r2 (9 bytes each): x + offset, where
  * off2 holds the offset in both halves. The zero tap's half of the last word is left as
@@ -93,18 +89,20 @@ static inline __attribute__((always_inline)) void
 tf_cf_column(const int8_t *r0, const int8_t *r1, const int8_t *r2, uint32_t off2,
              tf_cf_u32 *col)
 {
-    const int8_t *rows[3] = {r0, r1, r2};
-#pragma GCC unroll 3
-    for (int i = 0; i < 3; i++) {
-        const uint32_t a = tf_cf_read(rows[i]), b = tf_cf_read(rows[i] + 4);
-        tf_cf_put2(col + 4 * i, (uint32_t)__sxtab16((int16x2_t)off2, (int8x4_t)a),
-                   tf_cf_odd(off2, a));
-        tf_cf_put2(col + 4 * i + 2, (uint32_t)__sxtab16((int16x2_t)off2, (int8x4_t)b),
-                   tf_cf_odd(off2, b));
-    }
+    uint32_t a = tf_cf_read(r0), b = tf_cf_read(r0 + 4);
+    TF_CF_PUT2(col, 0, __sxtab16((int16x2_t)off2, (int8x4_t)a), tf_cf_odd(off2, a));
+    TF_CF_PUT2(col, 8, __sxtab16((int16x2_t)off2, (int8x4_t)b), tf_cf_odd(off2, b));
+    a = tf_cf_read(r1);
+    b = tf_cf_read(r1 + 4);
+    TF_CF_PUT2(col, 16, __sxtab16((int16x2_t)off2, (int8x4_t)a), tf_cf_odd(off2, a));
+    TF_CF_PUT2(col, 24, __sxtab16((int16x2_t)off2, (int8x4_t)b), tf_cf_odd(off2, b));
+    a = tf_cf_read(r2);
+    b = tf_cf_read(r2 + 4);
+    TF_CF_PUT2(col, 32, __sxtab16((int16x2_t)off2, (int8x4_t)a), tf_cf_odd(off2, a));
+    TF_CF_PUT2(col, 40, __sxtab16((int16x2_t)off2, (int8x4_t)b), tf_cf_odd(off2, b));
     const uint32_t s01 = (uint32_t)(uint8_t)r0[8] | ((uint32_t)(uint8_t)r1[8] << 16);
-    tf_cf_put2(col + 12, (uint32_t)__sxtab16((int16x2_t)off2, (int8x4_t)s01),
-               (uint32_t)__sxtab16((int16x2_t)off2, (int8x4_t)(uint32_t)(uint8_t)r2[8]));
+    TF_CF_PUT2(col, 48, __sxtab16((int16x2_t)off2, (int8x4_t)s01),
+               __sxtab16((int16x2_t)off2, (int8x4_t)(uint32_t)(uint8_t)r2[8]));
 }
 
 /* The image and the window's walk over it. */
@@ -134,29 +132,46 @@ static inline __attribute__((always_inline)) void tf_cf_seek(const tf_cf_conv *c
     at->rows_in = at->y0 >= 0 && at->y0 + 3 <= cv->h;
 }
 
-/* The column of the window at `at`, then `at` moved to the next output pixel. */
-static inline __attribute__((always_inline)) void tf_cf_im2col(const tf_cf_conv *cv,
-                                                                tf_cf_pos *at, tf_cf_u32 *col)
+/* The column of the window at `at`, then `at` moved to the next output pixel. Rows outside
+ * the image read `pad` (9 bytes of -offset: 0 once offset); rows cut by the left or right
+ * border are copied into `edge` (3 x 9 bytes) with the same padding. */
+static inline __attribute__((always_inline)) void
+tf_cf_im2col(const tf_cf_conv *cv, tf_cf_pos *at, tf_cf_u32 *col, const int8_t *pad,
+             int8_t *edge)
 {
     const int32_t y0 = at->y0, x0 = at->x0;
-    if (at->rows_in && x0 >= 0 && x0 + 3 <= cv->w) {
-        const int8_t *src = cv->input + y0 * cv->row + 3 * x0;
-        tf_cf_column(src, src + cv->row, src + 2 * cv->row, cv->off2, col);
-    } else { /* at the border: the window copied, padding as -offset (0 once offset) */
-        int8_t win[TF_CF_TAPS];
-        const int8_t pad = (int8_t)-(int16_t)cv->off2;
-        for (int32_t i = 0; i < 3; i++) {
-            for (int32_t j = 0; j < 3; j++) {
-                const int32_t y = y0 + i, x = x0 + j;
-                const int in = y >= 0 && y < cv->h && x >= 0 && x < cv->w;
-                const int8_t *src = cv->input + y * cv->row + 3 * x;
-                for (int32_t c = 0; c < 3; c++) {
-                    win[9 * i + 3 * j + c] = in ? src[c] : pad;
-                }
+    const int8_t *rows[3];
+    if (x0 >= 0 && x0 + 3 <= cv->w) {
+        if (at->rows_in) {
+            const int8_t *src = cv->input + y0 * cv->row + 3 * x0;
+            rows[0] = src;
+            rows[1] = src + cv->row;
+            rows[2] = src + 2 * cv->row;
+        } else {
+            for (int32_t i = 0; i < 3; i++) {
+                const int32_t y = y0 + i;
+                rows[i] = y >= 0 && y < cv->h ? cv->input + y * cv->row + 3 * x0 : pad;
             }
         }
-        tf_cf_column(win, win + 9, win + 18, cv->off2, col);
+    } else {
+        for (int32_t i = 0; i < 3; i++) {
+            const int32_t y = y0 + i;
+            rows[i] = pad;
+            if (y < 0 || y >= cv->h) {
+                continue;
+            }
+            int8_t *e = edge + 9 * i;
+            for (int32_t j = 0; j < 3; j++) {
+                const int32_t x = x0 + j;
+                const int8_t *src = x >= 0 && x < cv->w ? cv->input + y * cv->row + 3 * x : pad;
+                e[3 * j] = src[0];
+                e[3 * j + 1] = src[1];
+                e[3 * j + 2] = src[2];
+            }
+            rows[i] = e;
+        }
     }
+    tf_cf_column(rows[0], rows[1], rows[2], cv->off2, col);
     at->x0 += cv->sw;
     if (++at->ox == cv->out_w) {
         at->ox = 0;
@@ -166,28 +181,48 @@ static inline __attribute__((always_inline)) void tf_cf_im2col(const tf_cf_conv 
     }
 }
 
+/* 2 * (w0, w2) and 2 * (w1, w3) of four weights: their int16 pairs for the column words
+ * SXTAB16 makes of the same four input bytes. */
+static inline __attribute__((always_inline)) void tf_cf_pair_up(tf_cf_i32 *dst, uint32_t w)
+{
+    const int16x2_t even = __sxtb16((int8x4_t)w), odd = __sxtb16((int8x4_t)tf_cf_ror8(w));
+    dst[0] = (int32_t)__sadd16(even, even);
+    dst[1] = (int32_t)__sadd16(odd, odd);
+}
+
 /* The weights and requantization constants of every pair of output channels (the last
- * pair of an odd count padded with a channel of zeros). */
+ * pair of an odd count padded with a channel of zeros). Per 4-deep step g (column words
+ * 2g, 2g + 1) the first channel's two weight words, then the second's. */
 static void tf_cf_pack(int32_t out_c, const int8_t *weights, const int32_t *bias,
                        const tf_conv_quant *q, tf_cf_i32 *blk)
 {
     for (int32_t o = 0; o < out_c; o += 2, blk += TF_CF_PAIR_WORDS) {
-        int16_t *w16 = (int16_t *)(blk + 8);
         for (int32_t j = 0; j < 2; j++) {
             const int32_t ch = o + j;
-            const int real = ch < out_c;
-            const int32_t right = real ? -q->shift[ch] : 1;
-            blk[j] = real ? 2 * bias[ch] : 0;
-            blk[2 + j] = real ? q->multiplier[ch] : 0;
+            tf_cf_i32 *ww = blk + 8 + 2 * j;
+            if (ch == out_c) {
+                blk[j] = 0;
+                blk[2 + j] = 0;
+                blk[4 + j] = 1;
+                blk[6 + j] = 1;
+                for (int32_t g = 0; g < TF_CF_COL_WORDS / 2; g++) {
+                    ww[4 * g] = 0;
+                    ww[4 * g + 1] = 0;
+                }
+                continue;
+            }
+            const int32_t right = -q->shift[ch];
+            blk[j] = 2 * bias[ch];
+            blk[2 + j] = q->multiplier[ch];
             blk[4 + j] = (int32_t)(1u << (right - 1)) + q->output_offset * (1 << right);
             blk[6 + j] = right;
             const int8_t *w = weights + (size_t)ch * TF_CF_TAPS;
-            /* Per 4-deep step: channel o's 4 int16, then channel o + 1's. */
-            for (int32_t s = 0; s < 2 * TF_CF_COL_WORDS; s++) {
-                const int32_t tap = tf_cf_tap[s];
-                w16[(s >> 2) * 8 + j * 4 + (s & 3)] =
-                    (int16_t)(real && tap < TF_CF_TAPS ? 2 * w[tap] : 0);
+            for (int32_t i = 0; i < 3; i++) { /* window row i: column words 4i .. 4i + 3 */
+                tf_cf_pair_up(ww + 8 * i, tf_cf_read(w + 9 * i));
+                tf_cf_pair_up(ww + 8 * i + 4, tf_cf_read(w + 9 * i + 4));
             }
+            ww[24] = (int32_t)((uint32_t)(uint16_t)(2 * w[8]) | ((uint32_t)(2 * w[17]) << 16));
+            ww[25] = (uint16_t)(2 * w[26]); /* the zero tap's weight: 0 */
         }
     }
 }
@@ -332,6 +367,10 @@ static __attribute__((noinline)) void tf_cf_run(const tf_cf_conv cv_, int32_t pi
     const tf_cf_i32 *blocks = (const tf_cf_i32 *)(buffer + 2 * TF_CF_COL_WORDS);
     const tf_cf_i32 *pairs_end = blocks + (out_c >> 1) * TF_CF_PAIR_WORDS;
     const int32_t lo = q->act_min, hi = q->act_max;
+    int8_t pad[9], edge[TF_CF_TAPS];
+    for (int32_t i = 0; i < 9; i++) {
+        pad[i] = (int8_t)-(int16_t)cv->off2;
+    }
     tf_cf_pos at;
     tf_cf_seek(cv, 0, &at);
     for (int32_t p = 0; p < pixels; p += 2) {
@@ -339,8 +378,8 @@ static __attribute__((noinline)) void tf_cf_run(const tf_cf_conv cv_, int32_t pi
             p--;
             tf_cf_seek(cv, p, &at);
         }
-        tf_cf_im2col(cv, &at, col);
-        tf_cf_im2col(cv, &at, col + TF_CF_COL_WORDS);
+        tf_cf_im2col(cv, &at, col, pad, edge);
+        tf_cf_im2col(cv, &at, col + TF_CF_COL_WORDS, pad, edge);
         int8_t *d0 = output + (size_t)p * (size_t)out_c;
         if (lo == -128 && hi == 127) {
             tf_cf_channels(col, blocks, pairs_end, d0, d0 + out_c, 1, lo, hi);
