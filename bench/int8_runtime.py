@@ -161,7 +161,7 @@ def measure(case: KernelCase, target: TargetSpec, dsp: bool, work: Path) -> Row:
     src.write_text("#include <stdint.h>\n#include \"tinyfleet_nn.h\"\n"
                    "#include \"tinyfleet_platform.h\"\n" + case.source
                    + f"#define RESULT {result}\n" + MAIN)
-    build = build_program([src], target, work / "build", dsp=dsp, stack_bytes=4096, defines=__import__("os").environ.get("EXPDEF") and {__import__("os").environ["EXPDEF"]: 1})
+    build = build_program([src], target, work / "build", dsp=dsp, stack_bytes=4096)
     run = run_qemu(build.elf_path, target, {}, ("out.bin",), timeout_s=60)
     if run.exit_code != 0:
         raise RuntimeError(f"{case.name}: exit {run.exit_code} {run.console[-300:]}")
