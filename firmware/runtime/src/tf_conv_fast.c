@@ -4,20 +4,25 @@
  * k = 27 taps suit neither the 4-deep SMLAD steps nor LDRD (tf_conv2d_fast_s8 runs them with
  * a scalar tail of 3), and the generic im2col pays a bounds check and a memset per tap. Here:
  * - the weights are expanded once per call into the buffer as int16 pairs, doubled (so SMLAD
- *   sums 2 * acc, which SMMULR takes directly, as tf_pw_fast.c) and padded with a zero tap to
- *   28, in the order the columns are built; the requantization constants of each channel
- *   (2 * bias, multiplier, 2^(right-1) + output_offset * 2^right, right) sit beside them;
- * - a column is 14 words built straight from the input: each of the window's 3 rows is 9
- *   contiguous bytes, two words of which SXTAB16 (with the input offset) turns into 4 int16
- *   pairs, the 9th bytes of the 3 rows and the zero tap make the last 2 words. Windows that
- *   cross the border read a 27-byte copy whose padding is -input_offset (0 once offset);
+ *   sums 2 * acc, which SMMULR takes directly, as in tf_pw_fast.c) and padded with a zero
+ *   tap to 28, in the order the columns are built; the requantization constants of each
+ *   channel (2 * bias, multiplier, 2^(right-1) + output_offset * 2^right, right) sit beside
+ *   them, 144 bytes per pair of channels;
+ * - a column is 14 words built straight from the input, no per-tap test: each of the
+ *   window's 3 rows is 9 contiguous bytes, two words of which SXTAB16 (with the input offset)
+ *   turns into 4 int16 pairs; the 9th bytes of the 3 rows and the zero tap make the last 2
+ *   words. A row outside the image reads a row of -input_offset (0 once offset), a row cut
+ *   by the left or right border a 9-byte copy padded the same way;
  * - two pixels x two channels run 7 fully unrolled 4-deep steps: per step two LDRD for the
  *   columns, two for the weights and eight SMLAD (12 instructions per 16 MACs), the biases
- *   entering as the first step's accumulators;
+ *   entering as the first step's accumulators; where the clamp is all of int8 the
+ *   requantization and the stores follow in the same asm block (28 instructions per 4
+ *   outputs). An odd pixel count ends with a pair overlapping the one before, an odd
+ *   channel count with one channel in C;
  * - the requantization is tf_pw_fast.c's folded one: exact when every accumulator stays under
  *   2^30 in magnitude (|bias| + 255 * 128 * 27) and every shift is a right shift of 1..22,
- *   checked once per call. Otherwise (or on the plain C path, or for another shape, or an
- *   unaligned buffer) tf_conv2d_s8 runs. Same results.
+ *   checked once per call. Otherwise (or on the plain C path, for another shape, one output
+ *   pixel or channel, or an unaligned buffer) tf_conv2d_s8 runs. Same results.
  */
 #include "tf_internal.h"
 
@@ -242,61 +247,7 @@ static int tf_cf_applies(int32_t out_c, const int32_t *bias, const tf_conv_quant
     return 1;
 }
 
-/* One 4-deep step g: columns c0 (at col) and c1 (col + 56) against channels a and b of the
- * block at t (their int16 at 32 + 16 g and 40 + 16 g). */
-#define TF_CF_STEP(c0, c1, wa, wb)                                                         \
-    "ldrd %[c0e], %[c0o], [%[col], #" #c0 "]\n\t"                                          \
-    "ldrd %[c1e], %[c1o], [%[col], #" #c1 "]\n\t"                                          \
-    "ldrd %[w0], %[w1], [%[t], #" #wa "]\n\t"                                              \
-    "smlad %[x00], %[c0e], %[w0], %[x00]\n\t"                                              \
-    "smlad %[x00], %[c0o], %[w1], %[x00]\n\t"                                              \
-    "smlad %[x10], %[c1e], %[w0], %[x10]\n\t"                                              \
-    "smlad %[x10], %[c1o], %[w1], %[x10]\n\t"                                              \
-    "ldrd %[w0], %[w1], [%[t], #" #wb "]\n\t"                                              \
-    "smlad %[x01], %[c0e], %[w0], %[x01]\n\t"                                              \
-    "smlad %[x01], %[c0o], %[w1], %[x01]\n\t"                                              \
-    "smlad %[x11], %[c1e], %[w0], %[x11]\n\t"                                              \
-    "smlad %[x11], %[c1o], %[w1], %[x11]\n\t"
-
-/* Two pixels x two channels over all 28 taps: x[0], x[1] pixel 0's sums of channels a and
- * b, x[2], x[3] pixel 1's, the doubled biases included. */
-static inline __attribute__((always_inline)) void tf_cf_2x2(const tf_cf_u32 *col,
-                                                             const tf_cf_i32 *t, int32_t x[4])
-{
-    int32_t x00 = t[0], x01 = t[1], x10, x11;
-    uint32_t c0e, c0o, c1e, c1o, w0, w1;
-    /* The first step takes pixel 1's sums from the biases before pixel 0's move on. */
-    __asm__("ldrd %[c0e], %[c0o], [%[col], #0]\n\t"
-            "ldrd %[c1e], %[c1o], [%[col], #56]\n\t"
-            "ldrd %[w0], %[w1], [%[t], #32]\n\t"
-            "smlad %[x10], %[c1e], %[w0], %[x00]\n\t"
-            "smlad %[x00], %[c0e], %[w0], %[x00]\n\t"
-            "smlad %[x00], %[c0o], %[w1], %[x00]\n\t"
-            "smlad %[x10], %[c1o], %[w1], %[x10]\n\t"
-            "ldrd %[w0], %[w1], [%[t], #40]\n\t"
-            "smlad %[x11], %[c1e], %[w0], %[x01]\n\t"
-            "smlad %[x01], %[c0e], %[w0], %[x01]\n\t"
-            "smlad %[x01], %[c0o], %[w1], %[x01]\n\t"
-            "smlad %[x11], %[c1o], %[w1], %[x11]\n\t"
-            TF_CF_STEP(8, 64, 48, 56)
-            TF_CF_STEP(16, 72, 64, 72)
-            TF_CF_STEP(24, 80, 80, 88)
-            TF_CF_STEP(32, 88, 96, 104)
-            TF_CF_STEP(40, 96, 112, 120)
-            TF_CF_STEP(48, 104, 128, 136)
-            : [x00] "+r"(x00), [x01] "+r"(x01), [x10] "=&r"(x10), [x11] "=&r"(x11),
-              [c0e] "=&r"(c0e), [c0o] "=&r"(c0o), [c1e] "=&r"(c1e), [c1o] "=&r"(c1o),
-              [w0] "=&r"(w0), [w1] "=&r"(w1)
-            : [col] "r"(col), [t] "r"(t)
-            : "memory");
-    x[0] = x00;
-    x[1] = x01;
-    x[2] = x10;
-    x[3] = x11;
-}
-#undef TF_CF_STEP
-
-/* tf_pw_fast.c's tf_pwf_out in two instructions fewer: acc2 = 2 * acc,
+/* tf_pw_fast.c's tf_pwf_out in one instruction fewer: acc2 = 2 * acc,
  * h = 2^(right-1) + output_offset * 2^right added by SMMLAR, and the negative-value nudge of
  * RoundingDivideByPOT taken from acc2's sign rather than the product's: with m >= 0 they
  * differ only where the product rounds to 0, and (h - 1) >> right == h >> right there.
@@ -315,30 +266,136 @@ static inline __attribute__((always_inline)) int8_t tf_cf_clamp(int32_t v, int32
     return (int8_t)(v < lo ? lo : (v > hi ? hi : v));
 }
 
-/* Every pair of channels of two pixels (outputs at d0 and d1); `full`: the clamp is all of
- * int8 (compiled in, so that its test leaves the loop). */
+/* One 4-deep step g: columns c0 (at col) and c1 (col + 56) against channels a and b of the
+ * block at t (their int16 at 32 + 16 g and 40 + 16 g). */
+#define TF_CF_STEP(c0, c1, wa, wb)                                                         \
+    "ldrd %[c0e], %[c0o], [%[col], #" #c0 "]\n\t"                                          \
+    "ldrd %[c1e], %[c1o], [%[col], #" #c1 "]\n\t"                                          \
+    "ldrd %[w0], %[w1], [%[t], #" #wa "]\n\t"                                              \
+    "smlad %[x00], %[c0e], %[w0], %[x00]\n\t"                                              \
+    "smlad %[x00], %[c0o], %[w1], %[x00]\n\t"                                              \
+    "smlad %[x10], %[c1e], %[w0], %[x10]\n\t"                                              \
+    "smlad %[x10], %[c1o], %[w1], %[x10]\n\t"                                              \
+    "ldrd %[w0], %[w1], [%[t], #" #wb "]\n\t"                                              \
+    "smlad %[x01], %[c0e], %[w0], %[x01]\n\t"                                              \
+    "smlad %[x01], %[c0o], %[w1], %[x01]\n\t"                                              \
+    "smlad %[x11], %[c1e], %[w0], %[x11]\n\t"                                              \
+    "smlad %[x11], %[c1o], %[w1], %[x11]\n\t"
+
+/* Two pixels x two channels over all 28 taps: the block's doubled biases into x00 and x01,
+ * the first step taking pixel 1's sums (x10, x11) from them before pixel 0's move on. */
+#define TF_CF_MACS                                                                         \
+    "ldrd %[x00], %[x01], [%[t]]\n\t"                                                      \
+    "ldrd %[c0e], %[c0o], [%[col], #0]\n\t"                                                \
+    "ldrd %[c1e], %[c1o], [%[col], #56]\n\t"                                               \
+    "ldrd %[w0], %[w1], [%[t], #32]\n\t"                                                   \
+    "smlad %[x10], %[c1e], %[w0], %[x00]\n\t"                                              \
+    "smlad %[x00], %[c0e], %[w0], %[x00]\n\t"                                              \
+    "smlad %[x00], %[c0o], %[w1], %[x00]\n\t"                                              \
+    "smlad %[x10], %[c1o], %[w1], %[x10]\n\t"                                              \
+    "ldrd %[w0], %[w1], [%[t], #40]\n\t"                                                   \
+    "smlad %[x11], %[c1e], %[w0], %[x01]\n\t"                                              \
+    "smlad %[x01], %[c0e], %[w0], %[x01]\n\t"                                              \
+    "smlad %[x01], %[c0o], %[w1], %[x01]\n\t"                                              \
+    "smlad %[x11], %[c1o], %[w1], %[x11]\n\t"                                              \
+    TF_CF_STEP(8, 64, 48, 56)                                                              \
+    TF_CF_STEP(16, 72, 64, 72)                                                             \
+    TF_CF_STEP(24, 80, 80, 88)                                                             \
+    TF_CF_STEP(32, 88, 96, 104)                                                            \
+    TF_CF_STEP(40, 96, 112, 120)                                                           \
+    TF_CF_STEP(48, 104, 128, 136)
+
+#define TF_CF_MAC_OUTPUTS                                                                  \
+    [x00] "=&r"(x00), [x01] "=&r"(x01), [x10] "=&r"(x10), [x11] "=&r"(x11),               \
+        [c0e] "=&r"(c0e), [c0o] "=&r"(c0o), [c1e] "=&r"(c1e), [c1o] "=&r"(c1o),           \
+        [w0] "=&r"(w0), [w1] "=&r"(w1)
+
+/* The sums of the block at t: x[0], x[1] pixel 0's (channels a, b), x[2], x[3] pixel 1's. */
+static inline __attribute__((always_inline)) void tf_cf_2x2(const tf_cf_u32 *col,
+                                                             const tf_cf_i32 *t, int32_t x[4])
+{
+    int32_t x00, x01, x10, x11;
+    uint32_t c0e, c0o, c1e, c1o, w0, w1;
+    __asm__(TF_CF_MACS : TF_CF_MAC_OUTPUTS : [col] "r"(col), [t] "r"(t) : "memory");
+    x[0] = x00;
+    x[1] = x01;
+    x[2] = x10;
+    x[3] = x11;
+}
+
+/* The same, requantized as tf_cf_rq (h plus the sign nudge added first, then SMMLAR) and
+ * saturated to int8 in the same block, the outputs stored at d0[0..1] and d1[0..1] and the
+ * pointers moved on by 2: the clamp is all of int8. */
+static inline __attribute__((always_inline)) void tf_cf_2x2_out(const tf_cf_u32 *col,
+                                                                 const tf_cf_i32 *t,
+                                                                 int8_t **d0, int8_t **d1)
+{
+    int32_t x00, x01, x10, x11;
+    uint32_t c0e, c0o, c1e, c1o, w0, w1;
+    int8_t *p0 = *d0, *p1 = *d1;
+    /* volatile: its stores are what it is for (the last pair's pointers go unused) */
+    __asm__ volatile(TF_CF_MACS
+            "ldrd %[c0e], %[c0o], [%[t], #8]\n\t"  /* multipliers */
+            "ldrd %[c1e], %[c1o], [%[t], #16]\n\t" /* 2^(right-1) + output_offset * 2^right */
+            "add %[w0], %[c1e], %[x00], asr #31\n\t"
+            "smmlar %[x00], %[x00], %[c0e], %[w0]\n\t"
+            "add %[w0], %[c1e], %[x10], asr #31\n\t"
+            "smmlar %[x10], %[x10], %[c0e], %[w0]\n\t"
+            "add %[w0], %[c1o], %[x01], asr #31\n\t"
+            "smmlar %[x01], %[x01], %[c0o], %[w0]\n\t"
+            "add %[w0], %[c1o], %[x11], asr #31\n\t"
+            "smmlar %[x11], %[x11], %[c0o], %[w0]\n\t"
+            "ldrd %[c0e], %[c0o], [%[t], #24]\n\t" /* right shifts */
+            "asr %[x00], %[x00], %[c0e]\n\t"
+            "asr %[x10], %[x10], %[c0e]\n\t"
+            "asr %[x01], %[x01], %[c0o]\n\t"
+            "asr %[x11], %[x11], %[c0o]\n\t"
+            "ssat %[x00], #8, %[x00]\n\t"
+            "ssat %[x10], #8, %[x10]\n\t"
+            "ssat %[x01], #8, %[x01]\n\t"
+            "ssat %[x11], #8, %[x11]\n\t"
+            "strb %[x01], [%[p0], #1]\n\t"
+            "strb %[x00], [%[p0]], #2\n\t"
+            "strb %[x11], [%[p1], #1]\n\t"
+            "strb %[x10], [%[p1]], #2\n\t"
+            : TF_CF_MAC_OUTPUTS, [p0] "+r"(p0), [p1] "+r"(p1)
+            : [col] "r"(col), [t] "r"(t)
+            : "memory");
+    *d0 = p0;
+    *d1 = p1;
+}
+#undef TF_CF_MAC_OUTPUTS
+#undef TF_CF_MACS
+#undef TF_CF_STEP
+
+/* Every pair of channels of two pixels (outputs at d0 and d1; there is a pair or more);
+ * `full`: the clamp is all of int8 (compiled in, so that its test leaves the loop). */
 static inline __attribute__((always_inline)) void
 tf_cf_channels(const tf_cf_u32 *col, const tf_cf_i32 *t, const tf_cf_i32 *t_end, int8_t *d0,
                int8_t *d1, int full, int32_t lo, int32_t hi)
 {
-    for (; t != t_end; t += TF_CF_PAIR_WORDS, d0 += 2, d1 += 2) {
+    if (full) {
+        do {
+            tf_cf_2x2_out(col, t, &d0, &d1);
+            t += TF_CF_PAIR_WORDS;
+        } while (t != t_end);
+        return;
+    }
+    do {
         int32_t x[4];
         tf_cf_2x2(col, t, x);
-        int32_t v00 = tf_cf_rq(x[0], t[2], t[4], t[6]);
-        int32_t v01 = tf_cf_rq(x[1], t[3], t[5], t[7]);
-        int32_t v10 = tf_cf_rq(x[2], t[2], t[4], t[6]);
-        int32_t v11 = tf_cf_rq(x[3], t[3], t[5], t[7]);
-        if (!full) {
-            v00 = tf_cf_clamp(v00, lo, hi);
-            v01 = tf_cf_clamp(v01, lo, hi);
-            v10 = tf_cf_clamp(v10, lo, hi);
-            v11 = tf_cf_clamp(v11, lo, hi);
-        }
-        d0[0] = (int8_t)v00;
-        d0[1] = (int8_t)v01;
-        d1[0] = (int8_t)v10;
-        d1[1] = (int8_t)v11;
-    }
+        const int32_t v00 = tf_cf_rq(x[0], t[2], t[4], t[6]);
+        const int32_t v01 = tf_cf_rq(x[1], t[3], t[5], t[7]);
+        const int32_t v10 = tf_cf_rq(x[2], t[2], t[4], t[6]);
+        const int32_t v11 = tf_cf_rq(x[3], t[3], t[5], t[7]);
+        d0[0] = tf_cf_clamp(v00, lo, hi);
+        d0[1] = tf_cf_clamp(v01, lo, hi);
+        d1[0] = tf_cf_clamp(v10, lo, hi);
+        d1[1] = tf_cf_clamp(v11, lo, hi);
+        t += TF_CF_PAIR_WORDS;
+        d0 += 2;
+        d1 += 2;
+    } while (t != t_end);
 }
 
 /* The last channel of an odd count (channel a of the last block), both pixels. */
@@ -357,7 +414,8 @@ static void tf_cf_last(const tf_cf_u32 *col, const tf_cf_i32 *t, int8_t *d0, int
     *d1 = tf_cf_clamp(tf_cf_rq(b, t[2], t[4], t[6]), lo, hi);
 }
 
-/* pixels >= 2: two at a time, the last pair of an odd count overlapping the one before. */
+/* pixels >= 2, out_c >= 2: two pixels at a time, the last pair of an odd count overlapping
+ * the one before. */
 static __attribute__((noinline)) void tf_cf_run(const tf_cf_conv cv_, int32_t pixels,
                                                 int32_t out_c, const tf_conv_quant *q,
                                                 int8_t *output, tf_cf_u32 *buffer)
@@ -412,7 +470,7 @@ tf_status tf_conv2d_rgb_s8(const tf_dims *in, const int8_t *input, const tf_wind
         return TF_ERR_SHAPE;
     }
     if (tf_cf_shape(in, win) && ((uintptr_t)buffer & 3) == 0 && out->h * out->w >= 2 &&
-        tf_cf_applies(out->c, bias, q)) {
+        out->c >= 2 && tf_cf_applies(out->c, bias, q)) {
         tf_cf_u32 *buf = (tf_cf_u32 *)(void *)buffer;
         tf_cf_pack(out->c, weights, bias, q, (tf_cf_i32 *)(buf + 2 * TF_CF_COL_WORDS));
         const uint32_t off = (uint16_t)q->input_offset;

@@ -126,6 +126,23 @@ def rgb_conv_case(seed: int, h: int, w: int, cout: int, s: int,
     return conv_case(seed, h, w, 3, cout, 3, s, pad, rgb=True, wide_quant=wide_quant)
 
 
+def rgb_conv_cases() -> list[Case]:
+    """tf_conv2d_rgb_s8 on stem-like shapes: stride 1, 2 and 3, padding on every side (2:
+    whole window rows outside), odd sizes and channel counts, ReLU clamps on odd seeds, an
+    odd pixel count; and its fallbacks: a bias outside the folded requantization, one output
+    pixel, one output channel."""
+    return [rgb_conv_case(70, 17, 15, 16, 2, (1, 1, 1, 1)),
+            rgb_conv_case(71, 17, 15, 16, 2, (1, 1, 1, 1)),
+            rgb_conv_case(72, 9, 8, 7, 1, (1, 0, 1, 2)),
+            rgb_conv_case(73, 6, 5, 5, 1, (2, 2, 2, 2)),
+            rgb_conv_case(74, 12, 11, 24, 2, (0, 1, 2, 0)),
+            rgb_conv_case(75, 11, 13, 6, 3, (2, 0, 1, 1)),
+            rgb_conv_case(76, 3, 7, 8, 2, (0, 0, 0, 0)),  # 3 pixels
+            rgb_conv_case(77, 12, 11, 9, 2, (1, 1, 1, 1), wide_quant=True),
+            rgb_conv_case(78, 1, 1, 4, 1, (1, 1, 1, 1)),
+            rgb_conv_case(79, 7, 7, 1, 2, (1, 1, 1, 1))]
+
+
 def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
             pad: tuple[int, int, int, int] | None = None, fast: bool = False,
             wide_quant: bool = False) -> Case:
