@@ -55,9 +55,10 @@ ORIGIN_BYTES = 8  # per patch: where a piece goes (stage output) or comes from (
 
 # Arguments of each kernel call (code per call grows with them).
 _ARGS = {"tf_conv2d_fast_s8": 9, "tf_conv2d_rgb_s8": 9, "tf_conv2d_1x1_fast_s8": 8,
-         "tf_conv2d_1x1_add_fast_s8": 9, "tf_depthwise_conv2d_s8": 9, "tf_fully_connected_s8": 8, "tf_add_s8": 5,
-         "tf_avg_pool_s8": 9, "tf_max_pool_s8": 7, "tf_global_avg_pool_s8": 5,
-         "memmove": 3, "tf_patch_store_s8": 6, "tf_patch_load_s8": 7}
+         "tf_conv2d_1x1_add_fast_s8": 9, "tf_depthwise_conv2d_s8": 9,
+         "tf_fully_connected_s8": 8, "tf_add_s8": 5, "tf_avg_pool_s8": 9, "tf_max_pool_s8": 7,
+         "tf_global_avg_pool_s8": 5, "memmove": 3, "tf_patch_store_s8": 6,
+         "tf_patch_load_s8": 7}
 _DW_ARGS = 9
 FEATURES = ("const", "calls", "call_args", "stage", "stage_calls", "descriptor_bytes")
 
