@@ -85,8 +85,9 @@ def pointwise(h: int, w: int, cin: int, cout: int, seed: int = 0,
 
 
 def conv3x3(h: int, w: int, cin: int, cout: int, stride: int, seed: int = 1,
-            fast: bool = False) -> KernelCase:
-    """A dense 3x3 conv with padding 1 (tf_conv2d_s8, im2col; `fast`: tf_conv2d_fast_s8)."""
+            fast: bool = False, rgb: bool = False) -> KernelCase:
+    """A dense 3x3 conv with padding 1 (tf_conv2d_s8, im2col; `fast`: tf_conv2d_fast_s8;
+    `rgb`: tf_conv2d_rgb_s8, the RGB input layer's kernel)."""
     rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, size=(h, w, cin)).astype(np.int8)
     wt = rng.integers(-127, 128, size=(cout, 3, 3, cin)).astype(np.int8)
@@ -94,15 +95,16 @@ def conv3x3(h: int, w: int, cin: int, cout: int, stride: int, seed: int = 1,
     q = _quant(rng, cout)
     want = ref.conv2d_s8(x, wt, b, q, (stride, stride), (1, 1, 1, 1))
     ho, wo, _ = want.shape
+    variant, label = ("_rgb", " (RGB input)") if rgb else ("_fast", " (specialized)") if fast \
+        else ("", "")
     src = _common(x, wt, b, q, want.size, h, w, cin) + (
         f"static const tf_window win = {{3, 3, {stride}, {stride}, 1, 1, 1, 1}};\n"
         f"static const tf_dims out = {{{ho}, {wo}, {cout}}};\n"
         "static tf_status run(void)\n{\n"
-        f"    return tf_conv2d{'_fast' if fast else ''}_s8(&in, x, &win, &out, w, b, &q, y, buf);"
+        f"    return tf_conv2d{variant}_s8(&in, x, &win, &out, w, b, &q, y, buf);"
         "\n}\n")
-    return KernelCase(f"3x3 conv s{stride} {h}x{w}x{cin}->{cout}"
-                      f"{' (specialized)' if fast else ''}", ho * wo * 9 * cin * cout,
-                      src, want.tobytes())
+    return KernelCase(f"3x3 conv s{stride} {h}x{w}x{cin}->{cout}{label}",
+                      ho * wo * 9 * cin * cout, src, want.tobytes())
 
 
 def depthwise(h: int, w: int, c: int, seed: int = 2, k: int = 3, stride: int = 1,
@@ -183,7 +185,8 @@ def main() -> None:
              depthwise(72, 72, 16), depthwise(28, 28, 48),
              pointwise(28, 28, 16, 96, fast=True), pointwise(28, 28, 32, 64, fast=True),
              pointwise(14, 14, 96, 24, fast=True), pointwise(14, 14, 192, 32, fast=True),
-             conv3x3(32, 32, 3, 16, 2, fast=True),
+             conv3x3(32, 32, 3, 16, 2, fast=True), conv3x3(32, 32, 3, 16, 2, rgb=True),
+             conv3x3(32, 32, 3, 16, 1, rgb=True),
              depthwise(72, 72, 16, fast=True), depthwise(28, 28, 48, fast=True),
              depthwise(28, 28, 48, stride=2, fast=True), depthwise(14, 14, 96, k=5, fast=True),
              depthwise(14, 14, 96, k=7, fast=True)]

@@ -24,7 +24,7 @@ from firmware.int8.reference import (
     is_depthwise,
 )
 from firmware.ir import Graph, Layer, OpKind
-from firmware.plan.kernels import fast_depthwise
+from firmware.plan.kernels import fast_depthwise, rgb_conv
 
 
 class Kind(enum.Enum):
@@ -92,7 +92,10 @@ def check(expr: str) -> str:
 def _conv(c: Call) -> list[str]:
     x, y = c.inputs[0], c.output
     p = c.prefix
-    return [check(f"tf_conv2d_fast_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, {p}_b, "
+    assert c.ql.weight_q is not None
+    entry = ("tf_conv2d_rgb_s8" if rgb_conv(c.ql.weight_q.shape[1], c.ql.layer.kernel)
+             else "tf_conv2d_fast_s8")
+    return [check(f"{entry}({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, {p}_b, "
                   f"&{p}_q, {y.ptr}, tf_scratch)")]
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from firmware.errors import FirmwareError
 from firmware.ir import Graph, Layer, OpKind
 from firmware.plan.arena import arena_layout, build_stage, rest_graph
-from firmware.plan.kernels import fast_depthwise, is_depthwise
+from firmware.plan.kernels import fast_depthwise, is_depthwise, rgb_conv
 from firmware.plan.memory import MemoryModel, analyze, plan_arena
 from firmware.plan.overlay import graph_overlay_layout
 from firmware.plan.patch import PatchPlan
@@ -54,11 +54,12 @@ INPUT_REGION_BYTES = 16  # per patch: rows, cols of the input patch
 ORIGIN_BYTES = 8  # per patch: where a piece goes (stage output) or comes from (a view)
 
 # Arguments of each kernel call (code per call grows with them).
-_ARGS = {"tf_conv2d_fast_s8": 9, "tf_conv2d_1x1_fast_s8": 8, "tf_conv2d_1x1_add_fast_s8": 9,
-         "tf_conv2d_s8": 9, "tf_conv2d_1x1_s8": 8, "tf_conv2d_1x1_add_s8": 9,
-         "tf_depthwise_conv2d_s8": 9, "tf_fully_connected_s8": 8, "tf_add_s8": 5,
-         "tf_avg_pool_s8": 9, "tf_max_pool_s8": 7, "tf_global_avg_pool_s8": 5,
-         "memmove": 3, "tf_patch_store_s8": 6, "tf_patch_load_s8": 7}
+_ARGS = {"tf_conv2d_fast_s8": 9, "tf_conv2d_rgb_s8": 9, "tf_conv2d_1x1_fast_s8": 8,
+         "tf_conv2d_1x1_add_fast_s8": 9, "tf_conv2d_s8": 9, "tf_conv2d_1x1_s8": 8,
+         "tf_conv2d_1x1_add_s8": 9, "tf_depthwise_conv2d_s8": 9,
+         "tf_fully_connected_s8": 8, "tf_add_s8": 5, "tf_avg_pool_s8": 9, "tf_max_pool_s8": 7,
+         "tf_global_avg_pool_s8": 5, "memmove": 3, "tf_patch_store_s8": 6,
+         "tf_patch_load_s8": 7}
 _DW_ARGS = 9
 FEATURES = ("const", "calls", "call_args", "stage", "stage_calls", "descriptor_bytes")
 
@@ -241,6 +242,8 @@ def _entry(graph: Graph, layer: Layer, fused_add: bool, offsets: Mapping[str, in
             return "tf_depthwise_conv2d_s8"
         if _pointwise(graph, layer):
             return "tf_conv2d_1x1_add_fast_s8" if fused_add else "tf_conv2d_1x1_fast_s8"
+        if rgb_conv(graph.tensor(layer.inputs[0]).channels, layer.kernel):
+            return "tf_conv2d_rgb_s8"
         return "tf_conv2d_fast_s8"
     if layer.op is OpKind.RESHAPE:
         return "" if offsets[layer.inputs[0]] == offsets[layer.output] else "memmove"

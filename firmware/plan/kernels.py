@@ -8,6 +8,9 @@ declared, linked and touched agree.
 
 - Dense k x k conv: im2col columns of int16, k*k*cin each; two columns (two output pixels
   per pass) unless the output has a single pixel.
+- Dense 3x3 conv of 3 input channels (an RGB input layer, tf_conv2d_rgb_s8): two columns
+  of 28 int16 and, per pair of output channels, 144 bytes of expanded weights and
+  requantization constants (4 * (28 + 36 * ceil(out / 2))), at least the generic figure.
 - 1x1 conv (stride 1, no padding): the same with k = 1.
 - Fully connected: one int16 column of the input features (one output pixel).
 - Depthwise with a square 3x3 / 5x5 / 7x7 window and stride 1 or 2 runs the specialized
@@ -42,6 +45,23 @@ def columns(out_pixels: int) -> int:
 def conv_scratch_bytes(in_channels: int, kernel: tuple[int, int], out_pixels: int) -> int:
     """tf_conv2d_get_buffer_size (and tf_conv2d_1x1_get_buffer_size with kernel (1, 1))."""
     return columns(out_pixels) * kernel[0] * kernel[1] * in_channels * INT16_BYTES
+
+
+RGB_KERNEL = (3, 3)
+RGB_CHANNELS = 3
+RGB_COLUMN_WORDS = 14  # 27 taps and a zero one, as int16 pairs
+RGB_PAIR_WORDS = 36  # per pair of output channels: 8 constants and 2 x 14 weight words
+
+
+def rgb_conv(in_channels: int, kernel: tuple[int, int]) -> bool:
+    """The dense conv runs tf_conv2d_rgb_s8: a 3x3 window over 3 input channels."""
+    return in_channels == RGB_CHANNELS and kernel == RGB_KERNEL
+
+
+def rgb_conv_scratch_bytes(out_pixels: int, out_channels: int) -> int:
+    """tf_conv2d_rgb_get_buffer_size: its columns and channel-pair blocks."""
+    fast = 4 * (2 * RGB_COLUMN_WORDS + (out_channels + 1) // 2 * RGB_PAIR_WORDS)
+    return max(fast, conv_scratch_bytes(RGB_CHANNELS, RGB_KERNEL, out_pixels))
 
 
 def fully_connected_scratch_bytes(in_features: int) -> int:
@@ -107,6 +127,8 @@ def layer_scratch_bytes(graph: Graph, layer: Layer, tile: LayerTile | None = Non
         if specialized and fast_depthwise(layer.kernel, layer.stride):
             return fast_depthwise_scratch_bytes(in_h, in_w, pads)
         return depthwise_scratch_bytes(in_h, in_w, x.channels, layer.kernel[0], pads)
+    if specialized and rgb_conv(x.channels // layer.groups, layer.kernel):
+        return rgb_conv_scratch_bytes(out_pixels, graph.tensor(layer.output).channels)
     return conv_scratch_bytes(x.channels // layer.groups, layer.kernel, out_pixels)
 
 

@@ -104,6 +104,18 @@ tf_status tf_conv2d_fast_s8(const tf_dims *in, const int8_t *input, const tf_win
                             const tf_dims *out, const int8_t *weights, const int32_t *bias,
                             const tf_conv_quant *q, int8_t *output, int16_t *buffer);
 
+/* Specialized dense conv of an RGB input layer (3x3 window, in->c == 3, any stride and
+ * padding): same arguments and results as tf_conv2d_s8, which it runs itself on the plain C
+ * path, for other shapes, one output pixel or channel, or unless the folded requantization
+ * of tf_conv2d_1x1_fast_s8 applies (see tf_conv_fast.c). buffer:
+ * tf_conv2d_rgb_get_buffer_size() bytes, 4-byte aligned: two int16 columns of 28 and, per
+ * pair of output channels, 144 bytes of weights expanded per call and requantization
+ * constants (at least tf_conv2d_get_buffer_size()). */
+size_t tf_conv2d_rgb_get_buffer_size(const tf_dims *in, const tf_window *win, int32_t out_c);
+tf_status tf_conv2d_rgb_s8(const tf_dims *in, const int8_t *input, const tf_window *win,
+                           const tf_dims *out, const int8_t *weights, const int32_t *bias,
+                           const tf_conv_quant *q, int8_t *output, int16_t *buffer);
+
 /* 1x1 conv, stride 1, no padding: out is (in->h, in->w, out_c). */
 size_t tf_conv2d_1x1_get_buffer_size(const tf_dims *in);
 tf_status tf_conv2d_1x1_s8(const tf_dims *in, const int8_t *input, int32_t out_c,

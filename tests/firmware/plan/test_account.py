@@ -73,8 +73,9 @@ def test_scratch_follows_each_kernels_buffer_size() -> None:
     graph = tiny_graph()
     fc = graph.layers[-1]
     assert layer_scratch_bytes(graph, fc) == graph.tensor(fc.inputs[0]).numel * 2  # one column
-    stem = graph.layers[0]
-    assert layer_scratch_bytes(graph, stem) == 2 * 3 * 3 * 3 * 2  # two im2col columns
+    stem = graph.layers[0]  # an RGB input layer: two columns of 28 int16, 144 B per 2 channels
+    out_c = graph.tensor(stem.output).channels
+    assert layer_scratch_bytes(graph, stem) == 2 * 28 * 2 + (out_c + 1) // 2 * 144
     assert conv_scratch_bytes(16, (1, 1), out_pixels=1) == 32  # a 1-pixel output: one column
     plan = plan_patches(graph, 2, "b1.project")
     assert scratch_buffer_bytes(graph, plan) <= scratch_buffer_bytes(graph)

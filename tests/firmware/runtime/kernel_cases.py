@@ -18,7 +18,7 @@ from firmware.int8.quantize import AddParams
 
 OP_CONV, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP = range(1, 9)
 OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST = 9, 10, 11, 12, 13
-OP_CONV1X1_FAST, OP_CONV1X1_ADD_FAST, OP_CONV_FAST = 14, 15, 16
+OP_CONV1X1_FAST, OP_CONV1X1_ADD_FAST, OP_CONV_FAST, OP_CONV_RGB = 14, 15, 16, 17
 
 
 @dataclass(frozen=True)
@@ -98,19 +98,52 @@ def _window_ints(k: int, s: int, pad: tuple[int, int, int, int]) -> bytes:
 
 
 def conv_case(seed: int, h: int, w: int, cin: int, cout: int, k: int, s: int,
-              pad: tuple[int, int, int, int], fast: bool = False) -> Case:
-    """Dense kxk conv (`fast`: tf_conv2d_fast_s8)."""
+              pad: tuple[int, int, int, int], fast: bool = False, rgb: bool = False,
+              wide_quant: bool = False) -> Case:
+    """Dense kxk conv (`fast`: tf_conv2d_fast_s8, `rgb`: tf_conv2d_rgb_s8), with a ReLU clamp
+    on odd seeds. `wide_quant` gives one channel a bias around +-2**30 and a shift in
+    [-31, -27], outside the specialized kernels' folded requantization (they fall back)."""
     rng = np.random.default_rng(seed)
     x, wt = _i8(rng, h, w, cin), _w8(rng, cout, k, k, cin)
     b = rng.integers(-5000, 5000, size=cout).astype(np.int32)
     q = _quant(rng, cout, relu=bool(seed % 2))
+    if wide_quant:
+        i = int(rng.integers(0, cout))
+        b[i] = int(rng.choice([-1, 1])) * (2**30 + int(rng.integers(-40000, 40000)))
+        shift = q.shift.copy()
+        shift[i] = int(rng.integers(-31, -26))
+        q = dataclasses.replace(q, shift=shift)
     y = ref.conv2d_s8(x, wt, b, q, (s, s), pad)
-    payload = (_ints(OP_CONV_FAST if fast else OP_CONV, h, w, cin, *y.shape)
+    op, tag = (OP_CONV_RGB, "-rgb") if rgb else (OP_CONV_FAST, "-fast") if fast else (OP_CONV, "")
+    payload = (_ints(op, h, w, cin, *y.shape)
                + _window_ints(k, s, pad)
                + _ints(q.input_offset, q.output_offset, q.act_min, q.act_max, 0)
                + _arr(x) + _arr(wt) + _arr(b) + _arr(q.multiplier) + _arr(q.shift))
-    return Case(f"conv{'-fast' if fast else ''}{k}x{k}s{s} {h}x{w}x{cin}->{cout}", payload,
-                y.tobytes())
+    return Case(f"conv{tag}{k}x{k}s{s} {h}x{w}x{cin}->{cout} pad {pad}"
+                f"{' wide quant' if wide_quant else ''}", payload, y.tobytes())
+
+
+def rgb_conv_case(seed: int, h: int, w: int, cout: int, s: int,
+                  pad: tuple[int, int, int, int], wide_quant: bool = False) -> Case:
+    """An RGB input layer (3x3 window, 3 input channels) on tf_conv2d_rgb_s8."""
+    return conv_case(seed, h, w, 3, cout, 3, s, pad, rgb=True, wide_quant=wide_quant)
+
+
+def rgb_conv_cases() -> list[Case]:
+    """tf_conv2d_rgb_s8 on stem-like shapes: stride 1, 2 and 3, padding on every side (2:
+    whole window rows outside), odd sizes and channel counts, ReLU clamps on odd seeds, an
+    odd pixel count; and its fallbacks: a bias outside the folded requantization, one output
+    pixel, one output channel."""
+    return [rgb_conv_case(70, 17, 15, 16, 2, (1, 1, 1, 1)),
+            rgb_conv_case(71, 17, 15, 16, 2, (1, 1, 1, 1)),
+            rgb_conv_case(72, 9, 8, 7, 1, (1, 0, 1, 2)),
+            rgb_conv_case(73, 6, 5, 5, 1, (2, 2, 2, 2)),
+            rgb_conv_case(74, 12, 11, 24, 2, (0, 1, 2, 0)),
+            rgb_conv_case(75, 11, 13, 6, 3, (2, 0, 1, 1)),
+            rgb_conv_case(76, 3, 7, 8, 2, (0, 0, 0, 0)),  # 3 pixels
+            rgb_conv_case(77, 12, 11, 9, 2, (1, 1, 1, 1), wide_quant=True),
+            rgb_conv_case(78, 1, 1, 4, 1, (1, 1, 1, 1)),
+            rgb_conv_case(79, 7, 7, 1, 2, (1, 1, 1, 1))]
 
 
 def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
@@ -265,7 +298,7 @@ seeds = st.integers(0, 2**32 - 1)
 @st.composite
 def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
     """One kernel case of any kind, with Hypothesis-chosen shapes."""
-    kind = draw(st.sampled_from(["conv", "conv_fast", "dw", "dw_fast", "pw", "pw_fast",
+    kind = draw(st.sampled_from(["conv", "conv_fast", "conv_rgb", "dw", "dw_fast", "pw", "pw_fast",
                                  "pw_add_fast", "pw_add", "fc", "add", "pool", "patch",
                                  "requant"]))
     seed = draw(seeds)
@@ -278,6 +311,13 @@ def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
         h, w = max(h, k), max(w, k)
         return conv_case(seed, h, w, draw(st.integers(1, 8)), c, k, s,
                          (pad[0], pad[1], pad[2], pad[3]), fast=kind == "conv_fast")
+    if kind == "conv_rgb":  # any pads below the window, any stride; the odd other shape
+        cin, k = draw(st.sampled_from([(3, 3)] * 6 + [(1, 3), (4, 3), (3, 1), (3, 5)]))
+        pad = tuple(draw(st.integers(0, min(k - 1, 2))) for _ in range(4))
+        h, w = max(h, k - pad[0] - pad[2]), max(w, k - pad[1] - pad[3])
+        return conv_case(seed, h, w, cin, c, k, draw(st.integers(1, 3)),
+                         (pad[0], pad[1], pad[2], pad[3]), rgb=True,
+                         wide_quant=draw(st.integers(0, 5)) == 0)
     if kind in ("dw", "dw_fast"):
         k = draw(st.sampled_from([3, 5, 7]))
         # Patch tiles pad only the sides at the image border: any pads below the kernel.

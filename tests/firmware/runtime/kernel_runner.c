@@ -10,7 +10,7 @@
 
 enum { OP_CONV = 1, OP_CONV1X1, OP_CONV1X1_ADD, OP_DW, OP_FC, OP_ADD, OP_AVGPOOL, OP_GAP,
        OP_PATCH_LOAD, OP_PATCH_STORE, OP_REQUANT, OP_MAXPOOL, OP_DW_FAST,
-       OP_CONV1X1_FAST, OP_CONV1X1_ADD_FAST, OP_CONV_FAST };
+       OP_CONV1X1_FAST, OP_CONV1X1_ADD_FAST, OP_CONV_FAST, OP_CONV_RGB };
 
 typedef struct {
     const uint8_t *p;
@@ -137,6 +137,9 @@ static int32_t run_window_op(int32_t op, tf_reader *r, tf_sink *k)
     }
     if (op == OP_CONV_FAST) {
         return tf_conv2d_fast_s8(&in, x, &win, &out, w, b, &q, dst, k->scratch16);
+    }
+    if (op == OP_CONV_RGB) {
+        return tf_conv2d_rgb_s8(&in, x, &win, &out, w, b, &q, dst, k->scratch16);
     }
     if (in_place) {
         memcpy(dst, x, n);
@@ -268,6 +271,7 @@ static int32_t run_case(tf_reader *r, tf_sink *k)
     case OP_DW:
     case OP_DW_FAST:
     case OP_CONV_FAST:
+    case OP_CONV_RGB:
     case OP_AVGPOOL:
     case OP_MAXPOOL:
         return run_window_op(op, r, k);

@@ -69,6 +69,7 @@ def test_every_kernel_is_bit_exact_against_the_reference(lib: ctypes.CDLL,
 def test_mobilenet_like_shapes_are_bit_exact(lib: ctypes.CDLL) -> None:
     cases = [kc.conv_case(60, 17, 15, 3, 16, 3, 2, (1, 1, 1, 1), fast=True),
              kc.conv_case(61, 9, 8, 5, 7, 3, 1, (1, 0, 1, 2), fast=True),
+             *kc.rgb_conv_cases(),
              kc.conv_case(1, 24, 24, 3, 16, 3, 2, (1, 1, 1, 1)),
              kc.dw_case(2, 24, 24, 32, 3, 1, True), kc.dw_case(3, 24, 24, 32, 3, 2, True),
              kc.dw_case(4, 13, 11, 40, 5, 2, True), kc.dw_case(5, 9, 9, 8, 7, 1, True),

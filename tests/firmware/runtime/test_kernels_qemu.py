@@ -67,6 +67,7 @@ def test_kernels_in_qemu_are_bit_exact_against_the_reference(runner: BuildResult
 def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
     cases = [kc.conv_case(60, 17, 15, 3, 16, 3, 2, (1, 1, 1, 1), fast=True),
              kc.conv_case(61, 9, 8, 5, 7, 3, 1, (1, 0, 1, 2), fast=True),
+             *kc.rgb_conv_cases(),
              kc.conv_case(1, 20, 20, 3, 16, 3, 2, (1, 1, 1, 1)),
              kc.dw_case(2, 20, 20, 32, 3, 1, True), kc.dw_case(3, 20, 20, 32, 3, 2, True),
              *[kc.dw_case(20 + k + s, 19, 17, 20, k, s, True, fast=True)

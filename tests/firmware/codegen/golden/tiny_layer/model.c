@@ -535,7 +535,7 @@ tf_status tf_model_run(tf_input_fn read_input, void *ctx, int8_t *output)
 {
     TF_READ(read_input, ctx, 0, model_in, 768);
     /* l0: stem (conv) */
-    TF_CHECK(tf_conv2d_fast_s8(&model_in_dims, model_in, &l0_win, &l0_conv_out_dims, l0_w, l0_b, &l0_q, l0_conv_out, tf_scratch));
+    TF_CHECK(tf_conv2d_rgb_s8(&model_in_dims, model_in, &l0_win, &l0_conv_out_dims, l0_w, l0_b, &l0_q, l0_conv_out, tf_scratch));
     /* l1: b0.dw (dw) */
     TF_CHECK(tf_depthwise_conv2d_3x3s1_s8(&l0_conv_out_dims, l0_conv_out, &l1_win, &l1_dw_out_dims, l1_w, l1_b, &l1_q, l1_dw_out, (int8_t *)tf_scratch));
     /* l2: b0.project (pw) */

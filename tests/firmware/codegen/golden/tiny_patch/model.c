@@ -551,7 +551,7 @@ tf_status tf_model_run(tf_input_fn read_input, void *ctx, int8_t *output)
             }
         }
         /* l0: stem (conv) */
-        TF_CHECK(tf_conv2d_fast_s8(&model_in_patch_dims[p], model_in_patch, &l0_win[p], &l0_conv_out_patch_dims[p], l0_w, l0_b, &l0_q, l0_conv_out_patch, tf_scratch));
+        TF_CHECK(tf_conv2d_rgb_s8(&model_in_patch_dims[p], model_in_patch, &l0_win[p], &l0_conv_out_patch_dims[p], l0_w, l0_b, &l0_q, l0_conv_out_patch, tf_scratch));
         /* l1: b0.dw (dw) */
         TF_CHECK(tf_depthwise_conv2d_3x3s1_s8(&l0_conv_out_patch_dims[p], l0_conv_out_patch, &l1_win[p], &l1_dw_out_patch_dims[p], l1_w, l1_b, &l1_q, l1_dw_out_patch, (int8_t *)tf_scratch));
         /* view of stem for b0.add */

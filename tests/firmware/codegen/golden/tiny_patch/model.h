@@ -14,7 +14,7 @@
 /* Output: int8 in (C, H, W) order, 10x1x1, real = 0.036482320112340594 * (q - -31). */
 #define TF_MODEL_OUTPUT_BYTES 10u
 #define TF_MODEL_ARENA_BYTES 1187u
-#define TF_MODEL_SCRATCH_BYTES 144u
+#define TF_MODEL_SCRATCH_BYTES 688u
 
 /* Copies `count` bytes of the HWC input image from byte `offset` into dst; 0 on success. */
 typedef int32_t (*tf_input_fn)(void *ctx, uint32_t offset, int8_t *dst, uint32_t count);
