@@ -109,24 +109,18 @@ int tf_fully_connected_fast(int32_t k, const int8_t *input, int32_t out_c,
     }
     const int32_t off_out = q->output_offset, lo = q->act_min, hi = q->act_max;
     const int32_t *mult = q->multiplier, *shift = q->shift;
-    const int8_t *w = weights;
     const int32_t steps = k >> 2;
-    int32_t o = 0;
-    for (; o + 4 <= out_c; o += 4, w += 4 * k) {
-        int32_t acc[4] = {2 * bias[o], 2 * bias[o + 1], 2 * bias[o + 2], 2 * bias[o + 3]};
-        tf_fcf_four(buffer, w, w + k, w + 2 * k, w + 3 * k, steps, acc);
-        output[o] = tf_fcf_out(acc[0], mult[o], -shift[o], off_out, lo, hi);
-        output[o + 1] = tf_fcf_out(acc[1], mult[o + 1], -shift[o + 1], off_out, lo, hi);
-        output[o + 2] = tf_fcf_out(acc[2], mult[o + 2], -shift[o + 2], off_out, lo, hi);
-        output[o + 3] = tf_fcf_out(acc[3], mult[o + 3], -shift[o + 3], off_out, lo, hi);
-    }
-    if (o < out_c) { /* 1-3 channels left: the last one's row stands in for the missing */
-        const int32_t n = out_c - o;
-        const int8_t *last = w + (size_t)(n - 1) * (size_t)k;
-        int32_t acc[4] = {2 * bias[o], n > 1 ? 2 * bias[o + 1] : 0, n > 2 ? 2 * bias[o + 2] : 0,
-                          0};
-        tf_fcf_four(buffer, w, n > 1 ? w + k : last, n > 2 ? w + 2 * k : last, last, steps,
-                    acc);
+    for (int32_t o = 0; o < out_c; o += 4) {
+        /* fewer than four channels left: the last one's row stands in (results dropped) */
+        const int32_t n = out_c - o < 4 ? out_c - o : 4;
+        const int8_t *row[4];
+        int32_t acc[4];
+        for (int32_t j = 0; j < 4; j++) {
+            const int32_t c = o + (j < n ? j : n - 1);
+            row[j] = weights + (size_t)c * (size_t)k;
+            acc[j] = 2 * bias[c];
+        }
+        tf_fcf_four(buffer, row[0], row[1], row[2], row[3], steps, acc);
         for (int32_t j = 0; j < n; j++) {
             output[o + j] = tf_fcf_out(acc[j], mult[o + j], -shift[o + j], off_out, lo, hi);
         }
