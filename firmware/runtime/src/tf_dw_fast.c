@@ -393,6 +393,95 @@ static __attribute__((noinline)) void tf_dwf_exact(const int8_t *plane, int32_t 
     }
 }
 
+/* Output planes of at most this many pixels take tf_dwf_small. */
+#define TF_DWF_SMALL 16
+
+/* One channel's requantization constants; returns whether the fast path applies to every
+ * accumulator bias + sum over at most k * k taps of (x + input_offset) * w, |x + offset|
+ * <= 255: |acc| <= |bias| + 255 * 128 * k * k < 2^30. */
+static int tf_dwf_small_ch(const int32_t *bias, const tf_conv_quant *q, int32_t c, int32_t k,
+                           tf_dwf_ch *ch)
+{
+    const int32_t b = bias[c], shift = q->shift[c], room = (1 << 30) - 255 * 128 * k * k;
+    *ch = (tf_dwf_ch){b, q->multiplier[c], shift, -shift, 0};
+    if (b >= room || b <= -room || shift > -1 || shift < -22 || ch->m == INT32_MIN) {
+        return 0;
+    }
+    ch->half = (int32_t)(1u << (ch->right - 1)) + q->output_offset * (1 << ch->right);
+    return 1;
+}
+
+/* A small output plane (MCUNet's 2x2 and 3x3 layers, where most taps fall in the padding and
+ * a padded plane, its set-up and its rows cost more than the MACs): no plane, each output
+ * sums only the taps inside the input, straight from HWC, four channels per word: SXTB16
+ * gives the channel pairs (c0, c2), (c1, c3) of the input (plus the offset, SADD16) and of
+ * the weights, SMLABB / SMLATT one MAC each. A group of channels keeps its outputs until all
+ * are computed, so in place needs no scratch. The last in->c % 4 channels go one at a time
+ * (a word would read past the tensors). Shared by every window (k, s at run time). */
+static __attribute__((noinline)) void tf_dwf_small(const tf_dims *in, const int8_t *input,
+                                                   const tf_window *win, const tf_dims *out,
+                                                   const int8_t *weights, const int32_t *bias,
+                                                   const tf_conv_quant *q, int8_t *output)
+{
+    const int32_t ih = in->h, iw = in->w, oh = out->h, ow = out->w, k = win->kh;
+    const int32_t s = win->stride_h, off = q->input_offset, channels = in->c;
+    const size_t cs = (size_t)channels;
+    const tf_dwf_clamp cl = {q->output_offset, q->act_min, q->act_max};
+    const int16x2_t off2 = (int16x2_t)(((uint32_t)(uint16_t)off) * 0x10001u);
+    for (int32_t c = 0; c < channels;) {
+        const int32_t g = channels - c >= 4 ? 4 : 1; /* channels in this pass */
+        tf_dwf_ch ch[4];
+        int fast[4];
+        for (int32_t j = 0; j < g; j++) {
+            fast[j] = tf_dwf_small_ch(bias, q, c + j, k, &ch[j]);
+        }
+        int8_t res[TF_DWF_SMALL * 4];
+        int8_t *r = res;
+        for (int32_t oy = 0; oy < oh; oy++) {
+            const int32_t y0 = oy * s - win->pad_top;
+            const int32_t i0 = y0 < 0 ? -y0 : 0, i1 = ih - y0 < k ? ih - y0 : k;
+            for (int32_t ox = 0; ox < ow; ox++) {
+                const int32_t x0 = ox * s - win->pad_left;
+                const int32_t j0 = x0 < 0 ? -x0 : 0, j1 = iw - x0 < k ? iw - x0 : k;
+                const size_t span = (size_t)(j1 - j0) * cs;
+                int32_t a0 = ch[0].acc0, a1 = 0, a2 = 0, a3 = 0;
+                for (int32_t i = i0; i < i1; i++) {
+                    const int8_t *px = input + ((size_t)(y0 + i) * (size_t)iw +
+                                                (size_t)(x0 + j0)) * cs + (size_t)c;
+                    const int8_t *pw = weights + (size_t)(i * k + j0) * cs + (size_t)c;
+                    if (g == 4) {
+                        for (size_t o = 0; o < span; o += cs) {
+                            const uint32_t xv = tf_dwf_read(px + o), wv = tf_dwf_read(pw + o);
+                            const int16x2_t xe = __sadd16(__sxtb16((int8x4_t)xv), off2);
+                            const int16x2_t xo = __sadd16(tf_dwf_odd(xv), off2);
+                            const int16x2_t we = __sxtb16((int8x4_t)wv), wo = tf_dwf_odd(wv);
+                            a0 = __smlabb(xe, we, a0);
+                            a2 = __smlatt(xe, we, a2);
+                            a1 = __smlabb(xo, wo, a1);
+                            a3 = __smlatt(xo, wo, a3);
+                        }
+                    } else {
+                        for (size_t o = 0; o < span; o += cs) {
+                            a0 += (px[o] + off) * pw[o];
+                        }
+                    }
+                }
+                r[0] = tf_dwf_out(a0, &ch[0], &cl, fast[0]);
+                if (g == 4) {
+                    r[1] = tf_dwf_out(a1 + ch[1].acc0, &ch[1], &cl, fast[1]);
+                    r[2] = tf_dwf_out(a2 + ch[2].acc0, &ch[2], &cl, fast[2]);
+                    r[3] = tf_dwf_out(a3 + ch[3].acc0, &ch[3], &cl, fast[3]);
+                }
+                r += g;
+            }
+        }
+        for (int32_t p = 0; p < oh * ow; p++) {
+            memcpy(output + (size_t)p * cs + (size_t)c, res + p * g, (size_t)g);
+        }
+        c += g;
+    }
+}
+
 /* All channels with kernel k and stride s (constants after inlining). */
 static inline __attribute__((always_inline)) void
 tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,
@@ -402,6 +491,10 @@ tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const t
     const int32_t wp = in->w + win->pad_left + win->pad_right;
     const tf_dwf_clamp cl = {q->output_offset, q->act_min, q->act_max};
     const int32_t oh = out->h, ow = out->w;
+    if (oh * ow <= TF_DWF_SMALL) {
+        tf_dwf_small(in, input, win, out, weights, bias, q, output);
+        return;
+    }
     uint32_t wq[TF_DWF_MAX_K * TF_DWF_GROUPS(TF_DWF_MAX_K) * 2] __attribute__((aligned(8)));
     memset(plane, (int8_t)(-q->input_offset), tf_dwf_plane_bytes(in, win) + TF_DWF_SLACK);
     int8_t *interior = plane + (size_t)win->pad_top * (size_t)wp + (size_t)win->pad_left;
