@@ -234,20 +234,22 @@ tf_dwf_macs(const int8_t *p, int32_t wp, int32_t n, const int32_t k, const int32
 
 /* Outputs are computed in chunks: the MAC loop leaves a chunk's accumulators in a small
  * array, then a separate loop requantizes them, so neither loop runs out of registers. */
-#define TF_DWF_CHUNK 64
+/* Outputs per chunk, a multiple of 4: fewer for larger windows, whose MACs per output make
+ * the chunk's overhead small, so that their deeper MAC loops (more spills) keep the stack
+ * of the deepest chain (tf_depthwise_conv2d_7x7s2_s8) about where it was. */
+#define TF_DWF_CHUNK(k) ((k) == 3 ? 28 : (k) == 5 ? 20 : 12)
 
 static inline __attribute__((always_inline)) void
 tf_dwf_dsp(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_t k,
            const int32_t s, const uint32_t *wq, const tf_dwf_ch *ch, const tf_dwf_clamp *cl,
-           int8_t *dst, size_t step)
+           int8_t *dst, size_t step, int32_t *acc)
 {
-    int32_t acc[TF_DWF_CHUNK];
     const tf_dwf_ch c = *ch;
     const int full = cl->lo == -128 && cl->hi == 127; /* the clamp is the int8 saturation */
     for (int32_t oy = 0; oy < oh; oy++) {
         const int8_t *p = plane + (size_t)(oy * s) * (size_t)wp;
-        for (int32_t ox = 0; ox < ow; ox += TF_DWF_CHUNK) {
-            const int32_t n = ow - ox < TF_DWF_CHUNK ? ow - ox : TF_DWF_CHUNK;
+        for (int32_t ox = 0; ox < ow; ox += TF_DWF_CHUNK(k)) {
+            const int32_t n = ow - ox < TF_DWF_CHUNK(k) ? ow - ox : TF_DWF_CHUNK(k);
             tf_dwf_macs(p, wp, n, k, s, wq, c.acc0 * 2, acc);
             p += n * s;
             if (full) {
@@ -274,7 +276,8 @@ tf_dwf_dsp(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_
         const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const uint32_t *wq,       \
         const tf_dwf_ch *ch, const tf_dwf_clamp *cl, int8_t *dst, size_t step)             \
     {                                                                                      \
-        tf_dwf_dsp(plane, wp, oh, ow, K, S, wq, ch, cl, dst, step);                        \
+        int32_t acc[TF_DWF_CHUNK(K)];                                                      \
+        tf_dwf_dsp(plane, wp, oh, ow, K, S, wq, ch, cl, dst, step, acc);                   \
     }
 TF_DWF_DSP(3, 1)
 TF_DWF_DSP(3, 2)
@@ -331,13 +334,13 @@ tf_dwf_prepare(const int8_t *weights, const int32_t *bias, const tf_conv_quant *
 {
     const size_t cs = (size_t)channels;
     const int8_t *w = weights + c; /* tap t at w[t * cs] */
-    int32_t t[TF_DWF_MAX_K * TF_DWF_MAX_K];
     int32_t wsum = 0;
 #pragma GCC unroll 49
     for (int32_t i = 0; i < k * k; i++) {
-        t[i] = w[(size_t)i * cs];
-        wsum += t[i];
+        wsum += w[(size_t)i * cs];
     }
+    /* Opaque: the taps are loaded again below, not kept live (and spilled) across the check. */
+    __asm__("" : "+r"(w));
     const int32_t m = q->multiplier[c], shift = q->shift[c];
     const int64_t acc0 = (int64_t)bias[c] + (int64_t)q->input_offset * wsum;
     *ch = (tf_dwf_ch){(int32_t)acc0, m, shift, -shift, 0};
@@ -358,7 +361,8 @@ tf_dwf_prepare(const int8_t *weights, const int32_t *bias, const tf_conv_quant *
 #pragma GCC unroll 4
             for (int32_t j = 0; j < 4; j++) {
                 const int32_t col = 4 * g + j;
-                t4[j] = col < k ? 2 * t[r * k + col] : 0; /* sums 2 * acc */
+                /* read again rather than kept: a k * k array would cost stack */
+                t4[j] = col < k ? 2 * w[(size_t)(r * k + col) * cs] : 0; /* sums 2 * acc */
             }
             wq[(r * groups + g) * 2] =
                 (uint32_t)(uint16_t)t4[0] | ((uint32_t)(uint16_t)t4[2] << 16);
@@ -418,10 +422,9 @@ static int tf_dwf_small_ch(const int32_t *bias, const tf_conv_quant *q, int32_t 
  * the weights, SMLABB / SMLATT one MAC each. A group of channels keeps its outputs until all
  * are computed, so in place needs no scratch. The last in->c % 4 channels go one at a time
  * (a word would read past the tensors). Shared by every window (k, s at run time). */
-static __attribute__((noinline)) void tf_dwf_small(const tf_dims *in, const int8_t *input,
-                                                   const tf_window *win, const tf_dims *out,
-                                                   const int8_t *weights, const int32_t *bias,
-                                                   const tf_conv_quant *q, int8_t *output)
+static __attribute__((noinline)) tf_status
+tf_dwf_small(const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,
+             const int8_t *weights, const int32_t *bias, const tf_conv_quant *q, int8_t *output)
 {
     const int32_t ih = in->h, iw = in->w, oh = out->h, ow = out->w, k = win->kh;
     const int32_t s = win->stride_h, off = q->input_offset, channels = in->c;
@@ -480,6 +483,7 @@ static __attribute__((noinline)) void tf_dwf_small(const tf_dims *in, const int8
         }
         c += g;
     }
+    return TF_OK;
 }
 
 /* All channels with kernel k and stride s (constants after inlining). */
@@ -491,10 +495,6 @@ tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const t
     const int32_t wp = in->w + win->pad_left + win->pad_right;
     const tf_dwf_clamp cl = {q->output_offset, q->act_min, q->act_max};
     const int32_t oh = out->h, ow = out->w;
-    if (oh * ow <= TF_DWF_SMALL) {
-        tf_dwf_small(in, input, win, out, weights, bias, q, output);
-        return;
-    }
     uint32_t wq[TF_DWF_MAX_K * TF_DWF_GROUPS(TF_DWF_MAX_K) * 2] __attribute__((aligned(8)));
     memset(plane, (int8_t)(-q->input_offset), tf_dwf_plane_bytes(in, win) + TF_DWF_SLACK);
     int8_t *interior = plane + (size_t)win->pad_top * (size_t)wp + (size_t)win->pad_left;
@@ -515,6 +515,24 @@ tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const t
         }
     }
 }
+
+/* Each window's plane path, out of line: an entry point that takes tf_dwf_small does not
+ * hold its frame (the stack bound is the deepest chain). */
+#define TF_DWF_RUN(K, S)                                                                   \
+    static __attribute__((noinline)) tf_status tf_dwf_run_##K##s##S(                       \
+        const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,  \
+        const int8_t *weights, const int32_t *bias, const tf_conv_quant *q, int8_t *output, \
+        int8_t *plane)                                                                     \
+    {                                                                                      \
+        tf_dwf_run(in, input, win, out, weights, bias, q, output, plane, K, S);            \
+        return TF_OK;                                                                      \
+    }
+TF_DWF_RUN(3, 1)
+TF_DWF_RUN(3, 2)
+TF_DWF_RUN(5, 1)
+TF_DWF_RUN(5, 2)
+TF_DWF_RUN(7, 1)
+TF_DWF_RUN(7, 2)
 #endif
 
 /* The checks of every entry point. */
@@ -551,8 +569,10 @@ tf_dwf_check(const tf_dims *in, const int8_t *input, const tf_window *win, const
  * the padded plane, which is at least what tf_depthwise_conv2d_s8 asks for. */
 #if TF_USE_DSP
 #define TF_DWF_BODY(K, S)                                                                  \
-    tf_dwf_run(in, input, win, out, weights, bias, q, output, buffer, K, S);               \
-    return TF_OK;
+    if (out->h * out->w <= TF_DWF_SMALL) {                                                 \
+        return tf_dwf_small(in, input, win, out, weights, bias, q, output);                \
+    }                                                                                      \
+    return tf_dwf_run_##K##s##S(in, input, win, out, weights, bias, q, output, buffer);
 #else
 #define TF_DWF_BODY(K, S)                                                                  \
     return tf_depthwise_conv2d_s8(in, input, win, out, weights, bias, q, output, buffer);
