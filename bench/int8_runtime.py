@@ -189,7 +189,12 @@ def main() -> None:
              conv3x3(32, 32, 3, 16, 1, rgb=True),
              depthwise(72, 72, 16, fast=True), depthwise(28, 28, 48, fast=True),
              depthwise(28, 28, 48, stride=2, fast=True), depthwise(14, 14, 96, k=5, fast=True),
-             depthwise(14, 14, 96, k=7, fast=True)]
+             depthwise(14, 14, 96, k=7, fast=True),
+             # MobileNetV2 / MCUNet shapes: stride 2, small planes with many channels.
+             depthwise(36, 36, 48, stride=2, fast=True), depthwise(9, 9, 192, fast=True),
+             depthwise(6, 6, 120, k=5, fast=True), depthwise(3, 3, 224, k=5, fast=True),
+             depthwise(2, 2, 448, k=5, fast=True), depthwise(2, 2, 672, fast=True),
+             depthwise(5, 5, 336, k=7, fast=True)]
     cases = [case for case in cases if args.only in case.name]
     builds = [(Cpu.CORTEX_M4, False), (Cpu.CORTEX_M4, True), (Cpu.CORTEX_M7, True)]
     if args.m7:

@@ -9,8 +9,12 @@
  * (w0, w2), (w1, w3) precomputed per channel (taps past the kernel have weight 0). The
  * requantization is folded into the output loop with the channel's multiplier, shift and
  * rounding constant in registers: SMMULR of 2 * acc (= SaturatingRoundingDoublingHighMul
- * while |acc| < 2^30, checked per channel from its weights and bias), then the rounding
- * shift. A channel outside that bound (or with a left shift) takes the exact generic path.
+ * while |acc| < 2^30, checked per channel from its bias and the largest sum of |weights|),
+ * then the rounding shift. A channel outside that bound (or with a left shift) takes the
+ * exact generic path. A channel's set-up (weight pairs, bias, constants) is inlined with the
+ * window a constant, so it is straight-line code: small planes with many channels pay it
+ * once per channel. A row's outputs come in groups of four, then a rest of three (as four),
+ * two or one, so a narrow row drops at most one computed output.
  * The results are bit-identical to tf_depthwise_conv2d_s8 and firmware.int8.reference.
  */
 #include "tf_internal.h"
@@ -106,6 +110,19 @@ static inline __attribute__((always_inline)) int16x2_t tf_dwf_odd(uint32_t b)
 
 #define TF_DWF_GROUPS(k) (((k) + 3) / 4)
 
+/* Lanes (x[d], x[d + 2]) and (x[d + 1], x[d + 3]) of a row for an offset d known at compile
+ * time: only words at even offsets are loaded, an odd offset's lanes are the other halves of
+ * its even neighbours' (the optimizer merges the repeated loads and SXTB16). */
+static inline __attribute__((always_inline)) int16x2_t tf_dwf_even(const int8_t *x, int32_t d)
+{
+    return d % 2 == 0 ? __sxtb16((int8x4_t)tf_dwf_read(x + d)) : tf_dwf_odd(tf_dwf_read(x + d - 1));
+}
+
+static inline __attribute__((always_inline)) int16x2_t tf_dwf_oddl(const int8_t *x, int32_t d)
+{
+    return d % 2 == 0 ? tf_dwf_odd(tf_dwf_read(x + d)) : __sxtb16((int8x4_t)tf_dwf_read(x + d + 1));
+}
+
 /* Four adjacent outputs per step; wq holds, per kernel row r and group g of four taps,
  * (w[4g], w[4g+2]) and (w[4g+1], w[4g+3]) as int16 pairs. Output i's window starts at
  * x[i * s]: stride 1 reads the words at x0, x2, x4 of each group (five SXTB16 give (x0, x2),
@@ -160,28 +177,81 @@ tf_dwf_quad(const int8_t *p, int32_t wp, const int32_t k, const int32_t s,
     acc[3] = a3;
 }
 
+/* The last one or two outputs of a row (n), as tf_dwf_quad: output i's lanes are those of
+ * the word at x[i * s], loaded only at even offsets. */
+static inline __attribute__((always_inline)) void
+tf_dwf_step(const int8_t *p, int32_t wp, const int32_t k, const int32_t s, const int32_t n,
+            const uint32_t *wq, int32_t acc0, int32_t *acc)
+{
+    const int32_t groups = TF_DWF_GROUPS(k);
+    /* Opaque to the optimizer: the weights are then loaded (LDRD) where they are used
+     * instead of being hoisted out of the output loop into registers it does not have. */
+    __asm__("" : "+r"(wq));
+    int32_t a[2] = {acc0, acc0};
+#pragma GCC unroll 8
+    for (int32_t r = 0; r < k; r++) {
+        const int8_t *x = p + (size_t)r * (size_t)wp;
+#pragma GCC unroll 2
+        for (int32_t g = 0; g < groups; g++) {
+            uint64_t wpair; /* one LDRD */
+            memcpy(&wpair, wq + (r * groups + g) * 2, sizeof wpair);
+            const int16x2_t w02 = (int16x2_t)(uint32_t)wpair;
+            const int16x2_t w13 = (int16x2_t)(uint32_t)(wpair >> 32);
+#pragma GCC unroll 2
+            for (int32_t i = 0; i < n; i++) {
+                a[i] = __smlad(tf_dwf_even(x, 4 * g + i * s), w02, a[i]);
+                a[i] = __smlad(tf_dwf_oddl(x, 4 * g + i * s), w13, a[i]);
+            }
+        }
+    }
+#pragma GCC unroll 2
+    for (int32_t i = 0; i < n; i++) {
+        acc[i] = a[i];
+    }
+}
+
+/* n adjacent outputs of a row from p: groups of four, then the rest, three as a group of
+ * four (the fourth reads past the row, into the next row or the slack, and is dropped), two
+ * or one. */
+static inline __attribute__((always_inline)) void
+tf_dwf_macs(const int8_t *p, int32_t wp, int32_t n, const int32_t k, const int32_t s,
+            const uint32_t *wq, int32_t acc0, int32_t *acc)
+{
+    const int32_t rest = n & 3;
+    int32_t *const end = acc + (n - rest);
+    for (; acc != end; acc += 4) {
+        tf_dwf_quad(p, wp, k, s, wq, acc0, acc);
+        p += 4 * s;
+    }
+    if (rest == 3) {
+        tf_dwf_quad(p, wp, k, s, wq, acc0, acc);
+    } else if (rest == 2) {
+        tf_dwf_step(p, wp, k, s, 2, wq, acc0, acc);
+    } else if (rest == 1) {
+        tf_dwf_step(p, wp, k, s, 1, wq, acc0, acc);
+    }
+}
+
 /* Outputs are computed in chunks: the MAC loop leaves a chunk's accumulators in a small
  * array, then a separate loop requantizes them, so neither loop runs out of registers. */
-#define TF_DWF_CHUNK 32
+/* Outputs per chunk, a multiple of 4: fewer for larger windows, whose MACs per output make
+ * the chunk's overhead small, so that their deeper MAC loops (more spills) keep the stack
+ * of the deepest chain (tf_depthwise_conv2d_7x7s2_s8) about where it was. */
+#define TF_DWF_CHUNK(k) ((k) == 3 ? 28 : (k) == 5 ? 20 : 12)
 
 static inline __attribute__((always_inline)) void
 tf_dwf_dsp(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_t k,
            const int32_t s, const uint32_t *wq, const tf_dwf_ch *ch, const tf_dwf_clamp *cl,
-           int8_t *dst, size_t step)
+           int8_t *dst, size_t step, int32_t *acc)
 {
-    int32_t acc[TF_DWF_CHUNK];
     const tf_dwf_ch c = *ch;
     const int full = cl->lo == -128 && cl->hi == 127; /* the clamp is the int8 saturation */
     for (int32_t oy = 0; oy < oh; oy++) {
         const int8_t *p = plane + (size_t)(oy * s) * (size_t)wp;
-        for (int32_t ox = 0; ox < ow; ox += TF_DWF_CHUNK) {
-            const int32_t n = ow - ox < TF_DWF_CHUNK ? ow - ox : TF_DWF_CHUNK;
-            /* n not a multiple of 4 computes up to 3 outputs more (reading past the row,
-             * into the next row or the slack) and drops them. */
-            for (int32_t j = 0; j < n; j += 4) {
-                tf_dwf_quad(p, wp, k, s, wq, c.acc0 * 2, acc + j);
-                p += 4 * s;
-            }
+        for (int32_t ox = 0; ox < ow; ox += TF_DWF_CHUNK(k)) {
+            const int32_t n = ow - ox < TF_DWF_CHUNK(k) ? ow - ox : TF_DWF_CHUNK(k);
+            tf_dwf_macs(p, wp, n, k, s, wq, c.acc0 * 2, acc);
+            p += n * s;
             if (full) {
                 for (int32_t j = 0; j < n; j++) {
                     *dst = (int8_t)__ssat(tf_dwf_scale2(acc[j], &c), 8);
@@ -198,6 +268,23 @@ tf_dwf_dsp(const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const int32_
         }
     }
 }
+
+/* One channel's outputs for each window, out of line: inlined into the channel loop, next
+ * to the inlined set-up, the MAC loop spills more. */
+#define TF_DWF_DSP(K, S)                                                                   \
+    static __attribute__((noinline)) void tf_dwf_dsp_##K##s##S(                            \
+        const int8_t *plane, int32_t wp, int32_t oh, int32_t ow, const uint32_t *wq,       \
+        const tf_dwf_ch *ch, const tf_dwf_clamp *cl, int8_t *dst, size_t step)             \
+    {                                                                                      \
+        int32_t acc[TF_DWF_CHUNK(K)];                                                      \
+        tf_dwf_dsp(plane, wp, oh, ow, K, S, wq, ch, cl, dst, step, acc);                   \
+    }
+TF_DWF_DSP(3, 1)
+TF_DWF_DSP(3, 2)
+TF_DWF_DSP(5, 1)
+TF_DWF_DSP(5, 2)
+TF_DWF_DSP(7, 1)
+TF_DWF_DSP(7, 2)
 #endif
 
 #if TF_USE_DSP
@@ -211,12 +298,25 @@ static __attribute__((noinline)) void tf_dwf_load(const tf_dims *in, const int8_
     const int8_t *src = input + c;
     for (int32_t y = 0; y < ih; y++) {
         int32_t x = 0;
-        for (; x + 4 <= iw; x += 4) { /* four bytes, one (unaligned) word store */
-            const uint32_t b0 = (uint8_t)src[0], b1 = (uint8_t)src[cs];
-            const uint32_t b2 = (uint8_t)src[2 * cs], b3 = (uint8_t)src[3 * cs];
-            const uint32_t word = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
+        for (; x + 8 <= iw; x += 8) { /* eight bytes, two (unaligned) word stores */
+            const int8_t *s4 = src + 4 * cs;
+            const uint32_t lo = (uint32_t)(uint8_t)src[0] | (uint32_t)(uint8_t)src[cs] << 8 |
+                                (uint32_t)(uint8_t)src[2 * cs] << 16 |
+                                (uint32_t)(uint8_t)src[3 * cs] << 24;
+            const uint32_t hi = (uint32_t)(uint8_t)s4[0] | (uint32_t)(uint8_t)s4[cs] << 8 |
+                                (uint32_t)(uint8_t)s4[2 * cs] << 16 |
+                                (uint32_t)(uint8_t)s4[3 * cs] << 24;
+            memcpy(row + x, &lo, sizeof lo);
+            memcpy(row + x + 4, &hi, sizeof hi);
+            src += 8 * cs;
+        }
+        if (x + 4 <= iw) {
+            const uint32_t word = (uint32_t)(uint8_t)src[0] | (uint32_t)(uint8_t)src[cs] << 8 |
+                                  (uint32_t)(uint8_t)src[2 * cs] << 16 |
+                                  (uint32_t)(uint8_t)src[3 * cs] << 24;
             memcpy(row + x, &word, sizeof word);
             src += 4 * cs;
+            x += 4;
         }
         for (; x < iw; x++) {
             row[x] = *src;
@@ -226,35 +326,42 @@ static __attribute__((noinline)) void tf_dwf_load(const tf_dims *in, const int8_
     }
 }
 
-/* Channel c's constants and, on the fast path, its doubled weight pairs; returns fast. */
-static __attribute__((noinline)) int tf_dwf_prepare(const int8_t *weights, const int32_t *bias,
-                                                    const tf_conv_quant *q, int32_t c,
-                                                    int32_t channels, int32_t k, uint32_t *wq,
-                                                    tf_dwf_ch *ch)
+/* Channel c's constants and, on the fast path, its doubled weight pairs; returns fast.
+ * Inlined with k a constant, so the tap loops unroll into straight loads and packs. */
+static inline __attribute__((always_inline)) int
+tf_dwf_prepare(const int8_t *weights, const int32_t *bias, const tf_conv_quant *q, int32_t c,
+               int32_t channels, const int32_t k, uint32_t *wq, tf_dwf_ch *ch)
 {
     const size_t cs = (size_t)channels;
     const int8_t *w = weights + c; /* tap t at w[t * cs] */
-    int32_t wsum = 0, wabs = 0;
-    for (int32_t t = 0; t < k * k; t++) {
-        const int32_t v = w[(size_t)t * cs];
-        wsum += v;
-        wabs += v < 0 ? -v : v;
+    int32_t wsum = 0;
+#pragma GCC unroll 49
+    for (int32_t i = 0; i < k * k; i++) {
+        wsum += w[(size_t)i * cs];
     }
-    const int32_t off = q->input_offset;
-    *ch = (tf_dwf_ch){bias[c] + off * wsum, q->multiplier[c], q->shift[c], -q->shift[c], 0};
-    /* |acc| <= |acc0| + 128 * sum |w|: the fast requantization needs it under 2^30. */
-    const int64_t acc0 = (int64_t)bias[c] + (int64_t)off * wsum;
-    const int64_t bound = (acc0 < 0 ? -acc0 : acc0) + 128 * (int64_t)wabs;
-    if (bound >= ((int64_t)1 << 30) || ch->right < 1 || ch->right > 22 || ch->m == INT32_MIN) {
+    /* Opaque: the taps are loaded again below, not kept live (and spilled) across the check. */
+    __asm__("" : "+r"(w));
+    const int32_t m = q->multiplier[c], shift = q->shift[c];
+    const int64_t acc0 = (int64_t)bias[c] + (int64_t)q->input_offset * wsum;
+    *ch = (tf_dwf_ch){(int32_t)acc0, m, shift, -shift, 0};
+    /* |acc| <= |acc0| + 128 * sum |w| <= |acc0| + 128 * 128 * k * k: under 2^30, the fast
+     * requantization applies (a looser bound than sum |w|, one channel in billions more on
+     * the exact path, and no second pass over the taps). */
+    const int64_t room = ((int64_t)1 << 30) - 128 * 128 * k * k;
+    if (acc0 >= room || acc0 <= -room || shift > -1 || shift < -22 || m == INT32_MIN) {
         return 0;
     }
     ch->half = (int32_t)(1u << (ch->right - 1)) + q->output_offset * (1 << ch->right);
     const int32_t groups = TF_DWF_GROUPS(k);
+#pragma GCC unroll 7
     for (int32_t r = 0; r < k; r++) {
+#pragma GCC unroll 2
         for (int32_t g = 0; g < groups; g++) {
             int32_t t4[4];
+#pragma GCC unroll 4
             for (int32_t j = 0; j < 4; j++) {
                 const int32_t col = 4 * g + j;
+                /* read again rather than kept: a k * k array would cost stack */
                 t4[j] = col < k ? 2 * w[(size_t)(r * k + col) * cs] : 0; /* sums 2 * acc */
             }
             wq[(r * groups + g) * 2] =
@@ -290,6 +397,95 @@ static __attribute__((noinline)) void tf_dwf_exact(const int8_t *plane, int32_t 
     }
 }
 
+/* Output planes of at most this many pixels take tf_dwf_small. */
+#define TF_DWF_SMALL 16
+
+/* One channel's requantization constants; returns whether the fast path applies to every
+ * accumulator bias + sum over at most k * k taps of (x + input_offset) * w, |x + offset|
+ * <= 255: |acc| <= |bias| + 255 * 128 * k * k < 2^30. */
+static int tf_dwf_small_ch(const int32_t *bias, const tf_conv_quant *q, int32_t c, int32_t k,
+                           tf_dwf_ch *ch)
+{
+    const int32_t b = bias[c], shift = q->shift[c], room = (1 << 30) - 255 * 128 * k * k;
+    *ch = (tf_dwf_ch){b, q->multiplier[c], shift, -shift, 0};
+    if (b >= room || b <= -room || shift > -1 || shift < -22 || ch->m == INT32_MIN) {
+        return 0;
+    }
+    ch->half = (int32_t)(1u << (ch->right - 1)) + q->output_offset * (1 << ch->right);
+    return 1;
+}
+
+/* A small output plane (MCUNet's 2x2 and 3x3 layers, where most taps fall in the padding and
+ * a padded plane, its set-up and its rows cost more than the MACs): no plane, each output
+ * sums only the taps inside the input, straight from HWC, four channels per word: SXTB16
+ * gives the channel pairs (c0, c2), (c1, c3) of the input (plus the offset, SADD16) and of
+ * the weights, SMLABB / SMLATT one MAC each. A group of channels keeps its outputs until all
+ * are computed, so in place needs no scratch. The last in->c % 4 channels go one at a time
+ * (a word would read past the tensors). Shared by every window (k, s at run time). */
+static __attribute__((noinline)) tf_status
+tf_dwf_small(const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,
+             const int8_t *weights, const int32_t *bias, const tf_conv_quant *q, int8_t *output)
+{
+    const int32_t ih = in->h, iw = in->w, oh = out->h, ow = out->w, k = win->kh;
+    const int32_t s = win->stride_h, off = q->input_offset, channels = in->c;
+    const size_t cs = (size_t)channels;
+    const tf_dwf_clamp cl = {q->output_offset, q->act_min, q->act_max};
+    const int16x2_t off2 = (int16x2_t)(((uint32_t)(uint16_t)off) * 0x10001u);
+    for (int32_t c = 0; c < channels;) {
+        const int32_t g = channels - c >= 4 ? 4 : 1; /* channels in this pass */
+        tf_dwf_ch ch[4];
+        int fast[4];
+        for (int32_t j = 0; j < g; j++) {
+            fast[j] = tf_dwf_small_ch(bias, q, c + j, k, &ch[j]);
+        }
+        int8_t res[TF_DWF_SMALL * 4];
+        int8_t *r = res;
+        for (int32_t oy = 0; oy < oh; oy++) {
+            const int32_t y0 = oy * s - win->pad_top;
+            const int32_t i0 = y0 < 0 ? -y0 : 0, i1 = ih - y0 < k ? ih - y0 : k;
+            for (int32_t ox = 0; ox < ow; ox++) {
+                const int32_t x0 = ox * s - win->pad_left;
+                const int32_t j0 = x0 < 0 ? -x0 : 0, j1 = iw - x0 < k ? iw - x0 : k;
+                const size_t span = (size_t)(j1 - j0) * cs;
+                int32_t a0 = ch[0].acc0, a1 = 0, a2 = 0, a3 = 0;
+                for (int32_t i = i0; i < i1; i++) {
+                    const int8_t *px = input + ((size_t)(y0 + i) * (size_t)iw +
+                                                (size_t)(x0 + j0)) * cs + (size_t)c;
+                    const int8_t *pw = weights + (size_t)(i * k + j0) * cs + (size_t)c;
+                    if (g == 4) {
+                        for (size_t o = 0; o < span; o += cs) {
+                            const uint32_t xv = tf_dwf_read(px + o), wv = tf_dwf_read(pw + o);
+                            const int16x2_t xe = __sadd16(__sxtb16((int8x4_t)xv), off2);
+                            const int16x2_t xo = __sadd16(tf_dwf_odd(xv), off2);
+                            const int16x2_t we = __sxtb16((int8x4_t)wv), wo = tf_dwf_odd(wv);
+                            a0 = __smlabb(xe, we, a0);
+                            a2 = __smlatt(xe, we, a2);
+                            a1 = __smlabb(xo, wo, a1);
+                            a3 = __smlatt(xo, wo, a3);
+                        }
+                    } else {
+                        for (size_t o = 0; o < span; o += cs) {
+                            a0 += (px[o] + off) * pw[o];
+                        }
+                    }
+                }
+                r[0] = tf_dwf_out(a0, &ch[0], &cl, fast[0]);
+                if (g == 4) {
+                    r[1] = tf_dwf_out(a1 + ch[1].acc0, &ch[1], &cl, fast[1]);
+                    r[2] = tf_dwf_out(a2 + ch[2].acc0, &ch[2], &cl, fast[2]);
+                    r[3] = tf_dwf_out(a3 + ch[3].acc0, &ch[3], &cl, fast[3]);
+                }
+                r += g;
+            }
+        }
+        for (int32_t p = 0; p < oh * ow; p++) {
+            memcpy(output + (size_t)p * cs + (size_t)c, res + p * g, (size_t)g);
+        }
+        c += g;
+    }
+    return TF_OK;
+}
+
 /* All channels with kernel k and stride s (constants after inlining). */
 static inline __attribute__((always_inline)) void
 tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,
@@ -306,13 +502,37 @@ tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const t
         tf_dwf_load(in, input, c, wp, interior);
         tf_dwf_ch ch;
         if (tf_dwf_prepare(weights, bias, q, c, in->c, k, wq, &ch)) {
-            tf_dwf_dsp(plane, wp, oh, ow, k, s, wq, &ch, &cl, output + c, (size_t)in->c);
+            /* k and s are constants here: the chain folds to one call. */
+            void (*dsp)(const int8_t *, int32_t, int32_t, int32_t, const uint32_t *,
+                        const tf_dwf_ch *, const tf_dwf_clamp *, int8_t *, size_t) =
+                k == 3 ? (s == 1 ? tf_dwf_dsp_3s1 : tf_dwf_dsp_3s2)
+                : k == 5 ? (s == 1 ? tf_dwf_dsp_5s1 : tf_dwf_dsp_5s2)
+                         : (s == 1 ? tf_dwf_dsp_7s1 : tf_dwf_dsp_7s2);
+            dsp(plane, wp, oh, ow, wq, &ch, &cl, output + c, (size_t)in->c);
         } else {
             tf_dwf_exact(plane, wp, oh, ow, k, s, weights + c, &ch, &cl, output + c,
                          (size_t)in->c);
         }
     }
 }
+
+/* Each window's plane path, out of line: an entry point that takes tf_dwf_small does not
+ * hold its frame (the stack bound is the deepest chain). */
+#define TF_DWF_RUN(K, S)                                                                   \
+    static __attribute__((noinline)) tf_status tf_dwf_run_##K##s##S(                       \
+        const tf_dims *in, const int8_t *input, const tf_window *win, const tf_dims *out,  \
+        const int8_t *weights, const int32_t *bias, const tf_conv_quant *q, int8_t *output, \
+        int8_t *plane)                                                                     \
+    {                                                                                      \
+        tf_dwf_run(in, input, win, out, weights, bias, q, output, plane, K, S);            \
+        return TF_OK;                                                                      \
+    }
+TF_DWF_RUN(3, 1)
+TF_DWF_RUN(3, 2)
+TF_DWF_RUN(5, 1)
+TF_DWF_RUN(5, 2)
+TF_DWF_RUN(7, 1)
+TF_DWF_RUN(7, 2)
 #endif
 
 /* The checks of every entry point. */
@@ -349,8 +569,10 @@ tf_dwf_check(const tf_dims *in, const int8_t *input, const tf_window *win, const
  * the padded plane, which is at least what tf_depthwise_conv2d_s8 asks for. */
 #if TF_USE_DSP
 #define TF_DWF_BODY(K, S)                                                                  \
-    tf_dwf_run(in, input, win, out, weights, bias, q, output, buffer, K, S);               \
-    return TF_OK;
+    if (out->h * out->w <= TF_DWF_SMALL) {                                                 \
+        return tf_dwf_small(in, input, win, out, weights, bias, q, output);                \
+    }                                                                                      \
+    return tf_dwf_run_##K##s##S(in, input, win, out, weights, bias, q, output, buffer);
 #else
 #define TF_DWF_BODY(K, S)                                                                  \
     return tf_depthwise_conv2d_s8(in, input, win, out, weights, bias, q, output, buffer);

@@ -151,7 +151,8 @@ def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
             wide_quant: bool = False) -> Case:
     """Depthwise conv, 'same' padding (as MobileNet) unless given, optionally in place.
 
-    `fast` runs the specialized kernel (tf_depthwise_conv2d_fast_s8); `wide_quant` gives
+    `fast` runs the specialized kernel (tf_depthwise_conv2d_fast_s8), with a ReLU clamp on
+    odd seeds (even ones clamp to the int8 range, its SSAT path); `wide_quant` gives
     some channels biases around +-2**30 and shifts in [-31, 1], outside the fast
     requantization, so that both of its per-channel paths run.
     """
@@ -160,7 +161,7 @@ def dw_case(seed: int, h: int, w: int, c: int, k: int, s: int, in_place: bool,
         pad = (k // 2, k // 2, (k - 1) // 2, (k - 1) // 2) if s == 2 else (k // 2,) * 4
     x, wt = _i8(rng, h, w, c), _w8(rng, k, k, c)
     b = rng.integers(-5000, 5000, size=c).astype(np.int32)
-    q = _quant(rng, c, relu=True)
+    q = _quant(rng, c, relu=not fast or bool(seed % 2))  # fast: the int8 saturation too
     if wide_quant:
         odd = rng.integers(0, 2, size=c).astype(bool)
         big = rng.choice([-1, 1], size=c) * (2**30 + rng.integers(-40000, 40000, size=c))
@@ -296,6 +297,22 @@ seeds = st.integers(0, 2**32 - 1)
 
 
 @st.composite
+def dw_fast_case(draw: st.DrawFn, max_hw: int = 9, max_c: int = 80) -> Case:
+    """A specialized depthwise case: any window it has, any pads below the kernel, planes
+    down to a single pixel (smaller than the window), many and odd channel counts, output
+    widths of every remainder mod 4 (the groups of four, three, two and one), in place or
+    not, ReLU, and channels outside the fast requantization."""
+    k = draw(st.sampled_from([3, 5, 7]))
+    s = draw(st.integers(1, 2))
+    top, left, bottom, right = (draw(st.integers(0, k // 2)) for _ in range(4))
+    h = draw(st.integers(max(1, k - top - bottom), max(max_hw, k)))
+    w = draw(st.integers(max(1, k - left - right), max(max_hw, k)))
+    return dw_case(draw(seeds), h, w, draw(st.integers(1, max_c)), k, s, draw(st.booleans()),
+                   (top, left, bottom, right), fast=True,
+                   wide_quant=draw(st.integers(0, 3)) == 0)
+
+
+@st.composite
 def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
     """One kernel case of any kind, with Hypothesis-chosen shapes."""
     kind = draw(st.sampled_from(["conv", "conv_fast", "conv_rgb", "dw", "dw_fast", "pw", "pw_fast",
@@ -318,6 +335,8 @@ def any_case(draw: st.DrawFn, max_hw: int = 10, max_c: int = 24) -> Case:
         return conv_case(seed, h, w, cin, c, k, draw(st.integers(1, 3)),
                          (pad[0], pad[1], pad[2], pad[3]), rgb=True,
                          wide_quant=draw(st.integers(0, 5)) == 0)
+    if kind == "dw_fast" and draw(st.booleans()):
+        return draw(dw_fast_case(max_hw, 4 * max_c))
     if kind in ("dw", "dw_fast"):
         k = draw(st.sampled_from([3, 5, 7]))
         # Patch tiles pad only the sides at the image border: any pads below the kernel.

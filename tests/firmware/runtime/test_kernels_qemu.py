@@ -64,6 +64,16 @@ def test_kernels_in_qemu_are_bit_exact_against_the_reference(runner: BuildResult
         assert got == case.expected, f"{case.name} ({runner.target.name}): differs"
 
 
+@settings(max_examples=3, deadline=None, phases=[Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(kc.dw_fast_case(), min_size=40, max_size=40))
+def test_specialized_depthwise_in_qemu_is_bit_exact(runner: BuildResult,
+                                                    cases: list[kc.Case]) -> None:
+    for (status, got), case in zip(run_batch(runner, cases), cases, strict=True):
+        assert status == 0, f"{case.name}: status {status}"
+        assert got == case.expected, f"{case.name} ({runner.target.name}): differs"
+
+
 def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
     cases = [kc.conv_case(60, 17, 15, 3, 16, 3, 2, (1, 1, 1, 1), fast=True),
              kc.conv_case(61, 9, 8, 5, 7, 3, 1, (1, 0, 1, 2), fast=True),
@@ -73,6 +83,13 @@ def test_mobilenet_like_shapes_in_qemu(runner: BuildResult) -> None:
              *[kc.dw_case(20 + k + s, 19, 17, 20, k, s, True, fast=True)
                for k in (3, 5, 7) for s in (1, 2)],
              kc.dw_case(30, 12, 13, 24, 3, 1, True, fast=True, wide_quant=True),
+             # MCUNet's small planes (smaller than the window) with many, odd channels, and
+             # stride 2 with every padding: outputs in groups of four, three, two and one.
+             kc.dw_case(31, 2, 2, 67, 5, 1, True, (2, 2, 2, 2), fast=True),
+             kc.dw_case(32, 2, 2, 45, 3, 1, True, (1, 1, 1, 1), fast=True),
+             kc.dw_case(33, 3, 3, 37, 7, 1, False, (3, 3, 3, 3), fast=True),
+             *[kc.dw_case(34 + i, 9 + i, 11 - i, 13, 3, 2, True, pad, fast=True)
+               for i, pad in enumerate([(0, 0, 0, 0), (1, 1, 1, 1), (1, 0, 0, 1), (0, 1, 1, 0)])],
              kc.pointwise_case(5, 10, 10, 16, 96, False),
              kc.pointwise_case(6, 10, 10, 96, 16, True), kc.pointwise_huge_bias_case(11),
              kc.pointwise_huge_bias_case(12, fast=True),
