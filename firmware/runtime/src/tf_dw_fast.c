@@ -11,10 +11,9 @@
  * rounding constant in registers: SMMULR of 2 * acc (= SaturatingRoundingDoublingHighMul
  * while |acc| < 2^30, checked per channel from its bias and the largest sum of |weights|),
  * then the rounding shift. A channel outside that bound (or with a left shift) takes the
- * exact generic path. A channel's set-up (weight pairs, bias, constants) is inlined with the
- * window a constant, so it is straight-line code: small planes with many channels pay it
- * once per channel. A row's outputs come in groups of four, then a rest of three (as four),
- * two or one, so a narrow row drops at most one computed output.
+ * exact generic path. A channel's set-up (weight pairs, bias, constants) is unrolled per
+ * window. Output planes of at most 16 pixels (MCUNet's 2x2 / 3x3 layers, where the padded
+ * plane and per-channel set-up cost more than the MACs) skip the plane: tf_dwf_small.
  * The results are bit-identical to tf_depthwise_conv2d_s8 and firmware.int8.reference.
  */
 #include "tf_internal.h"
@@ -179,49 +178,16 @@ tf_dwf_quad(const int8_t *p, int32_t wp, const int32_t k, const int32_t s,
     acc[3] = a3;
 }
 
-/* Two adjacent outputs (the last one or two of a row), as tf_dwf_quad; shared by every
- * window (k, s at run time: a row has at most one such pair). */
-static __attribute__((noinline)) void tf_dwf_pair(const int8_t *p, int32_t wp, int32_t k,
-                                                  int32_t s, const uint32_t *wq, int32_t acc0,
-                                                  int32_t *acc)
-{
-    const int32_t groups = TF_DWF_GROUPS(k);
-    int32_t a0 = acc0, a1 = acc0;
-    for (int32_t r = 0; r < k; r++, p += wp) {
-        for (int32_t g = 0; g < groups; g++, wq += 2) {
-            const int16x2_t w02 = (int16x2_t)wq[0], w13 = (int16x2_t)wq[1];
-            const uint32_t v0 = tf_dwf_read(p + 4 * g), v2 = tf_dwf_read(p + 4 * g + 2);
-            const int16x2_t o0 = tf_dwf_odd(v0), e2 = __sxtb16((int8x4_t)v2);
-            a0 = __smlad(__sxtb16((int8x4_t)v0), w02, a0);
-            a0 = __smlad(o0, w13, a0);
-            if (s == 1) { /* window at x1: (x1, x3), (x2, x4) */
-                a1 = __smlad(o0, w02, a1);
-                a1 = __smlad(e2, w13, a1);
-            } else { /* window at x2 */
-                a1 = __smlad(e2, w02, a1);
-                a1 = __smlad(tf_dwf_odd(v2), w13, a1);
-            }
-        }
-    }
-    acc[0] = a0;
-    acc[1] = a1;
-}
-
-/* n adjacent outputs of a row from p: groups of four (a rest of three as one more group of
- * four, its fourth output read past the row, into the next row or the slack, and dropped),
- * then a rest of one or two as a pair (likewise). acc has room for the dropped output. */
+/* n adjacent outputs of a row from p, in groups of four: n not a multiple of 4 computes up
+ * to 3 outputs more (reading past the row, into the next row or the slack) and drops them;
+ * acc has room for them. */
 static inline __attribute__((always_inline)) void
 tf_dwf_macs(const int8_t *p, int32_t wp, int32_t n, const int32_t k, const int32_t s,
             const uint32_t *wq, int32_t acc0, int32_t *acc)
 {
-    const int32_t rest = (n & 3) == 3 ? 0 : n & 3;
-    int32_t *const end = acc + (n - rest + 3) / 4 * 4;
-    for (; acc != end; acc += 4) {
-        tf_dwf_quad(p, wp, k, s, wq, acc0, acc);
+    for (int32_t j = 0; j < n; j += 4) {
+        tf_dwf_quad(p, wp, k, s, wq, acc0, acc + j);
         p += 4 * s;
-    }
-    if (rest != 0) {
-        tf_dwf_pair(p, wp, k, s, wq, acc0, acc);
     }
 }
 
