@@ -11,10 +11,9 @@
  * rounding constant in registers: SMMULR of 2 * acc (= SaturatingRoundingDoublingHighMul
  * while |acc| < 2^30, checked per channel from its bias and the largest sum of |weights|),
  * then the rounding shift. A channel outside that bound (or with a left shift) takes the
- * exact generic path. A channel's set-up (weight pairs, bias, constants) is inlined with the
- * window a constant, so it is straight-line code: small planes with many channels pay it
- * once per channel. A row's outputs come in groups of four, then a rest of three (as four),
- * two or one, so a narrow row drops at most one computed output.
+ * exact generic path. A channel's set-up (weight pairs, bias, constants) is unrolled per
+ * window. Output planes of at most 16 pixels (MCUNet's 2x2 / 3x3 layers, where the padded
+ * plane and per-channel set-up cost more than the MACs) skip the plane: tf_dwf_small.
  * The results are bit-identical to tf_depthwise_conv2d_s8 and firmware.int8.reference.
  */
 #include "tf_internal.h"
@@ -94,6 +93,21 @@ static inline __attribute__((always_inline)) int8_t tf_dwf_out(int32_t acc, cons
 }
 
 #if TF_USE_DSP
+/* tf_dwf_out's exact path, out of line: rare, and tf_rq is long. */
+static __attribute__((noinline)) int8_t tf_dwf_out_exact(int32_t acc, const tf_dwf_ch *ch,
+                                                         const tf_dwf_clamp *cl)
+{
+    return tf_dwf_out(acc, ch, cl, 0);
+}
+
+static inline __attribute__((always_inline)) int8_t tf_dwf_out_any(int32_t acc,
+                                                                   const tf_dwf_ch *ch,
+                                                                   const tf_dwf_clamp *cl,
+                                                                   int fast)
+{
+    return fast ? tf_dwf_out(acc, ch, cl, 1) : tf_dwf_out_exact(acc, ch, cl);
+}
+
 static inline __attribute__((always_inline)) uint32_t tf_dwf_read(const int8_t *p)
 {
     uint32_t v;
@@ -109,19 +123,6 @@ static inline __attribute__((always_inline)) int16x2_t tf_dwf_odd(uint32_t b)
 }
 
 #define TF_DWF_GROUPS(k) (((k) + 3) / 4)
-
-/* Lanes (x[d], x[d + 2]) and (x[d + 1], x[d + 3]) of a row for an offset d known at compile
- * time: only words at even offsets are loaded, an odd offset's lanes are the other halves of
- * its even neighbours' (the optimizer merges the repeated loads and SXTB16). */
-static inline __attribute__((always_inline)) int16x2_t tf_dwf_even(const int8_t *x, int32_t d)
-{
-    return d % 2 == 0 ? __sxtb16((int8x4_t)tf_dwf_read(x + d)) : tf_dwf_odd(tf_dwf_read(x + d - 1));
-}
-
-static inline __attribute__((always_inline)) int16x2_t tf_dwf_oddl(const int8_t *x, int32_t d)
-{
-    return d % 2 == 0 ? tf_dwf_odd(tf_dwf_read(x + d)) : __sxtb16((int8x4_t)tf_dwf_read(x + d + 1));
-}
 
 /* Four adjacent outputs per step; wq holds, per kernel row r and group g of four taps,
  * (w[4g], w[4g+2]) and (w[4g+1], w[4g+3]) as int16 pairs. Output i's window starts at
@@ -177,63 +178,19 @@ tf_dwf_quad(const int8_t *p, int32_t wp, const int32_t k, const int32_t s,
     acc[3] = a3;
 }
 
-/* The last one or two outputs of a row (n), as tf_dwf_quad: output i's lanes are those of
- * the word at x[i * s], loaded only at even offsets. */
-static inline __attribute__((always_inline)) void
-tf_dwf_step(const int8_t *p, int32_t wp, const int32_t k, const int32_t s, const int32_t n,
-            const uint32_t *wq, int32_t acc0, int32_t *acc)
-{
-    const int32_t groups = TF_DWF_GROUPS(k);
-    /* Opaque to the optimizer: the weights are then loaded (LDRD) where they are used
-     * instead of being hoisted out of the output loop into registers it does not have. */
-    __asm__("" : "+r"(wq));
-    int32_t a[2] = {acc0, acc0};
-#pragma GCC unroll 8
-    for (int32_t r = 0; r < k; r++) {
-        const int8_t *x = p + (size_t)r * (size_t)wp;
-#pragma GCC unroll 2
-        for (int32_t g = 0; g < groups; g++) {
-            uint64_t wpair; /* one LDRD */
-            memcpy(&wpair, wq + (r * groups + g) * 2, sizeof wpair);
-            const int16x2_t w02 = (int16x2_t)(uint32_t)wpair;
-            const int16x2_t w13 = (int16x2_t)(uint32_t)(wpair >> 32);
-#pragma GCC unroll 2
-            for (int32_t i = 0; i < n; i++) {
-                a[i] = __smlad(tf_dwf_even(x, 4 * g + i * s), w02, a[i]);
-                a[i] = __smlad(tf_dwf_oddl(x, 4 * g + i * s), w13, a[i]);
-            }
-        }
-    }
-#pragma GCC unroll 2
-    for (int32_t i = 0; i < n; i++) {
-        acc[i] = a[i];
-    }
-}
-
-/* n adjacent outputs of a row from p: groups of four, then the rest, three as a group of
- * four (the fourth reads past the row, into the next row or the slack, and is dropped), two
- * or one. */
+/* n adjacent outputs of a row from p, in groups of four: n not a multiple of 4 computes up
+ * to 3 outputs more (reading past the row, into the next row or the slack) and drops them;
+ * acc has room for them. */
 static inline __attribute__((always_inline)) void
 tf_dwf_macs(const int8_t *p, int32_t wp, int32_t n, const int32_t k, const int32_t s,
             const uint32_t *wq, int32_t acc0, int32_t *acc)
 {
-    const int32_t rest = n & 3;
-    int32_t *const end = acc + (n - rest);
-    for (; acc != end; acc += 4) {
-        tf_dwf_quad(p, wp, k, s, wq, acc0, acc);
+    for (int32_t j = 0; j < n; j += 4) {
+        tf_dwf_quad(p, wp, k, s, wq, acc0, acc + j);
         p += 4 * s;
-    }
-    if (rest == 3) {
-        tf_dwf_quad(p, wp, k, s, wq, acc0, acc);
-    } else if (rest == 2) {
-        tf_dwf_step(p, wp, k, s, 2, wq, acc0, acc);
-    } else if (rest == 1) {
-        tf_dwf_step(p, wp, k, s, 1, wq, acc0, acc);
     }
 }
 
-/* Outputs are computed in chunks: the MAC loop leaves a chunk's accumulators in a small
- * array, then a separate loop requantizes them, so neither loop runs out of registers. */
 /* Outputs per chunk, a multiple of 4: fewer for larger windows, whose MACs per output make
  * the chunk's overhead small, so that their deeper MAC loops (more spills) keep the stack
  * of the deepest chain (tf_depthwise_conv2d_7x7s2_s8) about where it was. */
@@ -298,25 +255,12 @@ static __attribute__((noinline)) void tf_dwf_load(const tf_dims *in, const int8_
     const int8_t *src = input + c;
     for (int32_t y = 0; y < ih; y++) {
         int32_t x = 0;
-        for (; x + 8 <= iw; x += 8) { /* eight bytes, two (unaligned) word stores */
-            const int8_t *s4 = src + 4 * cs;
-            const uint32_t lo = (uint32_t)(uint8_t)src[0] | (uint32_t)(uint8_t)src[cs] << 8 |
-                                (uint32_t)(uint8_t)src[2 * cs] << 16 |
-                                (uint32_t)(uint8_t)src[3 * cs] << 24;
-            const uint32_t hi = (uint32_t)(uint8_t)s4[0] | (uint32_t)(uint8_t)s4[cs] << 8 |
-                                (uint32_t)(uint8_t)s4[2 * cs] << 16 |
-                                (uint32_t)(uint8_t)s4[3 * cs] << 24;
-            memcpy(row + x, &lo, sizeof lo);
-            memcpy(row + x + 4, &hi, sizeof hi);
-            src += 8 * cs;
-        }
-        if (x + 4 <= iw) {
-            const uint32_t word = (uint32_t)(uint8_t)src[0] | (uint32_t)(uint8_t)src[cs] << 8 |
-                                  (uint32_t)(uint8_t)src[2 * cs] << 16 |
-                                  (uint32_t)(uint8_t)src[3 * cs] << 24;
+        for (; x + 4 <= iw; x += 4) { /* four bytes, one (unaligned) word store */
+            const uint32_t b0 = (uint8_t)src[0], b1 = (uint8_t)src[cs];
+            const uint32_t b2 = (uint8_t)src[2 * cs], b3 = (uint8_t)src[3 * cs];
+            const uint32_t word = b0 | (b1 << 8) | (b2 << 16) | (b3 << 24);
             memcpy(row + x, &word, sizeof word);
             src += 4 * cs;
-            x += 4;
         }
         for (; x < iw; x++) {
             row[x] = *src;
@@ -373,6 +317,18 @@ tf_dwf_prepare(const int8_t *weights, const int32_t *bias, const tf_conv_quant *
     return 1;
 }
 
+/* Each window's set-up, out of line and shared by both strides. */
+#define TF_DWF_PREPARE(K)                                                                  \
+    static __attribute__((noinline)) int tf_dwf_prepare_##K(                               \
+        const int8_t *weights, const int32_t *bias, const tf_conv_quant *q, int32_t c,     \
+        int32_t channels, uint32_t *wq, tf_dwf_ch *ch)                                     \
+    {                                                                                      \
+        return tf_dwf_prepare(weights, bias, q, c, channels, K, wq, ch);                   \
+    }
+TF_DWF_PREPARE(3)
+TF_DWF_PREPARE(5)
+TF_DWF_PREPARE(7)
+
 /* A channel outside the fast requantization: plain C, exact tf_rq. Shared by every size;
  * w: the channel's taps at stride `step` (HWC weights). */
 static __attribute__((noinline)) void tf_dwf_exact(const int8_t *plane, int32_t wp, int32_t oh,
@@ -391,7 +347,7 @@ static __attribute__((noinline)) void tf_dwf_exact(const int8_t *plane, int32_t 
                     acc += p[(size_t)i * (size_t)wp + (size_t)j] * w[(size_t)(i * k + j) * step];
                 }
             }
-            *dst = tf_dwf_out(acc, ch, cl, 0);
+            *dst = tf_dwf_out_exact(acc, ch, cl);
             dst += step;
         }
     }
@@ -447,7 +403,7 @@ tf_dwf_small(const tf_dims *in, const int8_t *input, const tf_window *win, const
                 const int32_t x0 = ox * s - win->pad_left;
                 const int32_t j0 = x0 < 0 ? -x0 : 0, j1 = iw - x0 < k ? iw - x0 : k;
                 const size_t span = (size_t)(j1 - j0) * cs;
-                int32_t a0 = ch[0].acc0, a1 = 0, a2 = 0, a3 = 0;
+                int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
                 for (int32_t i = i0; i < i1; i++) {
                     const int8_t *px = input + ((size_t)(y0 + i) * (size_t)iw +
                                                 (size_t)(x0 + j0)) * cs + (size_t)c;
@@ -469,11 +425,9 @@ tf_dwf_small(const tf_dims *in, const int8_t *input, const tf_window *win, const
                         }
                     }
                 }
-                r[0] = tf_dwf_out(a0, &ch[0], &cl, fast[0]);
-                if (g == 4) {
-                    r[1] = tf_dwf_out(a1 + ch[1].acc0, &ch[1], &cl, fast[1]);
-                    r[2] = tf_dwf_out(a2 + ch[2].acc0, &ch[2], &cl, fast[2]);
-                    r[3] = tf_dwf_out(a3 + ch[3].acc0, &ch[3], &cl, fast[3]);
+                const int32_t sums[4] = {a0, a1, a2, a3};
+                for (int32_t j = 0; j < g; j++) {
+                    r[j] = tf_dwf_out_any(sums[j] + ch[j].acc0, &ch[j], &cl, fast[j]);
                 }
                 r += g;
             }
@@ -501,7 +455,11 @@ tf_dwf_run(const tf_dims *in, const int8_t *input, const tf_window *win, const t
     for (int32_t c = 0; c < in->c; c++) {
         tf_dwf_load(in, input, c, wp, interior);
         tf_dwf_ch ch;
-        if (tf_dwf_prepare(weights, bias, q, c, in->c, k, wq, &ch)) {
+        /* k is a constant here: the choice folds to one call. */
+        const int fast = k == 3   ? tf_dwf_prepare_3(weights, bias, q, c, in->c, wq, &ch)
+                         : k == 5 ? tf_dwf_prepare_5(weights, bias, q, c, in->c, wq, &ch)
+                                  : tf_dwf_prepare_7(weights, bias, q, c, in->c, wq, &ch);
+        if (fast) {
             /* k and s are constants here: the chain folds to one call. */
             void (*dsp)(const int8_t *, int32_t, int32_t, int32_t, const uint32_t *,
                         const tf_dwf_ch *, const tf_dwf_clamp *, int8_t *, size_t) =
