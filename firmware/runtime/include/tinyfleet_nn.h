@@ -154,10 +154,11 @@ tf_status tf_depthwise_conv2d_s8(const tf_dims *in, const int8_t *input, const t
                                  int8_t *buffer);
 
 /* Specialized depthwise conv for square 3x3 / 5x5 / 7x7 windows with stride 1 or 2
- * (tf_depthwise_conv2d_fast_supported; TF_ERR_ARG otherwise): one zero-point-padded channel
- * plane at a time, kernel size and stride compiled in, two outputs per loaded row on the DSP
- * path (the plain C path runs tf_depthwise_conv2d_s8). Same results as
- * tf_depthwise_conv2d_s8; output may equal input. buffer:
+ * (tf_depthwise_conv2d_fast_supported; TF_ERR_ARG otherwise): on the DSP path one
+ * zero-point-padded channel plane at a time, kernel size and stride compiled in, four outputs
+ * per group of loaded words; output planes of at most 16 pixels straight from HWC, four
+ * channels a word, without the plane (the plain C path runs tf_depthwise_conv2d_s8). Same
+ * results as tf_depthwise_conv2d_s8; output may equal input. buffer:
  * tf_depthwise_conv2d_fast_get_buffer_size() bytes, (h + pads) * (w + pads) + 16. */
 int32_t tf_depthwise_conv2d_fast_supported(const tf_window *win);
 size_t tf_depthwise_conv2d_fast_get_buffer_size(const tf_dims *in, const tf_window *win);
