@@ -59,6 +59,7 @@ from firmware.int8.serialize import dump_quantized
 from firmware.ir import Graph
 from firmware.plan.account import Fit, SramAccount, fit_schedule, sram_account
 from firmware.plan.flash import FlashAccount, flash_account
+from firmware.plan.kernels import NONE_GENERIC, SPECIALIZED_KINDS, generic_steps
 from firmware.plan.memory import MemoryModel, MemoryReport, analyze
 from firmware.plan.patch import PatchPlan
 from firmware.targets import OtaLayout, TargetSpec, UnknownMcuError, custom_target, get_target
@@ -147,28 +148,31 @@ def plan_schedule(graph: Graph, target: TargetSpec, options: CompileOptions,
                   extra_static_bytes: int = 0, overlay_layers: Sequence[str] = ()) -> Fit:
     """The schedule whose SRAM account fits the target and whose Flash account (with the
     weights overlay of `overlay_layers`) fits its slot, with the specialized kernels or,
-    when only that fits, the generic ones (`Fit.specialized`); DoesNotFitError names the
-    numbers."""
+    when only that fits, some kinds of layer on the generic ones (`Fit.generic`);
+    DoesNotFitError names the numbers."""
     fit = fit_schedule(graph, target.sram_bytes, target.cpu, options.memory_model,
                        patches=options.patches, split_after=options.split_after,
                        extra_static_bytes=extra_static_bytes)
-    needed = flash_account(graph, target.cpu, fit.plan, dsp=options.dsp,
-                           overlay_layers=overlay_layers)
     slot = target.slot_bytes(options.layout)
-    if needed.fits(slot):
-        return fit
-    # The generic kernels alone: less code (slower), never more scratch. A model that fills
-    # its slot to within the specialized kernels' code still ships.
-    generic = flash_account(graph, target.cpu, fit.plan, dsp=options.dsp,
-                            overlay_layers=overlay_layers, specialized=False)
-    if generic.fits(slot):
-        return Fit(fit.plan, sram_account(graph, fit.plan, target.cpu,
-                                          extra_static_bytes=extra_static_bytes,
-                                          specialized=False), specialized=False)
+    # Kinds of layer given up to the generic kernels (firmware.plan.kernels.generic_steps:
+    # slower, never more scratch, often less code): a model that fills its slot to within the
+    # specialized kernels' code still ships.
+    accounts = []
+    for generic in generic_steps():
+        needed = flash_account(graph, target.cpu, fit.plan, dsp=options.dsp,
+                               overlay_layers=overlay_layers, generic=generic)
+        if needed.fits(slot):
+            if not generic:
+                return fit
+            return Fit(fit.plan, sram_account(graph, fit.plan, target.cpu,
+                                              extra_static_bytes=extra_static_bytes,
+                                              generic=generic), generic=generic)
+        accounts.append(needed)
+    least, most = min(accounts, key=lambda a: a.total_bytes), accounts[0]
     raise DoesNotFitError(
-        f"{graph.name}: needs {generic.total_bytes / 1024:.1f} kB of Flash "
-        f"({generic.total_bytes} bytes: {generic.describe()}; with the generic kernels only, "
-        f"{needed.total_bytes} bytes with the specialized ones), one "
+        f"{graph.name}: needs {least.total_bytes / 1024:.1f} kB of Flash "
+        f"({least.total_bytes} bytes: {least.describe()}; with the least code, "
+        f"{most.total_bytes} bytes with the specialized ones), one "
         f"{options.layout.value} OTA slot of {target.name} holds {slot / 1024:.1f} kB "
         f"({slot} bytes)"
     )
@@ -240,13 +244,21 @@ def _generate(qgraph: QuantizedGraph, fit: Fit, options: CompileOptions,
 
     model = write_model(qgraph, fit.plan, out_dir, memory_model=options.memory_model,
                         overlay_layers=overlay_layers(qgraph, options),
-                        specialized=fit.specialized)
+                        generic=fit.generic)
     declared = (model.arena_bytes, model.scratch_bytes)
     if declared != (fit.account.arena_bytes, fit.account.scratch_bytes):
         raise FirmwareError(f"generated code declares arena {declared[0]} B and scratch "
                             f"{declared[1]} B, the SRAM account {fit.account.arena_bytes} B and "
                             f"{fit.account.scratch_bytes} B")
     return model
+
+
+_KIND_NAMES = {"conv": "dense convs", "dw": "depthwise convs", "pw": "1x1 convs"}
+
+
+def _kinds(generic: frozenset[str]) -> str:
+    """'dense convs and depthwise convs' (in SPECIALIZED_KINDS order)."""
+    return " and ".join(_KIND_NAMES[k] for k in SPECIALIZED_KINDS if k in generic)
 
 
 def _round8(n: int) -> int:
@@ -382,7 +394,7 @@ class _Built:
     inputs_hwc: Int8Array
     expected: Int8Array
     overlay: OverlayRegion | None = None
-    specialized: bool = True  # False: the generic kernels only (Flash; plan_schedule)
+    generic: frozenset[str] = NONE_GENERIC  # kinds on the generic kernels (plan_schedule)
 
 
 def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, work_dir: Path,
@@ -412,8 +424,8 @@ def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, wor
 
     p = plan.schedule.patches
     say(Stage.CODEGEN, (f"C for {p}x{p} patches" if p > 1 else "C for layer-based inference")
-        + ("" if fit.specialized else ", generic kernels (the specialized ones' code does not "
-           "fit the slot)"))
+        + ("" if not fit.generic else f", generic kernels for {_kinds(fit.generic)} (the "
+           "specialized ones' code does not fit the slot)"))
     model_dir = work_dir / "model"
     generated = _generate(qgraph, fit, opts, model_dir)
     layout = generated.overlay
@@ -442,10 +454,10 @@ def _build_and_check(graph: Graph, target: TargetSpec, opts: CompileOptions, wor
     return _Built(graph=graph, target=target, options=opts, qgraph=qgraph, plan=plan,
                   account=fit.account, memory=analyze(graph, opts.memory_model),
                   flash=flash_account(graph, target.cpu, plan, dsp=opts.dsp,
-                                      overlay_layers=layers, specialized=fit.specialized),
+                                      overlay_layers=layers, generic=fit.generic),
                   build=build, emulation=emulation,
                   inputs_hwc=inputs_hwc, expected=expected, overlay=overlay,
-                  specialized=fit.specialized)
+                  generic=fit.generic)
 
 
 def _manifest(b: _Built, payload: bytes) -> Manifest:
@@ -502,7 +514,7 @@ def _report(b: _Built, image: bytes, payload: bytes, key: Ed25519PrivateKey,
         "instructions": per_image,
         "instructions_per_mac": per_image / max(b.plan.macs, 1),
         "dsp": b.build.dsp,
-        "kernels": "specialized" if b.specialized else "generic",
+        "generic_kernels": sorted(b.generic),
         "quantization": {"input": {"scale": qgraph.input.scale,
                                    "zero_point": qgraph.input.zero_point},
                          "output": {"scale": qgraph.output.scale,
@@ -543,9 +555,10 @@ def compile_model(graph: Graph, target: TargetSpec, key: Ed25519PrivateKey, work
     say(Stage.SIGN, f"Ed25519 key {key_id(key.public_key())}")
     payload = built.build.elf_path.read_bytes()
     image = sign_image(_manifest(built, payload), payload, key)
-    warnings = tuple(qgraph.notes) + (() if built.specialized else (
-        f"built with the generic kernels only: with the specialized ones the image would not "
-        f"fit the {opts.layout.value} OTA slot of {target.name} (slower, same results)",))
+    warnings = tuple(qgraph.notes) + (() if not built.generic else (
+        f"{_kinds(built.generic)} built with the generic kernels: with the specialized ones "
+        f"the image would not fit the {opts.layout.value} OTA slot of {target.name} (slower, "
+        "same results)",))
     report = _report(built, image, payload, key, calib, {
         "onnxruntime": onnx_report, "accuracy": accuracy, "warnings": list(warnings)})
     return CompileResult(image=image, report=MappingProxyType(report), qgraph=qgraph,
@@ -596,7 +609,7 @@ def build_unsigned(graph: Graph, target: TargetSpec, work_dir: Path,
         "schedule": _schedule_dict(built.plan),
         "predicted": _predicted(built.plan, built.account, built.flash),
         "linked": _linked(built.build), "payload_bytes": len(payload),
-        "kernels": "specialized" if built.specialized else "generic",
+        "generic_kernels": sorted(built.generic),
         "measured": None if built.emulation is None else _measured(built.build,
                                                                    built.emulation),
     }

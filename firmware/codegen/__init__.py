@@ -31,6 +31,7 @@ from firmware.codegen.overlay import OverlayLayout, overlay_c, overlay_layout
 from firmware.codegen.render import Body, hwc, layer_based, layer_prefix, tensor_idents
 from firmware.int8.quantize import QuantizedGraph
 from firmware.ir import Graph
+from firmware.plan.kernels import NONE_GENERIC
 from firmware.plan.memory import MemoryModel
 from firmware.plan.patch import PatchPlan
 
@@ -54,12 +55,12 @@ class GeneratedModel:
 def render_model(qgraph: QuantizedGraph, plan: PatchPlan | None = None,
                  memory_model: MemoryModel = MemoryModel.INPLACE,
                  overlay_layers: Sequence[str] = (), profile: bool = False,
-                 specialized: bool = True) -> GeneratedModel:
+                 generic: frozenset[str] = NONE_GENERIC) -> GeneratedModel:
     """The C sources of a quantized graph under a schedule (see the module docstring).
 
-    `specialized` False calls the generic kernels only (less code, the same results; their
-    scratch, firmware.plan.kernels): the compiler's choice when the specialized kernels'
-    code does not fit the Flash slot.
+    `generic` names the kinds of layer ("conv", "dw", "pw") that call the generic kernels
+    (less code, the same results; their scratch, firmware.plan.kernels): the compiler's
+    choice when the specialized kernels' code does not fit the Flash slot.
     `overlay_layers` (the sparse-update scheme's trainable layers) read their parameters
     through pointers that `tf_model_use_overlay` may redirect (firmware.codegen.overlay).
     `profile` adds a SysTick reading at every layer boundary; main.c then writes
@@ -72,9 +73,9 @@ def render_model(qgraph: QuantizedGraph, plan: PatchPlan | None = None,
         assert plan is not None
         from firmware.codegen.patched import patch_based
 
-        body = patch_based(qgraph, plan, memory_model, specialized)
+        body = patch_based(qgraph, plan, memory_model, generic)
     else:
-        body = layer_based(qgraph, memory_model, specialized)
+        body = layer_based(qgraph, memory_model, generic)
     files = {"model.h": _header(qgraph, body, overlay, profile),
              "model.c": _source(qgraph, body, patches, memory_model, overlay, profile),
              "main.c": main_c(overlay is not None, profile)}
@@ -86,9 +87,9 @@ def render_model(qgraph: QuantizedGraph, plan: PatchPlan | None = None,
 def write_model(qgraph: QuantizedGraph, plan: PatchPlan | None, out_dir: Path,
                 memory_model: MemoryModel = MemoryModel.INPLACE,
                 overlay_layers: Sequence[str] = (), profile: bool = False,
-                specialized: bool = True) -> GeneratedModel:
+                generic: frozenset[str] = NONE_GENERIC) -> GeneratedModel:
     """Render and write model.c, model.h and main.c into `out_dir` (created if needed)."""
-    model = render_model(qgraph, plan, memory_model, overlay_layers, profile, specialized)
+    model = render_model(qgraph, plan, memory_model, overlay_layers, profile, generic)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in model.files.items():
         (out_dir / name).write_text(text)

@@ -24,7 +24,7 @@ from firmware.int8.reference import (
     is_depthwise,
 )
 from firmware.ir import Graph, Layer, OpKind
-from firmware.plan.kernels import fast_depthwise, rgb_conv
+from firmware.plan.kernels import NONE_GENERIC, fast_depthwise, rgb_conv
 
 
 class Kind(enum.Enum):
@@ -81,7 +81,7 @@ class Call:
     window: str  # `const tf_window *` expression ("" for ops without one)
     out_channels: int
     fused_add: str = ""  # name of the tf_add_quant of a fused residual add
-    specialized: bool = True  # False: the generic kernels only (less code; same results)
+    generic: frozenset[str] = NONE_GENERIC  # Kind values run by the generic kernels
 
 
 def check(expr: str) -> str:
@@ -177,8 +177,9 @@ def _depthwise_generic(c: Call) -> list[str]:
                   f"{p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
 
 
-# The generic kernels of the ops that have specialized ones (Call.specialized False): the same
-# arguments, parameters and results, less code (firmware.plan.flash, "specialized").
+# The generic kernels of the ops that have specialized ones (Call.generic names the kinds):
+# the same arguments, parameters and results, less code (firmware.plan.kernels.
+# SPECIALIZED_KINDS).
 GENERIC_EMITTERS: dict[Kind, Callable[[Call], list[str]]] = {
     Kind.CONV: _conv_generic,
     Kind.POINTWISE: _pointwise_generic,
@@ -200,7 +201,7 @@ EMITTERS: dict[Kind, Callable[[Call], list[str]]] = {
 
 def emit_call(call: Call) -> list[str]:
     """The C statements of one kernel call."""
-    if not call.specialized and call.kind in GENERIC_EMITTERS:
+    if call.kind.value in call.generic and call.kind in GENERIC_EMITTERS:
         return GENERIC_EMITTERS[call.kind](call)
     return EMITTERS[call.kind](call)
 

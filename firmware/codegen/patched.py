@@ -38,7 +38,7 @@ from firmware.codegen.render import (
 from firmware.int8.quantize import QuantizedGraph
 from firmware.ir import Graph
 from firmware.plan.arena import Stage, arena_layout, build_stage, region_size, rest_graph
-from firmware.plan.kernels import scratch_buffer_bytes
+from firmware.plan.kernels import NONE_GENERIC, scratch_buffer_bytes
 from firmware.plan.memory import MemoryModel
 from firmware.plan.patch import PatchPlan
 
@@ -84,7 +84,7 @@ def _patch_operand(ident: str) -> Operand:
 
 def _stage_statements(qgraph: QuantizedGraph, stage: Stage, idents: Mapping[str, str],
                       fused: Mapping[str, str], full_out: str,
-                      specialized: bool = True) -> list[str]:
+                      generic: frozenset[str] = NONE_GENERIC) -> list[str]:
     graph = qgraph.graph
     ih, iw, ic = hwc(graph, graph.input)
     inp = idents[graph.input]
@@ -126,7 +126,7 @@ def _stage_statements(qgraph: QuantizedGraph, stage: Stage, idents: Mapping[str,
                     inputs=tuple(_patch_operand(idents[t]) for t in layer.inputs),
                     output=output, window=window,
                     out_channels=stage.graph.tensor(layer.output).channels,
-                    fused_add=fused_add, specialized=specialized)
+                    fused_add=fused_add, generic=generic)
         lines.extend(emit_call(call))
     piece = idents[stage.graph.output]
     lines.append(f"TF_CHECK(tf_patch_store_s8(&{piece}_dims[p], {piece}, &{full_out}_dims, "
@@ -135,7 +135,7 @@ def _stage_statements(qgraph: QuantizedGraph, stage: Stage, idents: Mapping[str,
 
 
 def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryModel,
-                specialized: bool = True) -> Body:
+                generic: frozenset[str] = NONE_GENERIC) -> Body:
     """The per-patch loop for the stage, then the rest layer by layer (module docstring)."""
     graph = qgraph.graph
     assert plan.schedule.split_after is not None
@@ -156,13 +156,13 @@ def patch_based(qgraph: QuantizedGraph, plan: PatchPlan, memory_model: MemoryMod
     decls.extend(_tables(stage, graph, idents, patches))
     fused = fused_projections(stage.graph, stage_offsets)
     decls.extend(_fused_add_decls(qgraph, stage, fused))
-    emitted = emit_layers(qgraph, rest, rest_offsets, base_idents, specialized)
-    body = _stage_statements(qgraph, stage, idents, fused, base_idents[full_out], specialized)
+    emitted = emit_layers(qgraph, rest, rest_offsets, base_idents, generic)
+    body = _stage_statements(qgraph, stage, idents, fused, base_idents[full_out], generic)
     loop = [f"for (int32_t p = 0; p < {patches}; p++) {{  /* {plan.schedule.patches}x"
             f"{plan.schedule.patches} patches, row-major */",
             *(f"    {line}" for stmt in body for line in stmt.splitlines()), "}"]
     statements = [*loop, *emitted.statements]
-    scratch = scratch_buffer_bytes(graph, plan, specialized)
+    scratch = scratch_buffer_bytes(graph, plan, generic)
     all_decls = [*decls, *emitted.decls]
     buffers = {idents[n]: (stage_offsets[n], stage.graph.tensor(n).numel)
                for n in stage.regions}

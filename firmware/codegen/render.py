@@ -25,7 +25,7 @@ from firmware.codegen.emitters import (
 from firmware.errors import UnsupportedOpError
 from firmware.int8.quantize import QuantizedGraph
 from firmware.ir import Graph, Layer
-from firmware.plan.kernels import scratch_buffer_bytes
+from firmware.plan.kernels import NONE_GENERIC, scratch_buffer_bytes
 from firmware.plan.memory import MemoryModel, plan_arena
 
 INPUT_IDENT = "model_in"
@@ -115,9 +115,9 @@ class Emitted:
 
 
 def emit_layers(qgraph: QuantizedGraph, graph: Graph, offsets: Mapping[str, int],
-                idents: Mapping[str, str], specialized: bool = True) -> Emitted:
+                idents: Mapping[str, str], generic: frozenset[str] = NONE_GENERIC) -> Emitted:
     """Whole-tensor calls of `graph`'s layers (all of qgraph's, or the part after a patch
-    stage), every tensor at its arena offset (`specialized` False: generic kernels only)."""
+    stage), every tensor at its arena offset (`generic`: the kinds on the generic kernels)."""
     full = qgraph.graph
     fused = fused_projections(graph, offsets)
     fused_adds = set(fused.values())
@@ -162,25 +162,25 @@ def emit_layers(qgraph: QuantizedGraph, graph: Graph, offsets: Mapping[str, int]
                               f"{layer_prefix(full.index(add.name))}'s output */")
         call = Call(prefix=prefix, ql=ql, kind=kind, inputs=operands, output=output,
                     window=window, out_channels=graph.tensor(layer.output).channels,
-                    fused_add=fused_add, specialized=specialized)
+                    fused_add=fused_add, generic=generic)
         statements.extend(emit_call(call))
     return Emitted(decls, statements, frozenset(fused_adds))
 
 
 def layer_based(qgraph: QuantizedGraph, memory_model: MemoryModel,
-                specialized: bool = True) -> Body:
+                generic: frozenset[str] = NONE_GENERIC) -> Body:
     """Every layer over the whole tensor, tensors at the planner's arena offsets."""
     graph = qgraph.graph
     plan = plan_arena(graph, memory_model)
     idents = tensor_idents(qgraph)
-    emitted = emit_layers(qgraph, graph, plan.offsets, idents, specialized)
+    emitted = emit_layers(qgraph, graph, plan.offsets, idents, generic)
     sizes = {t: graph.tensor(t).numel for t in idents}
     read = f"TF_READ(read_input, ctx, 0, {INPUT_IDENT}, {sizes[graph.input]});"
     return Body(decls=used_decls(emitted.decls, [*emitted.statements, read,
                                                  idents[graph.output]]),
                 statements=tuple(emitted.statements), read_input=(read,),
                 arena_bytes=plan.size_bytes,
-                scratch_bytes=scratch_buffer_bytes(graph, specialized=specialized),
+                scratch_bytes=scratch_buffer_bytes(graph, generic=generic),
                 buffers={idents[t]: (plan.offsets[t], sizes[t]) for t in idents},
                 param_free=emitted.fused_adds)
 

@@ -31,7 +31,7 @@ from typing import Protocol
 from firmware.errors import DoesNotFitError
 from firmware.ir import Graph
 from firmware.plan.arena import arena_bytes
-from firmware.plan.kernels import scratch_buffer_bytes
+from firmware.plan.kernels import NONE_GENERIC, scratch_buffer_bytes
 from firmware.plan.memory import MemoryModel, analyze
 from firmware.plan.patch import (
     PatchPlan,
@@ -151,15 +151,16 @@ def static_bytes(graph: Graph, cpu: Cpu, arena: int, scratch: int,
 
 def sram_account(model: Graph | HasGraph, plan: PatchPlan, cpu: Cpu,
                  training_bytes: int = 0, extra_static_bytes: int = 0,
-                 specialized: bool = True) -> SramAccount:
+                 generic: frozenset[str] = NONE_GENERIC) -> SramAccount:
     """The account of running `model` (a graph or a quantized graph) under `plan` on `cpu`
-    (`specialized` False: with the generic kernels only, whose scratch is never larger)."""
+    (`generic`: the kinds of layer run by the generic kernels, whose scratch is never
+    larger)."""
     graph = _graph(model)
     if plan.bytes_per_element != 1:
         raise ValueError(f"the SRAM account is for int8 activations, the plan has "
                          f"{plan.bytes_per_element} bytes per element")
     arena = arena_bytes(graph, plan)
-    scratch = scratch_buffer_bytes(graph, plan, specialized)
+    scratch = scratch_buffer_bytes(graph, plan, generic)
     return SramAccount(arena_bytes=arena, scratch_bytes=scratch,
                        static_bytes=static_bytes(graph, cpu, arena, scratch,
                                                  extra_static_bytes),
@@ -169,12 +170,12 @@ def sram_account(model: Graph | HasGraph, plan: PatchPlan, cpu: Cpu,
 
 @dataclass(frozen=True)
 class Fit:
-    """A schedule and its account, and which kernels the account is for (the specialized
-    ones, or the generic ones alone: less code, as many bytes of scratch or fewer)."""
+    """A schedule and its account, and the kinds of layer it runs on the generic kernels
+    (firmware.plan.kernels.SPECIALIZED_KINDS; less code, as many bytes of scratch or fewer)."""
 
     plan: PatchPlan
     account: SramAccount
-    specialized: bool = True
+    generic: frozenset[str] = NONE_GENERIC
 
 
 class SramDoesNotFitError(DoesNotFitError):

@@ -36,7 +36,7 @@ from typing import Any
 from firmware.errors import FirmwareError
 from firmware.ir import Graph, Layer, OpKind
 from firmware.plan.arena import arena_layout, build_stage, rest_graph
-from firmware.plan.kernels import fast_depthwise, is_depthwise, rgb_conv
+from firmware.plan.kernels import NONE_GENERIC, fast_depthwise, is_depthwise, rgb_conv
 from firmware.plan.memory import MemoryModel, analyze, plan_arena
 from firmware.plan.overlay import graph_overlay_layout
 from firmware.plan.patch import PatchPlan
@@ -225,16 +225,15 @@ def _fused(graph: Graph, offsets: Mapping[str, int]) -> dict[str, str]:
 
 
 def _entry(graph: Graph, layer: Layer, fused_add: bool, offsets: Mapping[str, int],
-           specialized: bool = True) -> str:
+           generic: frozenset[str] = NONE_GENERIC) -> str:
     """The runtime function one layer calls (firmware.codegen.emitters), '' for none;
-    `specialized` False: the generic kernels only."""
-    if layer.op is OpKind.CONV and not specialized:
-        if is_depthwise(graph, layer):
-            return "tf_depthwise_conv2d_s8"
-        if _pointwise(graph, layer):
-            return "tf_conv2d_1x1_add_s8" if fused_add else "tf_conv2d_1x1_s8"
-        return "tf_conv2d_s8"
+    `generic`: the kinds of layer ("conv", "dw", "pw") run by the generic kernels."""
     if layer.op is OpKind.CONV:
+        kind = ("dw" if is_depthwise(graph, layer) else
+                "pw" if _pointwise(graph, layer) else "conv")
+        if kind in generic:
+            return {"dw": "tf_depthwise_conv2d_s8", "conv": "tf_conv2d_s8",
+                    "pw": "tf_conv2d_1x1_add_s8" if fused_add else "tf_conv2d_1x1_s8"}[kind]
         if is_depthwise(graph, layer):
             if fast_depthwise(layer.kernel, layer.stride):
                 return f"tf_depthwise_conv2d_{layer.kernel[0]}x{layer.kernel[0]}s" \
@@ -253,7 +252,8 @@ def _entry(graph: Graph, layer: Layer, fused_add: bool, offsets: Mapping[str, in
 
 
 def _calls(graph: Graph, offsets: Mapping[str, int], copies: int = 1,
-           views: Collection[str] = (), specialized: bool = True) -> tuple[list[str], int]:
+           views: Collection[str] = (),
+           generic: frozenset[str] = NONE_GENERIC) -> tuple[list[str], int]:
     """(entry per call, descriptor bytes) of `graph`'s layers at `offsets`; the windows and
     views of a patch stage's body are declared `copies` times (once per patch), and its
     `views` read a piece of the stage's input (tf_patch_load_s8)."""
@@ -274,7 +274,7 @@ def _calls(graph: Graph, offsets: Mapping[str, int], copies: int = 1,
             continue
         if _windowed(graph, layer) or is_depthwise(graph, layer):
             descriptors += copies * WINDOW_BYTES
-        entry = _entry(graph, layer, layer.name in fused, offsets, specialized)
+        entry = _entry(graph, layer, layer.name in fused, offsets, generic)
         if entry:
             entries.append(entry)
     return entries, descriptors
@@ -285,15 +285,16 @@ def _args(entry: str) -> int:
 
 
 def code_use(graph: Graph, plan: PatchPlan | None = None,
-             memory_model: MemoryModel | None = None, specialized: bool = True) -> CodeUse:
+             memory_model: MemoryModel | None = None,
+             generic: frozenset[str] = NONE_GENERIC) -> CodeUse:
     """The runtime entry points and generated-code features of `graph` under `plan`
-    (None: layer-based under `memory_model`, default INPLACE), with the specialized kernels
-    or (`specialized` False) the generic ones only."""
+    (None: layer-based under `memory_model`, default INPLACE), the kinds of layer in
+    `generic` on the generic kernels."""
     mm = memory_model or (plan.memory_model if plan is not None else MemoryModel.INPLACE)
     split = None if plan is None else plan.schedule.split_after
     if split is None:
         calls, descriptors = _calls(graph, plan_arena(graph, mm).offsets,
-                                    specialized=specialized)
+                                    generic=generic)
         descriptors += DIMS_BYTES * len(graph.tensors)
         stage_calls: list[str] = []
     else:
@@ -302,9 +303,9 @@ def code_use(graph: Graph, plan: PatchPlan | None = None,
         stage = build_stage(graph, plan)
         rest = rest_graph(graph, split)
         stage_offsets, rest_offsets, _ = arena_layout(stage, rest, mm)
-        calls, descriptors = _calls(rest, rest_offsets, specialized=specialized)
+        calls, descriptors = _calls(rest, rest_offsets, generic=generic)
         body_calls, body_descriptors = _calls(stage.graph, stage_offsets, patches, stage.views,
-                                              specialized)
+                                              generic)
         stage_calls = ["tf_patch_store_s8", *body_calls]
         descriptors += (DIMS_BYTES * len(rest.tensors) + body_descriptors
                         + patches * DIMS_BYTES * len(stage.regions)
@@ -327,12 +328,13 @@ def code_bytes(graph: Graph, cpu: Cpu, plan: PatchPlan | None = None, dsp: bool 
 
 def flash_account(graph: Graph, cpu: Cpu, plan: PatchPlan | None = None, dsp: bool = True,
                   memory_model: MemoryModel | None = None,
-                  overlay_layers: Sequence[str] = (), specialized: bool = True) -> FlashAccount:
+                  overlay_layers: Sequence[str] = (),
+                  generic: frozenset[str] = NONE_GENERIC) -> FlashAccount:
     """The Flash account of `graph` under `plan` (None: layer-based) on `cpu`; with
     `overlay_layers` (a sparse-update scheme's trainable layers), the code that reads the
-    weights overlay and its region at the end of the slot; `specialized` False: the generic
-    kernels only (what the compiler falls back to when the specialized ones do not fit)."""
-    use = code_use(graph, plan, memory_model, specialized)
+    weights overlay and its region at the end of the slot; `generic`: the kinds of layer run by
+    the generic kernels (the compiler's fallback when the specialized ones do not fit)."""
+    use = code_use(graph, plan, memory_model, generic)
     table = code_size_table(cpu, dsp)
     mm = memory_model or (plan.memory_model if plan is not None else MemoryModel.INPLACE)
     overlay = graph_overlay_layout(graph, overlay_layers)

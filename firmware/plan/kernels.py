@@ -20,14 +20,17 @@ declared, linked and touched agree.
   channel plane ((h + pads) * (w + pads) bytes).
 - Add, pooling, reshape, patch load/store: none.
 
-A model built with the generic kernels only (`specialized=False`: the compiler's choice when
-the specialized kernels' code does not fit the Flash slot) needs the generic figures.
+Kinds of layer the compiler runs on the generic kernels (`generic`, a subset of
+SPECIALIZED_KINDS: its choice when the specialized kernels' code does not fit the Flash slot)
+need the generic figures.
 
 In a patch stage a layer runs on tiles: the figure is taken for every tile (its own input
 region and border padding, `firmware.plan.patch.tiles`), and the largest counts.
 """
 
 from __future__ import annotations
+
+import itertools
 
 from firmware.ir import Graph, Layer, OpKind
 from firmware.plan.patch import LayerTile, PatchPlan, tiles
@@ -104,10 +107,28 @@ def is_depthwise(graph: Graph, layer: Layer) -> bool:
     return layer.groups == cin == graph.tensor(layer.output).channels
 
 
+# Kinds of layer with specialized kernels ("conv": dense k x k, "dw": depthwise, "pw": 1x1,
+# as firmware.codegen.emitters.Kind names them), from the one whose specialized kernels save
+# the fewest instructions (a network's stem: ~10 % of them) to the most (1x1: ~60 %).
+SPECIALIZED_KINDS = ("conv", "dw", "pw")
+NONE_GENERIC: frozenset[str] = frozenset()
+
+
+def generic_steps() -> list[frozenset[str]]:
+    """Which kinds to run on the generic kernels, in the order the compiler tries them when
+    the specialized kernels' code does not fit the Flash slot: none, then every subset of
+    SPECIALIZED_KINDS by what it gives up (each kind outweighs all before it together).
+    Not by code size: a generic kernel may be larger than the specialized one it replaces
+    (the specialized depthwise kernels do not link the generic one)."""
+    subsets = [frozenset(c) for n in range(len(SPECIALIZED_KINDS) + 1)
+               for c in itertools.combinations(SPECIALIZED_KINDS, n)]
+    return sorted(subsets, key=lambda s: sum(2 ** SPECIALIZED_KINDS.index(k) for k in s))
+
+
 def layer_scratch_bytes(graph: Graph, layer: Layer, tile: LayerTile | None = None,
-                        specialized: bool = True) -> int:
-    """Scratch of one layer run whole, or on one tile of a patch stage (`specialized`
-    False: by the generic kernels)."""
+                        generic: frozenset[str] = NONE_GENERIC) -> int:
+    """Scratch of one layer run whole, or on one tile of a patch stage (`generic`: the
+    kinds run by the generic kernels)."""
     x = graph.tensor(layer.inputs[0])
     if layer.op is OpKind.FULLY_CONNECTED:
         return fully_connected_scratch_bytes(x.numel)
@@ -124,26 +145,26 @@ def layer_scratch_bytes(graph: Graph, layer: Layer, tile: LayerTile | None = Non
         out_pixels = ((tile.out_rows[1] - tile.out_rows[0])
                       * (tile.out_cols[1] - tile.out_cols[0]))
     if is_depthwise(graph, layer):
-        if specialized and fast_depthwise(layer.kernel, layer.stride):
+        if "dw" not in generic and fast_depthwise(layer.kernel, layer.stride):
             return fast_depthwise_scratch_bytes(in_h, in_w, pads)
         return depthwise_scratch_bytes(in_h, in_w, x.channels, layer.kernel[0], pads)
-    if specialized and rgb_conv(x.channels // layer.groups, layer.kernel):
+    if "conv" not in generic and rgb_conv(x.channels // layer.groups, layer.kernel):
         return rgb_conv_scratch_bytes(out_pixels, graph.tensor(layer.output).channels)
     return conv_scratch_bytes(x.channels // layer.groups, layer.kernel, out_pixels)
 
 
 def schedule_scratch_bytes(graph: Graph, plan: PatchPlan | None = None,
-                           specialized: bool = True) -> int:
+                           generic: frozenset[str] = NONE_GENERIC) -> int:
     """The scratch buffer a schedule needs: the largest any of its kernel calls asks for."""
     split = None if plan is None else plan.schedule.split_after
     if split is None:
-        return max((layer_scratch_bytes(graph, layer, specialized=specialized)
+        return max((layer_scratch_bytes(graph, layer, generic=generic)
                     for layer in graph.layers), default=0)
     assert plan is not None
     stage_end = graph.index(split) + 1
-    rest = max((layer_scratch_bytes(graph, layer, specialized=specialized)
+    rest = max((layer_scratch_bytes(graph, layer, generic=generic)
                 for layer in graph.layers[stage_end:]), default=0)
-    stage = max((layer_scratch_bytes(graph, graph.layer(tile.layer), tile, specialized)
+    stage = max((layer_scratch_bytes(graph, graph.layer(tile.layer), tile, generic)
                  for patch in tiles(graph, plan) for tile in patch), default=0)
     return max(rest, stage)
 
@@ -153,6 +174,6 @@ MIN_SCRATCH_BYTES = 4
 
 
 def scratch_buffer_bytes(graph: Graph, plan: PatchPlan | None = None,
-                         specialized: bool = True) -> int:
+                         generic: frozenset[str] = NONE_GENERIC) -> int:
     """Bytes of `tf_scratch` as generated code declares it (TF_MODEL_SCRATCH_BYTES)."""
-    return max(schedule_scratch_bytes(graph, plan, specialized), MIN_SCRATCH_BYTES)
+    return max(schedule_scratch_bytes(graph, plan, generic), MIN_SCRATCH_BYTES)
