@@ -93,30 +93,34 @@ def _conv(c: Call) -> list[str]:
     x, y = c.inputs[0], c.output
     p = c.prefix
     assert c.ql.weight_q is not None
-    entry = ("tf_conv2d_rgb_s8" if rgb_conv(c.ql.weight_q.shape[1], c.ql.layer.kernel)
-             else "tf_conv2d_fast_s8")
+    if Kind.CONV.value in c.generic:
+        entry = "tf_conv2d_s8"
+    else:
+        entry = ("tf_conv2d_rgb_s8" if rgb_conv(c.ql.weight_q.shape[1], c.ql.layer.kernel)
+                 else "tf_conv2d_fast_s8")
     return [check(f"{entry}({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, {p}_b, "
                   f"&{p}_q, {y.ptr}, tf_scratch)")]
 
 
 def _pointwise(c: Call) -> list[str]:
     x, y, p = c.inputs[0], c.output, c.prefix
+    fast = "" if Kind.POINTWISE.value in c.generic else "_fast"
     if c.fused_add:
-        return [check(f"tf_conv2d_1x1_add_fast_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
-                      f"{p}_b, &{p}_q, &{c.fused_add}, {y.ptr}, tf_scratch)")]
-    return [check(f"tf_conv2d_1x1_fast_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
+        return [check(f"tf_conv2d_1x1_add{fast}_s8({x.dims}, {x.ptr}, {c.out_channels}, "
+                      f"{p}_w, {p}_b, &{p}_q, &{c.fused_add}, {y.ptr}, tf_scratch)")]
+    return [check(f"tf_conv2d_1x1{fast}_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
                   f"{p}_b, &{p}_q, {y.ptr}, tf_scratch)")]
 
 
 def _depthwise(c: Call) -> list[str]:
     x, y, p = c.inputs[0], c.output, c.prefix
     layer = c.ql.layer
-    if fast_depthwise(layer.kernel, layer.stride):  # the specialized kernel of its window
+    entry = "tf_depthwise_conv2d_s8"
+    if Kind.DEPTHWISE.value not in c.generic and fast_depthwise(layer.kernel, layer.stride):
         k, s = layer.kernel[0], layer.stride[0]
-        return [check(f"tf_depthwise_conv2d_{k}x{k}s{s}_s8({x.dims}, {x.ptr}, {c.window}, "
-                      f"{y.dims}, {p}_w, {p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
-    return [check(f"tf_depthwise_conv2d_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, "
-                  f"{p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
+        entry = f"tf_depthwise_conv2d_{k}x{k}s{s}_s8"  # the specialized kernel of its window
+    return [check(f"{entry}({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, {p}_b, "
+                  f"&{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
 
 
 def _fc(c: Call) -> list[str]:
@@ -156,36 +160,6 @@ def _reshape(c: Call) -> list[str]:
     return [f"memmove({y.ptr}, {x.ptr}, (size_t)({x.numel}));"]
 
 
-def _conv_generic(c: Call) -> list[str]:
-    x, y, p = c.inputs[0], c.output, c.prefix
-    return [check(f"tf_conv2d_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, {p}_b, "
-                  f"&{p}_q, {y.ptr}, tf_scratch)")]
-
-
-def _pointwise_generic(c: Call) -> list[str]:
-    x, y, p = c.inputs[0], c.output, c.prefix
-    if c.fused_add:
-        return [check(f"tf_conv2d_1x1_add_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, "
-                      f"{p}_b, &{p}_q, &{c.fused_add}, {y.ptr}, tf_scratch)")]
-    return [check(f"tf_conv2d_1x1_s8({x.dims}, {x.ptr}, {c.out_channels}, {p}_w, {p}_b, "
-                  f"&{p}_q, {y.ptr}, tf_scratch)")]
-
-
-def _depthwise_generic(c: Call) -> list[str]:
-    x, y, p = c.inputs[0], c.output, c.prefix
-    return [check(f"tf_depthwise_conv2d_s8({x.dims}, {x.ptr}, {c.window}, {y.dims}, {p}_w, "
-                  f"{p}_b, &{p}_q, {y.ptr}, (int8_t *)tf_scratch)")]
-
-
-# The generic kernels of the ops that have specialized ones (Call.generic names the kinds):
-# the same arguments, parameters and results, less code (firmware.plan.kernels.
-# SPECIALIZED_KINDS).
-GENERIC_EMITTERS: dict[Kind, Callable[[Call], list[str]]] = {
-    Kind.CONV: _conv_generic,
-    Kind.POINTWISE: _pointwise_generic,
-    Kind.DEPTHWISE: _depthwise_generic,
-}
-
 EMITTERS: dict[Kind, Callable[[Call], list[str]]] = {
     Kind.CONV: _conv,
     Kind.POINTWISE: _pointwise,
@@ -200,9 +174,8 @@ EMITTERS: dict[Kind, Callable[[Call], list[str]]] = {
 
 
 def emit_call(call: Call) -> list[str]:
-    """The C statements of one kernel call."""
-    if call.kind.value in call.generic and call.kind in GENERIC_EMITTERS:
-        return GENERIC_EMITTERS[call.kind](call)
+    """The C statements of one kernel call (Call.generic: the kinds of layer that call the
+    generic kernels, which take the same arguments and give the same results)."""
     return EMITTERS[call.kind](call)
 
 
