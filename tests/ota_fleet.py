@@ -32,7 +32,17 @@ from service.app import create_app
 from service.auth import create_token
 from service.broker_sync import full_sync
 from service.fleets import load_signing_key
-from service.models import Fleet, Role
+from service.models import (
+    AnalysisState,
+    Campaign,
+    CampaignState,
+    DeploymentJob,
+    Fleet,
+    JobState,
+    ModelKind,
+    ModelVersion,
+    Role,
+)
 from tests.servers import MosquittoServer
 
 # (catalog MCU, cpu, SRAM, Flash) of the classes the tests and the bench use.
@@ -111,6 +121,29 @@ class OtaFleet:
             for device in body["devices"]:
                 out.append(DeviceIdentity(device["id"], device["mqtt_password"], mcu))
         return out
+
+    def campaign_jobs(self, model_id: str, devices: list[str], state: JobState,
+                      **job_fields: Any) -> tuple[int, list[int]]:
+        """A running one-batch campaign of a (stub) ONNX model version over `devices`, each
+        device's job in `state`, written straight to the registry: (campaign id, job ids)."""
+        with self.app.extensions["tinyfleet.sessionmaker"]() as s:
+            fleet_id = s.scalars(select(Fleet.id).where(Fleet.name == "lab")).one()
+            s.add(ModelVersion(id=model_id, name="m", kind=ModelKind.ONNX, path="/x",
+                               size_bytes=1, analysis_state=AnalysisState.NONE))
+            s.flush()  # before the campaign that names it
+            campaign = Campaign(model_version_id=model_id, state=CampaignState.RUNNING,
+                                selector="{}", canary_percent=0, batch_size=10,
+                                max_failure_percent=100, personalize=False,
+                                offer_deadline_s=60, install_deadline_s=600, batch_count=1,
+                                current_batch=0)
+            s.add(campaign)
+            s.flush()
+            jobs = [DeploymentJob(campaign_id=campaign.id, device_id=d, fleet_id=fleet_id,
+                                  batch=0, hw_class="c", hw="{}", state=state, **job_fields)
+                    for d in devices]
+            s.add_all(jobs)
+            s.commit()
+            return campaign.id, [job.id for job in jobs]
 
     def signing_key(self) -> Ed25519PrivateKey:
         """The fleet's private signing key, as the firmware signer loads it."""

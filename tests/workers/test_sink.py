@@ -4,7 +4,6 @@ in order, each event once (a run delivered again changes nothing), a foreign eve
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -15,16 +14,12 @@ from sqlalchemy import select
 from device_agent import protocol as p
 from service.broker_control import BrokerEndpoint
 from service.models import (
-    AnalysisState,
     Campaign,
     CampaignState,
     DeploymentJob,
     Device,
-    Fleet,
     JobEvent,
     JobState,
-    ModelKind,
-    ModelVersion,
 )
 from tests.ota_fleet import OtaFleet
 from tests.servers import MosquittoServer, wait_for
@@ -44,28 +39,15 @@ def test_a_run_of_events_is_applied_in_order_once_and_moves_the_campaign_on(
     fleet = OtaFleet(mosquitto_server, tmp_path)
     a, b = (identity.device_id for identity in fleet.register(2, "stm32f746", "sink"))
     maker = fleet.app.extensions["tinyfleet.sessionmaker"]
+    campaign_id, job_ids = fleet.campaign_jobs("0123456789abcdef", [a, b], JobState.OFFERED,
+                                               artifact_sha256="ab" * 32)
     with maker() as s:
-        fleet_id = s.scalars(select(Fleet.id)).one()
-        s.add(ModelVersion(id="0123456789abcdef", name="m", kind=ModelKind.ONNX, path="/x",
-                           size_bytes=1, analysis_state=AnalysisState.NONE))
-        s.flush()  # before the campaign that names it
-        campaign = Campaign(model_version_id="0123456789abcdef", state=CampaignState.RUNNING,
-                            selector="{}", canary_percent=0, batch_size=10,
-                            max_failure_percent=100, personalize=False, offer_deadline_s=60,
-                            install_deadline_s=600, batch_count=1, current_batch=0)
-        s.add(campaign)
-        s.flush()
-        jobs = [DeploymentJob(campaign_id=campaign.id, device_id=d, fleet_id=fleet_id,
-                              batch=0, hw_class="c", hw=json.dumps({}),
-                              state=JobState.OFFERED, artifact_sha256="ab" * 32)
-                for d in (a, b)]
-        s.add_all(jobs)
-        s.flush()
-        for job in jobs:
+        for job_id in job_ids:
+            job = s.get(DeploymentJob, job_id)
+            assert job is not None
             job.update_id = f"u{job.id}"
         s.commit()
-        ua, ub = (job.update_id or "" for job in jobs)
-        campaign_id = campaign.id
+        ua, ub = (f"u{job_id}" for job_id in job_ids)
     sink = DatabaseSink({**fleet.config, "REDIS_URL": "redis://127.0.0.1:1/0"})
     run = [(a, _event(ua, p.UpdateState.ACCEPTED)),
            (a, _event(ua, p.UpdateState.DOWNLOADING, progress=0.0)),
